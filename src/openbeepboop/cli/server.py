@@ -1,0 +1,223 @@
+"""`openbeepboop-server`: setup, start, keys."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from openbeepboop.auth import KeyRing
+from openbeepboop.models import Role
+from openbeepboop.settings import ConfigError, ServerSettings, load_settings, write_settings
+from openbeepboop.store.sqlite import SqliteStore
+
+T = TypeVar("T")
+
+DATA_DIR = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="OPENBEEPBOOP_DATA_DIR",
+    show_envvar=True,
+    help="Where server.toml and the SQLite database live [default: the user data dir].",
+)
+JSON_OUT = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def _settings(data_dir: Path | None, **overrides: Any) -> ServerSettings:
+    try:
+        return load_settings(data_dir, **overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _with_store(settings: ServerSettings, fn: Callable[[KeyRing], Awaitable[T]]) -> T:
+    async def run() -> T:
+        store = SqliteStore(settings.sqlite_path)
+        await store.open()
+        try:
+            return await fn(KeyRing(store))
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="openbeepboop")
+def main() -> None:
+    """The OpenBeepBoop queue server."""
+
+
+@main.command()
+@DATA_DIR
+@click.option("--host", help="Address to listen on [default: 127.0.0.1].")
+@click.option("--port", type=int, help="Port to listen on [default: 8000].")
+@click.option("--lease-seconds", type=float, help="Lease length without a heartbeat [60].")
+@click.option("--non-interactive", is_flag=True, help="Never prompt; use flags and defaults.")
+@JSON_OUT
+def setup(
+    data_dir: Path | None,
+    host: str | None,
+    port: int | None,
+    lease_seconds: float | None,
+    non_interactive: bool,
+    as_json: bool,
+) -> None:
+    """Create the data directory, config and database, and print new keys (shown once).
+
+    Safe to run again: it keeps the database, applies new migrations, and makes new keys.
+    """
+    interactive = not non_interactive and sys.stdin.isatty()
+    if interactive:
+        click.echo("OpenBeepBoop server setup. Press Enter to accept a default.\n", err=True)
+        default_dir = data_dir or _settings(None).data_dir
+        data_dir = Path(click.prompt("Data directory", default=str(default_dir), err=True))
+        current = _settings(data_dir)
+        host = host or click.prompt("Listen address", default=current.host, err=True)
+        port = port or click.prompt("Port", default=current.port, type=int, err=True)
+    settings = _settings(data_dir, host=host, port=port, lease_seconds=lease_seconds)
+    existed = settings.config_path.exists()
+    config = write_settings(settings)
+    applied = SqliteStore(settings.sqlite_path).migrate()
+
+    async def make_keys(keyring: KeyRing) -> dict[str, str]:
+        made = {}
+        for role in (Role.ADMIN, Role.NODE, Role.CLIENT):
+            made[f"{role.value}_key"] = (await keyring.create(role, name="setup")).secret
+        return made
+
+    keys = _with_store(settings, make_keys)
+    out = {
+        "data_dir": str(settings.data_dir),
+        "config": str(config),
+        "database": str(settings.sqlite_path),
+        "migrations_applied": applied,
+        "url": f"http://{settings.host}:{settings.port}",
+        **keys,
+    }
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    verb = "Updated" if existed else "Created"
+    click.echo(f"{verb} {config}\nDatabase {settings.sqlite_path} is ready.\n")
+    click.echo("New API keys (shown once; only their hashes are stored):")
+    for name, value in keys.items():
+        click.echo(f"  {name:<11} {value}")
+    click.echo(
+        f"\nStart the server with:\n  openbeepboop-server start --data-dir {settings.data_dir}"
+    )
+
+
+@main.command()
+@DATA_DIR
+@click.option("--host", help="Address to listen on (OPENBEEPBOOP_HOST) [127.0.0.1].")
+@click.option("--port", type=int, help="Port to listen on (OPENBEEPBOOP_PORT) [8000].")
+@click.option("--access-log", is_flag=True, help="Log every request.")
+def start(data_dir: Path | None, host: str | None, port: int | None, access_log: bool) -> None:
+    """Serve the API until SIGTERM or SIGINT. Migrations are applied first."""
+    import uvicorn
+
+    from openbeepboop.server.app import create_app
+
+    settings = _settings(data_dir, host=host, port=port)
+    if not settings.config_path.exists() and not settings.database_url:
+        raise click.ClickException(
+            f"{settings.data_dir} is not set up; run: "
+            f"openbeepboop-server setup --data-dir {settings.data_dir}"
+        )
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    app = create_app(settings)
+    click.echo(f"OpenBeepBoop server on http://{settings.host}:{settings.port}", err=True)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@DATA_DIR
+@click.option(
+    "--role", type=click.Choice([r.value for r in Role]), required=True, help="What it may do."
+)
+@click.option("--name", default="", help="A label to recognise it by.")
+@JSON_OUT
+def keys_create(data_dir: Path | None, role: str, name: str, as_json: bool) -> None:
+    """Make a key and print it (once)."""
+    settings = _settings(data_dir)
+
+    async def create(keyring: KeyRing) -> tuple[str, str]:
+        issued = await keyring.create(Role(role), name)
+        return issued.secret, issued.record.id
+
+    secret, key_id = _with_store(settings, create)
+    if as_json:
+        click.echo(json.dumps({"key": secret, "id": key_id, "role": role, "name": name}))
+    else:
+        click.echo(secret)
+        click.echo(f"({role} key {key_id}; shown once)", err=True)
+
+
+@keys.command("list")
+@DATA_DIR
+@JSON_OUT
+def keys_list(data_dir: Path | None, as_json: bool) -> None:
+    """List keys (ids, roles and prefixes; never the secrets)."""
+    settings = _settings(data_dir)
+    found = _with_store(settings, lambda keyring: keyring.list_keys())
+    rows = [
+        {
+            "id": k.id,
+            "role": k.role.value,
+            "prefix": k.prefix,
+            "name": k.name,
+            "created_at": k.created_at,
+            "revoked": not k.active,
+        }
+        for k in found
+    ]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for r in rows:
+        state = "revoked" if r["revoked"] else "active"
+        click.echo(f"{r['id']}  {r['role']:<6}  {r['prefix']}...  {state:<7}  {r['name']}")
+
+
+@keys.command("revoke")
+@DATA_DIR
+@click.argument("key_id")
+@JSON_OUT
+def keys_revoke(data_dir: Path | None, key_id: str, as_json: bool) -> None:
+    """Revoke a key by id (see `keys list`). Servers stop accepting it within seconds."""
+    from openbeepboop.errors import NotFound
+
+    settings = _settings(data_dir)
+    try:
+        key = _with_store(settings, lambda keyring: keyring.revoke(key_id))
+    except NotFound as exc:
+        raise click.ClickException(exc.message) from exc
+    if as_json:
+        click.echo(json.dumps({"id": key.id, "revoked": True}))
+    else:
+        click.echo(f"revoked {key.id}")
+
+
+if __name__ == "__main__":
+    main()

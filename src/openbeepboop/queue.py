@@ -1,0 +1,431 @@
+"""The queue's rules: submit, fetch, heartbeat, submit results, cancel, reap, wait.
+
+Transport-free: HTTP handlers and CLI commands call these methods with plain values
+and get domain objects or domain errors back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from openbeepboop.errors import (
+    InvalidRequest,
+    JobFailed,
+    NotFound,
+    RateLimited,
+    Timeout,
+    Unavailable,
+)
+from openbeepboop.models import (
+    JSON,
+    ApiKey,
+    HeartbeatOutcome,
+    Job,
+    JobFilter,
+    JobStatus,
+    NewJob,
+    Node,
+    NodeResult,
+    ReapOutcome,
+    ResultOutcome,
+    Role,
+    SubmitOutcome,
+)
+from openbeepboop.notify import NODES_TOPIC, Notifier, job_topic, model_topic
+from openbeepboop.store.base import Store
+
+log = logging.getLogger("openbeepboop.queue")
+
+NODE_TOUCH_SECONDS = 5.0
+ACTIVE_COUNT_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """The knobs of the queue's rules (filled from ServerSettings)."""
+
+    lease_seconds: float = 60.0
+    max_attempts: int = 3
+    max_active_jobs_per_key: int = 100_000
+    node_ttl_seconds: float = 60.0
+    max_poll_wait_seconds: float = 60.0
+    sync_timeout_seconds: float = 600.0
+    model_wait_seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """One job as a client asks for it."""
+
+    endpoint: str
+    body: JSON
+    priority: int = 0
+    max_attempts: int | None = None
+    metadata: JSON | None = None
+    custom_id: str | None = None
+    idempotency_key: str | None = None
+    expires_at: float | None = None
+    ttl_seconds: float | None = None
+
+
+def request_hash(req: JobRequest) -> str:
+    """What must match for an idempotent replay: the endpoint, body and our knobs."""
+    canonical = orjson.dumps(
+        [
+            req.endpoint,
+            req.body,
+            req.priority,
+            req.max_attempts,
+            req.metadata,
+            req.custom_id,
+            req.expires_at,
+            req.ttl_seconds,
+        ],
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return hashlib.sha256(canonical).hexdigest()
+
+
+class Queue:
+    """The job lifecycle of ARCHITECTURE.md section 3, over a `Store`."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: QueueConfig,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self._clock = clock
+        self._node_owner: dict[str, str] = {}
+        self._node_touched: dict[str, float] = {}
+        self._active: dict[str, tuple[int, float]] = {}
+
+    # -- clients ----------------------------------------------------------------
+
+    async def submit(self, key: ApiKey, requests: Sequence[JobRequest]) -> list[SubmitOutcome]:
+        """Queue jobs for `key` (all or none); idempotent replays return the first job."""
+        if not requests:
+            raise InvalidRequest("no jobs to submit", param="jobs")
+        await self._check_active_limit(key, len(requests))
+        now = self._clock()
+        new = [self._new_job(key, r, now) for r in requests]
+        outcomes = await self.store.submit_jobs(new, now)
+        created = [o.job for o in outcomes if o.created]
+        self._count_active(key.id, len(created))
+        self.notifier.publish({model_topic(j.model) for j in created})
+        return outcomes
+
+    def _new_job(self, key: ApiKey, req: JobRequest, now: float) -> NewJob:
+        model = req.body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("'model' is required and must be a string", param="model")
+        expires_at = req.expires_at
+        if req.ttl_seconds is not None:
+            expires_at = now + req.ttl_seconds
+        if expires_at is not None and expires_at <= now:
+            raise InvalidRequest("expires_at is in the past", param="expires_at")
+        return NewJob(
+            owner=key.id,
+            endpoint=req.endpoint,
+            model=model,
+            request=req.body,
+            request_hash=request_hash(req),
+            priority=req.priority,
+            max_attempts=req.max_attempts or self.config.max_attempts,
+            metadata=req.metadata,
+            custom_id=req.custom_id,
+            idempotency_key=req.idempotency_key,
+            expires_at=expires_at,
+        )
+
+    async def _check_active_limit(self, key: ApiKey, adding: int) -> None:
+        if key.role is not Role.CLIENT:
+            return
+        count, at = self._active.get(key.id, (0, 0.0))
+        now = self._clock()
+        if now - at > ACTIVE_COUNT_SECONDS:
+            count = await self.store.count_active(key.id)
+            self._active[key.id] = (count, now)
+        limit = self.config.max_active_jobs_per_key
+        if count + adding > limit:
+            raise RateLimited(
+                f"this key has {count} queued or running jobs; the limit is {limit}",
+                retry_after=5,
+                code="too_many_active_jobs",
+            )
+
+    def _count_active(self, owner: str, added: int) -> None:
+        if owner in self._active:
+            count, at = self._active[owner]
+            self._active[owner] = (count + added, at)
+
+    async def get(self, key: ApiKey, job_id: str) -> Job:
+        """A job `key` may see; another owner's job is NotFound, as is a missing one."""
+        job = await self.store.get_job(job_id)
+        if job is None or not _may_see(key, job):
+            raise NotFound(f"no job with id {job_id!r}", param="job_id", code="job_not_found")
+        return job
+
+    async def list_jobs(self, key: ApiKey, flt: JobFilter) -> list[Job]:
+        owner = None if key.role is Role.ADMIN else key.id
+        return await self.store.list_jobs(
+            JobFilter(owner or flt.owner, flt.status, flt.model, flt.limit, flt.after_seq)
+        )
+
+    async def queue_position(self, job: Job) -> int | None:
+        if job.status is not JobStatus.QUEUED:
+            return None
+        return await self.store.queue_position(job)
+
+    async def cancel(self, key: ApiKey, job_id: str) -> Job:
+        """Cancel a job that is not final; its node hears of it in the heartbeat reply."""
+        await self.get(key, job_id)
+        job = await self.store.cancel_job(job_id, self._clock())
+        if job is None:
+            raise NotFound(f"no job with id {job_id!r}", param="job_id", code="job_not_found")
+        self.notifier.publish([job_topic(job_id)])
+        self._count_active(job.owner, -1)
+        return job
+
+    async def poll(self, key: ApiKey, job_ids: Sequence[str], wait: float) -> list[Job]:
+        """The jobs `key` may see among `job_ids`. With `wait`, hold the answer until one
+        of them is final (or `wait` seconds pass)."""
+        wait = min(max(wait, 0.0), self.config.max_poll_wait_seconds)
+        ids = list(dict.fromkeys(job_ids))
+        with self.notifier.listen(job_topic(i) for i in ids) as event:
+            jobs = await self._visible(key, ids)
+            if wait == 0 or not jobs or any(j.status.is_final for j in jobs):
+                return jobs
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), wait)
+        return await self._visible(key, ids)
+
+    async def _visible(self, key: ApiKey, ids: Sequence[str]) -> list[Job]:
+        found = {j.id: j for j in await self.store.get_jobs(ids) if _may_see(key, j)}
+        return [found[i] for i in ids if i in found]
+
+    async def wait_for(self, job_id: str, seconds: float) -> Job:
+        """Wait until the job is final; Timeout after `seconds`."""
+        deadline = self._clock() + seconds
+        with self.notifier.listen([job_topic(job_id)]) as event:
+            while True:
+                event.clear()
+                job = await self.store.get_job(job_id)
+                if job is None:
+                    raise NotFound(f"no job with id {job_id!r}", code="job_not_found")
+                if job.status.is_final:
+                    return job
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise Timeout(
+                        f"job {job_id} did not finish within {seconds:g} s; it is still "
+                        f"{job.status.value} and can be fetched at /v1/jobs/{job_id}"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), remaining)
+
+    async def complete(self, key: ApiKey, request: JobRequest) -> tuple[Job, JSON]:
+        """The synchronous path: wait for a node serving the model, submit, wait for the
+        result. The job survives a caller who gives up."""
+        await self.wait_for_model(str(request.body.get("model", "")))
+        outcome = (await self.submit(key, [request]))[0]
+        job = await self.wait_for(outcome.job.id, self.config.sync_timeout_seconds)
+        if job.status is JobStatus.COMPLETED and job.result is not None:
+            return job, job.result
+        error = job.error or {}
+        message = str(error.get("message") or f"the job ended {job.status.value}")
+        code = str(error.get("code") or f"job_{job.status.value}")
+        raise JobFailed(message, code=code, job_id=job.id)
+
+    async def wait_for_model(self, model: str) -> None:
+        """Return once a live node serves `model`; Unavailable after model_wait_seconds."""
+        wait = self.config.model_wait_seconds
+        deadline = self._clock() + wait
+        with self.notifier.listen([NODES_TOPIC]) as event:
+            while True:
+                event.clear()
+                if model in await self.served_models():
+                    return
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise Unavailable(
+                        f"no live node serves model {model!r} (waited {wait:g} s); "
+                        "start a node for it or submit with 'Prefer: respond-async' to queue",
+                        retry_after=max(1.0, wait),
+                        code="model_not_available",
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(remaining, 1.0))
+
+    # -- nodes ------------------------------------------------------------------
+
+    async def register_node(
+        self,
+        key: ApiKey,
+        name: str,
+        models: list[JSON],
+        capacity: int,
+        hardware: JSON,
+        version: str,
+    ) -> Node:
+        now = self._clock()
+        node = Node(
+            id="node_" + secrets.token_hex(8),
+            name=name,
+            owner=key.id,
+            models=models,
+            capacity=capacity,
+            hardware=hardware,
+            version=version,
+            registered_at=now,
+            last_seen=now,
+        )
+        await self.store.register_node(node)
+        self._node_owner[node.id] = key.id
+        self._node_touched[node.id] = now
+        self.notifier.publish([NODES_TOPIC])
+        log.info("node registered", extra={"node_id": node.id, "node_name": name})
+        return node
+
+    async def _check_node(self, key: ApiKey, node_id: str) -> None:
+        owner = self._node_owner.get(node_id)
+        if owner is None:
+            node = await self.store.get_node(node_id)
+            if node is None:
+                raise NotFound(
+                    f"node {node_id!r} is not registered; register it first",
+                    param="node_id",
+                    code="node_not_registered",
+                )
+            owner = self._node_owner[node_id] = node.owner
+        if owner != key.id and key.role is not Role.ADMIN:
+            raise NotFound(f"node {node_id!r} is not registered with this key", param="node_id")
+
+    async def _touch(self, node_id: str, stats: JSON | None = None) -> None:
+        now = self._clock()
+        last = self._node_touched.get(node_id, 0.0)
+        if stats is None and now - last < NODE_TOUCH_SECONDS:
+            return
+        self._node_touched[node_id] = now
+        await self.store.touch_node(node_id, now, stats)
+        if now - last > self.config.node_ttl_seconds:
+            self.notifier.publish([NODES_TOPIC])
+
+    async def fetch(
+        self, key: ApiKey, node_id: str, models: Sequence[str], max_jobs: int, wait: float
+    ) -> list[Job]:
+        """Lease up to `max_jobs` jobs; with `wait`, long-poll until one arrives."""
+        await self._check_node(key, node_id)
+        await self._touch(node_id)
+        wait = min(max(wait, 0.0), self.config.max_poll_wait_seconds)
+        deadline = self._clock() + wait
+        with self.notifier.listen(model_topic(m) for m in models) as event:
+            while True:
+                event.clear()
+                jobs = await self.store.fetch_jobs(
+                    node_id, models, max_jobs, self.config.lease_seconds, self._clock()
+                )
+                remaining = deadline - self._clock()
+                if jobs or remaining <= 0:
+                    return jobs
+                try:
+                    await asyncio.wait_for(event.wait(), remaining)
+                except TimeoutError:
+                    return []
+
+    async def heartbeat(
+        self, key: ApiKey, node_id: str, lease_ids: Sequence[str], stats: JSON | None
+    ) -> HeartbeatOutcome:
+        """Extend the node's leases and record its stats."""
+        await self._check_node(key, node_id)
+        await self._touch(node_id, stats or {})
+        return await self.store.heartbeat(
+            node_id, lease_ids, self.config.lease_seconds, self._clock()
+        )
+
+    async def submit_results(
+        self, key: ApiKey, node_id: str | None, results: Sequence[NodeResult]
+    ) -> list[ResultOutcome]:
+        """Record results under fencing; each is accepted or refused on its own."""
+        if node_id is not None:
+            await self._check_node(key, node_id)
+        outcomes = await self.store.submit_results(results, self._clock())
+        finished, requeued = [], set()
+        for o in outcomes:
+            if o.job is None:
+                continue
+            if o.job.status.is_final:
+                finished.append(job_topic(o.job.id))
+                self._count_active(o.job.owner, -1)
+            else:
+                requeued.add(model_topic(o.job.model))
+        self.notifier.publish([*finished, *requeued])
+        return outcomes
+
+    async def live_nodes(self) -> list[Node]:
+        return await self.store.list_nodes(self._clock() - self.config.node_ttl_seconds)
+
+    async def served_models(self) -> dict[str, list[Node]]:
+        """Model name -> the live nodes that serve it."""
+        served: dict[str, list[Node]] = {}
+        for node in await self.live_nodes():
+            for name in node.model_names():
+                served.setdefault(name, []).append(node)
+        return served
+
+    async def stats(self) -> dict[str, Any]:
+        per_model = await self.store.stats()
+        totals: dict[str, int] = {s.value: 0 for s in JobStatus}
+        for counts in per_model.values():
+            for status, n in counts.items():
+                totals[status] = totals.get(status, 0) + n
+        nodes = await self.live_nodes()
+        return {"jobs": totals, "models": per_model, "nodes": len(nodes)}
+
+    # -- housekeeping -----------------------------------------------------------
+
+    async def reap(self) -> ReapOutcome:
+        """One pass: re-queue expired leases, fail exhausted ones, expire late jobs."""
+        outcome = await self.store.reap(self._clock())
+        if outcome.requeued:
+            self.notifier.publish_all_models()
+        final = [*outcome.failed, *outcome.expired]
+        if final:
+            self.notifier.publish(job_topic(j) for j in final)
+        if outcome.changed:
+            log.info(
+                "reaped leases",
+                extra={
+                    "requeued": len(outcome.requeued),
+                    "failed": len(outcome.failed),
+                    "expired": len(outcome.expired),
+                },
+            )
+        return outcome
+
+    async def run_reaper(self, interval: float) -> None:
+        """Reap forever, every `interval` seconds (a background task of the server)."""
+        while True:
+            try:
+                await self.reap()
+            except Exception:  # keep reaping: one bad pass must not stop the next
+                log.exception("reaper pass failed")
+            await asyncio.sleep(interval)
+
+
+def _may_see(key: ApiKey, job: Job) -> bool:
+    return key.role is Role.ADMIN or job.owner == key.id

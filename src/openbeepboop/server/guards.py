@@ -1,0 +1,146 @@
+"""Request guards: body-size cap (ASGI middleware), per-key rate limits, and the
+FastAPI dependencies that authenticate a request and check its role."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import Request
+from limits import RateLimitItem, parse_many
+from limits.storage import MemoryStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
+
+from openbeepboop.auth import KeyRing, require_role
+from openbeepboop.errors import RateLimited
+from openbeepboop.models import ApiKey, Role
+from openbeepboop.server.errors import error_body
+
+ASGIApp = Callable[..., Awaitable[None]]
+
+
+class BodyLimit:
+    """Refuse bodies over `max_bytes` with 413, by header or by counting the stream."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self._declared_too_big(scope):
+            await self._refuse(send)
+            return
+        seen = 0
+        sent = False
+
+        async def counting_receive() -> dict[str, Any]:
+            nonlocal seen
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.start":
+                sent = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not sent:
+                await self._refuse(send)
+
+    def _declared_too_big(self, scope: dict[str, Any]) -> bool:
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    return int(value) > self.max_bytes
+                except ValueError:
+                    return False
+        return False
+
+    async def _refuse(self, send: Any) -> None:
+        body = error_body(
+            f"request body is larger than the limit of {self.max_bytes} bytes",
+            "invalid_request_error",
+            "request_too_large",
+            None,
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class KeyRateLimiter:
+    """Per-key request limits (sliding window), in memory on each server."""
+
+    def __init__(self, client_limit: str, node_limit: str) -> None:
+        self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
+        self._limits: dict[Role, list[RateLimitItem]] = {
+            Role.CLIENT: parse_many(client_limit) if client_limit else [],
+            Role.NODE: parse_many(node_limit) if node_limit else [],
+            Role.ADMIN: [],
+        }
+
+    def hit(self, key: ApiKey) -> None:
+        for item in self._limits[key.role]:
+            if not self._limiter.hit(item, key.id):
+                stats = self._limiter.get_window_stats(item, key.id)
+                raise RateLimited(
+                    f"rate limit of {item} for this key exceeded",
+                    retry_after=max(1.0, stats.reset_time - time.time()),
+                )
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+async def _authenticate(request: Request, *roles: Role) -> ApiKey:
+    keyring: KeyRing = request.app.state.keyring
+    key = await keyring.authenticate(_bearer(request))
+    require_role(key, *roles)
+    limiter: KeyRateLimiter = request.app.state.rate_limiter
+    limiter.hit(key)
+    return key
+
+
+async def client_key(request: Request) -> ApiKey:
+    """A client (or admin) key."""
+    return await _authenticate(request, Role.CLIENT)
+
+
+async def node_key(request: Request) -> ApiKey:
+    """A node (or admin) key."""
+    return await _authenticate(request, Role.NODE)
+
+
+async def any_key(request: Request) -> ApiKey:
+    """Any valid key."""
+    return await _authenticate(request, Role.CLIENT, Role.NODE)
+
+
+async def admin_key(request: Request) -> ApiKey:
+    """An admin key."""
+    return await _authenticate(request, Role.ADMIN)

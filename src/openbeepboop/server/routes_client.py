@@ -1,0 +1,231 @@
+"""Client routes: OpenAI completions (async with `Prefer: respond-async`, else sync) and
+the job API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Body, Depends, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
+
+from openbeepboop.errors import InvalidRequest, NotFound
+from openbeepboop.models import ApiKey, JobFilter, JobStatus
+from openbeepboop.queue import JobRequest, Queue
+from openbeepboop.server.guards import client_key
+from openbeepboop.server.schemas import (
+    OUR_FIELDS,
+    ChatCompletionBody,
+    CompletionBody,
+    JobBatch,
+    JobSpec,
+    Knobs,
+    PollBody,
+)
+from openbeepboop.server.wire import JSONResponse, job_json, page
+
+router = APIRouter(tags=["jobs"])
+Key = Annotated[ApiKey, Depends(client_key)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+
+
+def _queue(request: Request) -> Queue:
+    queue: Queue = request.app.state.queue
+    return queue
+
+
+def _wants_async(prefer: str | None) -> bool:
+    """RFC 7240: `Prefer: respond-async` (possibly among other preferences)."""
+    if not prefer:
+        return False
+    return any(p.split("=")[0].strip().lower() == "respond-async" for p in prefer.split(","))
+
+
+def _job_request(endpoint: str, body: Knobs, idempotency_key: str | None) -> JobRequest:
+    payload = body.model_dump(exclude_unset=True, exclude=set(OUR_FIELDS))
+    return JobRequest(
+        endpoint=endpoint,
+        body=payload,
+        priority=body.priority,
+        max_attempts=body.max_attempts,
+        metadata=body.metadata,
+        custom_id=body.custom_id,
+        idempotency_key=idempotency_key,
+        expires_at=body.expires_at,
+        ttl_seconds=body.ttl_seconds,
+    )
+
+
+async def _openai_call(
+    request: Request, key: ApiKey, req: JobRequest, prefer: str | None
+) -> Response:
+    queue = _queue(request)
+    if req.body.get("stream"):
+        raise InvalidRequest(
+            "stream=true is not supported yet; poll the job or use 'Prefer: respond-async'",
+            param="stream",
+        )
+    if _wants_async(prefer):
+        outcome = (await queue.submit(key, [req]))[0]
+        position = await queue.queue_position(outcome.job)
+        return JSONResponse(
+            job_json(outcome.job, position),
+            status_code=202 if outcome.created else 200,
+            headers={
+                "Location": f"/v1/jobs/{outcome.job.id}",
+                "Preference-Applied": "respond-async",
+            },
+        )
+    job, result = await queue.complete(key, req)
+    return JSONResponse(result, headers={"x-openbeepboop-job-id": job.id})
+
+
+@router.post("/v1/chat/completions", summary="Chat completion (sync, or a job when async)")
+async def chat_completions(
+    request: Request,
+    body: ChatCompletionBody,
+    key: Key,
+    prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    req = _job_request("/v1/chat/completions", body, idempotency_key)
+    return await _openai_call(request, key, req, prefer)
+
+
+@router.post("/v1/completions", summary="Text completion (sync, or a job when async)")
+async def completions(
+    request: Request,
+    body: CompletionBody,
+    key: Key,
+    prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    req = _job_request("/v1/completions", body, idempotency_key)
+    return await _openai_call(request, key, req, prefer)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validate(model: type[M], data: Any, loc: tuple[str | int, ...]) -> M:
+    """Validate `data` as FastAPI would, so errors name the full path of the bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [{**err, "loc": (*loc, *err["loc"])} for err in exc.errors()]
+        raise RequestValidationError(errors) from exc
+
+
+def _spec_request(spec: JobSpec, header_key: str | None, loc: tuple[str | int, ...]) -> JobRequest:
+    chat = spec.endpoint == "/v1/chat/completions"
+    endpoint_model: type[Knobs] = ChatCompletionBody if chat else CompletionBody
+    checked = _validate(endpoint_model, spec.body, (*loc, "body"))
+    req = _job_request(spec.endpoint, checked, spec.idempotency_key or header_key)
+    return JobRequest(
+        endpoint=req.endpoint,
+        body=req.body,
+        priority=spec.priority,
+        max_attempts=spec.max_attempts,
+        metadata=spec.metadata,
+        custom_id=spec.custom_id,
+        idempotency_key=req.idempotency_key,
+        expires_at=spec.expires_at,
+        ttl_seconds=spec.ttl_seconds,
+    )
+
+
+_JOBS_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/JobSpec"},
+                        {"$ref": "#/components/schemas/JobBatch"},
+                    ]
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/v1/jobs", status_code=202, summary="Queue one job or many", openapi_extra=_JOBS_SCHEMA
+)
+async def create_jobs(
+    request: Request,
+    raw: Annotated[dict[str, Any], Body(include_in_schema=False)],
+    key: Key,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    queue = _queue(request)
+    if "jobs" in raw:
+        body = _validate(JobBatch, raw, ("body",))
+        limit = request.app.state.settings.max_jobs_per_request
+        if len(body.jobs) > limit:
+            raise InvalidRequest(f"at most {limit} jobs per request", param="jobs")
+        if idempotency_key is not None:
+            raise InvalidRequest(
+                "give each job its own idempotency_key field in a bulk submit",
+                param="Idempotency-Key",
+            )
+        reqs = [_spec_request(s, None, ("body", "jobs", i)) for i, s in enumerate(body.jobs)]
+        outcomes = await queue.submit(key, reqs)
+        return JSONResponse(
+            {"object": "list", "data": [job_json(o.job) for o in outcomes]}, status_code=202
+        )
+    spec = _validate(JobSpec, raw, ("body",))
+    outcome = (await queue.submit(key, [_spec_request(spec, idempotency_key, ("body",))]))[0]
+    position = await queue.queue_position(outcome.job)
+    return JSONResponse(
+        job_json(outcome.job, position),
+        status_code=202 if outcome.created else 200,
+        headers={"Location": f"/v1/jobs/{outcome.job.id}"},
+    )
+
+
+@router.get("/v1/jobs/{job_id}", summary="One job")
+async def get_job(request: Request, job_id: str, key: Key) -> Response:
+    queue = _queue(request)
+    job = await queue.get(key, job_id)
+    return JSONResponse(job_json(job, await queue.queue_position(job)))
+
+
+@router.get("/v1/jobs", summary="List jobs, newest first")
+async def list_jobs(
+    request: Request,
+    key: Key,
+    status: JobStatus | None = None,
+    model: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    after: Annotated[str | None, Query(description="A job id: list older jobs")] = None,
+) -> Response:
+    queue = _queue(request)
+    after_seq = None
+    if after is not None:
+        try:
+            after_seq = (await queue.get(key, after)).seq
+        except NotFound as exc:
+            raise InvalidRequest(f"unknown cursor {after!r}", param="after") from exc
+    jobs = await queue.list_jobs(key, JobFilter(None, status, model, limit + 1, after_seq))
+    items = [job_json(j) for j in jobs[:limit]]
+    return JSONResponse(page(items, has_more=len(jobs) > limit))
+
+
+@router.post("/v1/jobs/{job_id}/cancel", summary="Cancel a job")
+async def cancel_job(request: Request, job_id: str, key: Key) -> Response:
+    job = await _queue(request).cancel(key, job_id)
+    return JSONResponse(job_json(job))
+
+
+@router.post("/v1/results/poll", summary="Several jobs at once, optionally long-polled")
+async def poll_results(request: Request, body: PollBody, key: Key) -> Response:
+    jobs = await _queue(request).poll(key, body.ids, body.wait)
+    found = {j.id for j in jobs}
+    missing = [i for i in dict.fromkeys(body.ids) if i not in found]
+    data: dict[str, Any] = {"object": "list", "data": [job_json(j) for j in jobs]}
+    data["not_found"] = missing
+    return JSONResponse(data)

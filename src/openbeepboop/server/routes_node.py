@@ -1,0 +1,82 @@
+"""The node protocol (node keys only): register, fetch, heartbeat, submit results."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from openbeepboop.models import ApiKey, NodeResult
+from openbeepboop.queue import Queue
+from openbeepboop.server.guards import node_key
+from openbeepboop.server.schemas import FetchBody, HeartbeatBody, RegisterBody, SubmitResultsBody
+from openbeepboop.server.wire import JSONResponse, leased_job_json
+
+router = APIRouter(prefix="/internal", tags=["node protocol"])
+Key = Annotated[ApiKey, Depends(node_key)]
+
+
+def _queue(request: Request) -> Queue:
+    queue: Queue = request.app.state.queue
+    return queue
+
+
+@router.post("/nodes/register", summary="Announce a node and its models")
+async def register(request: Request, body: RegisterBody, key: Key) -> Response:
+    node = await _queue(request).register_node(
+        key,
+        name=body.name,
+        models=[m.model_dump() for m in body.models],
+        capacity=body.capacity,
+        hardware=body.hardware,
+        version=body.version,
+    )
+    return JSONResponse({"node_id": node.id})
+
+
+@router.post("/queue/fetch", summary="Lease jobs (long-poll up to `wait` seconds)")
+async def fetch(request: Request, body: FetchBody, key: Key) -> Response:
+    jobs = await _queue(request).fetch(key, body.node_id, body.models, body.max_jobs, body.wait)
+    return JSONResponse({"jobs": [leased_job_json(j) for j in jobs]})
+
+
+@router.post("/queue/heartbeat", summary="Extend leases; hear of cancelled jobs")
+async def heartbeat(request: Request, body: HeartbeatBody, key: Key) -> Response:
+    outcome = await _queue(request).heartbeat(key, body.node_id, body.lease_ids, body.stats)
+    return JSONResponse(
+        {
+            "extended": outcome.extended,
+            "lost": outcome.lost,
+            "cancelled": outcome.cancelled,
+            "lease_expires_at": outcome.lease_expires_at,
+        }
+    )
+
+
+@router.post("/queue/submit", summary="Report results or errors, each acknowledged")
+async def submit(request: Request, body: SubmitResultsBody, key: Key) -> Response:
+    results = []
+    for item in body.results:
+        error = item.error.model_dump() if item.error is not None else None
+        if item.result is None and error is None:
+            error = {"message": "the node sent neither result nor error", "code": "empty_result"}
+        code = error.get("code") if error else None
+        results.append(
+            NodeResult(
+                job_id=item.job_id,
+                lease_id=item.lease_id,
+                result=item.result,
+                error=error,
+                retryable=bool(error and error.get("retryable")),
+                released=code == "released",
+            )
+        )
+    outcomes = await _queue(request).submit_results(key, body.node_id, results)
+    return JSONResponse(
+        {
+            "results": [
+                {"job_id": o.job_id, "accepted": o.accepted, "reason": o.reason} for o in outcomes
+            ]
+        }
+    )

@@ -1,0 +1,102 @@
+"""Operations: health, readiness, metrics, models, nodes, stats, key admin."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+from openbeepboop.auth import KeyRing
+from openbeepboop.models import ApiKey, Role
+from openbeepboop.queue import Queue
+from openbeepboop.server.guards import admin_key, any_key
+from openbeepboop.server.metrics import Metrics
+from openbeepboop.server.wire import JSONResponse, key_json, node_json
+
+router = APIRouter(tags=["operations"])
+AnyKey = Annotated[ApiKey, Depends(any_key)]
+AdminKey = Annotated[ApiKey, Depends(admin_key)]
+
+
+def _queue(request: Request) -> Queue:
+    queue: Queue = request.app.state.queue
+    return queue
+
+
+@router.get("/health", summary="The process answers")
+async def health() -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready", summary="The store answers")
+async def ready(request: Request) -> Response:
+    try:
+        await _queue(request).store.stats()
+    except Exception as exc:  # not ready is an answer, not a crash
+        return JSONResponse({"status": "unavailable", "detail": str(exc)}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    if not request.app.state.settings.metrics_public:
+        await any_key(request)
+    m: Metrics = request.app.state.metrics
+    body = m.render(await _queue(request).stats())
+    return Response(body, media_type=m.content_type)
+
+
+@router.get("/v1/models", summary="Models served by live nodes", tags=["models"])
+async def list_models(request: Request, key: AnyKey) -> Response:
+    served = await _queue(request).served_models()
+    data = []
+    for name in sorted(served):
+        nodes = served[name]
+        data.append(
+            {
+                "id": name,
+                "object": "model",
+                "created": int(min(n.registered_at for n in nodes)),
+                "owned_by": "openbeepboop",
+                "nodes": len(nodes),
+            }
+        )
+    return JSONResponse({"object": "list", "data": data})
+
+
+@router.get("/v1/nodes", summary="Live nodes")
+async def list_nodes(request: Request, key: AnyKey) -> Response:
+    nodes = await _queue(request).live_nodes()
+    return JSONResponse({"object": "list", "data": [node_json(n) for n in nodes]})
+
+
+@router.get("/v1/stats", summary="Queue depth and counts per model")
+async def stats(request: Request, key: AnyKey) -> Response:
+    return JSONResponse(await _queue(request).stats())
+
+
+class NewKeyBody(BaseModel):
+    role: Role
+    name: str = Field("", max_length=256)
+
+
+@router.post("/v1/admin/keys", summary="Create an API key (shown once)", tags=["admin"])
+async def create_key(request: Request, body: NewKeyBody, key: AdminKey) -> Response:
+    keyring: KeyRing = request.app.state.keyring
+    issued = await keyring.create(body.role, body.name)
+    return JSONResponse({**key_json(issued.record), "key": issued.secret}, status_code=201)
+
+
+@router.get("/v1/admin/keys", summary="List API keys (never the secrets)", tags=["admin"])
+async def list_keys(request: Request, key: AdminKey) -> Response:
+    keyring: KeyRing = request.app.state.keyring
+    data = [key_json(k) for k in await keyring.list_keys()]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@router.post("/v1/admin/keys/{key_id}/revoke", summary="Revoke an API key", tags=["admin"])
+async def revoke_key(request: Request, key_id: str, key: AdminKey) -> Response:
+    keyring: KeyRing = request.app.state.keyring
+    return JSONResponse(key_json(await keyring.revoke(key_id)))

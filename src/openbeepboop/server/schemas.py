@@ -1,0 +1,137 @@
+"""Wire models: what the HTTP API accepts, validated with pydantic.
+
+OpenAI request bodies keep every field the client sent (extra fields are allowed and
+passed to the node untouched); only the fields we act on are checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Fields of ours that ride in an OpenAI body (the SDK's `extra_body`); they are taken
+# out before the body is stored for the node.
+OUR_FIELDS = ("priority", "max_attempts", "expires_at", "ttl_seconds", "metadata", "custom_id")
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Knobs(BaseModel):
+    """Our options on a job, beside the OpenAI body."""
+
+    priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first.")
+    max_attempts: int | None = Field(None, ge=1, le=100, description="Fetches before failing.")
+    expires_at: float | None = Field(None, gt=0, description="Unix time after which it expires.")
+    ttl_seconds: float | None = Field(None, gt=0, description="Expire this long after submit.")
+    metadata: dict[str, Any] | None = Field(None, description="Your labels, returned as given.")
+    custom_id: str | None = Field(None, max_length=512, description="Your id for this request.")
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _SamplingParams(_Open):
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=128)
+    stream: bool | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+
+
+class ChatCompletionBody(_SamplingParams, Knobs):
+    """`POST /v1/chat/completions`: OpenAI's body plus our knobs."""
+
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionBody(_SamplingParams, Knobs):
+    """`POST /v1/completions`: OpenAI's body plus our knobs."""
+
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class JobSpec(Knobs):
+    """One job for `POST /v1/jobs`. `url` and `body` are the names of OpenAI batch lines."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    endpoint: Literal["/v1/chat/completions", "/v1/completions"] = Field(
+        "/v1/chat/completions", alias="url"
+    )
+    body: dict[str, Any] = Field(description="The OpenAI request body.")
+    method: Literal["POST"] | None = None
+    idempotency_key: str | None = Field(None, min_length=1, max_length=255)
+
+
+class JobBatch(_Closed):
+    """Several jobs for `POST /v1/jobs`, queued all or none."""
+
+    jobs: list[JobSpec] = Field(min_length=1)
+
+
+class PollBody(_Closed):
+    ids: list[str] = Field(min_length=1, max_length=10_000)
+    wait: float = Field(0, ge=0, description="Seconds to hold the answer until one is final.")
+
+
+# -- node protocol ---------------------------------------------------------------
+
+
+class NodeModel(_Open):
+    name: str = Field(min_length=1, max_length=256)
+    state: str = "ready"
+
+
+class RegisterBody(_Open):
+    name: str = Field("", max_length=256)
+    models: list[NodeModel] = Field(default_factory=list)
+    capacity: int = Field(1, ge=1, le=100_000)
+    hardware: dict[str, Any] = Field(default_factory=dict)
+    version: str = Field("", max_length=64)
+
+
+class FetchBody(_Open):
+    node_id: str = Field(min_length=1)
+    models: list[str] = Field(min_length=1, max_length=1000)
+    max_jobs: int = Field(1, ge=1, le=1000)
+    wait: float = Field(0, ge=0)
+
+
+class HeartbeatBody(_Open):
+    node_id: str = Field(min_length=1)
+    lease_ids: list[str] = Field(default_factory=list, max_length=100_000)
+    stats: dict[str, Any] = Field(default_factory=dict)
+
+
+class NodeError(_Open):
+    message: str = ""
+    code: str = "node_error"
+    retryable: bool = False
+
+
+class ResultItem(_Open):
+    job_id: str = Field(min_length=1)
+    lease_id: str = Field(min_length=1)
+    result: dict[str, Any] | None = None
+    error: NodeError | None = None
+
+
+class SubmitResultsBody(_Open):
+    node_id: str | None = None
+    results: list[ResultItem] = Field(min_length=1, max_length=10_000)

@@ -1,0 +1,98 @@
+"""Domain objects as JSON on the wire."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+from openbeepboop.models import ApiKey, Job, Node
+
+
+class JSONResponse(Response):
+    """A JSON response rendered with orjson."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def _ts(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def job_json(job: Job, queue_position: int | None = None) -> dict[str, Any]:
+    """The job object clients see (`object: "job"`)."""
+    return {
+        "id": job.id,
+        "object": "job",
+        "status": job.status.value,
+        "model": job.model,
+        "endpoint": job.endpoint,
+        "created_at": _ts(job.created_at),
+        "started_at": _ts(job.started_at),
+        "completed_at": _ts(job.finished_at),
+        "expires_at": _ts(job.expires_at),
+        "priority": job.priority,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "queue_position": queue_position,
+        "custom_id": job.custom_id,
+        "metadata": job.metadata,
+        "node_id": job.node_id,
+        "result": job.result,
+        "error": job.error,
+    }
+
+
+def leased_job_json(job: Job) -> dict[str, Any]:
+    """A job as the node protocol hands it out."""
+    return {
+        "id": job.id,
+        "lease_id": job.lease_id,
+        "lease_expires_at": job.lease_expires_at,
+        "attempt": job.attempts,
+        "model": job.model,
+        "endpoint": job.endpoint,
+        "request": job.request,
+    }
+
+
+def node_json(node: Node) -> dict[str, Any]:
+    return {
+        "id": node.id,
+        "object": "node",
+        "name": node.name,
+        "models": node.models,
+        "capacity": node.capacity,
+        "hardware": node.hardware,
+        "version": node.version,
+        "registered_at": _ts(node.registered_at),
+        "last_seen": _ts(node.last_seen),
+        "stats": node.stats,
+    }
+
+
+def key_json(key: ApiKey) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "object": "api_key",
+        "role": key.role.value,
+        "prefix": key.prefix,
+        "name": key.name,
+        "created_at": _ts(key.created_at),
+        "revoked_at": _ts(key.revoked_at),
+    }
+
+
+def page(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """OpenAI's list shape with cursor fields."""
+    return {
+        "object": "list",
+        "data": items,
+        "first_id": items[0]["id"] if items else None,
+        "last_id": items[-1]["id"] if items else None,
+        "has_more": has_more,
+    }

@@ -1,0 +1,130 @@
+"""Server settings: `DIR/server.toml`, overridden by `OPENBEEPBOOP_<NAME>` variables.
+
+Precedence, highest first: explicit arguments (CLI flags), environment, the TOML file,
+defaults. Every field is documented in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import tomli_w
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_NAME = "server.toml"
+DB_NAME = "openbeepboop.db"
+
+
+class ConfigError(Exception):
+    """A config file or variable is wrong; the message says which and why."""
+
+
+def default_data_dir() -> Path:
+    """Where the server keeps its files when no `--data-dir` is given."""
+    return Path(platformdirs.user_data_dir("openbeepboop", appauthor=False))
+
+
+class ServerSettings(BaseSettings):
+    """Everything the server reads at start. Field names are the TOML keys; the
+    environment variable is `OPENBEEPBOOP_` + the name in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="OPENBEEPBOOP_", extra="forbid", frozen=True)
+
+    data_dir: Path = Field(default_factory=default_data_dir, description="Where files live.")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    database_url: str = Field("", description="sqlite:///path or empty for DIR/openbeepboop.db.")
+    lease_seconds: float = Field(60.0, gt=0, description="Lease length without a heartbeat.")
+    max_attempts: int = Field(3, ge=1, le=100, description="Default fetches before failing.")
+    reaper_interval_seconds: float = Field(1.0, gt=0, description="How often leases are reaped.")
+    node_ttl_seconds: float = Field(
+        60.0, gt=0, description="A node is live this long after contact."
+    )
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest request body.")
+    max_jobs_per_request: int = Field(10_000, gt=0, description="Largest bulk submit.")
+    rate_limit: str = Field(
+        "50/second;1000/minute",
+        description="Per-key request limit (the `limits` notation); empty disables it.",
+    )
+    node_rate_limit: str = Field("", description="Per-key request limit for node keys.")
+    max_active_jobs_per_key: int = Field(
+        100_000, gt=0, description="Queued plus running jobs one client key may have."
+    )
+    sync_timeout_seconds: float = Field(600.0, gt=0, description="Longest synchronous wait.")
+    model_wait_seconds: float = Field(
+        10.0, ge=0, description="Sync requests wait this long for a node serving the model."
+    )
+    max_poll_wait_seconds: float = Field(60.0, gt=0, description="Longest long-poll.")
+    metrics_public: bool = Field(True, description="Serve /metrics without a key.")
+    log_level: str = Field("info", description="uvicorn log level.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        given = getattr(init_settings, "init_kwargs", {}).get("data_dir")
+        data_dir = Path(given or os.environ.get("OPENBEEPBOOP_DATA_DIR") or default_data_dir())
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=data_dir / CONFIG_NAME)
+        return (init_settings, env_settings, toml)
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir / CONFIG_NAME
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite file this server uses."""
+        url = self.database_url
+        if not url:
+            return self.data_dir / DB_NAME
+        if url.startswith("sqlite:///"):
+            return Path(url.removeprefix("sqlite:///"))
+        raise ConfigError(
+            f"database_url {url!r} is not supported: use sqlite:///PATH (PostgreSQL comes later)"
+        )
+
+
+def load_settings(data_dir: Path | None = None, **overrides: Any) -> ServerSettings:
+    """Settings for the server in `data_dir`: overrides, then environment, then the file."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if data_dir is not None:
+        given["data_dir"] = data_dir.expanduser().resolve()
+    try:
+        return ServerSettings(**given)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{CONFIG_NAME} is not valid TOML: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from exc
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = [f"invalid server settings (in {CONFIG_NAME} or OPENBEEPBOOP_* variables):"]
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        lines.append(f"  {name}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def write_settings(settings: ServerSettings) -> Path:
+    """Write the settings a user would want to edit into `server.toml`."""
+    values = settings.model_dump(mode="json", exclude={"data_dir"})
+    path = settings.config_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "# OpenBeepBoop server settings; OPENBEEPBOOP_<NAME> variables override them.\n"
+    path.write_text(text + tomli_w.dumps(values))
+    return path

@@ -1,0 +1,524 @@
+"""`SqliteStore`: the embedded default store.
+
+WAL mode, `synchronous=FULL`, one writer thread with group commit (sqlite_io.py), claims
+as a single `UPDATE ... RETURNING`. An acknowledged submit or result survives `kill -9`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from openbeepboop.errors import IdempotencyMismatch
+from openbeepboop.models import (
+    ApiKey,
+    HeartbeatOutcome,
+    Job,
+    JobFilter,
+    JobStatus,
+    NewJob,
+    Node,
+    NodeResult,
+    ReapOutcome,
+    ResultOutcome,
+    Role,
+    SubmitOutcome,
+)
+from openbeepboop.store.migrations import migrate_sqlite
+from openbeepboop.store.sqlite_io import GroupCommitWriter, ReaderPool, connect
+
+JOB_COLUMNS = (
+    "seq, id, owner, endpoint, model, request, request_hash, status, priority, max_attempts, "
+    "attempts, metadata, custom_id, idempotency_key, created_at, expires_at, started_at, "
+    "finished_at, lease_id, lease_expires_at, node_id, result, error"
+)
+NODE_COLUMNS = (
+    "id, name, owner, models, capacity, hardware, version, registered_at, last_seen, stats"
+)
+KEY_COLUMNS = "id, role, key_hash, prefix, name, created_at, revoked_at"
+ACTIVE = "('queued', 'in_progress')"
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else orjson.loads(text)
+
+
+def _job(row: Sequence[Any]) -> Job:
+    return Job(
+        seq=row[0],
+        id=row[1],
+        owner=row[2],
+        endpoint=row[3],
+        model=row[4],
+        request=orjson.loads(row[5]),
+        request_hash=row[6],
+        status=JobStatus(row[7]),
+        priority=row[8],
+        max_attempts=row[9],
+        attempts=row[10],
+        metadata=_loads(row[11]),
+        custom_id=row[12],
+        idempotency_key=row[13],
+        created_at=row[14],
+        expires_at=row[15],
+        started_at=row[16],
+        finished_at=row[17],
+        lease_id=row[18],
+        lease_expires_at=row[19],
+        node_id=row[20],
+        result=_loads(row[21]),
+        error=_loads(row[22]),
+    )
+
+
+def _node(row: Sequence[Any]) -> Node:
+    return Node(
+        id=row[0],
+        name=row[1],
+        owner=row[2],
+        models=orjson.loads(row[3]),
+        capacity=row[4],
+        hardware=orjson.loads(row[5]),
+        version=row[6],
+        registered_at=row[7],
+        last_seen=row[8],
+        stats=orjson.loads(row[9]),
+    )
+
+
+def _key(row: Sequence[Any]) -> ApiKey:
+    return ApiKey(
+        id=row[0],
+        role=Role(row[1]),
+        key_hash=row[2],
+        prefix=row[3],
+        name=row[4],
+        created_at=row[5],
+        revoked_at=row[6],
+    )
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def new_job_id() -> str:
+    """A job id: `job_` and 96 random bits."""
+    return "job_" + secrets.token_hex(12)
+
+
+class SqliteStore:
+    """The `Store` contract on one SQLite file."""
+
+    def __init__(self, path: Path, readers: int = 2) -> None:
+        self.path = path
+        self._writer = GroupCommitWriter(path)
+        self._readers = ReaderPool(path, size=readers)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.migrate()
+        self._writer.start()
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations (synchronously; used by `setup` too)."""
+        conn = connect(self.path)
+        try:
+            return migrate_sqlite(conn)
+        finally:
+            conn.close()
+
+    async def close(self) -> None:
+        self._writer.stop()
+        self._readers.close()
+
+    @property
+    def commit_stats(self) -> tuple[int, int]:
+        """(transactions, operations) committed by the writer so far."""
+        return self._writer.batches, self._writer.ops
+
+    # -- jobs -------------------------------------------------------------------
+
+    async def submit_jobs(self, jobs: Sequence[NewJob], now: float) -> list[SubmitOutcome]:
+        return await self._writer.run(lambda conn: _submit_jobs(conn, jobs, now))
+
+    async def get_job(self, job_id: str) -> Job | None:
+        def op(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return None if row is None else _job(row)
+
+        return await self._readers.run(op)
+
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        ids = list(dict.fromkeys(job_ids))
+
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            out: list[Job] = []
+            for start in range(0, len(ids), 500):
+                part = ids[start : start + 500]
+                sql = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id IN ({_marks(len(part))})"
+                out.extend(_job(r) for r in conn.execute(sql, part))
+            return out
+
+        return await self._readers.run(op)
+
+    async def list_jobs(self, flt: JobFilter) -> list[Job]:
+        where: list[str] = ["1 = 1"]
+        args: list[Any] = []
+        for column, value in (("owner", flt.owner), ("model", flt.model)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if flt.status is not None:
+            where.append("status = ?")
+            args.append(flt.status.value)
+        if flt.after_seq is not None:
+            where.append("seq < ?")
+            args.append(flt.after_seq)
+        sql = (
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
+        )
+
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            return [_job(r) for r in conn.execute(sql, [*args, flt.limit])]
+
+        return await self._readers.run(op)
+
+    async def queue_position(self, job: Job) -> int:
+        sql = (
+            "SELECT count(*) FROM jobs WHERE status = 'queued' AND model = ? "
+            "AND (priority > ? OR (priority = ? AND seq < ?))"
+        )
+        args = (job.model, job.priority, job.priority, job.seq)
+        return int(await self._readers.run(lambda conn: conn.execute(sql, args).fetchone()[0]))
+
+    async def fetch_jobs(
+        self, node_id: str, models: Sequence[str], max_jobs: int, lease_seconds: float, now: float
+    ) -> list[Job]:
+        wanted = list(dict.fromkeys(models))
+        if not wanted or max_jobs <= 0:
+            return []
+        arm = (
+            "SELECT * FROM (SELECT seq, priority FROM jobs WHERE status = 'queued' AND model = ? "
+            "AND (expires_at IS NULL OR expires_at > ?) ORDER BY priority DESC, seq LIMIT ?)"
+        )
+        candidates = " UNION ALL ".join([arm] * len(wanted))
+        sql = (
+            "UPDATE jobs SET status = 'in_progress', lease_id = lower(hex(randomblob(16))), "
+            "lease_expires_at = ?, attempts = attempts + 1, node_id = ?, started_at = ? "
+            f"WHERE seq IN (SELECT seq FROM ({candidates}) ORDER BY priority DESC, seq LIMIT ?) "
+            f"RETURNING {JOB_COLUMNS}"
+        )
+        args: list[Any] = [now + lease_seconds, node_id, now]
+        for model in wanted:
+            args += [model, now, max_jobs]
+        args.append(max_jobs)
+
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            jobs = [_job(r) for r in conn.execute(sql, args)]
+            jobs.sort(key=lambda j: (-j.priority, j.seq))
+            return jobs
+
+        return await self._writer.run(op)
+
+    async def heartbeat(
+        self, node_id: str, lease_ids: Sequence[str], lease_seconds: float, now: float
+    ) -> HeartbeatOutcome:
+        leases = list(dict.fromkeys(lease_ids))
+        expires = now + lease_seconds
+
+        def op(conn: sqlite3.Connection) -> HeartbeatOutcome:
+            extended: list[str] = []
+            cancelled: list[str] = []
+            for start in range(0, len(leases), 500):
+                part = leases[start : start + 500]
+                sql = (
+                    f"SELECT lease_id, id, status FROM jobs WHERE lease_id IN ({_marks(len(part))})"
+                )
+                for lease_id, job_id, status in conn.execute(sql, part).fetchall():
+                    if status == JobStatus.IN_PROGRESS.value:
+                        conn.execute(
+                            "UPDATE jobs SET lease_expires_at = ? WHERE id = ?", (expires, job_id)
+                        )
+                        extended.append(lease_id)
+                    elif status == JobStatus.CANCELLED.value:
+                        cancelled.append(job_id)
+            known = set(extended)
+            lost = [lease for lease in leases if lease not in known]
+            return HeartbeatOutcome(extended, lost, cancelled, expires)
+
+        return await self._writer.run(op)
+
+    async def submit_results(
+        self, results: Sequence[NodeResult], now: float
+    ) -> list[ResultOutcome]:
+        return await self._writer.run(lambda conn: [_record(conn, r, now) for r in results])
+
+    async def cancel_job(self, job_id: str, now: float) -> Job | None:
+        def op(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute(
+                f"UPDATE jobs SET status = 'cancelled', finished_at = ? "
+                f"WHERE id = ? AND status IN {ACTIVE} RETURNING {JOB_COLUMNS}",
+                (now, job_id),
+            ).fetchone()
+            if row is None:
+                row = conn.execute(
+                    f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
+                ).fetchone()
+            return None if row is None else _job(row)
+
+        return await self._writer.run(op)
+
+    async def reap(self, now: float) -> ReapOutcome:
+        return await self._writer.run(lambda conn: _reap(conn, now))
+
+    async def count_active(self, owner: str) -> int:
+        sql = f"SELECT count(*) FROM jobs WHERE owner = ? AND status IN {ACTIVE}"
+        return int(await self._readers.run(lambda conn: conn.execute(sql, (owner,)).fetchone()[0]))
+
+    async def stats(self) -> dict[str, dict[str, int]]:
+        def op(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {}
+            for model, status, count in conn.execute(
+                "SELECT model, status, count(*) FROM jobs GROUP BY model, status"
+            ):
+                out.setdefault(model, {})[status] = count
+            return out
+
+        return await self._readers.run(op)
+
+    # -- nodes ------------------------------------------------------------------
+
+    async def register_node(self, node: Node) -> None:
+        values = (
+            node.id,
+            node.name,
+            node.owner,
+            orjson.dumps(node.models).decode(),
+            node.capacity,
+            orjson.dumps(node.hardware).decode(),
+            node.version,
+            node.registered_at,
+            node.last_seen,
+            orjson.dumps(node.stats).decode(),
+        )
+        sql = f"INSERT OR REPLACE INTO nodes ({NODE_COLUMNS}) VALUES ({_marks(10)})"
+        await self._writer.run(lambda conn: conn.execute(sql, values))
+
+    async def touch_node(self, node_id: str, now: float, stats: dict[str, object] | None) -> bool:
+        if stats is None:
+            sql, args = "UPDATE nodes SET last_seen = ? WHERE id = ?", (now, node_id)
+        else:
+            sql = "UPDATE nodes SET last_seen = ?, stats = ? WHERE id = ?"
+            args = (now, orjson.dumps(stats).decode(), node_id)  # type: ignore[assignment]
+        return bool(await self._writer.run(lambda conn: conn.execute(sql, args).rowcount))
+
+    async def get_node(self, node_id: str) -> Node | None:
+        def op(conn: sqlite3.Connection) -> Node | None:
+            row = conn.execute(
+                f"SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?", (node_id,)
+            ).fetchone()
+            return None if row is None else _node(row)
+
+        return await self._readers.run(op)
+
+    async def list_nodes(self, seen_since: float) -> list[Node]:
+        sql = f"SELECT {NODE_COLUMNS} FROM nodes WHERE last_seen >= ? ORDER BY registered_at"
+        return await self._readers.run(
+            lambda conn: [_node(r) for r in conn.execute(sql, (seen_since,))]
+        )
+
+    # -- keys -------------------------------------------------------------------
+
+    async def create_key(self, key: ApiKey) -> None:
+        values = (
+            key.id,
+            key.role.value,
+            key.key_hash,
+            key.prefix,
+            key.name,
+            key.created_at,
+            key.revoked_at,
+        )
+        sql = f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ({_marks(7)})"
+        await self._writer.run(lambda conn: conn.execute(sql, values))
+
+    async def get_key_by_hash(self, key_hash: str) -> ApiKey | None:
+        sql = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?"
+
+        def op(conn: sqlite3.Connection) -> ApiKey | None:
+            row = conn.execute(sql, (key_hash,)).fetchone()
+            return None if row is None else _key(row)
+
+        return await self._readers.run(op)
+
+    async def list_keys(self) -> list[ApiKey]:
+        sql = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id"
+        return await self._readers.run(lambda conn: [_key(r) for r in conn.execute(sql)])
+
+    async def revoke_key(self, key_id: str, now: float) -> ApiKey | None:
+        def op(conn: sqlite3.Connection) -> ApiKey | None:
+            conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (now, key_id),
+            )
+            row = conn.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))
+            found = row.fetchone()
+            return None if found is None else _key(found)
+
+        return await self._writer.run(op)
+
+
+# -- write operations (run on the writer thread) -----------------------------------
+
+_INSERT_JOB = (
+    "INSERT INTO jobs (id, owner, endpoint, model, request, request_hash, status, priority, "
+    "max_attempts, metadata, custom_id, idempotency_key, created_at, expires_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _submit_jobs(
+    conn: sqlite3.Connection, jobs: Sequence[NewJob], now: float
+) -> list[SubmitOutcome]:
+    outcomes = []
+    for nj in jobs:
+        if nj.idempotency_key is not None:
+            row = conn.execute(
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                (nj.owner, nj.idempotency_key),
+            ).fetchone()
+            if row is not None:
+                existing = _job(row)
+                if existing.request_hash != nj.request_hash:
+                    raise IdempotencyMismatch(
+                        f"Idempotency-Key {nj.idempotency_key!r} was already used for job "
+                        f"{existing.id} with a different request body",
+                        param="idempotency_key",
+                    )
+                outcomes.append(SubmitOutcome(existing, created=False))
+                continue
+        job_id = new_job_id()
+        cur = conn.execute(
+            _INSERT_JOB,
+            (
+                job_id,
+                nj.owner,
+                nj.endpoint,
+                nj.model,
+                orjson.dumps(nj.request).decode(),
+                nj.request_hash,
+                nj.priority,
+                nj.max_attempts,
+                _dumps(nj.metadata),
+                nj.custom_id,
+                nj.idempotency_key,
+                now,
+                nj.expires_at,
+            ),
+        )
+        job = Job(
+            id=job_id,
+            seq=int(cur.lastrowid or 0),
+            owner=nj.owner,
+            endpoint=nj.endpoint,
+            model=nj.model,
+            request=nj.request,
+            status=JobStatus.QUEUED,
+            priority=nj.priority,
+            max_attempts=nj.max_attempts,
+            attempts=0,
+            created_at=now,
+            metadata=nj.metadata,
+            custom_id=nj.custom_id,
+            request_hash=nj.request_hash,
+            idempotency_key=nj.idempotency_key,
+            expires_at=nj.expires_at,
+        )
+        outcomes.append(SubmitOutcome(job, created=True))
+    return outcomes
+
+
+def _record(conn: sqlite3.Connection, r: NodeResult, now: float) -> ResultOutcome:
+    """Apply one node result under fencing: only the current lease may change the job."""
+    fence = "WHERE id = :id AND lease_id = :lease AND status = 'in_progress'"
+    args: dict[str, Any] = {"id": r.job_id, "lease": r.lease_id, "now": now}
+    if r.result is not None:
+        sql = (
+            "UPDATE jobs SET status = 'completed', result = :result, error = NULL, "
+            f"finished_at = :now {fence} RETURNING {JOB_COLUMNS}"
+        )
+        args["result"] = _dumps(r.result)
+    elif r.released:
+        sql = (
+            "UPDATE jobs SET status = 'queued', attempts = max(attempts - 1, 0), lease_id = NULL, "
+            f"lease_expires_at = NULL, node_id = NULL {fence} RETURNING {JOB_COLUMNS}"
+        )
+    else:
+        final = "(NOT :retry OR attempts >= max_attempts)"
+        sql = (
+            f"UPDATE jobs SET error = :error, "
+            f"status = CASE WHEN {final} THEN 'failed' ELSE 'queued' END, "
+            f"finished_at = CASE WHEN {final} THEN :now ELSE NULL END, "
+            f"lease_id = CASE WHEN {final} THEN lease_id ELSE NULL END, "
+            f"node_id = CASE WHEN {final} THEN node_id ELSE NULL END, lease_expires_at = NULL "
+            f"{fence} RETURNING {JOB_COLUMNS}"
+        )
+        args["error"] = _dumps(r.error or {})
+        args["retry"] = r.retryable
+    row = conn.execute(sql, args).fetchone()
+    if row is not None:
+        return ResultOutcome(r.job_id, accepted=True, job=_job(row))
+    found = conn.execute("SELECT status FROM jobs WHERE id = ?", (r.job_id,)).fetchone()
+    if found is None:
+        return ResultOutcome(r.job_id, accepted=False, reason="not_found")
+    if found[0] == JobStatus.CANCELLED.value:
+        return ResultOutcome(r.job_id, accepted=False, reason="cancelled")
+    return ResultOutcome(r.job_id, accepted=False, reason="lease_lost")
+
+
+def _reap(conn: sqlite3.Connection, now: float) -> ReapOutcome:
+    expired_now = "expires_at IS NOT NULL AND expires_at <= :now"
+    rows = conn.execute(
+        f"""
+        UPDATE jobs SET
+            status = CASE WHEN {expired_now} THEN 'expired'
+                          WHEN attempts >= max_attempts THEN 'failed'
+                          ELSE 'queued' END,
+            error = CASE WHEN attempts >= max_attempts AND NOT ({expired_now})
+                         THEN json_object('code', 'attempts_exhausted',
+                              'message', 'the lease expired on attempt ' || attempts || ' of '
+                                         || max_attempts || ' without a result',
+                              'last_error', json(error))
+                         ELSE error END,
+            finished_at = CASE WHEN {expired_now} OR attempts >= max_attempts
+                               THEN :now ELSE NULL END,
+            lease_id = NULL, lease_expires_at = NULL, node_id = NULL
+        WHERE status = 'in_progress' AND lease_expires_at <= :now
+        RETURNING id, status
+        """,
+        {"now": now},
+    ).fetchall()
+    expired = conn.execute(
+        "UPDATE jobs SET status = 'expired', finished_at = :now "
+        "WHERE status = 'queued' AND expires_at <= :now RETURNING id",
+        {"now": now},
+    ).fetchall()
+    outcome = ReapOutcome()
+    for job_id, status in rows:
+        {"queued": outcome.requeued, "failed": outcome.failed, "expired": outcome.expired}[
+            status
+        ].append(job_id)
+    outcome.expired.extend(job_id for (job_id,) in expired)
+    return outcome
