@@ -138,12 +138,16 @@ class Queue:
             expires_at = now + req.ttl_seconds
         if expires_at is not None and expires_at <= now:
             raise InvalidRequest("expires_at is in the past", param="expires_at")
+        try:
+            digest = request_hash(req)
+        except TypeError as exc:  # orjson: integers beyond 64 bits, nesting too deep
+            raise InvalidRequest(f"the request cannot be stored: {exc}") from exc
         return NewJob(
             owner=key.id,
             endpoint=req.endpoint,
             model=model,
             request=req.body,
-            request_hash=request_hash(req),
+            request_hash=digest,
             priority=req.priority,
             max_attempts=req.max_attempts or self.config.max_attempts,
             metadata=req.metadata,

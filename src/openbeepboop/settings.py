@@ -53,7 +53,7 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest request body.")
     max_jobs_per_request: int = Field(10_000, gt=0, description="Largest bulk submit.")
     rate_limit: str = Field(
-        "50/second;1000/minute",
+        "200/second;6000/minute",
         description="Per-key request limit (the `limits` notation); empty disables it.",
     )
     node_rate_limit: str = Field("", description="Per-key request limit for node keys.")

@@ -70,7 +70,8 @@ def domain_error_response(exc: e.OpenBeepBoopError) -> Response:
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    # Drop only the leading location: a job's own `body` field must stay in the name.
+    parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))

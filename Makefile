@@ -1,0 +1,54 @@
+# One task runner for humans and CI. `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
+export PATH := $(BIN):$(PATH)
+DATA_DIR ?= $(HOME)/.local/share/openbeepboop
+
+.PHONY: help install test lint format run bench lock clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	@# --system-site-packages: reuse what the machine already has (llama-cpp-python takes
+	@# minutes to compile); pip installs into the venv only what is missing or differs.
+	$(PYTHON) -m venv --system-site-packages $(VENV) || { \
+	  echo "venv failed; installing python3-venv" >&2; \
+	  apt-get update -qq && apt-get install -y -qq python3-venv python3-dev build-essential && \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); }
+
+$(STAMP): pyproject.toml requirements.lock | $(BIN)/python
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e ".[all]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the project with every extra
+
+test: install  ## lint, type-check and run the whole test suite
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+lint: install  ## ruff and mypy only
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+format: install  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
+
+run: install  ## set up (first time) and start a server on http://127.0.0.1:8000
+	@test -f $(DATA_DIR)/server.toml || $(BIN)/openbeepboop-server setup --non-interactive --data-dir $(DATA_DIR)
+	$(BIN)/openbeepboop-server start --data-dir $(DATA_DIR)
+
+bench: install  ## queue throughput and dispatch latency over real HTTP
+	$(BIN)/python bench/bench_queue.py
+
+lock:  ## re-resolve requirements.lock from pyproject.toml
+	uv pip compile pyproject.toml --extra all --python-version 3.11 -o requirements.lock
+
+clean:  ## remove the venv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

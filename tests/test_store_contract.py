@@ -1,0 +1,406 @@
+"""The store contract: every verb of `Store`, run on every implementation.
+
+A new store (PostgreSQL) joins by adding itself to `STORES`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from openbeepboop.errors import IdempotencyMismatch
+from openbeepboop.keys import new_key
+from openbeepboop.models import JobFilter, JobStatus, NewJob, Node, NodeResult, Role
+from openbeepboop.store.base import Store
+from openbeepboop.store.sqlite import SqliteStore
+
+T0 = 1_000_000.0
+LEASE = 60.0
+
+
+def sqlite_store(tmp_path: Path) -> Store:
+    return SqliteStore(tmp_path / "contract.db")
+
+
+STORES: dict[str, Callable[[Path], Store]] = {"sqlite": sqlite_store}
+
+
+@pytest.fixture(params=sorted(STORES))
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s = STORES[request.param](tmp_path)
+    await s.open()
+    yield s
+    await s.close()
+
+
+def new_job(model: str = "m", owner: str = "alice", **kw: Any) -> NewJob:
+    body = {"model": model, "messages": [{"role": "user", "content": kw.pop("text", "hi")}]}
+    return NewJob(
+        owner=owner,
+        endpoint="/v1/chat/completions",
+        model=model,
+        request=body,
+        request_hash=kw.pop("request_hash", "h-" + secrets.token_hex(4)),
+        **kw,
+    )
+
+
+async def submit(store: Store, *jobs: NewJob, now: float = T0) -> list[str]:
+    return [o.job.id for o in await store.submit_jobs(list(jobs), now)]
+
+
+async def fetch(store: Store, models: list[str] | None = None, n: int = 1, now: float = T0) -> Any:
+    return await store.fetch_jobs("node-1", models or ["m"], n, LEASE, now)
+
+
+RESULT = {"object": "chat.completion", "choices": [{"message": {"content": "ok"}}]}
+
+
+# -- submit / get / list ---------------------------------------------------------------
+
+
+async def test_submit_then_get_returns_the_request(store: Store) -> None:
+    [job_id] = await submit(store, new_job(text="hello", priority=3, metadata={"k": "v"}))
+    job = await store.get_job(job_id)
+    assert job is not None
+    assert job.status is JobStatus.QUEUED
+    assert job.request["messages"][0]["content"] == "hello"
+    assert (job.priority, job.metadata, job.attempts) == (3, {"k": "v"}, 0)
+
+
+async def test_get_unknown_job_is_none(store: Store) -> None:
+    assert await store.get_job("job_nope") is None
+
+
+async def test_get_jobs_returns_existing_only(store: Store) -> None:
+    ids = await submit(store, new_job(), new_job())
+    found = await store.get_jobs([*ids, "job_nope"])
+    assert sorted(j.id for j in found) == sorted(ids)
+
+
+async def test_idempotent_submit_returns_the_same_job(store: Store) -> None:
+    first = await store.submit_jobs([new_job(idempotency_key="k1", request_hash="h")], T0)
+    again = await store.submit_jobs([new_job(idempotency_key="k1", request_hash="h")], T0 + 1)
+    assert again[0].job.id == first[0].job.id
+    assert (first[0].created, again[0].created) == (True, False)
+
+
+async def test_idempotency_key_with_other_body_is_refused_and_inserts_nothing(
+    store: Store,
+) -> None:
+    await store.submit_jobs([new_job(idempotency_key="k1", request_hash="h")], T0)
+    with pytest.raises(IdempotencyMismatch):
+        await store.submit_jobs([new_job(), new_job(idempotency_key="k1", request_hash="x")], T0)
+    assert len(await store.list_jobs(JobFilter(limit=10))) == 1
+
+
+async def test_idempotency_keys_are_scoped_per_owner(store: Store) -> None:
+    a = await submit(store, new_job(owner="a", idempotency_key="k", request_hash="h"))
+    b = await submit(store, new_job(owner="b", idempotency_key="k", request_hash="h"))
+    assert a != b
+
+
+async def test_list_jobs_filters_and_pages_newest_first(store: Store) -> None:
+    ids = await submit(store, *[new_job(owner="a") for _ in range(5)], new_job(owner="b"))
+    first = await store.list_jobs(JobFilter(owner="a", limit=3))
+    assert [j.id for j in first] == ids[4:1:-1]
+    rest = await store.list_jobs(JobFilter(owner="a", limit=3, after_seq=first[-1].seq))
+    assert [j.id for j in rest] == ids[1::-1]
+    by_model = await store.list_jobs(JobFilter(model="other"))
+    assert by_model == []
+
+
+async def test_list_jobs_by_status(store: Store) -> None:
+    a, _b = await submit(store, new_job(), new_job())
+    await store.cancel_job(a, T0)
+    cancelled = await store.list_jobs(JobFilter(status=JobStatus.CANCELLED))
+    assert [j.id for j in cancelled] == [a]
+
+
+async def test_queue_position_follows_priority_then_age(store: Store) -> None:
+    low, high, low2 = await submit(
+        store, new_job(priority=0), new_job(priority=5), new_job(priority=0)
+    )
+    positions = {}
+    for job_id in (low, high, low2):
+        job = await store.get_job(job_id)
+        assert job is not None
+        positions[job_id] = await store.queue_position(job)
+    assert positions == {high: 0, low: 1, low2: 2}
+
+
+# -- fetch (claim) ---------------------------------------------------------------------
+
+
+async def test_fetch_leases_by_priority_then_age(store: Store) -> None:
+    old, high, new = await submit(
+        store, new_job(priority=0), new_job(priority=9), new_job(priority=0)
+    )
+    jobs = await fetch(store, n=3)
+    assert [j.id for j in jobs] == [high, old, new]
+    assert all(j.status is JobStatus.IN_PROGRESS and j.attempts == 1 for j in jobs)
+    assert len({j.lease_id for j in jobs}) == 3
+    assert all(j.lease_expires_at == T0 + LEASE for j in jobs)
+
+
+async def test_fetch_only_the_models_asked_for(store: Store) -> None:
+    [a] = await submit(store, new_job(model="a"))
+    await submit(store, new_job(model="b"))
+    jobs = await fetch(store, models=["a", "c"], n=5)
+    assert [j.id for j in jobs] == [a]
+
+
+async def test_fetch_across_models_keeps_priority_order(store: Store) -> None:
+    a, b = await submit(store, new_job(model="a"), new_job(model="b", priority=1))
+    jobs = await fetch(store, models=["a", "b"], n=1)
+    assert [j.id for j in jobs] == [b]
+    assert [j.id for j in await fetch(store, models=["a", "b"], n=1)] == [a]
+
+
+async def test_fetch_empty_queue_returns_nothing(store: Store) -> None:
+    assert await fetch(store, n=4) == []
+
+
+async def test_fetch_skips_jobs_past_expires_at(store: Store) -> None:
+    await submit(store, new_job(expires_at=T0 + 1))
+    assert await fetch(store, now=T0 + 2) == []
+
+
+async def test_concurrent_claimers_never_share_a_job(store: Store) -> None:
+    ids = await submit(store, *[new_job() for _ in range(200)])
+    claims = await asyncio.gather(
+        *[store.fetch_jobs(f"node-{i}", ["m"], 7, LEASE, T0) for i in range(40)]
+    )
+    claimed = [j.id for batch in claims for j in batch]
+    assert len(claimed) == len(set(claimed)) == 200
+    assert set(claimed) == set(ids)
+
+
+# -- heartbeat -------------------------------------------------------------------------
+
+
+async def test_heartbeat_extends_live_leases_and_reports_lost_ones(store: Store) -> None:
+    await submit(store, new_job())
+    [job] = await fetch(store)
+    out = await store.heartbeat("node-1", [job.lease_id, "stale"], LEASE, T0 + 30)
+    assert (out.extended, out.lost, out.cancelled) == ([job.lease_id], ["stale"], [])
+    fresh = await store.get_job(job.id)
+    assert fresh is not None and fresh.lease_expires_at == T0 + 30 + LEASE
+
+
+async def test_heartbeat_reports_cancelled_jobs(store: Store) -> None:
+    await submit(store, new_job())
+    [job] = await fetch(store)
+    await store.cancel_job(job.id, T0 + 1)
+    out = await store.heartbeat("node-1", [job.lease_id], LEASE, T0 + 2)
+    assert out.cancelled == [job.id]
+    assert out.extended == []
+
+
+# -- results (fencing) -----------------------------------------------------------------
+
+
+async def test_result_from_current_lease_completes_the_job(store: Store) -> None:
+    await submit(store, new_job())
+    [job] = await fetch(store)
+    [out] = await store.submit_results([NodeResult(job.id, job.lease_id or "", RESULT)], T0 + 1)
+    assert out.accepted
+    done = await store.get_job(job.id)
+    assert done is not None
+    assert (done.status, done.result, done.finished_at) == (JobStatus.COMPLETED, RESULT, T0 + 1)
+
+
+async def test_stale_lease_result_is_refused_and_changes_nothing(store: Store) -> None:
+    await submit(store, new_job(max_attempts=5))
+    [first] = await fetch(store)
+    await store.reap(T0 + LEASE + 1)  # the lease expires; the job is queued again
+    [second] = await fetch(store, now=T0 + LEASE + 2)
+    assert second.lease_id != first.lease_id
+    stale = NodeResult(first.id, first.lease_id or "", RESULT)
+    [out] = await store.submit_results([stale], T0 + LEASE + 3)
+    assert (out.accepted, out.reason) == (False, "lease_lost")
+    job = await store.get_job(first.id)
+    assert job is not None
+    assert (job.status, job.lease_id, job.result) == (
+        JobStatus.IN_PROGRESS,
+        second.lease_id,
+        None,
+    )
+
+
+async def test_results_are_judged_one_by_one(store: Store) -> None:
+    await submit(store, new_job(), new_job())
+    a, b = await fetch(store, n=2)
+    outs = await store.submit_results(
+        [
+            NodeResult(a.id, a.lease_id or "", RESULT),
+            NodeResult(b.id, "wrong", RESULT),
+            NodeResult("job_nope", "x", RESULT),
+        ],
+        T0,
+    )
+    assert [(o.accepted, o.reason) for o in outs] == [
+        (True, None),
+        (False, "lease_lost"),
+        (False, "not_found"),
+    ]
+
+
+async def test_result_for_cancelled_job_is_refused(store: Store) -> None:
+    await submit(store, new_job())
+    [job] = await fetch(store)
+    await store.cancel_job(job.id, T0)
+    [out] = await store.submit_results([NodeResult(job.id, job.lease_id or "", RESULT)], T0)
+    assert (out.accepted, out.reason) == (False, "cancelled")
+
+
+async def test_permanent_error_fails_the_job_with_the_error(store: Store) -> None:
+    await submit(store, new_job())
+    [job] = await fetch(store)
+    error = {"code": "context_length_exceeded", "message": "too long"}
+    await store.submit_results([NodeResult(job.id, job.lease_id or "", error=error)], T0)
+    failed = await store.get_job(job.id)
+    assert failed is not None
+    assert (failed.status, failed.error) == (JobStatus.FAILED, error)
+
+
+async def test_retryable_error_requeues_until_attempts_run_out(store: Store) -> None:
+    [job_id] = await submit(store, new_job(max_attempts=2))
+    error = {"code": "rate_limited", "message": "429"}
+    for expected in (JobStatus.QUEUED, JobStatus.FAILED):
+        [job] = await fetch(store)
+        r = NodeResult(job_id, job.lease_id or "", error=error, retryable=True)
+        await store.submit_results([r], T0)
+        after = await store.get_job(job_id)
+        assert after is not None and after.status is expected
+    assert after.error == error and after.attempts == 2
+
+
+async def test_release_requeues_without_using_an_attempt(store: Store) -> None:
+    [job_id] = await submit(store, new_job(max_attempts=1))
+    [job] = await fetch(store)
+    r = NodeResult(job_id, job.lease_id or "", error={"code": "released"}, released=True)
+    await store.submit_results([r], T0)
+    after = await store.get_job(job_id)
+    assert after is not None
+    assert (after.status, after.attempts, after.lease_id) == (JobStatus.QUEUED, 0, None)
+
+
+# -- cancel ----------------------------------------------------------------------------
+
+
+async def test_cancel_queued_and_running_jobs(store: Store) -> None:
+    queued, running = await submit(store, new_job(priority=0), new_job(priority=1))
+    await fetch(store)
+    for job_id in (queued, running):
+        job = await store.cancel_job(job_id, T0 + 5)
+        assert job is not None and job.status is JobStatus.CANCELLED
+    assert await fetch(store) == []
+
+
+async def test_cancel_final_job_changes_nothing(store: Store) -> None:
+    await submit(store, new_job())
+    [job] = await fetch(store)
+    await store.submit_results([NodeResult(job.id, job.lease_id or "", RESULT)], T0)
+    after = await store.cancel_job(job.id, T0 + 1)
+    assert after is not None and after.status is JobStatus.COMPLETED
+
+
+async def test_cancel_unknown_job_is_none(store: Store) -> None:
+    assert await store.cancel_job("job_nope", T0) is None
+
+
+# -- reap ------------------------------------------------------------------------------
+
+
+async def test_reap_requeues_expired_leases_then_fails_when_exhausted(store: Store) -> None:
+    [job_id] = await submit(store, new_job(max_attempts=2))
+    now = T0
+    for _ in range(2):
+        [job] = await fetch(store, now=now)
+        assert job.id == job_id
+        now += LEASE + 1
+        out = await store.reap(now)
+    assert out.failed == [job_id]
+    job = await store.get_job(job_id)
+    assert job is not None
+    assert job.status is JobStatus.FAILED
+    assert job.error is not None and job.error["code"] == "attempts_exhausted"
+
+
+async def test_reap_leaves_live_leases_alone(store: Store) -> None:
+    await submit(store, new_job())
+    await fetch(store)
+    out = await store.reap(T0 + LEASE - 1)
+    assert out.changed == 0
+
+
+async def test_reap_expires_queued_jobs_past_their_time(store: Store) -> None:
+    [job_id] = await submit(store, new_job(expires_at=T0 + 10))
+    out = await store.reap(T0 + 11)
+    assert out.expired == [job_id]
+    job = await store.get_job(job_id)
+    assert job is not None and job.status is JobStatus.EXPIRED
+
+
+# -- counts ----------------------------------------------------------------------------
+
+
+async def test_count_active_and_stats(store: Store) -> None:
+    await submit(store, new_job(owner="a"), new_job(owner="a", model="x"), new_job(owner="b"))
+    await fetch(store)
+    assert await store.count_active("a") == 2
+    stats = await store.stats()
+    assert stats == {"m": {"queued": 1, "in_progress": 1}, "x": {"queued": 1}}
+
+
+# -- nodes and keys --------------------------------------------------------------------
+
+
+def a_node(node_id: str = "node-1", seen: float = T0) -> Node:
+    return Node(node_id, "box", "key_1", [{"name": "m"}], 2, {"gpu": "none"}, "1", T0, seen)
+
+
+async def test_nodes_register_touch_and_list_by_liveness(store: Store) -> None:
+    await store.register_node(a_node("n1"))
+    await store.register_node(a_node("n2"))
+    assert await store.touch_node("n2", T0 + 100, {"tps": 5})
+    assert not await store.touch_node("nope", T0, None)
+    live = await store.list_nodes(seen_since=T0 + 50)
+    assert [n.id for n in live] == ["n2"]
+    assert live[0].stats == {"tps": 5}
+    got = await store.get_node("n1")
+    assert got is not None and got.models == [{"name": "m"}]
+
+
+async def test_keys_create_lookup_list_revoke(store: Store) -> None:
+    issued = new_key(Role.CLIENT, "laptop", now=T0)
+    await store.create_key(issued.record)
+    found = await store.get_key_by_hash(issued.record.key_hash)
+    assert found == issued.record
+    assert [k.id for k in await store.list_keys()] == [issued.record.id]
+    revoked = await store.revoke_key(issued.record.id, T0 + 1)
+    assert revoked is not None and not revoked.active
+    assert await store.revoke_key("key_nope", T0) is None
+
+
+# -- durability ------------------------------------------------------------------------
+
+
+async def test_data_survives_reopen(store: Store, tmp_path: Path) -> None:
+    if not isinstance(store, SqliteStore):
+        return  # a server-side database outlives its connections by definition
+    [job_id] = await submit(store, new_job())
+    await store.close()
+    again = SqliteStore(store.path)
+    await again.open()
+    try:
+        assert await again.get_job(job_id) is not None
+    finally:
+        await again.close()
+    await store.open()
