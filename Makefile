@@ -5,6 +5,10 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 export PATH := $(BIN):$(PATH)
 DATA_DIR ?= $(HOME)/.local/share/openbeepboop
+# llama.cpp for any x86-64 with AVX2, without AVX-512/AMX: a native build can use AMX
+# tiles that some VMs do not grant, and then crashes at the first token.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
 .PHONY: help install test lint format run bench lock clean
 
@@ -20,7 +24,8 @@ $(BIN)/python:
 	  $(PYTHON) -m venv --system-site-packages $(VENV); }
 
 $(STAMP): pyproject.toml requirements.lock | $(BIN)/python
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e ".[all]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q --disable-pip-version-check \
+	  -c requirements.lock -e ".[all]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -46,7 +46,9 @@ class Api:
         assert r.status_code == 200, r.text
         return str(r.json()["node_id"])
 
-    async def submit(self, content: str = "hi", model: str = "echo", **extra: Any) -> dict[str, Any]:
+    async def submit(
+        self, content: str = "hi", model: str = "echo", **extra: Any
+    ) -> dict[str, Any]:
         body = {"model": model, "messages": [{"role": "user", "content": content}], **extra}
         r = await self.http.post(
             "/v1/chat/completions",
@@ -128,21 +130,8 @@ class ServerProcess:
 
     def start(self, timeout: float = 30) -> None:
         self.log = self.data_dir / "server.log"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "openbeepboop.cli.server",
-                "start",
-                "--data-dir",
-                str(self.data_dir),
-                "--port",
-                str(self.port),
-            ],
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env},
-        )
+        with self.log.open("ab") as out:
+            self.proc = self._spawn(out)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -154,6 +143,23 @@ class ServerProcess:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"server did not start: {self.log.read_text()}")
+
+    def _spawn(self, out: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "openbeepboop.cli.server",
+                "start",
+                "--data-dir",
+                str(self.data_dir),
+                "--port",
+                str(self.port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+        )
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -57,6 +57,10 @@ class Notifier:
             for event in self._waiters.get(name, ()):
                 event.set()
 
+    def publish_everything(self) -> None:
+        """Wake every waiter (the server is shutting down)."""
+        self.publish(list(self._waiters))
+
     def publish_all_models(self) -> None:
         """Wake every fetch (jobs of unknown models went back to the queue)."""
         self.publish([t for t in self._waiters if t.startswith(MODEL_PREFIX)])

@@ -113,6 +113,12 @@ class Queue:
         self._node_owner: dict[str, str] = {}
         self._node_touched: dict[str, float] = {}
         self._active: dict[str, tuple[int, float]] = {}
+        self.closing = False
+
+    def close(self) -> None:
+        """The server is shutting down: long-polls answer now instead of holding it up."""
+        self.closing = True
+        self.notifier.publish_everything()
 
     # -- clients ----------------------------------------------------------------
 
@@ -212,7 +218,7 @@ class Queue:
         ids = list(dict.fromkeys(job_ids))
         with self.notifier.listen(job_topic(i) for i in ids) as event:
             jobs = await self._visible(key, ids)
-            if wait == 0 or not jobs or any(j.status.is_final for j in jobs):
+            if wait == 0 or not jobs or self.closing or any(j.status.is_final for j in jobs):
                 return jobs
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), wait)
@@ -233,6 +239,13 @@ class Queue:
                     raise NotFound(f"no job with id {job_id!r}", code="job_not_found")
                 if job.status.is_final:
                     return job
+                if self.closing:
+                    raise Unavailable(
+                        f"the server is shutting down; job {job_id} is {job.status.value} "
+                        f"and can be fetched at /v1/jobs/{job_id}",
+                        retry_after=5,
+                        code="server_shutting_down",
+                    )
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     raise Timeout(
@@ -264,6 +277,10 @@ class Queue:
                 event.clear()
                 if model in await self.served_models():
                     return
+                if self.closing:
+                    raise Unavailable(
+                        "the server is shutting down", retry_after=5, code="server_shutting_down"
+                    )
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     raise Unavailable(
@@ -344,7 +361,7 @@ class Queue:
                     node_id, models, max_jobs, self.config.lease_seconds, self._clock()
                 )
                 remaining = deadline - self._clock()
-                if jobs or remaining <= 0:
+                if jobs or remaining <= 0 or self.closing:
                     return jobs
                 try:
                     await asyncio.wait_for(event.wait(), remaining)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 import tomli_w
@@ -65,6 +65,9 @@ class ServerSettings(BaseSettings):
         10.0, ge=0, description="Sync requests wait this long for a node serving the model."
     )
     max_poll_wait_seconds: float = Field(60.0, gt=0, description="Longest long-poll.")
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="FULL: every acknowledged write survives power loss."
+    )
     metrics_public: bool = Field(True, description="Serve /metrics without a key.")
     log_level: str = Field("info", description="uvicorn log level.")
 
@@ -120,10 +123,20 @@ def _explain(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def write_settings(settings: ServerSettings) -> Path:
-    """Write the settings a user would want to edit into `server.toml`."""
-    values = settings.model_dump(mode="json", exclude={"data_dir"})
-    path = settings.config_path
+def write_settings(data_dir: Path, changes: dict[str, Any]) -> Path:
+    """Create or update `DIR/server.toml` with `changes` (flags the user gave), keeping
+    what the file already says. A new file lists every default, to be edited later.
+    Environment variables are never written: they stay overrides."""
+    path = data_dir / CONFIG_NAME
+    if path.exists():
+        values = tomllib.loads(path.read_text())
+    else:
+        values = {
+            name: field.get_default(call_default_factory=True)
+            for name, field in ServerSettings.model_fields.items()
+            if name != "data_dir"
+        }
+    values.update({k: v for k, v in changes.items() if v is not None})
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "# OpenBeepBoop server settings; OPENBEEPBOOP_<NAME> variables override them.\n"
     path.write_text(text + tomli_w.dumps(values))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 import click
@@ -36,7 +38,18 @@ def _settings(data_dir: Path | None, **overrides: Any) -> ServerSettings:
         raise click.ClickException(str(exc)) from exc
 
 
+def _require_setup(settings: ServerSettings) -> None:
+    """A one-line error unless `setup` has made this data directory."""
+    if not settings.config_path.exists() and not settings.database_url:
+        raise click.ClickException(
+            f"{settings.data_dir} is not set up; run: "
+            f"openbeepboop-server setup --data-dir {settings.data_dir}"
+        )
+
+
 def _with_store(settings: ServerSettings, fn: Callable[[KeyRing], Awaitable[T]]) -> T:
+    _require_setup(settings)  # rather than quietly making an empty database elsewhere
+
     async def run() -> T:
         store = SqliteStore(settings.sqlite_path)
         await store.open()
@@ -80,10 +93,14 @@ def setup(
         data_dir = Path(click.prompt("Data directory", default=str(default_dir), err=True))
         current = _settings(data_dir)
         host = host or click.prompt("Listen address", default=current.host, err=True)
-        port = port or click.prompt("Port", default=current.port, type=int, err=True)
+        port = port or click.prompt(
+            "Port", default=current.port, type=click.IntRange(0, 65535), err=True
+        )
     settings = _settings(data_dir, host=host, port=port, lease_seconds=lease_seconds)
     existed = settings.config_path.exists()
-    config = write_settings(settings)
+    config = write_settings(
+        settings.data_dir, {"host": host, "port": port, "lease_seconds": lease_seconds}
+    )
     applied = SqliteStore(settings.sqlite_path).migrate()
 
     async def make_keys(keyring: KeyRing) -> dict[str, str]:
@@ -120,23 +137,39 @@ def setup(
 @click.option("--port", type=int, help="Port to listen on (OPENBEEPBOOP_PORT) [8000].")
 @click.option("--access-log", is_flag=True, help="Log every request.")
 def start(data_dir: Path | None, host: str | None, port: int | None, access_log: bool) -> None:
-    """Serve the API until SIGTERM or SIGINT. Migrations are applied first."""
+    """Serve the API until SIGTERM or SIGINT. Migrations are applied first.
+
+    Settings come from DIR/server.toml; an OPENBEEPBOOP_<NAME> variable overrides each
+    one (e.g. OPENBEEPBOOP_LEASE_SECONDS, OPENBEEPBOOP_DATABASE_URL), and flags override both.
+    """
     import uvicorn
 
     from openbeepboop.server.app import create_app
 
     settings = _settings(data_dir, host=host, port=port)
-    if not settings.config_path.exists() and not settings.database_url:
-        raise click.ClickException(
-            f"{settings.data_dir} is not set up; run: "
-            f"openbeepboop-server setup --data-dir {settings.data_dir}"
-        )
+    _require_setup(settings)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     app = create_app(settings)
-    click.echo(f"OpenBeepBoop server on http://{settings.host}:{settings.port}", err=True)
-    uvicorn.run(
+
+    class Server(uvicorn.Server):
+        """uvicorn, but shutdown ends long-polls at once (rather than waiting out the
+        graceful timeout and cancelling them with a 500), and a graceful stop exits 0
+        (uvicorn would re-raise SIGTERM and die of it)."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl+C
+            self.should_exit = True
+
+        async def on_tick(self, counter: int) -> bool:
+            should_exit = await super().on_tick(counter)
+            if should_exit:
+                app.state.queue.close()
+            return should_exit
+
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -144,6 +177,11 @@ def start(data_dir: Path | None, host: str | None, port: int | None, access_log:
         access_log=access_log,
         timeout_graceful_shutdown=10,
     )
+    click.echo(f"OpenBeepBoop server on http://{settings.host}:{settings.port}", err=True)
+    server = Server(config)
+    server.run()
+    if not server.started:
+        sys.exit(3)  # uvicorn logged why (e.g. the port is taken)
 
 
 @main.group()

@@ -13,6 +13,7 @@ from openbeepboop import __version__
 from openbeepboop.auth import KeyRing
 from openbeepboop.queue import Queue, QueueConfig
 from openbeepboop.server import errors, routes_client, routes_node, routes_ops
+from openbeepboop.server.fastlane import FastLane
 from openbeepboop.server.guards import BodyLimit, KeyRateLimiter
 from openbeepboop.server.metrics import Metrics, MetricsMiddleware
 from openbeepboop.server.schemas import JobBatch, JobSpec
@@ -35,7 +36,7 @@ def queue_config(settings: ServerSettings) -> QueueConfig:
 
 def open_store(settings: ServerSettings) -> Store:
     """The store `settings.database_url` names (SQLite by default)."""
-    return SqliteStore(settings.sqlite_path)
+    return SqliteStore(settings.sqlite_path, synchronous=settings.sqlite_synchronous)
 
 
 def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
@@ -72,6 +73,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     app.include_router(routes_client.router)
     app.include_router(routes_node.router)
     app.include_router(routes_ops.router)
+    app.add_middleware(FastLane)  # innermost: serves the hottest calls past FastAPI
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     _document_job_schemas(app)

@@ -93,7 +93,7 @@ def validation_response(exc: RequestValidationError) -> Response:
     param = _param(tuple(first.get("loc", ())))
     message = str(first.get("msg", "invalid value"))
     if first.get("type") == "missing":
-        message = f"missing required parameter '{param}'"
+        message = f"missing required parameter '{param}'" if param else "the body is missing"
     elif param:
         message = f"invalid value for '{param}': {message}"
     if first.get("type") == "model_attributes_type" and param is None:

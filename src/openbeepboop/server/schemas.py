@@ -28,8 +28,13 @@ class Knobs(BaseModel):
 
     priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first.")
     max_attempts: int | None = Field(None, ge=1, le=100, description="Fetches before failing.")
-    expires_at: float | None = Field(None, gt=0, description="Unix time after which it expires.")
-    ttl_seconds: float | None = Field(None, gt=0, description="Expire this long after submit.")
+    # Upper bounds keep the times finite and within 64 bits: the store and the wire need it.
+    expires_at: float | None = Field(
+        None, gt=0, le=1e11, description="Unix time after which it expires."
+    )
+    ttl_seconds: float | None = Field(
+        None, gt=0, le=1e9, description="Expire this long after submit."
+    )
     metadata: dict[str, Any] | None = Field(None, description="Your labels, returned as given.")
     custom_id: str | None = Field(None, max_length=512, description="Your id for this request.")
 

@@ -119,9 +119,9 @@ def new_job_id() -> str:
 class SqliteStore:
     """The `Store` contract on one SQLite file."""
 
-    def __init__(self, path: Path, readers: int = 2) -> None:
+    def __init__(self, path: Path, readers: int = 2, synchronous: str = "FULL") -> None:
         self.path = path
-        self._writer = GroupCommitWriter(path)
+        self._writer = GroupCommitWriter(path, synchronous)
         self._readers = ReaderPool(path, size=readers)
 
     # -- lifecycle --------------------------------------------------------------

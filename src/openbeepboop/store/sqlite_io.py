@@ -28,15 +28,17 @@ _Item = tuple[Op, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 MAX_BATCH = 512
 
 
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """An autocommit connection in WAL mode with durable commits."""
+def connect(path: Path, *, readonly: bool = False, synchronous: str = "FULL") -> sqlite3.Connection:
+    """An autocommit connection in WAL mode; `synchronous=FULL` makes commits durable."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA busy_timeout = 30000")
     if readonly:
         conn.execute("PRAGMA query_only = ON")
     else:
         conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
+    if synchronous not in ("FULL", "NORMAL"):
+        raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute("PRAGMA foreign_keys = ON")
     return conn
 
@@ -44,8 +46,9 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
 class GroupCommitWriter:
     """The single writer thread (see the module docstring)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
         self._path = path
+        self._synchronous = synchronous
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -76,7 +79,7 @@ class GroupCommitWriter:
 
     def _run(self) -> None:
         try:
-            conn = connect(self._path)
+            conn = connect(self._path, synchronous=self._synchronous)
         except BaseException as exc:
             self._error = exc
             self._started.set()

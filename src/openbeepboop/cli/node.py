@@ -1,0 +1,274 @@
+"""`openbeepboop-node`: setup (a wizard, every prompt also a flag), run, batch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+from openbeepboop.node.config import (
+    NodeConfig,
+    NodeConfigError,
+    default_config_path,
+    load_node_config,
+    write_node_config,
+)
+
+CONFIG = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=default_config_path,
+    envvar="OPENBEEPBOOP_NODE_CONFIG",
+    show_envvar=True,
+    show_default="node_config.toml",
+    help="The node's TOML config.",
+)
+BACKENDS = ("echo", "llama_cpp", "litellm")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="openbeepboop")
+def main() -> None:
+    """An OpenBeepBoop node: pulls jobs from a server and runs them on local or remote models.
+
+    Environment: OPENBEEPBOOP_SERVER_URL, OPENBEEPBOOP_NODE_KEY and OPENBEEPBOOP_NODE_NAME
+    override the config file.
+    """
+
+
+def _model_from_flags(
+    name: str,
+    backend: str,
+    path: str | None,
+    model: str | None,
+    api_base: str | None,
+    provider_key: str | None,
+    provider_key_env: str | None,
+    concurrency: int | None,
+    delay_ms: float | None,
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": name, "backend": backend}
+    if concurrency:
+        entry["concurrency"] = concurrency
+    if backend == "llama_cpp" and path:
+        entry["path"] = path
+    if backend == "echo" and delay_ms is not None:
+        entry["delay_ms"] = delay_ms
+    if backend == "litellm":
+        if not model:
+            raise click.UsageError("--litellm-model is required for the litellm backend")
+        entry["model"] = model
+        for key, value in (
+            ("api_base", api_base),
+            ("api_key", provider_key),
+            ("api_key_env", provider_key_env),
+        ):
+            if value:
+                entry[key] = value
+    return entry
+
+
+def _ask_model() -> dict[str, Any]:
+    backend = click.prompt("Backend", type=click.Choice(BACKENDS), default="llama_cpp", err=True)
+    default_name = {"llama_cpp": "gemma-3-270m", "echo": "echo", "litellm": "gpt-4o-mini"}[backend]
+    name = click.prompt("Model name clients will ask for", default=default_name, err=True)
+    path = model = api_base = key_env = None
+    if backend == "llama_cpp":
+        path = (
+            click.prompt(
+                "GGUF path or hf:org/repo/file.gguf (empty: the bundled Gemma 3 270M)",
+                default="",
+                show_default=False,
+                err=True,
+            )
+            or None
+        )
+    if backend == "litellm":
+        model = click.prompt("LiteLLM model (e.g. ollama/llama3, openai/gpt-4o-mini)", err=True)
+        api_base = (
+            click.prompt(
+                "API base URL (empty: the provider's)", default="", show_default=False, err=True
+            )
+            or None
+        )
+        key_env = (
+            click.prompt(
+                "Environment variable holding the API key (empty: none)",
+                default="",
+                show_default=False,
+                err=True,
+            )
+            or None
+        )
+    concurrency = click.prompt("Concurrent jobs", default=1, type=int, err=True)
+    return _model_from_flags(name, backend, path, model, api_base, None, key_env, concurrency, None)
+
+
+def check_server(url: str, key: str) -> str | None:
+    """None when the server answers and accepts the key; else what is wrong."""
+    try:
+        r = httpx.get(
+            url.rstrip("/") + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10
+        )
+    except httpx.HTTPError as exc:
+        return f"cannot reach the server at {url}: {exc}"
+    if r.status_code in (401, 403):
+        return f"the server at {url} refused the key ({r.status_code})"
+    if r.status_code != 200:
+        return f"the server at {url} answered {r.status_code}"
+    if not key.startswith("obb_node_"):
+        return "this is not a node key (node keys start with obb_node_)"
+    return None
+
+
+@main.command()
+@CONFIG
+@click.option("--server", "server_url", help="Server URL, e.g. http://127.0.0.1:8000.")
+@click.option("--api-key", help="A node key (obb_node_...).")
+@click.option("--name", help="This node's name [default: hostname-pid].")
+@click.option("--model-name", help="The model name clients ask for.")
+@click.option("--backend", type=click.Choice(BACKENDS), help="How the model runs.")
+@click.option("--path", help="llama_cpp: a GGUF path or hf:org/repo/file.gguf.")
+@click.option("--litellm-model", help="litellm: the LiteLLM model string.")
+@click.option("--api-base", help="litellm: an OpenAI-compatible base URL.")
+@click.option("--provider-key", help="litellm: the provider's API key (stored in the file).")
+@click.option("--provider-key-env", help="litellm: variable that holds the provider's key.")
+@click.option("--concurrency", type=int, help="Jobs this model runs at once [1].")
+@click.option("--delay-ms", type=float, help="echo: delay before answering.")
+@click.option("--no-check", is_flag=True, help="Do not contact the server.")
+@click.option("--non-interactive", is_flag=True, help="Never prompt; fail on missing flags.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def setup(
+    config_path: Path,
+    server_url: str | None,
+    api_key: str | None,
+    name: str | None,
+    model_name: str | None,
+    backend: str | None,
+    path: str | None,
+    litellm_model: str | None,
+    api_base: str | None,
+    provider_key: str | None,
+    provider_key_env: str | None,
+    concurrency: int | None,
+    delay_ms: float | None,
+    no_check: bool,
+    non_interactive: bool,
+    as_json: bool,
+) -> None:
+    """Write the node config (and check that the server answers and takes the key)."""
+    interactive = not non_interactive and sys.stdin.isatty()
+    if interactive:
+        click.echo("OpenBeepBoop node setup. Press Enter to accept a default.\n", err=True)
+        server_url = server_url or click.prompt(
+            "Server URL", default="http://127.0.0.1:8000", err=True
+        )
+        api_key = api_key or click.prompt("Node key (obb_node_...)", hide_input=True, err=True)
+        name = name or click.prompt("Node name", default="", show_default=False, err=True) or None
+    missing = [
+        flag for flag, value in (("--server", server_url), ("--api-key", api_key)) if not value
+    ]
+    if missing:
+        raise click.UsageError(
+            f"missing {' and '.join(missing)} (or run without --non-interactive)"
+        )
+    if backend or model_name:
+        backend = backend or "llama_cpp"
+        default_name = {"llama_cpp": "gemma-3-270m", "echo": "echo"}.get(backend, litellm_model)
+        models = [
+            _model_from_flags(
+                model_name or default_name or "model",
+                backend,
+                path,
+                litellm_model,
+                api_base,
+                provider_key,
+                provider_key_env,
+                concurrency,
+                delay_ms,
+            )
+        ]
+    elif interactive:
+        models = [_ask_model()]
+        while click.confirm("Add another model?", default=False, err=True):
+            models.append(_ask_model())
+    else:
+        models = [{"name": "gemma-3-270m", "backend": "llama_cpp"}]
+    data: dict[str, Any] = {"server": {"url": server_url, "api_key": api_key}, "models": models}
+    if name:
+        data["node"] = {"name": name}
+    try:
+        config = NodeConfig.model_validate(data)
+    except Exception as exc:
+        raise click.UsageError(str(exc)) from exc
+    problem = None if no_check else check_server(str(server_url), str(api_key))
+    if problem:
+        raise click.ClickException(problem + " (use --no-check to write the config anyway)")
+    write_node_config(config, config_path)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "config": str(config_path),
+                    "models": [m["name"] for m in models],
+                    "checked": not no_check,
+                }
+            )
+        )
+    else:
+        click.echo(
+            f"Wrote {config_path}. Start the node with:\n"
+            f"  openbeepboop-node run --config {config_path}"
+        )
+
+
+def _load(config_path: Path) -> NodeConfig:
+    try:
+        return load_node_config(config_path)
+    except NodeConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _run(config_path: Path, batch: bool, log_level: str) -> None:
+    from openbeepboop.node import logs
+    from openbeepboop.node.runner import NodeRunner
+
+    config = _load(config_path)
+    logs.configure(log_level)
+    code = asyncio.run(NodeRunner(config).run(batch=batch))
+    sys.exit(code)
+
+
+LOG_LEVEL = click.option(
+    "--log-level",
+    default="info",
+    envvar="OPENBEEPBOOP_LOG_LEVEL",
+    show_envvar=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+
+
+@main.command()
+@CONFIG
+@LOG_LEVEL
+def run(config_path: Path, log_level: str) -> None:
+    """Pull and run jobs until SIGTERM/SIGINT (the second signal releases running jobs)."""
+    _run(config_path, batch=False, log_level=log_level)
+
+
+@main.command()
+@CONFIG
+@LOG_LEVEL
+def batch(config_path: Path, log_level: str) -> None:
+    """Run what is queued for this node's models, then exit 0 (for cron)."""
+    _run(config_path, batch=True, log_level=log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""`litellm`: any model LiteLLM reaches (Ollama, LM Studio, vLLM, OpenAI, Anthropic, any
+OpenAI-compatible `api_base`).
+
+LiteLLM's own retries are off: the node retries with its own backoff and pacing, so
+that a 429's `Retry-After` slows every job of the model, not only the one that met it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from openbeepboop.node.backends.base import JSON, BackendError, Chunk, Progress
+from openbeepboop.node.config import LiteLLMModel
+
+PASSTHROUGH = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "user",
+    "reasoning_effort",
+    "suffix",
+    "echo",
+    "best_of",
+)
+TRANSIENT_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504, 529}
+
+
+def _import_litellm() -> Any:
+    # offline-safe: no fetch of the remote price map, no telemetry
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.telemetry = False
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+class LiteLLMBackend:
+    """Calls LiteLLM; chat completions stream, text completions come whole."""
+
+    def __init__(self, config: LiteLLMModel) -> None:
+        self.config = config
+        self.state = "loading"
+        self._litellm: Any = None
+        self._api_key: str | None = None
+
+    async def load(self, progress: Progress) -> None:
+        self._api_key = self.config.resolved_api_key()
+        self._litellm = _import_litellm()
+        self.state = "ready"
+        progress("ready", 1.0)
+
+    def _kwargs(self, request: JSON) -> dict[str, Any]:
+        kw: dict[str, Any] = {k: request[k] for k in PASSTHROUGH if request.get(k) is not None}
+        kw.update(self.config.extra)
+        kw.update(model=self.config.model, num_retries=0, timeout=self.config.timeout_seconds)
+        if self.config.api_base:
+            kw["api_base"] = self.config.api_base
+        if self._api_key:
+            kw["api_key"] = self._api_key
+        return kw
+
+    async def execute(self, endpoint: str, request: JSON) -> AsyncIterator[Chunk]:
+        litellm = self._litellm
+        kw = self._kwargs(request)
+        try:
+            if endpoint == "/v1/completions":
+                response = await litellm.atext_completion(prompt=request.get("prompt", ""), **kw)
+                yield _whole(response.model_dump(), request)
+                return
+            stream = await litellm.acompletion(
+                messages=request["messages"],
+                stream=True,
+                stream_options={"include_usage": True},
+                **kw,
+            )
+            parts = []
+            async for part in stream:
+                parts.append(part)
+                choices = part.choices or []
+                text = choices[0].delta.content if choices and choices[0].delta else None
+                if text:
+                    yield Chunk(text=text)
+            built = litellm.stream_chunk_builder(parts, messages=request["messages"])
+        except Exception as exc:
+            raise classify(exc) from exc
+        yield _whole(built.model_dump(), request)
+
+    async def close(self) -> None:
+        self.state = "loading"
+
+
+def _whole(response: JSON, request: JSON) -> Chunk:
+    response["model"] = request.get("model", response.get("model"))
+    choice = (response.get("choices") or [{}])[0]
+    return Chunk(
+        finish_reason=choice.get("finish_reason") or "stop",
+        usage=response.get("usage"),
+        response=response,
+    )
+
+
+def _retry_after(exc: Exception) -> float | None:
+    headers: Any = getattr(exc, "litellm_response_headers", None)
+    response = getattr(exc, "response", None)
+    if headers is None and response is not None:
+        headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    for name in ("retry-after", "llm_provider-retry-after"):
+        value = headers.get(name)
+        if value:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None
+
+
+def classify(exc: Exception) -> BackendError:
+    """A LiteLLM (or transport) exception as a BackendError: transient or permanent."""
+    if isinstance(exc, BackendError):
+        return exc
+    status = getattr(exc, "status_code", None)
+    name = type(exc).__name__
+    message = str(getattr(exc, "message", None) or exc)
+    if name == "ContextWindowExceededError":
+        return BackendError(message, code="context_length_exceeded", retryable=False, status=400)
+    if name in ("Timeout", "APIConnectionError", "TimeoutError") or status is None:
+        return BackendError(message, code="provider_unavailable", retryable=True, status=status)
+    if status in TRANSIENT_STATUSES:
+        code = "rate_limited" if status == 429 else "provider_error"
+        return BackendError(
+            message, code=code, retryable=True, retry_after=_retry_after(exc), status=status
+        )
+    codes = {400: "invalid_request", 401: "provider_auth_failed", 403: "provider_forbidden"}
+    code = codes.get(status, "model_not_found" if status == 404 else "provider_error")
+    return BackendError(message, code=code, retryable=False, status=status)
