@@ -39,6 +39,8 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import queue
+import shlex
 import shutil
 import signal
 import socket
@@ -51,8 +53,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
+import httptools
 import orjson
 
 try:
@@ -82,13 +86,32 @@ TARGETS = {"single": 1000.0, "batched": 5000.0, "latency_p99_ms": 20.0}
 # -- the server ----------------------------------------------------------------------
 
 
+def _cpu_pressure(since: tuple[float, float] | None = None) -> Any:
+    """Linux PSI: with no argument, a (stall microseconds, time) mark; with a mark, the
+    share of time since it in which some runnable task waited for a CPU (percent)."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        total = float(line.rsplit("total=", 1)[1])
+    except (OSError, IndexError, ValueError):
+        return float("nan") if since else (float("nan"), time.monotonic())
+    now = time.monotonic()
+    if since is None:
+        return (total, now)
+    return 100 * (total - since[0]) / 1e6 / max(1e-9, now - since[1])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
+SERVER_CMD: list[str] = []  # set from --server-cmd
+
+
 def _server_cmd() -> list[str]:
+    if SERVER_CMD:
+        return SERVER_CMD
     exe = shutil.which("openbeepboop-server")
     return [exe] if exe else [sys.executable, "-m", "openbeepboop.cli.server"]
 
@@ -121,8 +144,14 @@ class Server:
 
     def setup(self) -> None:
         out = subprocess.run(
-            [*_server_cmd(), "setup", "--non-interactive", "--data-dir", str(self.data_dir)]
-            + ["--json"],
+            [
+                *_server_cmd(),
+                "setup",
+                "--non-interactive",
+                "--json",
+                "--data-dir",
+                str(self.data_dir),
+            ],
             check=True,
             capture_output=True,
             text=True,
@@ -135,10 +164,9 @@ class Server:
         cmd += ["--port", str(self.port)]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        asyncio.run(self._wait_healthy(timeout))
+        asyncio.run(self._wait_healthy(time.monotonic() + timeout))
 
-    async def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    async def _wait_healthy(self, deadline: float) -> None:
         async with aiohttp.ClientSession() as http:
             while time.monotonic() < deadline:
                 assert self.proc is not None
@@ -149,7 +177,7 @@ class Server:
                         if r.status == 200:
                             return
                 await asyncio.sleep(0.05)
-        raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log_path.read_text()}")
+        raise RuntimeError(f"server not healthy in time:\n{self.log_path.read_text()}")
 
     def stop(self) -> int | None:
         if self.proc is None:
@@ -165,37 +193,110 @@ class Server:
         return _cpu_seconds(self.proc.pid) if self.proc else float("nan")
 
 
-# -- HTTP helpers ----------------------------------------------------------------------
+# -- HTTP: one keep-alive connection per task ------------------------------------------
+
+
+class RawHttp(asyncio.Protocol):
+    """A minimal HTTP/1.1 client on one keep-alive connection, one request at a time.
+
+    Plain HTTP over TCP, parsed by httptools (what uvicorn uses); it exists because a
+    general-purpose client costs more CPU per request than the server on this scale, and
+    the load generator shares the machine with the server."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._host = f"{host}:{port}".encode()
+        self._parser = httptools.HttpResponseParser(self)
+        self._chunks: list[bytes] = []
+        self._waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self._transport: asyncio.Transport | None = None
+
+    @classmethod
+    async def open(cls, url: str) -> RawHttp:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(lambda: cls(host, port), host, port)
+        return conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._parser.feed_data(data)
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        body, self._chunks = b"".join(self._chunks), []
+        if waiter is not None and not waiter.done():
+            waiter.set_result((self._parser.get_status_code(), body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionError(f"connection lost: {exc}"))
+
+    async def post(self, path: str, headers: dict[str, str], body: Any, ok: int = 200) -> Any:
+        assert self._transport is not None and self._waiter is None
+        data = orjson.dumps(body)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._transport.write(
+            b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (path.encode(), self._host, head, len(data), data)
+        )
+        status, raw = await self._waiter
+        if status != ok:
+            raise RuntimeError(f"POST {path} -> {status}: {raw[:300]!r}")
+        return orjson.loads(raw)
+
+    async def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class AioHttp:
+    """The same interface on aiohttp (`--http aiohttp`), to cross-check RawHttp."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1), timeout=aiohttp.ClientTimeout(total=120)
+        )
+
+    @classmethod
+    async def open(cls, url: str) -> AioHttp:
+        return cls(url)
+
+    async def post(self, path: str, headers: dict[str, str], body: Any, ok: int = 200) -> Any:
+        data = orjson.dumps(body)
+        async with self._session.post(self._url + path, data=data, headers=headers) as r:
+            raw = await r.read()
+            if r.status != ok:
+                raise RuntimeError(f"POST {path} -> {r.status}: {raw[:300]!r}")
+            return orjson.loads(raw)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+Http = RawHttp | AioHttp
+CLIENTS: dict[str, type[RawHttp] | type[AioHttp]] = {"raw": RawHttp, "aiohttp": AioHttp}
 
 
 def _headers(key: str, **extra: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}", "Content-Type": "application/json", **extra}
 
 
-def _session() -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=120),
-        json_serialize=lambda v: orjson.dumps(v).decode(),
-    )
-
-
-async def _post(
-    http: aiohttp.ClientSession, url: str, headers: dict[str, str], body: Any, ok: int = 200
-) -> Any:
-    async with http.post(url, data=orjson.dumps(body), headers=headers) as r:
-        raw = await r.read()
-        if r.status != ok:
-            raise RuntimeError(f"POST {url} -> {r.status}: {raw[:300]!r}")
-        return orjson.loads(raw)
-
-
 async def register_node(url: str, node_key: str, name: str) -> str:
-    async with _session() as http:
+    http = await AioHttp.open(url)
+    try:
         body = {"name": name, "models": [{"name": MODEL}], "capacity": 1000}
-        out = await _post(http, url + "/internal/nodes/register", _headers(node_key), body)
+        out = await http.post("/internal/nodes/register", _headers(node_key), body)
         return str(out["node_id"])
+    finally:
+        await http.close()
 
 
 def _chat(i: int) -> dict[str, Any]:
@@ -219,6 +320,7 @@ class Load:
     node_concurrency: int
     submit_batch: int
     fetch_batch: int
+    http: str = "raw"
     fetch_wait: float = 1.0
     deadline_s: float = 300.0
 
@@ -229,29 +331,32 @@ async def run_clients(load: Load) -> dict[str, Any]:
     first_sent: float | None = None
     last_acked = 0.0
     submitted = 0
-    async with _session() as http:
-        headers = _headers(load.client_key, Prefer="respond-async")
-        bulk_headers = _headers(load.client_key)
+    headers = _headers(load.client_key, Prefer="respond-async")
+    bulk_headers = _headers(load.client_key)
+    conns = [await CLIENTS[load.http].open(load.url) for _ in range(load.client_concurrency)]
 
-        async def one_client() -> None:
-            nonlocal next_job, first_sent, last_acked, submitted
-            while next_job < load.jobs:
-                start = next_job
-                n = min(load.submit_batch if load.batched else 1, load.jobs - start)
-                next_job += n
-                if first_sent is None:
-                    first_sent = time.monotonic()
-                if load.batched:
-                    body = {"jobs": [{"body": _chat(start + i)} for i in range(n)]}
-                    out = await _post(http, load.url + "/v1/jobs", bulk_headers, body, ok=202)
-                    submitted += len(out["data"])
-                else:
-                    url = load.url + "/v1/chat/completions"
-                    await _post(http, url, headers, _chat(start), ok=202)
-                    submitted += 1
-                last_acked = time.monotonic()
+    async def one_client(http: Http) -> None:
+        nonlocal next_job, first_sent, last_acked, submitted
+        while next_job < load.jobs:
+            start = next_job
+            n = min(load.submit_batch if load.batched else 1, load.jobs - start)
+            next_job += n
+            if first_sent is None:
+                first_sent = time.monotonic()
+            if load.batched:
+                body = {"jobs": [{"body": _chat(start + i)} for i in range(n)]}
+                out = await http.post("/v1/jobs", bulk_headers, body, ok=202)
+                submitted += len(out["data"])
+            else:
+                await http.post("/v1/chat/completions", headers, _chat(start), ok=202)
+                submitted += 1
+            last_acked = time.monotonic()
 
-        await asyncio.gather(*(one_client() for _ in range(load.client_concurrency)))
+    try:
+        await asyncio.gather(*(one_client(c) for c in conns))
+    finally:
+        for c in conns:
+            await c.close()
     return {"first_sent": first_sent, "last_acked": last_acked, "submitted": submitted}
 
 
@@ -261,43 +366,45 @@ async def run_nodes(load: Load, started: Callable[[], None] | None = None) -> di
     last_accepted = 0.0
     done = False
     deadline = time.monotonic() + load.deadline_s
-    async with _session() as http:
-        headers = _headers(load.node_key)
-        fetch_url = load.url + "/internal/queue/fetch"
-        submit_url = load.url + "/internal/queue/submit"
-        fetch_body = {
-            "node_id": load.node_id,
-            "models": [MODEL],
-            "max_jobs": load.fetch_batch if load.batched else 1,
-            "wait": load.fetch_wait,
-        }
+    headers = _headers(load.node_key)
+    fetch_body = {
+        "node_id": load.node_id,
+        "models": [MODEL],
+        "max_jobs": load.fetch_batch if load.batched else 1,
+        "wait": load.fetch_wait,
+    }
+    conns = [await CLIENTS[load.http].open(load.url) for _ in range(load.node_concurrency)]
 
-        async def worker() -> None:
-            nonlocal accepted, refused, fetches, empty, last_accepted, done
-            while not done and time.monotonic() < deadline:
-                jobs = (await _post(http, fetch_url, headers, fetch_body))["jobs"]
-                fetches += 1
-                if not jobs:
-                    empty += 1
-                    continue
-                results = [
-                    {"job_id": j["id"], "lease_id": j["lease_id"], "result": RESULT} for j in jobs
-                ]
-                body = {"node_id": load.node_id, "results": results}
-                out = await _post(http, submit_url, headers, body)
-                ok = sum(1 for r in out["results"] if r["accepted"])
-                accepted += ok
-                refused += len(results) - ok
-                if ok:
-                    last_accepted = time.monotonic()
-                if accepted >= load.jobs:
-                    done = True
+    async def worker(http: Http) -> None:
+        nonlocal accepted, refused, fetches, empty, last_accepted, done
+        while not done and time.monotonic() < deadline:
+            jobs = (await http.post("/internal/queue/fetch", headers, fetch_body))["jobs"]
+            fetches += 1
+            if not jobs:
+                empty += 1
+                continue
+            results = [
+                {"job_id": j["id"], "lease_id": j["lease_id"], "result": RESULT} for j in jobs
+            ]
+            body = {"node_id": load.node_id, "results": results}
+            out = await http.post("/internal/queue/submit", headers, body)
+            ok = sum(1 for r in out["results"] if r["accepted"])
+            accepted += ok
+            refused += len(results) - ok
+            if ok:
+                last_accepted = time.monotonic()
+            if accepted >= load.jobs:
+                done = True
 
-        workers = [asyncio.create_task(worker()) for _ in range(load.node_concurrency)]
+    try:
+        workers = [asyncio.create_task(worker(c)) for c in conns]
         if started is not None:
             await asyncio.sleep(0.2)  # let the first fetches reach the server
             started()
         await asyncio.gather(*workers)
+    finally:
+        for c in conns:
+            await c.close()
     return {
         "accepted": accepted,
         "refused": refused,
@@ -340,10 +447,22 @@ def run_throughput(load: Load, procs: int) -> dict[str, Any]:
         if not ready.wait(60):
             raise RuntimeError("node process did not start")
         go.set()
-        got = dict(out.get(timeout=load.deadline_s + 30) for _ in range(2))
+        got: dict[str, Any] = {}
+        deadline = time.monotonic() + load.deadline_s + 30
+        while len(got) < 2:
+            with contextlib.suppress(queue.Empty):
+                side, res = out.get(timeout=0.5)
+                got[side] = res
+                continue
+            dead = [p.name for p in (nodes, clients) if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in (nodes, clients):
+                    p.kill()
+                raise RuntimeError(f"load process failed: {dead or 'timeout'}")
         nodes.join(10)
         clients.join(10)
         c, n = got["clients"], got["nodes"]
+        loadgen_cpu = c["cpu_s"] + n["cpu_s"]
     else:
 
         async def both() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -355,7 +474,7 @@ def run_throughput(load: Load, procs: int) -> dict[str, Any]:
 
         cpu = time.process_time()
         c, n = _run_loop(both())
-        c["cpu_s"] = time.process_time() - cpu
+        loadgen_cpu = time.process_time() - cpu
     elapsed = n["last_accepted"] - c["first_sent"]
     complete = n["accepted"] == load.jobs and n["refused"] == 0
     return {
@@ -368,8 +487,7 @@ def run_throughput(load: Load, procs: int) -> dict[str, Any]:
         "submit_phase_s": c["last_acked"] - c["first_sent"],
         "fetches": n["fetches"],
         "empty_fetches": n["empty_fetches"],
-        "client_cpu_s": c.get("cpu_s"),
-        "node_cpu_s": n.get("cpu_s"),
+        "loadgen_cpu_ms_per_job": 1000 * loadgen_cpu / max(1, n["accepted"]),
     }
 
 
@@ -377,38 +495,48 @@ def run_throughput(load: Load, procs: int) -> dict[str, Any]:
 
 
 async def run_latency(
-    url: str, client_key: str, node_key: str, node_id: str, samples: int, settle: float
+    url: str,
+    client_key: str,
+    node_key: str,
+    node_id: str,
+    samples: int,
+    settle: float,
+    http: str = "raw",
 ) -> dict[str, Any]:
     """Submit-response-returned -> long-poll-fetch-returned, `samples` times."""
     lat_ms: list[float] = []
     from_send_ms: list[float] = []
-    fetch_url = url + "/internal/queue/fetch"
-    submit_url = url + "/internal/queue/submit"
     headers = _headers(node_key)
+    c_headers = _headers(client_key, Prefer="respond-async")
     fetch_body = {"node_id": node_id, "models": [MODEL], "max_jobs": 1, "wait": 30}
-    async with _session() as node_http, _session() as client_http:
-        c_headers = _headers(client_key, Prefer="respond-async")
+    node_http = await CLIENTS[http].open(url)
+    client_http = await CLIENTS[http].open(url)
 
-        async def fetch() -> tuple[list[dict[str, Any]], float]:
-            jobs = (await _post(node_http, fetch_url, headers, fetch_body))["jobs"]
-            return jobs, time.perf_counter()
+    async def fetch() -> tuple[list[dict[str, Any]], float]:
+        jobs = (await node_http.post("/internal/queue/fetch", headers, fetch_body))["jobs"]
+        return jobs, time.perf_counter()
 
+    try:
         warmup = min(20, samples)
         for i in range(samples + warmup):
             fetching = asyncio.create_task(fetch())
             await asyncio.sleep(settle)  # the fetch is parked on the server by now
             sent = time.perf_counter()
-            await _post(client_http, url + "/v1/chat/completions", c_headers, _chat(i), ok=202)
+            await client_http.post("/v1/chat/completions", c_headers, _chat(i), ok=202)
             returned = time.perf_counter()
             jobs, fetched = await fetching
             if len(jobs) != 1:
                 raise RuntimeError(f"latency fetch returned {len(jobs)} jobs")
             job = jobs[0]
             result = {"job_id": job["id"], "lease_id": job["lease_id"], "result": RESULT}
-            await _post(node_http, submit_url, headers, {"node_id": node_id, "results": [result]})
+            body = {"node_id": node_id, "results": [result]}
+            await node_http.post("/internal/queue/submit", headers, body)
             if i >= warmup:
                 lat_ms.append((fetched - returned) * 1000)
                 from_send_ms.append((fetched - sent) * 1000)
+    finally:
+        await node_http.close()
+        await client_http.close()
     return {
         "samples": len(lat_ms),
         "p50_ms": _pct(lat_ms, 50),
@@ -466,26 +594,32 @@ def _throughput(
             node_concurrency=args.batch_workers if batched else args.workers,
             submit_batch=args.submit_batch,
             fetch_batch=args.fetch_batch,
+            http=args.http,
         )
 
     run_throughput(load(max(1, jobs // 10)), args.procs)  # warm-up, not counted
     runs = []
     for _ in range(args.reps):
-        cpu0, t0, load0 = server.cpu_seconds(), time.monotonic(), os.getloadavg()[0]
+        cpu0, t0, busy0 = server.cpu_seconds(), time.monotonic(), _cpu_pressure()
         run = run_throughput(load(jobs), args.procs)
         wall = time.monotonic() - t0
-        run["server_cpu_pct"] = 100 * (server.cpu_seconds() - cpu0) / wall
-        run["loadavg_1m"] = (load0, os.getloadavg()[0])
+        server_cpu = server.cpu_seconds() - cpu0
+        run["server_cpu_pct"] = 100 * server_cpu / wall
+        run["server_cpu_ms_per_job"] = 1000 * server_cpu / max(1, run["accepted"])
+        run["cpu_pressure_pct"] = _cpu_pressure(busy0)
         runs.append(run)
         print(
-            f"  {'batched' if batched else 'single'}: {run['jobs_per_s']:8.0f} jobs/s "
-            f"({run['accepted']}/{jobs} in {run['seconds']:.2f} s, "
-            f"server CPU {run['server_cpu_pct']:.0f}%, empty fetches {run['empty_fetches']})",
+            f"  {'batched' if batched else 'single'}: {run['jobs_per_s']:8,.0f} jobs/s "
+            f"({run['accepted']}/{jobs} in {run['seconds']:.2f} s; server "
+            f"{run['server_cpu_pct']:.0f}% CPU, {run['server_cpu_ms_per_job']:.3f} ms/job; "
+            f"load generator {run['loadgen_cpu_ms_per_job']:.3f} ms/job; "
+            f"CPU pressure {run['cpu_pressure_pct']:.0f}%)",
             flush=True,
         )
     rates = [r["jobs_per_s"] for r in runs]
     return {
         "median_jobs_per_s": statistics.median(rates),
+        "median_server_cpu_ms_per_job": statistics.median(r["server_cpu_ms_per_job"] for r in runs),
         "min_jobs_per_s": min(rates),
         "max_jobs_per_s": max(rates),
         "complete": all(r["complete"] for r in runs),
@@ -496,9 +630,11 @@ def _throughput(
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+        "python": sys.version.split()[0],
         "config": {k: v for k, v in vars(args).items() if k != "json_out"},
         "scenarios": {},
     }
+    busy0 = _cpu_pressure()
     with _server(args) as server:
         node_id = asyncio.run(register_node(server.url, server.keys["node_key"], "bench-node"))
         scenarios = report["scenarios"]
@@ -516,11 +652,13 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     node_id,
                     args.latency_samples,
                     args.settle_ms / 1000,
+                    args.http,
                 )
             )
             lat["server_cpu_pct"] = 100 * (server.cpu_seconds() - cpu0) / (time.monotonic() - t0)
             scenarios["latency"] = lat
     report["machine"]["loadavg_end"] = os.getloadavg()
+    report["machine"]["cpu_pressure_pct"] = _cpu_pressure(busy0)
     return report
 
 
@@ -545,13 +683,15 @@ def print_table(report: dict[str, Any]) -> bool:
         met_all &= met
         figure = f"p50 {s['p50_ms']:.2f} / p90 {s['p90_ms']:.2f} / p99 {s['p99_ms']:.2f} ms"
         rows.append(("dispatch latency", figure, "p99 <= 20 ms", _yes(met)))
-    widths = [max(len(r[i]) for r in [("scenario", "figure", "target", "met?"), *rows]) for i in range(4)]
-    for row in [("scenario", "figure", "target", "met?"), *rows]:
+    table = [("scenario", "figure", "target", "met?"), *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
     m = report["machine"]
     print(
         f"machine: {m['cpus']} CPUs, load average {m['loadavg_start'][0]:.2f} at start, "
-        f"{m['loadavg_end'][0]:.2f} at end"
+        f"{m['loadavg_end'][0]:.2f} at end; some task waited for a CPU "
+        f"{m['cpu_pressure_pct']:.0f}% of the time (PSI)"
     )
     return met_all
 
@@ -581,7 +721,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=(1, 2),
         help="load processes: 2 = clients and nodes apart, 1 = both in this one [2]",
     )
+    p.add_argument(
+        "--http",
+        choices=sorted(CLIENTS),
+        default="raw",
+        help="load generator's HTTP client: raw (httptools, lean) or aiohttp [raw]",
+    )
     p.add_argument("--port", type=int, default=0, help="server port [a free one]")
+    p.add_argument(
+        "--server-cmd",
+        default="",
+        help="the server command to run instead of openbeepboop-server (shell words)",
+    )
     p.add_argument("--data-root", default=None, help="where the temp data dir goes [$TMPDIR]")
     p.add_argument("--keep", action="store_true", help="keep the data dir and server log")
     p.add_argument("--json-out", type=Path, help="write the report as JSON here")
@@ -592,6 +743,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    SERVER_CMD[:] = shlex.split(args.server_cmd)
     report = run_all(args)
     met = print_table(report)
     report["all_targets_met"] = met
