@@ -3,7 +3,8 @@
 
 1. ``gemma``: tokens/s of the bundled Gemma 3 270M through a server and a node (one
    request at a time, end to end: submit, wait, result) against llama-cpp-python called
-   directly with the same settings and prompts, in the same run. Rounds alternate
+   directly with the same settings, prompts and seeds (so both generate the same tokens),
+   in the same run. Rounds alternate
    (direct, node, direct, node, ...) so that machine noise hits both; the figure is the
    median of each side and their ratio. Target: node / direct >= 0.97.
 2. ``echo``: jobs/s of echo nodes draining a queue of bulk-submitted jobs, with 1, 2 and
@@ -31,10 +32,10 @@ import httpx
 import tomli_w
 
 PROMPTS = [
-    "Write a short story about a robot who learns to paint.",
-    "Explain why the sky is blue to a ten year old.",
-    "List five ideas for a rainy afternoon, with one sentence each.",
-    "Describe the taste of a lemon to someone who has never had one.",
+    "Once upon a time, in a village by the sea,",
+    "The history of the bicycle begins",
+    "Here are five ideas for a rainy afternoon:",
+    "The most important thing about learning to cook is",
 ]
 MAX_TOKENS = 128
 N_CTX = 2048

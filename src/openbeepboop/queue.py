@@ -203,12 +203,13 @@ class Queue:
 
     async def cancel(self, key: ApiKey, job_id: str) -> Job:
         """Cancel a job that is not final; its node hears of it in the heartbeat reply."""
-        await self.get(key, job_id)
+        before = await self.get(key, job_id)
         job = await self.store.cancel_job(job_id, self._clock())
         if job is None:
             raise NotFound(f"no job with id {job_id!r}", param="job_id", code="job_not_found")
-        self.notifier.publish([job_topic(job_id)])
-        self._count_active(job.owner, -1)
+        if not before.status.is_final and job.status is JobStatus.CANCELLED:
+            self.notifier.publish([job_topic(job_id)])
+            self._count_active(job.owner, -1)
         return job
 
     async def poll(self, key: ApiKey, job_ids: Sequence[str], wait: float) -> list[Job]:

@@ -108,8 +108,18 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, e.OpenBeepBoopError)
         return domain_error_response(exc)
 
-    async def on_validation(_: Request, exc: Exception) -> Response:
+    async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
+        content_type = request.headers.get("content-type", "")
+        body_errors = [err for err in exc.errors() if tuple(err.get("loc", ())) == ("body",)]
+        if body_errors and content_type and "json" not in content_type:
+            return error_response(
+                400,
+                f"the body must be JSON sent with 'Content-Type: application/json' "
+                f"(got {content_type!r})",
+                "invalid_request_error",
+                "invalid_content_type",
+            )
         return validation_response(exc)
 
     async def on_http(_: Request, exc: Exception) -> Response:

@@ -1,0 +1,102 @@
+"""The real model: a server and a node on the bundled Gemma 3 270M (llama-cpp-python)
+finish a chat job and a completion job with real text."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import tomli_w
+
+from tests.conftest import ServerProcess
+
+
+@pytest.fixture
+def gemma_node(
+    server_process: Callable[..., ServerProcess], tmp_path: Path
+) -> Iterator[tuple[ServerProcess, httpx.Client]]:
+    server = server_process()
+    config = {
+        "server": {"url": server.url, "api_key": server.keys["node_key"]},
+        "node": {"name": "gemma-test", "state_dir": str(tmp_path / "node")},
+        "models": [{"name": "gemma-3-270m", "backend": "llama_cpp", "n_ctx": 1024}],
+    }
+    path = tmp_path / "node.toml"
+    path.write_text(tomli_w.dumps(config))
+    with (tmp_path / "node.log").open("wb") as log:
+        node = subprocess.Popen(
+            [sys.executable, "-m", "openbeepboop.cli.node", "run", "--config", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+        )
+    http = httpx.Client(
+        base_url=server.url,
+        headers={"Authorization": f"Bearer {server.keys['client_key']}"},
+        timeout=120,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not any(m["id"] == "gemma-3-270m" for m in http.get("/v1/models").json()["data"]):
+            assert node.poll() is None, (tmp_path / "node.log").read_text()
+            assert time.monotonic() < deadline, "the Gemma node did not come up"
+            time.sleep(0.2)
+        yield server, http
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(timeout=60)
+        http.close()
+
+
+def _ask(http: httpx.Client, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    body = {"model": "gemma-3-270m", "max_tokens": 24, "temperature": 0, **body}
+    r = http.post(endpoint, json=body)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def test_gemma_answers_chat_and_completion(gemma_node: tuple[ServerProcess, httpx.Client]) -> None:
+    _, http = gemma_node
+    chat = _ask(
+        http,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Name three colours."}]},
+    )
+    assert chat["object"] == "chat.completion"
+    assert chat["choices"][0]["message"]["content"].strip()
+    assert chat["usage"]["completion_tokens"] > 0
+    assert chat["usage"]["prompt_tokens"] > 0
+
+    text = _ask(http, "/v1/completions", {"prompt": "The capital of France is"})
+    assert text["object"] == "text_completion"
+    assert text["choices"][0]["text"].strip()
+    assert 0 < text["usage"]["completion_tokens"] <= 24
+
+
+def test_gemma_job_through_the_async_path(gemma_node: tuple[ServerProcess, httpx.Client]) -> None:
+    _, http = gemma_node
+    body = {
+        "model": "gemma-3-270m",
+        "max_tokens": 16,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Say hello."}],
+    }
+    r = http.post("/v1/chat/completions", json=body, headers={"Prefer": "respond-async"})
+    assert r.status_code == 202
+    job_id = r.json()["id"]
+    r = http.post("/v1/results/poll", json={"ids": [job_id], "wait": 60})
+    job = r.json()["data"][0]
+    deadline = time.monotonic() + 60
+    while job["status"] != "completed" and time.monotonic() < deadline:
+        job = http.post("/v1/results/poll", json={"ids": [job_id], "wait": 10}).json()["data"][0]
+    assert job["status"] == "completed", job
+    assert job["result"]["usage"]["completion_tokens"] > 0
+    assert job["result"]["choices"][0]["message"]["content"].strip()
