@@ -4,7 +4,6 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 export PATH := $(BIN):$(PATH)
-DATA_DIR ?= $(HOME)/.local/share/openbeepboop
 # llama.cpp for any x86-64 with AVX2, without AVX-512/AMX: a native build can use AMX
 # tiles that some VMs do not grant, and then crashes at the first token.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
@@ -45,9 +44,8 @@ format: install  ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
 
-run: install  ## set up (first time) and start a server on http://127.0.0.1:8000
-	@test -f $(DATA_DIR)/server.toml || $(BIN)/openbeepboop-server setup --non-interactive --data-dir $(DATA_DIR)
-	$(BIN)/openbeepboop-server start --data-dir $(DATA_DIR)
+run: install  ## start the all-in-one server (queue + a node on the bundled Gemma) on :8000
+	$(BIN)/openbeepboop serve
 
 bench: install  ## queue throughput and dispatch latency over real HTTP
 	$(BIN)/python bench/bench_queue.py

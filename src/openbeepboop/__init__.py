@@ -1,3 +1,24 @@
-"""OpenBeepBoop: submit LLM jobs now, collect them later."""
+"""OpenBeepBoop: submit LLM jobs now, collect them later.
+
+from openbeepboop import Client
+client = Client(base_url="http://127.0.0.1:8000", api_key="obb_client_...")
+job = client.chat.completions.create(model="gemma-3-270m", messages=[...])
+print(job.get(wait=True).choices[0].message.content)
+"""
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+__all__ = ["AsyncClient", "Client", "__version__"]
+
+if TYPE_CHECKING:
+    from openbeepboop.client import AsyncClient, Client
+
+
+def __getattr__(name: str) -> Any:
+    # the client loads only when asked for: the server and node never import it
+    if name in ("Client", "AsyncClient"):
+        from openbeepboop import client
+
+        return getattr(client, name)
+    raise AttributeError(name)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 
 import click
@@ -142,43 +140,16 @@ def start(data_dir: Path | None, host: str | None, port: int | None, access_log:
     Settings come from DIR/server.toml; an OPENBEEPBOOP_<NAME> variable overrides each
     one (e.g. OPENBEEPBOOP_LEASE_SECONDS, OPENBEEPBOOP_DATABASE_URL), and flags override both.
     """
-    import uvicorn
-
     from openbeepboop.server.app import create_app
+    from openbeepboop.server.serving import make_server
 
     settings = _settings(data_dir, host=host, port=port)
     _require_setup(settings)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    app = create_app(settings)
-
-    class Server(uvicorn.Server):
-        """uvicorn, but shutdown ends long-polls at once (rather than waiting out the
-        graceful timeout and cancelling them with a 500), and a graceful stop exits 0
-        (uvicorn would re-raise SIGTERM and die of it)."""
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True  # a second Ctrl+C
-            self.should_exit = True
-
-        async def on_tick(self, counter: int) -> bool:
-            should_exit = await super().on_tick(counter)
-            if should_exit:
-                app.state.queue.close()
-            return should_exit
-
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=access_log,
-        timeout_graceful_shutdown=10,
-    )
+    server = make_server(create_app(settings), settings, access_log)
     click.echo(f"OpenBeepBoop server on http://{settings.host}:{settings.port}", err=True)
-    server = Server(config)
     server.run()
     if not server.started:
         sys.exit(3)  # uvicorn logged why (e.g. the port is taken)

@@ -40,3 +40,4 @@ def configure(level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise

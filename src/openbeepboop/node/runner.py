@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -89,7 +90,10 @@ class NodeRunner:
             config.server.url, config.server.api_key, config.server.timeout_seconds
         )
         state = config.state_dir()
-        self.outbox = Outbox(state / f"outbox-{_safe(config.node.name)}.db")
+        # the default name ends in the pid, but the outbox must outlive the process
+        named = "name" in config.node.model_fields_set
+        outbox = _safe(config.node.name) if named else _safe(socket.gethostname())
+        self.outbox = Outbox(state / f"outbox-{outbox}.db")
         self.slots: dict[str, Slot] = {}
         self.in_flight: dict[str, InFlight] = {}
         self.totals = Totals()
@@ -103,9 +107,11 @@ class NodeRunner:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def run(self, batch: bool = False) -> int:
-        """Serve until stopped; in `batch` mode until nothing is left. Returns an exit code."""
-        self._install_signals()
+    async def run(self, batch: bool = False, install_signals: bool = True) -> int:
+        """Serve until stopped; in `batch` mode until nothing is left. Returns an exit code.
+        Without `install_signals` the owner calls `stop()` (the all-in-one server does)."""
+        if install_signals:
+            self._install_signals()
         try:
             await self._load_models()
             if not any(s.state == "ready" for s in self.slots.values()):
@@ -130,8 +136,8 @@ class NodeRunner:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            pending = len(self.outbox)  # before _close() closes it
             await self._close()
-        pending = len(self.outbox)
         if pending:
             log.warning(
                 "results not yet acknowledged; sent on next start", extra={"count": pending}
@@ -480,6 +486,7 @@ class NodeRunner:
                     self._stop_job(job_id, "lost")
 
     async def _submit_loop(self) -> None:
+        self._outbox_ready.set()  # results a previous run left in the outbox go first
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
@@ -504,10 +511,15 @@ class NodeRunner:
                 continue
             except ServerUnreachable as exc:
                 failures += 1
-                if deadline is not None and time.monotonic() > deadline:
+                # a second signal means "stop now": what is left is sent on the next start
+                if self._release_now.is_set() or (
+                    deadline is not None and time.monotonic() > deadline
+                ):
                     return
                 log.warning("result upload failed; will retry", extra={"why": str(exc)})
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)))
+                with contextlib.suppress(TimeoutError):
+                    delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                    await asyncio.wait_for(self._release_now.wait(), delay)
                 continue
             failures = 0
             self.outbox.remove([a["job_id"] for a in answers])

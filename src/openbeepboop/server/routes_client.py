@@ -3,6 +3,7 @@ the job API."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
@@ -122,17 +123,9 @@ def _spec_request(spec: JobSpec, header_key: str | None, loc: tuple[str | int, .
     endpoint_model: type[Knobs] = ChatCompletionBody if chat else CompletionBody
     checked = _validate(endpoint_model, spec.body, (*loc, "body"))
     req = _job_request(spec.endpoint, checked, spec.idempotency_key or header_key)
-    return JobRequest(
-        endpoint=req.endpoint,
-        body=req.body,
-        priority=spec.priority,
-        max_attempts=spec.max_attempts,
-        metadata=spec.metadata,
-        custom_id=spec.custom_id,
-        idempotency_key=req.idempotency_key,
-        expires_at=spec.expires_at,
-        ttl_seconds=spec.ttl_seconds,
-    )
+    # our knobs may sit beside the body (batch-line style) or inside it; beside wins
+    beside = {name: getattr(spec, name) for name in OUR_FIELDS if name in spec.model_fields_set}
+    return dataclasses.replace(req, **beside)
 
 
 _JOBS_SCHEMA = {
@@ -226,6 +219,7 @@ async def poll_results(request: Request, body: PollBody, key: Key) -> Response:
     jobs = await _queue(request).poll(key, body.ids, body.wait)
     found = {j.id for j in jobs}
     missing = [i for i in dict.fromkeys(body.ids) if i not in found]
-    data: dict[str, Any] = {"object": "list", "data": [job_json(j) for j in jobs]}
+    shown = [j for j in jobs if j.status.is_final] if body.only_final else jobs
+    data: dict[str, Any] = {"object": "list", "data": [job_json(j) for j in shown]}
     data["not_found"] = missing
     return JSONResponse(data)

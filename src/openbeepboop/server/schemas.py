@@ -93,6 +93,7 @@ class JobBatch(_Closed):
 class PollBody(_Closed):
     ids: list[str] = Field(min_length=1, max_length=10_000)
     wait: float = Field(0, ge=0, description="Seconds to hold the answer until one is final.")
+    only_final: bool = Field(False, description="Return only the jobs that are final.")
 
 
 # -- node protocol ---------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""`openbeepboop-client submit --file`: a JSONL file of requests in, results JSONL out.
+
+Each input line is one of:
+- an OpenAI batch line: `{"custom_id": "...", "method": "POST", "url": "/v1/chat/completions",
+  "body": {...}}`;
+- a prompt object: `{"prompt": "...", "custom_id"?: "...", "model"?: "..."}`;
+- a JSON string, or plain text: the prompt itself.
+
+Results are appended as they finish, in OpenAI's batch output format
+(`{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`).
+Re-running the same command skips lines whose result is already in the output, and jobs
+that were submitted but not yet written are found again (idempotency keys are derived
+from the file's content and each line's custom_id), so nothing runs twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from openbeepboop.client import Client, Job
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+
+
+def parse_line(text: str, number: int, model: str) -> dict[str, Any]:
+    """One input line as {"custom_id", "url", "body"}; click.UsageError names the line."""
+    try:
+        value: Any = json.loads(text)
+    except ValueError:
+        value = text
+    if isinstance(value, str):
+        value = {"prompt": value}
+    if not isinstance(value, dict):
+        raise click.UsageError(f"line {number}: expected an object, a string or plain text")
+    custom_id = str(value.get("custom_id") or f"line-{number}")
+    if "body" in value:
+        url = value.get("url", ENDPOINTS[0])
+        if url not in ENDPOINTS or not isinstance(value["body"], dict):
+            raise click.UsageError(
+                f"line {number}: url must be one of {', '.join(ENDPOINTS)} and body an object"
+            )
+        body = {"model": model, **value["body"]}
+        return {"custom_id": custom_id, "url": url, "body": body}
+    if not isinstance(value.get("prompt"), str):
+        raise click.UsageError(f"line {number}: needs 'body' (batch line) or 'prompt'")
+    body = {
+        "model": value.get("model", model),
+        "messages": [{"role": "user", "content": value["prompt"]}],
+    }
+    return {"custom_id": custom_id, "url": ENDPOINTS[0], "body": body}
+
+
+def _read(path: Path, model: str) -> list[dict[str, Any]]:
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            items.append(parse_line(line, number, model))
+    ids = [i["custom_id"] for i in items]
+    if len(ids) != len(set(ids)):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise click.UsageError(f"custom_id values must be unique; repeated: {', '.join(dupes)}")
+    return items
+
+
+def _done_ids(output: Path) -> set[str]:
+    if not output.exists():
+        return set()
+    done = set()
+    for line in output.read_text().splitlines():
+        try:
+            done.add(json.loads(line)["custom_id"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line from an interrupted run: that request runs again
+    return done
+
+
+def _output_line(job: Job, custom_id: str) -> dict[str, Any]:
+    ok = job.data["status"] == "completed"
+    response = {"status_code": 200, "request_id": job.id, "body": job.data["result"]}
+    error = None if ok else (job.error or {"code": job.data["status"], "message": "not completed"})
+    return {
+        "id": job.id,
+        "custom_id": custom_id,
+        "response": response if ok else None,
+        "error": error,
+    }
+
+
+def run_file(
+    client: Client, path: Path, output: Path | None, *, model: str, timeout: float | None
+) -> dict[str, Any]:
+    """Submit what is not done yet, wait, write results; returns a summary."""
+    output = output or path.with_suffix(".results.jsonl")
+    items = _read(path, model)
+    done = _done_ids(output)
+    todo = [i for i in items if i["custom_id"] not in done]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    jobs: list[Job] = []
+    by_job: dict[str, str] = {}
+    for url, resource in (
+        (ENDPOINTS[0], client.chat.completions),
+        (ENDPOINTS[1], client.completions),
+    ):
+        group = [i for i in todo if i["url"] == url]
+        requests = [
+            {
+                **i["body"],
+                "custom_id": i["custom_id"],
+                "idempotency_key": f"file-{digest}-{i['custom_id']}",
+            }
+            for i in group
+        ]
+        for job, item in zip(resource.create_many(requests), group, strict=True):
+            jobs.append(job)
+            by_job[job.id] = item["custom_id"]
+    counts = {"completed": 0, "failed": 0}
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    console = Console(stderr=True)
+    with Progress(*columns, console=console) as progress, output.open("a") as out:
+        task = progress.add_task(f"{path.name}", total=len(jobs))
+        for job in client.jobs.as_completed(jobs, timeout=timeout):
+            out.write(json.dumps(_output_line(job, by_job[job.id]), ensure_ascii=False) + "\n")
+            out.flush()
+            counts["completed" if job.data["status"] == "completed" else "failed"] += 1
+            progress.advance(task)
+    click.echo(
+        f"{counts['completed']} completed, {counts['failed']} failed, "
+        f"{len(done)} already done; results in {output}",
+        err=True,
+    )
+    return {**counts, "skipped": len(done), "submitted": len(jobs), "output": str(output)}

@@ -1,0 +1,307 @@
+"""`openbeepboop-client`: submit, poll, get, cancel, list, models, status.
+
+Data goes to stdout (`--json` for scripts), progress and errors to stderr. Exit codes:
+0 ok, 1 the job failed (or was cancelled or expired), 2 usage, 3 server unreachable,
+4 key refused, 5 not found, 6 timed out waiting, 7 any other API error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from openbeepboop.client import (
+    APIConnectionError,
+    AuthenticationError,
+    Client,
+    Job,
+    JobFailedError,
+    JobTimeoutError,
+    NotFoundError,
+    OpenBeepBoopError,
+    PermissionDeniedError,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT = {
+    JobFailedError: 1,
+    APIConnectionError: 3,
+    AuthenticationError: 4,
+    PermissionDeniedError: 4,
+    NotFoundError: 5,
+    JobTimeoutError: 6,
+}
+
+
+def _fail(exc: OpenBeepBoopError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(next((code for cls, code in EXIT.items() if isinstance(exc, cls)), 7))
+
+
+def _connected(fn: F) -> F:
+    """Build the Client from the common options and turn client errors into one line."""
+
+    @click.option(
+        "--base-url",
+        envvar="OPENBEEPBOOP_BASE_URL",
+        show_envvar=True,
+        help="Server URL [http://127.0.0.1:8000].",
+    )
+    @click.option(
+        "--api-key",
+        envvar="OPENBEEPBOOP_API_KEY",
+        show_envvar=True,
+        help="A client key [the one `openbeepboop serve` saved locally].",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+    @functools.wraps(fn)
+    def wrapper(base_url: str | None, api_key: str | None, **kwargs: Any) -> Any:
+        client = Client(base_url, api_key)
+        try:
+            return fn(client, **kwargs)
+        except OpenBeepBoopError as exc:
+            _fail(exc)
+        finally:
+            client.close()
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False))
+
+
+def _answer_text(job: Job) -> str:
+    result = job.data.get("result") or {}
+    choice = (result.get("choices") or [{}])[0]
+    if "message" in choice:
+        return str((choice["message"] or {}).get("content") or "")
+    return str(choice.get("text") or "")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="openbeepboop")
+def main() -> None:
+    """Submit jobs to an OpenBeepBoop server and collect their results."""
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option(
+    "--model",
+    "-m",
+    default="gemma-3-270m",
+    envvar="OPENBEEPBOOP_MODEL",
+    show_default=True,
+    show_envvar=True,
+)
+@click.option("--system", help="A system message before the prompt.")
+@click.option("--max-tokens", type=int)
+@click.option("--temperature", type=float)
+@click.option("--priority", type=int, default=0, help="Higher runs first.")
+@click.option("--wait", is_flag=True, help="Wait and print the answer.")
+@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A JSONL file of OpenAI batch lines or prompts (see docs/client.md).",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --file: results JSONL [FILE.results.jsonl].",
+)
+@_connected
+def submit(
+    client: Client,
+    prompt: str | None,
+    model: str,
+    system: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    priority: int,
+    wait: bool,
+    timeout: float | None,
+    file: Path | None,
+    output: Path | None,
+    as_json: bool,
+) -> None:
+    """Queue PROMPT (prints the job id), or with --wait print the answer."""
+    if file is not None:
+        from openbeepboop.cli.batch_file import run_file
+
+        summary = run_file(client, file, output, model=model, timeout=timeout)
+        if as_json:
+            _print_json(summary)
+        sys.exit(1 if summary["failed"] else 0)
+    if not prompt:
+        raise click.UsageError("give a PROMPT or --file FILE")
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    params: dict[str, Any] = {"model": model, "messages": messages, "priority": priority}
+    if max_tokens is not None:
+        params["max_tokens"] = max_tokens
+    if temperature is not None:
+        params["temperature"] = temperature
+    job = client.chat.completions.create(**params)
+    if not wait:
+        _print_json(job.data) if as_json else click.echo(job.id)
+        return
+    click.echo(f"queued {job.id}; waiting...", err=True)
+    try:
+        job.get(wait=True, timeout=timeout)
+    finally:
+        if as_json:
+            _print_json(job.data)
+    if not as_json:
+        click.echo(_answer_text(job))
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--wait", is_flag=True, help="Wait until the job is done.")
+@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@_connected
+def poll(client: Client, job_id: str, wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Print a job's status, or its answer once it is done."""
+    job = client.jobs.get(job_id)
+    if wait:
+        with contextlib.suppress(JobFailedError):  # reported below like any final state
+            job.get(wait=True, timeout=timeout)
+    if as_json:
+        _print_json(job.data)
+    elif job.data["status"] == "completed":
+        click.echo(_answer_text(job))
+    else:
+        error = job.error or {}
+        detail = f": {error.get('code')}: {error.get('message')}" if error else ""
+        click.echo(f"{job.data['status']}{detail}")
+    if job.data["status"] in ("failed", "cancelled", "expired"):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("job_id")
+@_connected
+def get(client: Client, job_id: str, as_json: bool) -> None:
+    """Print a job in full."""
+    job = client.jobs.get(job_id)
+    if as_json:
+        _print_json(job.data)
+        return
+    for key in ("id", "status", "model", "priority", "attempts", "queue_position", "node_id"):
+        click.echo(f"{key:<15} {job.data.get(key)}")
+    if job.data.get("error"):
+        click.echo(f"{'error':<15} {job.data['error']}")
+    if job.data["status"] == "completed":
+        click.echo(f"{'answer':<15} {_answer_text(job)}")
+
+
+@main.command()
+@click.argument("job_id")
+@_connected
+def cancel(client: Client, job_id: str, as_json: bool) -> None:
+    """Cancel a job that has not finished."""
+    job = client.jobs.cancel(job_id)
+    _print_json(job.data) if as_json else click.echo(f"{job.id} {job.data['status']}")
+
+
+@main.command("list")
+@click.option(
+    "--status",
+    type=click.Choice(["queued", "in_progress", "completed", "failed", "cancelled", "expired"]),
+)
+@click.option("--model")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--after", help="A job id: list older jobs (paging).")
+@_connected
+def list_jobs(
+    client: Client,
+    status: str | None,
+    model: str | None,
+    limit: int,
+    after: str | None,
+    as_json: bool,
+) -> None:
+    """Your jobs, newest first."""
+    jobs = client.jobs.list(status=status, model=model, limit=limit, after=after)
+    if as_json:
+        _print_json([j.data for j in jobs])
+        return
+    for j in jobs:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.data["created_at"]))
+        click.echo(f"{j.id}  {j.data['status']:<11}  {j.data['model']:<20}  {created}")
+
+
+@main.command()
+@_connected
+def models(client: Client, as_json: bool) -> None:
+    """Models that live nodes serve now."""
+    data = client.request("GET", "/v1/models")["data"]
+    if as_json:
+        _print_json(data)
+        return
+    for m in data:
+        click.echo(f"{m['id']:<30} {m.get('nodes', 0)} node(s)")
+
+
+def _status_text(stats: dict[str, Any], nodes: list[dict[str, Any]]) -> str:
+    lines = [f"{'model':<24} {'queued':>8} {'running':>8} {'done':>8} {'failed':>8}"]
+    for model, counts in sorted(stats["models"].items()):
+        lines.append(
+            f"{model:<24} {counts.get('queued', 0):>8} {counts.get('in_progress', 0):>8} "
+            f"{counts.get('completed', 0):>8} {counts.get('failed', 0):>8}"
+        )
+    lines.append(f"\n{len(nodes)} live node(s)")
+    for n in nodes:
+        s = n.get("stats") or {}
+        models_ = ", ".join(f"{m['name']} ({m.get('state', '?')})" for m in n["models"])
+        lines.append(
+            f"  {n['name']:<20} load {s.get('load', 0):<5} "
+            f"{s.get('tokens_per_second', 0)} tok/s  {models_}"
+        )
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl+C.")
+@click.option("--interval", type=float, default=2.0, show_default=True)
+@_connected
+def status(client: Client, watch: bool, interval: float, as_json: bool) -> None:
+    """Queue depth per model, and the live nodes."""
+
+    def snapshot() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return client.request("GET", "/v1/stats"), client.request("GET", "/v1/nodes")["data"]
+
+    if not watch:
+        stats, nodes = snapshot()
+        _print_json({"stats": stats, "nodes": nodes}) if as_json else click.echo(
+            _status_text(stats, nodes)
+        )
+        return
+    from rich.live import Live
+    from rich.text import Text
+
+    try:
+        with Live(Text("..."), refresh_per_second=4, screen=False) as live:
+            while True:
+                stats, nodes = snapshot()
+                live.update(Text(_status_text(stats, nodes)))
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

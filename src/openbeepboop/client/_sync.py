@@ -1,0 +1,205 @@
+"""`Client`: the same surface as `AsyncClient`, blocking.
+
+It is a thin shell: every call runs the `AsyncClient` method on a private event loop in
+a background thread, so there is one copy of the logic, and it works where a loop is
+already running (Jupyter).
+
+    client = Client(base_url="http://127.0.0.1:8000", api_key=KEY)
+    job = client.chat.completions.create(model="echo", messages=[...])
+    print(job.id, job.status)
+    print(job.get(wait=True).choices[0].message.content)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import threading
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from openbeepboop.client._async import AsyncClient, AsyncJob, Completions, Jobs, Results
+
+T = TypeVar("T")
+
+
+class _Loop:
+    """An event loop running forever in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, daemon=True, name="openbeepboop-client"
+        )
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class Job:
+    """A submitted job. Reading `status` asks the server."""
+
+    def __init__(self, loop: _Loop, job: AsyncJob) -> None:
+        self._loop = loop
+        self._job = job
+
+    @property
+    def id(self) -> str:
+        return self._job.id
+
+    @property
+    def status(self) -> str:
+        """The job's status, fresh from the server."""
+        if not self._job.done:
+            self._loop.run(self._job.refresh())
+        return self._job.status
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self._job.data
+
+    @property
+    def done(self) -> bool:
+        return self._job.done
+
+    @property
+    def result(self) -> Any:
+        return self._job.result
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        return self._job.error
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self._job.status}>"
+
+    def refresh(self) -> Job:
+        self._loop.run(self._job.refresh())
+        return self
+
+    def cancel(self) -> Job:
+        self._loop.run(self._job.cancel())
+        return self
+
+    def get(self, wait: bool = True, timeout: float | None = None) -> Any:
+        """The OpenAI-shaped result; see `AsyncJob.get`."""
+        return self._loop.run(self._job.get(wait=wait, timeout=timeout))
+
+
+class _SyncCompletions:
+    def __init__(self, loop: _Loop, inner: Completions) -> None:
+        self._loop = loop
+        self._inner = inner
+
+    def create(self, *, idempotency_key: str | None = None, **params: Any) -> Job:
+        """Queue one request and return its job at once."""
+        job = self._loop.run(self._inner.create(idempotency_key=idempotency_key, **params))
+        return Job(self._loop, job)
+
+    def create_many(
+        self, requests: Iterable[dict[str, Any]], *, idempotency_prefix: str | None = None
+    ) -> list[Job]:
+        """Queue many requests in bulk; returns their jobs in order."""
+        jobs = self._loop.run(
+            self._inner.create_many(requests, idempotency_prefix=idempotency_prefix)
+        )
+        return [Job(self._loop, j) for j in jobs]
+
+
+class _SyncChat:
+    def __init__(self, loop: _Loop, inner: Completions) -> None:
+        self.completions = _SyncCompletions(loop, inner)
+
+
+class _SyncJobs:
+    def __init__(self, loop: _Loop, inner: Jobs) -> None:
+        self._loop = loop
+        self._inner = inner
+
+    def get(self, job_id: str) -> Job:
+        return Job(self._loop, self._loop.run(self._inner.get(job_id)))
+
+    def cancel(self, job_id: str) -> Job:
+        return Job(self._loop, self._loop.run(self._inner.cancel(job_id)))
+
+    def list(self, **filters: Any) -> list[Job]:
+        return [Job(self._loop, j) for j in self._loop.run(self._inner.list(**filters))]
+
+    def as_completed(self, jobs: Iterable[Job], timeout: float | None = None) -> Iterator[Job]:
+        """Yield jobs as they finish (long-polls under the hood)."""
+        by_id = {j.id: j for j in jobs}
+        stream = self._inner.as_completed([j._job for j in by_id.values()], timeout)
+
+        async def step() -> AsyncJob:
+            return await anext(stream)
+
+        while True:
+            try:
+                done = self._loop.run(step())
+            except StopAsyncIteration:
+                return
+            yield by_id[done.id]
+
+    def wait_all(self, jobs: Sequence[Job], timeout: float | None = None) -> builtins.list[Job]:
+        """Wait until every job is final; returns them in the order given."""
+        self._loop.run(self._inner.wait_all([j._job for j in jobs], timeout))
+        return list(jobs)
+
+
+class _SyncResults:
+    def __init__(self, loop: _Loop, inner: Results) -> None:
+        self._loop = loop
+        self._inner = inner
+
+    def poll(self, ids: Sequence[str], wait: float = 0) -> list[Job]:
+        return [Job(self._loop, j) for j in self._loop.run(self._inner.poll(ids, wait))]
+
+
+class Client:
+    """The blocking client; arguments as for `AsyncClient`."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+    ) -> None:
+        self._loop = _Loop()
+
+        async def make() -> AsyncClient:
+            return AsyncClient(base_url, api_key, timeout=timeout, max_retries=max_retries)
+
+        self._async = self._loop.run(make())
+        self.base_url = self._async.base_url
+        self.chat = _SyncChat(self._loop, self._async.chat.completions)
+        self.completions = _SyncCompletions(self._loop, self._async.completions)
+        self.jobs = _SyncJobs(self._loop, self._async.jobs)
+        self.results = _SyncResults(self._loop, self._async.results)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A raw API call (parsed JSON), with the client's retries and errors."""
+        return self._loop.run(self._async.request(method, path, **kwargs))
+
+    def close(self) -> None:
+        self._loop.run(self._async.close())
+        self._loop.stop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

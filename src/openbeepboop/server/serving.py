@@ -1,0 +1,59 @@
+"""Running the app under uvicorn with a clean shutdown."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from openbeepboop.settings import ServerSettings
+
+
+class QueueServer(uvicorn.Server):
+    """uvicorn, but shutting down ends long-polls at once (rather than waiting out the
+    graceful timeout and cancelling them with a 500), and a graceful stop exits 0 (uvicorn
+    would re-raise SIGTERM and die of it).
+
+    With `on_signal`, a signal only calls it: the owner decides when the server stops
+    (the all-in-one process drains its embedded node first)."""
+
+    def __init__(
+        self, config: uvicorn.Config, app: FastAPI, on_signal: Callable[[], None] | None = None
+    ) -> None:
+        super().__init__(config)
+        self._app = app
+        self._on_signal = on_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._on_signal is not None:
+            self._on_signal()
+            return
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl+C
+        self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        should_exit = await super().on_tick(counter)
+        if should_exit:
+            self._app.state.queue.close()
+        return should_exit
+
+
+def make_server(
+    app: FastAPI,
+    settings: ServerSettings,
+    access_log: bool = False,
+    on_signal: Callable[[], None] | None = None,
+) -> QueueServer:
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=10,
+    )
+    return QueueServer(config, app, on_signal)
