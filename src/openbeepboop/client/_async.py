@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import httpx
 from tenacity import (
@@ -224,9 +225,9 @@ class AsyncJob:
         if not self.done:
             return None
         error = self.error or {}
-        message = error.get("message") or f"job {self.id} ended {self.status}"
+        detail = f": {error['message']}" if error.get("message") else ""
         raise JobFailedError(
-            f"job {self.id} {self.status}: {message}", job=self, code=error.get("code")
+            f"job {self.id} {self.status}{detail}", job=self, code=error.get("code")
         )
 
 
@@ -278,10 +279,12 @@ class Jobs:
         self._client = client
 
     async def get(self, job_id: str) -> AsyncJob:
-        return AsyncJob(self._client, await self._client.request("GET", f"/v1/jobs/{job_id}"))
+        return AsyncJob(
+            self._client, await self._client.request("GET", f"/v1/jobs/{quote(job_id, safe='')}")
+        )
 
     async def cancel(self, job_id: str) -> AsyncJob:
-        data = await self._client.request("POST", f"/v1/jobs/{job_id}/cancel")
+        data = await self._client.request("POST", f"/v1/jobs/{quote(job_id, safe='')}/cancel")
         return AsyncJob(self._client, data)
 
     async def list(
@@ -294,7 +297,7 @@ class Jobs:
     ) -> list[AsyncJob]:
         """One page, newest first; pass the last id as `after` for the next page."""
         params = {"status": status, "model": model, "limit": limit, "after": after}
-        query = "&".join(f"{k}={v}" for k, v in params.items() if v is not None)
+        query = urlencode({k: v for k, v in params.items() if v is not None})
         page = await self._client.request("GET", f"/v1/jobs?{query}")
         return [AsyncJob(self._client, d) for d in page["data"]]
 

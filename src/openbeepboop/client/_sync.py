@@ -19,6 +19,7 @@ from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from openbeepboop.client._async import AsyncClient, AsyncJob, Completions, Jobs, Results
+from openbeepboop.client.errors import JobFailedError
 
 T = TypeVar("T")
 
@@ -95,7 +96,11 @@ class Job:
 
     def get(self, wait: bool = True, timeout: float | None = None) -> Any:
         """The OpenAI-shaped result; see `AsyncJob.get`."""
-        return self._loop.run(self._job.get(wait=wait, timeout=timeout))
+        try:
+            return self._loop.run(self._job.get(wait=wait, timeout=timeout))
+        except JobFailedError as exc:
+            exc.job = self  # this Job, not the AsyncJob inside it
+            raise
 
 
 class _SyncCompletions:

@@ -256,7 +256,9 @@ class NodeRunner:
             self.client.fetch(self.node_id, models, max_jobs, wait)
         )
         try:
-            return await self._fetching
+            jobs = await self._fetching
+            self._failures = 0
+            return jobs
         except asyncio.CancelledError:
             if self._stopping.is_set():
                 return None
@@ -382,6 +384,10 @@ class NodeRunner:
                     return {"result": await self._generate(slot, job)}
         except BackendError as exc:
             return {"error": {"message": exc.message, "code": exc.code, "retryable": exc.retryable}}
+        except Exception as exc:  # a backend bug: fail the job visibly, keep the node going
+            log.exception("backend crashed", extra={"job": job["id"], "model": job["model"]})
+            message = f"the backend crashed: {type(exc).__name__}: {exc}"
+            return {"error": {"message": message, "code": "backend_error", "retryable": False}}
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _generate(self, slot: Slot, job: JSON) -> JSON:
