@@ -28,7 +28,9 @@ $(STAMP): pyproject.toml requirements.lock | $(BIN)/python
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the project with every extra
+# `make run VENV=/some/env INSTALL_STAMP=` reuses an environment as it is (the README test)
+INSTALL_STAMP ?= $(STAMP)
+install: $(INSTALL_STAMP)  ## create .venv and install the project with every extra
 
 test: install  ## lint, type-check and run the whole test suite
 	$(BIN)/ruff check src tests bench

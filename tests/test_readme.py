@@ -1,0 +1,138 @@
+"""Follow the README as a newcomer would, from a fresh clone: its run command, then the
+shell and Python snippets exactly as printed, answered by the real Gemma model.
+
+Installation reuses the packages already installed (the Makefile's install step is
+skipped by pointing it at this interpreter's environment): the point is the README's
+commands and snippets, not pip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def block(readme: str, name: str) -> str:
+    """The code block that follows `<!-- readme-test: NAME -->`."""
+    found = re.search(rf"<!-- readme-test: {name} -->\s*```\w*\n(.*?)```", readme, re.S)
+    assert found, f"README has no block marked readme-test: {name}"
+    return found.group(1)
+
+
+def test_quickstart_opens_with_the_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    quickstart = readme.split("## Quickstart", 1)[1]
+    first = re.search(r"```bash\n(.*?)```", quickstart, re.S)
+    assert first is not None
+    commands = [line.split("#")[0].strip() for line in first.group(1).splitlines()]
+    assert [c for c in commands if c] == ["make run", "make test"]
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("readme") / "openbeepboop"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
+    # "installation may reuse the packages already installed": .venv is this environment
+    venv = target / ".venv"
+    if (Path(sys.prefix) / "bin" / "activate").exists():
+        venv.symlink_to(sys.prefix)
+    else:
+        (venv / "bin").mkdir(parents=True)
+        (venv / "bin" / "activate").write_text(
+            f'export PATH="{Path(sys.executable).parent}:$PATH"\n'
+        )
+    return target
+
+
+@pytest.fixture(scope="module")
+def running(clone: Path) -> Iterator[dict[str, str]]:
+    """`make run` from the clone, with its own data directory and port."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "XDG_DATA_HOME": str(clone.parent / "xdg-data"),
+        "XDG_STATE_HOME": str(clone.parent / "xdg-state"),
+        "OPENBEEPBOOP_PORT": str(port),
+    }
+    env.pop("OPENBEEPBOOP_API_KEY", None)
+    env.pop("OPENBEEPBOOP_DATA_DIR", None)
+    log = clone.parent / "make-run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["make", "run", f"VENV={sys.prefix}", "INSTALL_STAMP="],
+            cwd=clone,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        key_file = Path(env["XDG_DATA_HOME"]) / "openbeepboop" / "client.key"
+        while True:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "make run did not come up:\n" + log.read_text()
+            try:
+                key = key_file.read_text().strip()
+                models = httpx.get(
+                    f"{url}/v1/models", timeout=2, headers={"Authorization": f"Bearer {key}"}
+                ).json()["data"]
+                if any(m["id"] == "gemma-3-270m" for m in models):
+                    break
+            except (OSError, httpx.HTTPError, KeyError):
+                pass
+            time.sleep(0.3)
+        assert "client key: obb_client_" in log.read_text()  # printed once, on first start
+        yield {**env, "OPENBEEPBOOP_BASE_URL": url}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+
+
+def test_readme_shell_snippet(clone: Path, running: dict[str, str]) -> None:
+    script = block((clone / "README.md").read_text(), "cli")
+    out = subprocess.run(
+        ["bash", "-e", "-c", script],
+        cwd=clone,
+        env=running,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    answer, _, status = out.stdout.partition("model ")
+    assert answer.strip(), f"no answer from the model: {out.stdout!r}"
+    assert "gemma-3-270m" in status and "live node" in status
+
+
+def test_readme_python_snippet(clone: Path, running: dict[str, str]) -> None:
+    code = block((clone / "README.md").read_text(), "python")
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=clone,
+        env=running,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    first, _, answer = out.stdout.partition("\n")
+    job_id, status = first.split()
+    assert job_id.startswith("job_") and status in ("queued", "in_progress", "completed")
+    assert answer.strip(), f"no answer from the model: {out.stdout!r}"
