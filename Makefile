@@ -33,18 +33,18 @@ INSTALL_STAMP ?= $(STAMP)
 install: $(INSTALL_STAMP)  ## create .venv and install the project with every extra
 
 test: install  ## lint, type-check and run the whole test suite
-	$(BIN)/ruff check src tests bench
-	$(BIN)/mypy
+	$(BIN)/python -m ruff check src tests bench
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
 
 lint: install  ## ruff and mypy only
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
-	$(BIN)/mypy
+	$(BIN)/python -m ruff check src tests bench
+	$(BIN)/python -m ruff format --check src tests bench
+	$(BIN)/python -m mypy
 
 format: install  ## apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix src tests bench
-	$(BIN)/ruff format src tests bench
+	$(BIN)/python -m ruff check --fix src tests bench
+	$(BIN)/python -m ruff format src tests bench
 
 run: install  ## start the all-in-one server (queue + a node on the bundled Gemma) on :8000
 	$(BIN)/openbeepboop serve

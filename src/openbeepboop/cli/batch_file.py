@@ -33,7 +33,9 @@ def parse_line(text: str, number: int, model: str) -> dict[str, Any]:
     """One input line as {"custom_id", "url", "body"}; click.UsageError names the line."""
     try:
         value: Any = json.loads(text)
-    except ValueError:
+    except ValueError as exc:
+        if text.lstrip().startswith("{"):  # meant as JSON: not a prompt to send as is
+            raise click.UsageError(f"line {number}: not valid JSON: {exc}") from exc
         value = text
     if isinstance(value, str):
         value = {"prompt": value}
@@ -69,6 +71,15 @@ def _read(path: Path, model: str) -> list[dict[str, Any]]:
     return items
 
 
+def _drop_torn_tail(output: Path) -> None:
+    """An interrupted run can leave a last line without its newline: cut it off, so that
+    appended results start on a line of their own (that request is written again)."""
+    data = output.read_bytes() if output.exists() else b""
+    if data and not data.endswith(b"\n"):
+        with output.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def _done_ids(output: Path) -> set[str]:
     if not output.exists():
         return set()
@@ -99,6 +110,7 @@ def run_file(
     """Submit what is not done yet, wait, write results; returns a summary."""
     output = output or path.with_suffix(".results.jsonl")
     items = _read(path, model)
+    _drop_torn_tail(output)
     done = _done_ids(output)
     todo = [i for i in items if i["custom_id"] not in done]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]

@@ -59,7 +59,9 @@ def _retryable(exc: BaseException) -> bool:
 def _wait(state: RetryCallState) -> float:
     exc = state.outcome.exception() if state.outcome else None
     after = getattr(exc, "retry_after", None)
-    return float(after) if after else float(wait_exponential_jitter(0.5, 20)(state))
+    if after:
+        return float(after)
+    return float(wait_exponential_jitter(initial=0.5, max=20)(state))
 
 
 class AsyncClient:

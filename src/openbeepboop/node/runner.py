@@ -52,6 +52,7 @@ class Slot:
     pacer: Pacer
     running: int = 0
     state: str = "loading"
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # a job of it ended
     progress: float = 0.0
     error: str | None = None
 
@@ -101,9 +102,9 @@ class NodeRunner:
         self.lease_seconds: float | None = None
         self._stopping = asyncio.Event()
         self._release_now = asyncio.Event()
-        self._changed = asyncio.Event()  # a slot freed or the outbox got work
         self._outbox_ready = asyncio.Event()
-        self._fetching: asyncio.Task[list[JSON]] | None = None
+        self._fetching: set[asyncio.Task[list[JSON]]] = set()
+        self._registering = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -151,8 +152,8 @@ class NodeRunner:
             return
         log.info("stopping: draining running jobs", extra={"running": len(self.in_flight)})
         self._stopping.set()
-        if self._fetching is not None:
-            self._fetching.cancel()
+        for task in self._fetching:
+            task.cancel()
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -210,6 +211,13 @@ class NodeRunner:
         self.node_id = await self._until_reachable(call, attempts=4 if give_up else None)
         log.info("registered", extra={"node_id": self.node_id, "node_name": self.config.node.name})
 
+    async def _reregister(self, stale: str) -> None:
+        """The server forgot us (e.g. a fresh database): register once, however many
+        loops noticed."""
+        async with self._registering:
+            if self.node_id == stale:
+                await self._register()
+
     async def _until_reachable(
         self, call: Callable[[], Awaitable[T]], attempts: int | None = None
     ) -> T:
@@ -235,28 +243,34 @@ class NodeRunner:
     # -- fetching ----------------------------------------------------------------------
 
     async def _fetch_loop(self, batch: bool) -> None:
+        """One long-poll loop per ready model, so that a busy model never keeps another
+        model's free slots waiting."""
+        ready = [name for name, s in self.slots.items() if s.state == "ready"]
+        await asyncio.gather(*(self._model_loop(self.slots[name], batch) for name in ready))
+
+    async def _model_loop(self, slot: Slot, batch: bool) -> None:
+        name = slot.config.name
+        wait = 0.0 if batch else self.config.node.poll_seconds
         while not self._stopping.is_set():
-            free = {name: s.free() for name, s in self.slots.items() if s.free() > 0}
-            if not free:
-                await self._wait_change()
+            free = slot.free()
+            if free <= 0:
+                await self._wait_change(slot)
                 continue
-            wait = 0.0 if batch else self.config.node.poll_seconds
-            jobs = await self._fetch(list(free), sum(free.values()), wait)
+            jobs = await self._fetch([name], free, wait)
             if jobs is None:
                 continue
             if not jobs and batch:
-                if not self.in_flight:
+                if slot.running == 0:
                     return
-                await self._wait_change()
+                await self._wait_change(slot)
             for job in jobs:
                 self._start(job)
 
     async def _fetch(self, models: list[str], max_jobs: int, wait: float) -> list[JSON] | None:
-        self._fetching = asyncio.create_task(
-            self.client.fetch(self.node_id, models, max_jobs, wait)
-        )
+        task = asyncio.create_task(self.client.fetch(self.node_id, models, max_jobs, wait))
+        self._fetching.add(task)
         try:
-            jobs = await self._fetching
+            jobs = await task
             self._failures = 0
             return jobs
         except asyncio.CancelledError:
@@ -269,13 +283,13 @@ class NodeRunner:
             return None
         except ServerRefused as exc:
             if exc.code == "node_not_registered":
-                await self._register()
+                await self._reregister(stale=self.node_id)
                 return None
             log.error("fetch refused", extra={"status": exc.status, "why": exc.message})
             await self._pause(5)
             return None
         finally:
-            self._fetching = None
+            self._fetching.discard(task)
 
     _failures = 0
 
@@ -287,10 +301,10 @@ class NodeRunner:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    async def _wait_change(self) -> None:
-        self._changed.clear()
+    async def _wait_change(self, slot: Slot) -> None:
+        slot.changed.clear()
         waits = [
-            asyncio.create_task(self._changed.wait()),
+            asyncio.create_task(slot.changed.wait()),
             asyncio.create_task(self._stopping.wait()),
         ]
         _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -335,7 +349,7 @@ class NodeRunner:
         finally:
             slot.running -= 1
             self.in_flight.pop(job["id"], None)
-            self._changed.set()
+            slot.changed.set()
         elapsed = time.monotonic() - started
         if "result" in payload:
             tokens = completion_tokens(payload["result"])
@@ -366,7 +380,8 @@ class NodeRunner:
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             after = getattr(exc, "retry_after", None)
-            delay = after if after is not None else wait_exponential_jitter(1, 30)(state)
+            backoff = wait_exponential_jitter(initial=1, max=30)
+            delay = after if after is not None else backoff(state)
             if getattr(exc, "code", "") == "rate_limited":
                 slot.pacer.pause(delay)
             return float(delay)
@@ -482,7 +497,7 @@ class NodeRunner:
                 continue
             except ServerRefused as exc:
                 if exc.code == "node_not_registered":
-                    await self._register()
+                    await self._reregister(stale=self.node_id)
                 continue
             for job_id in reply.get("cancelled", []):
                 self._stop_job(job_id, "cancelled")
@@ -507,7 +522,7 @@ class NodeRunner:
                 answers = await self.client.submit(self.node_id, body)
             except ServerRefused as exc:
                 if exc.code == "node_not_registered":
-                    await self._register()
+                    await self._reregister(stale=self.node_id)
                     continue
                 if exc.status in (400, 413, 422):
                     await self._submit_one_by_one(items)

@@ -5,24 +5,27 @@ behind a one-job call. `FastLane` (the innermost ASGI middleware) serves the pla
 case of these calls itself, with the same models, guards and route functions:
 
 - `POST /internal/queue/fetch` and `POST /internal/queue/submit` (node keys);
-- `POST /v1/chat/completions` with `Prefer: respond-async` and no `Idempotency-Key`.
+- `POST /v1/chat/completions` with `Prefer: respond-async` and no `Idempotency-Key`;
+- `POST /v1/jobs` (one job or a bulk submit) without an `Idempotency-Key` header.
 
 Anything it is not sure about (another content type, a body that is not JSON or fails
 validation, a missing, bad or wrong-role key) goes on untouched, body and all, to FastAPI,
 which answers it exactly as before; nothing has happened by then (authentication and
 validation have no side effects; the rate limiter is hit only once the request is
-known to be served here). Errors raised while serving get the same responses as the
-exception handlers give; anything else propagates to the server-error handler as before.
+known to be served here). The body is parsed with the standard `json` module, as
+Starlette does (orjson reads some inputs differently, e.g. integers beyond 64 bits).
+Errors raised while serving get the same responses as the exception handlers give;
+anything else propagates to the server-error handler as before.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -43,25 +46,43 @@ async def _chat_async(request: Request, body: Any, key: ApiKey) -> Response:
     )
 
 
+async def _create_jobs(request: Request, raw: Any, key: ApiKey) -> Response:
+    return await routes_client.create_jobs(request, raw, key, idempotency_key=None)
+
+
+def _no_idempotency_key(request: Request) -> bool:
+    return "idempotency-key" not in request.headers
+
+
 def _is_async(request: Request) -> bool:
-    return routes_client._wants_async(request.headers.get("prefer")) and (
-        "idempotency-key" not in request.headers
+    return _no_idempotency_key(request) and routes_client._wants_async(
+        request.headers.get("prefer")
     )
+
+
+class _NotAnObject(ValueError):
+    pass
+
+
+def _json_object(data: Any) -> dict[str, Any]:
+    """What FastAPI makes of a `dict[str, Any]` body: JSON objects only."""
+    if not isinstance(data, dict):
+        raise _NotAnObject
+    return data
 
 
 class _Lane:
     def __init__(
         self,
-        model: type[BaseModel],
+        parse: Callable[[Any], Any],
         role: Role,
         serve: Serve,
-        route: Any,
         when: Callable[[Request], bool] | None = None,
     ) -> None:
-        self.model = model
+        self.parse = parse
         self.role = role
         self.serve = serve
-        self.route = route
+        self.route: Any = None
         self.when = when
 
 
@@ -75,11 +96,14 @@ def _route(router: Any, path: str) -> Any:
 
 def _lanes() -> dict[str, _Lane]:
     lanes = {
-        "/internal/queue/fetch": _Lane(FetchBody, Role.NODE, routes_node.fetch, None),
-        "/internal/queue/submit": _Lane(SubmitResultsBody, Role.NODE, routes_node.submit, None),
-        "/v1/chat/completions": _Lane(
-            ChatCompletionBody, Role.CLIENT, _chat_async, None, when=_is_async
+        "/internal/queue/fetch": _Lane(FetchBody.model_validate, Role.NODE, routes_node.fetch),
+        "/internal/queue/submit": _Lane(
+            SubmitResultsBody.model_validate, Role.NODE, routes_node.submit
         ),
+        "/v1/chat/completions": _Lane(
+            ChatCompletionBody.model_validate, Role.CLIENT, _chat_async, when=_is_async
+        ),
+        "/v1/jobs": _Lane(_json_object, Role.CLIENT, _create_jobs, when=_no_idempotency_key),
     }
     for path, lane in lanes.items():
         router = routes_client.router if path.startswith("/v1/") else routes_node.router
@@ -117,8 +141,8 @@ class FastLane:
         try:
             key = await keyring.authenticate(_bearer(request))
             require_role(key, lane.role)
-            parsed = lane.model.model_validate(orjson.loads(body))
-        except (OpenBeepBoopError, ValidationError, orjson.JSONDecodeError):
+            parsed = lane.parse(json.loads(body))  # as Starlette does: orjson differs
+        except (OpenBeepBoopError, ValidationError, ValueError):
             return False  # FastAPI gives the canonical answer
         scope["route"] = lane.route
         limiter: KeyRateLimiter = state.rate_limiter
