@@ -61,7 +61,7 @@ def _wait(state: RetryCallState) -> float:
     after = getattr(exc, "retry_after", None)
     if after:
         return float(after)
-    return float(wait_exponential_jitter(initial=0.5, max=20)(state))
+    return float(wait_exponential_jitter(multiplier=0.5, max=20)(state))
 
 
 class AsyncClient:

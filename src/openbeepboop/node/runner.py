@@ -224,7 +224,7 @@ class NodeRunner:
         """Retry `call` while the server is unreachable (exponential backoff, jitter)."""
         retrying = AsyncRetrying(
             retry=retry_if_exception(lambda e: isinstance(e, ServerUnreachable)),
-            wait=wait_exponential_jitter(initial=0.5, max=30),
+            wait=wait_exponential_jitter(multiplier=0.5, max=30),
             stop=stop_after_attempt(attempts) if attempts else (lambda _: self._stopping.is_set()),
             before_sleep=lambda rs: log.warning(
                 "server unreachable; retrying",
@@ -380,7 +380,7 @@ class NodeRunner:
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             after = getattr(exc, "retry_after", None)
-            backoff = wait_exponential_jitter(initial=1, max=30)
+            backoff = wait_exponential_jitter(multiplier=1, max=30)
             delay = after if after is not None else backoff(state)
             if getattr(exc, "code", "") == "rate_limited":
                 slot.pacer.pause(delay)
