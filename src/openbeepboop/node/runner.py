@@ -315,8 +315,8 @@ class NodeRunner:
 
     def _start(self, job: JSON) -> None:
         self._failures = 0
-        if self.lease_seconds is None and job.get("lease_expires_at"):
-            self.lease_seconds = max(1.0, float(job["lease_expires_at"]) - time.time())
+        if self.lease_seconds is None and job.get("lease_seconds"):
+            self.lease_seconds = max(0.1, float(job["lease_seconds"]))
         slot = self.slots.get(job["model"])
         if slot is None:  # the server sent a model we never asked for
             self._finish(

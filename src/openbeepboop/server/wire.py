@@ -53,6 +53,8 @@ def leased_job_json(job: Job) -> dict[str, Any]:
         "id": job.id,
         "lease_id": job.lease_id,
         "lease_expires_at": job.lease_expires_at,
+        # the lease's length, so that a node with a skewed clock still heartbeats in time
+        "lease_seconds": round((job.lease_expires_at or 0) - (job.started_at or 0), 3),
         "attempt": job.attempts,
         "model": job.model,
         "endpoint": job.endpoint,
