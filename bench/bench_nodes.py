@@ -142,12 +142,7 @@ def _direct_round(llm: Any) -> tuple[int, float]:
     tokens, seconds = 0, 0.0
     for prompt in PROMPTS:
         start = time.perf_counter()
-        out = llm.create_chat_completion(
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=MAX_TOKENS,
-            temperature=0.0,
-            seed=1,
-        )
+        out = llm.create_completion(prompt, max_tokens=MAX_TOKENS, temperature=0.8, seed=1)
         seconds += time.perf_counter() - start
         tokens += out["usage"]["completion_tokens"]
     return tokens, seconds
@@ -158,12 +153,12 @@ def _node_round(cluster: Cluster) -> tuple[int, float]:
     for prompt in PROMPTS:
         start = time.perf_counter()
         r = cluster.http.post(
-            "/v1/chat/completions",
+            "/v1/completions",
             json={
                 "model": "gemma",
-                "messages": [{"role": "user", "content": prompt}],
+                "prompt": prompt,
                 "max_tokens": MAX_TOKENS,
-                "temperature": 0.0,
+                "temperature": 0.8,
                 "seed": 1,
             },
         )

@@ -19,16 +19,21 @@ response is sent only after its COMMIT):
 How: the script makes a temporary data dir (``openbeepboop-server setup
 --non-interactive --json``), starts the server with ``OPENBEEPBOOP_RATE_LIMIT=""`` (no
 per-key rate limits), waits for ``GET /health``, registers a node for model ``echo``,
-runs the scenarios, and stops the server with SIGTERM. The load generator is aiohttp on
-uvloop; by default the client side and the node side of the throughput scenarios run in
-two separate processes (``--procs 1`` runs both in this process). Throughput scenarios
-are repeated (``--reps``) after one short warm-up and the median is reported, beside the
-server's CPU use (from /proc) and the load average, so a noisy machine shows.
+runs the scenarios, and stops the server with SIGTERM. The load generator runs on uvloop
+with one keep-alive connection per client task or node worker; its HTTP client is a
+minimal HTTP/1.1 one parsed by httptools (``--http aiohttp`` cross-checks with aiohttp,
+which costs more CPU per request than the server does and so competes with it on a
+small machine). By default the client side and the node side of the throughput
+scenarios run in two separate processes (``--procs 1`` runs both in this one). Each
+throughput scenario runs one short warm-up, then ``--reps`` measured runs; the median is
+reported. Every run also prints the server's CPU time per job (from /proc, robust to a
+noisy machine), the load generator's, and what the machine was doing meanwhile: CPU
+pressure (PSI: some runnable task waited for a CPU) and hypervisor steal.
 
-Run: ``python3 bench/bench_queue.py`` (about a minute or two with the defaults);
-``--help`` lists the knobs; ``--json-out FILE`` writes every figure as JSON. Every
-accepted-result count is checked: a scenario that loses or refuses a job is reported
-as failed rather than fast.
+Run: ``python3 bench/bench_queue.py`` (one to two minutes with the defaults; it exits 1
+if a target is missed); ``--help`` lists the knobs; ``--json-out FILE`` writes every
+figure as JSON, including per-call latencies. Every accepted-result count is checked: a
+run that loses or refuses a job is reported as incomplete, not fast.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from math import nan
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -65,7 +71,6 @@ except ImportError:  # pragma: no cover - uvloop is an optional speed-up
     uvloop = None
 
 MODEL = "echo"
-MESSAGES = [{"role": "user", "content": "hello"}]
 RESULT = {
     "id": "chatcmpl-bench",
     "object": "chat.completion",
@@ -86,18 +91,59 @@ TARGETS = {"single": 1000.0, "batched": 5000.0, "latency_p99_ms": 20.0}
 # -- the server ----------------------------------------------------------------------
 
 
-def _cpu_pressure(since: tuple[float, float] | None = None) -> Any:
-    """Linux PSI: with no argument, a (stall microseconds, time) mark; with a mark, the
-    share of time since it in which some runnable task waited for a CPU (percent)."""
+class Mark:
+    """What the machine was doing: CPU pressure (PSI: the share of time in which some
+    runnable task waited for a CPU) and steal (time the hypervisor gave our virtual CPUs
+    to someone else), between this mark and `since()`."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+        self.pressure_us = _read_pressure_us()
+        self.cpu_ticks = _read_cpu_ticks()
+
+    def since(self) -> dict[str, float]:
+        wall = max(1e-9, time.monotonic() - self.at)
+        pressure = 100 * (_read_pressure_us() - self.pressure_us) / 1e6 / wall
+        ticks = [b - a for a, b in zip(self.cpu_ticks, _read_cpu_ticks(), strict=False)]
+        if len(ticks) < 8 or not sum(ticks[:8]):
+            return {"cpu_pressure_pct": pressure, "steal_pct": nan, "machine_busy_pct": nan}
+        total = sum(ticks[:8])  # user nice system idle iowait irq softirq steal
+        return {
+            "cpu_pressure_pct": pressure,
+            "steal_pct": 100 * ticks[7] / total,
+            # all CPUs, everything but idle and steal: the server and the load generator
+            # account for their share; the rest is other work on the machine
+            "machine_busy_pct": 100 * (total - ticks[3] - ticks[4] - ticks[7]) / total,
+        }
+
+
+def _wait_quiet(limit: float) -> None:
+    """Wait (at most `limit` seconds) for a one-second window in which the machine is
+    nearly idle: under 2% steal and under 10% busy. The run is reported either way."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        mark = Mark()
+        time.sleep(1)
+        seen = mark.since()
+        if not (seen["steal_pct"] >= 2 or seen["machine_busy_pct"] >= 10):  # NaN: no /proc
+            return
+
+
+def _read_pressure_us() -> float:
     try:
         line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        total = float(line.rsplit("total=", 1)[1])
+        return float(line.rsplit("total=", 1)[1])
     except (OSError, IndexError, ValueError):
-        return float("nan") if since else (float("nan"), time.monotonic())
-    now = time.monotonic()
-    if since is None:
-        return (total, now)
-    return 100 * (total - since[0]) / 1e6 / max(1e-9, now - since[1])
+        return nan
+
+
+def _read_cpu_ticks() -> list[int]:
+    """The machine-wide `cpu` line of /proc/stat: user nice system idle iowait irq
+    softirq steal ..."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return []
 
 
 def _free_port() -> int:
@@ -331,6 +377,7 @@ async def run_clients(load: Load) -> dict[str, Any]:
     first_sent: float | None = None
     last_acked = 0.0
     submitted = 0
+    took: list[float] = []
     headers = _headers(load.client_key, Prefer="respond-async")
     bulk_headers = _headers(load.client_key)
     conns = [await CLIENTS[load.http].open(load.url) for _ in range(load.client_concurrency)]
@@ -341,8 +388,9 @@ async def run_clients(load: Load) -> dict[str, Any]:
             start = next_job
             n = min(load.submit_batch if load.batched else 1, load.jobs - start)
             next_job += n
+            sent = time.monotonic()
             if first_sent is None:
-                first_sent = time.monotonic()
+                first_sent = sent
             if load.batched:
                 body = {"jobs": [{"body": _chat(start + i)} for i in range(n)]}
                 out = await http.post("/v1/jobs", bulk_headers, body, ok=202)
@@ -351,13 +399,19 @@ async def run_clients(load: Load) -> dict[str, Any]:
                 await http.post("/v1/chat/completions", headers, _chat(start), ok=202)
                 submitted += 1
             last_acked = time.monotonic()
+            took.append(last_acked - sent)
 
     try:
         await asyncio.gather(*(one_client(c) for c in conns))
     finally:
         for c in conns:
             await c.close()
-    return {"first_sent": first_sent, "last_acked": last_acked, "submitted": submitted}
+    return {
+        "first_sent": first_sent,
+        "last_acked": last_acked,
+        "submitted": submitted,
+        "latency_ms": {"submit": _summary(took)},
+    }
 
 
 async def run_nodes(load: Load, started: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -366,6 +420,7 @@ async def run_nodes(load: Load, started: Callable[[], None] | None = None) -> di
     last_accepted = 0.0
     done = False
     deadline = time.monotonic() + load.deadline_s
+    took: dict[str, list[float]] = {"fetch": [], "result": []}
     headers = _headers(load.node_key)
     fetch_body = {
         "node_id": load.node_id,
@@ -378,16 +433,20 @@ async def run_nodes(load: Load, started: Callable[[], None] | None = None) -> di
     async def worker(http: Http) -> None:
         nonlocal accepted, refused, fetches, empty, last_accepted, done
         while not done and time.monotonic() < deadline:
+            sent = time.monotonic()
             jobs = (await http.post("/internal/queue/fetch", headers, fetch_body))["jobs"]
             fetches += 1
             if not jobs:
                 empty += 1
                 continue
+            took["fetch"].append(time.monotonic() - sent)
             results = [
                 {"job_id": j["id"], "lease_id": j["lease_id"], "result": RESULT} for j in jobs
             ]
             body = {"node_id": load.node_id, "results": results}
+            sent = time.monotonic()
             out = await http.post("/internal/queue/submit", headers, body)
+            took["result"].append(time.monotonic() - sent)
             ok = sum(1 for r in out["results"] if r["accepted"])
             accepted += ok
             refused += len(results) - ok
@@ -411,7 +470,16 @@ async def run_nodes(load: Load, started: Callable[[], None] | None = None) -> di
         "fetches": fetches,
         "empty_fetches": empty,
         "last_accepted": last_accepted,
+        "latency_ms": {name: _summary(values) for name, values in took.items()},
     }
+
+
+def _summary(seconds: list[float]) -> dict[str, float]:
+    """p50 / p99 / max of call durations, in ms (non-empty fetches only)."""
+    if not seconds:
+        return {}
+    ms = [s * 1000 for s in seconds]
+    return {"p50": _pct(ms, 50), "p99": _pct(ms, 99), "max": max(ms)}
 
 
 def _run_loop(coro: Any) -> Any:
@@ -488,6 +556,7 @@ def run_throughput(load: Load, procs: int) -> dict[str, Any]:
         "fetches": n["fetches"],
         "empty_fetches": n["empty_fetches"],
         "loadgen_cpu_ms_per_job": 1000 * loadgen_cpu / max(1, n["accepted"]),
+        "call_latency_ms": {**c["latency_ms"], **n["latency_ms"]},
     }
 
 
@@ -600,20 +669,22 @@ def _throughput(
     run_throughput(load(max(1, jobs // 10)), args.procs)  # warm-up, not counted
     runs = []
     for _ in range(args.reps):
-        cpu0, t0, busy0 = server.cpu_seconds(), time.monotonic(), _cpu_pressure()
+        _wait_quiet(args.quiet_wait)
+        cpu0, t0, mark = server.cpu_seconds(), time.monotonic(), Mark()
         run = run_throughput(load(jobs), args.procs)
         wall = time.monotonic() - t0
         server_cpu = server.cpu_seconds() - cpu0
-        run["server_cpu_pct"] = 100 * server_cpu / wall
+        run["server_cpu_pct"] = 100 * server_cpu / max(1e-9, min(wall, run["seconds"]))
         run["server_cpu_ms_per_job"] = 1000 * server_cpu / max(1, run["accepted"])
-        run["cpu_pressure_pct"] = _cpu_pressure(busy0)
+        run.update(mark.since())
         runs.append(run)
         print(
             f"  {'batched' if batched else 'single'}: {run['jobs_per_s']:8,.0f} jobs/s "
             f"({run['accepted']}/{jobs} in {run['seconds']:.2f} s; server "
             f"{run['server_cpu_pct']:.0f}% CPU, {run['server_cpu_ms_per_job']:.3f} ms/job; "
             f"load generator {run['loadgen_cpu_ms_per_job']:.3f} ms/job; "
-            f"CPU pressure {run['cpu_pressure_pct']:.0f}%)",
+            f"machine {run['machine_busy_pct']:.0f}% busy, CPU pressure "
+            f"{run['cpu_pressure_pct']:.0f}%, steal {run['steal_pct']:.0f}%)",
             flush=True,
         )
     rates = [r["jobs_per_s"] for r in runs]
@@ -622,6 +693,7 @@ def _throughput(
         "median_server_cpu_ms_per_job": statistics.median(r["server_cpu_ms_per_job"] for r in runs),
         "min_jobs_per_s": min(rates),
         "max_jobs_per_s": max(rates),
+        "steal_pct_range": (min(r["steal_pct"] for r in runs), max(r["steal_pct"] for r in runs)),
         "complete": all(r["complete"] for r in runs),
         "runs": runs,
     }
@@ -634,7 +706,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "config": {k: v for k, v in vars(args).items() if k != "json_out"},
         "scenarios": {},
     }
-    busy0 = _cpu_pressure()
+    mark = Mark()
     with _server(args) as server:
         node_id = asyncio.run(register_node(server.url, server.keys["node_key"], "bench-node"))
         scenarios = report["scenarios"]
@@ -643,7 +715,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         if "batched" in args.only:
             scenarios["batched"] = _throughput(server, args, node_id, batched=True)
         if "latency" in args.only:
-            cpu0, t0 = server.cpu_seconds(), time.monotonic()
+            cpu0, t0, lat_mark = server.cpu_seconds(), time.monotonic(), Mark()
             lat = _run_loop(
                 run_latency(
                     server.url,
@@ -656,9 +728,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
             lat["server_cpu_pct"] = 100 * (server.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+            lat.update(lat_mark.since())
             scenarios["latency"] = lat
     report["machine"]["loadavg_end"] = os.getloadavg()
-    report["machine"]["cpu_pressure_pct"] = _cpu_pressure(busy0)
+    report["machine"].update(mark.since())
     return report
 
 
@@ -673,7 +746,8 @@ def print_table(report: dict[str, Any]) -> bool:
             met_all &= met
             figure = (
                 f"{s['median_jobs_per_s']:,.0f} jobs/s (median; "
-                f"{s['min_jobs_per_s']:,.0f}-{s['max_jobs_per_s']:,.0f})"
+                f"{s['min_jobs_per_s']:,.0f}-{s['max_jobs_per_s']:,.0f}; "
+                f"steal {s['steal_pct_range'][0]:.0f}-{s['steal_pct_range'][1]:.0f}%)"
             )
             figure += "" if s["complete"] else " INCOMPLETE"
             rows.append((label, figure, f">= {TARGETS[name]:,.0f} jobs/s", _yes(met)))
@@ -690,8 +764,9 @@ def print_table(report: dict[str, Any]) -> bool:
     m = report["machine"]
     print(
         f"machine: {m['cpus']} CPUs, load average {m['loadavg_start'][0]:.2f} at start, "
-        f"{m['loadavg_end'][0]:.2f} at end; some task waited for a CPU "
-        f"{m['cpu_pressure_pct']:.0f}% of the time (PSI)"
+        f"{m['loadavg_end'][0]:.2f} at end; CPUs {m['machine_busy_pct']:.0f}% busy (this bench "
+        f"included); some task waited for a CPU {m['cpu_pressure_pct']:.0f}% of the time (PSI); "
+        f"hypervisor steal {m['steal_pct']:.0f}%"
     )
     return met_all
 
@@ -702,17 +777,26 @@ def _yes(met: bool) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--only", default="single,batched,latency", help="scenarios to run")
+    p.add_argument(
+        "--only", default="single,batched,latency", help="scenarios to run, comma-separated"
+    )
     p.add_argument("--reps", type=int, default=3, help="repetitions of throughput runs [3]")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=15,
+        help="before each measured run, wait up to this many seconds for a second without "
+        "hypervisor steal or other load (0: do not wait) [15]",
+    )
     p.add_argument("--single-jobs", type=int, default=6000, help="jobs per single run [6000]")
     p.add_argument("--clients", type=int, default=32, help="concurrent client tasks [32]")
     p.add_argument("--workers", type=int, default=32, help="concurrent node workers [32]")
-    p.add_argument("--batched-jobs", type=int, default=60000, help="jobs per batched run")
-    p.add_argument("--submit-batch", type=int, default=1000, help="jobs per bulk submit")
-    p.add_argument("--fetch-batch", type=int, default=500, help="max_jobs per batched fetch")
-    p.add_argument("--batch-clients", type=int, default=2, help="concurrent bulk submitters")
-    p.add_argument("--batch-workers", type=int, default=4, help="concurrent batched workers")
-    p.add_argument("--latency-samples", type=int, default=400, help="latency repetitions")
+    p.add_argument("--batched-jobs", type=int, default=60000, help="jobs per batched run [60000]")
+    p.add_argument("--submit-batch", type=int, default=1000, help="jobs per bulk submit [1000]")
+    p.add_argument("--fetch-batch", type=int, default=500, help="max_jobs per batched fetch [500]")
+    p.add_argument("--batch-clients", type=int, default=2, help="concurrent bulk submitters [2]")
+    p.add_argument("--batch-workers", type=int, default=4, help="concurrent batched workers [4]")
+    p.add_argument("--latency-samples", type=int, default=400, help="latency repetitions [400]")
     p.add_argument("--settle-ms", type=float, default=15, help="fetch head start [15 ms]")
     p.add_argument(
         "--procs",
