@@ -49,8 +49,9 @@ format: install  ## apply ruff's fixes and formatting
 run: install  ## start the all-in-one server (queue + a node on the bundled Gemma) on :8000
 	$(BIN)/openbeepboop serve
 
-bench: install  ## queue throughput and dispatch latency over real HTTP
+bench: install  ## queue throughput and latency, node speed (Gemma) and scaling (echo)
 	$(BIN)/python bench/bench_queue.py
+	$(BIN)/python bench/bench_nodes.py
 
 lock:  ## re-resolve requirements.lock from pyproject.toml
 	uv pip compile pyproject.toml --extra all --python-version 3.11 -o requirements.lock
