@@ -4,6 +4,7 @@ the node protocol, leases, expiry, polling, the sync path, and the operations ro
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -487,12 +488,59 @@ async def test_sync_without_a_node_is_503(api: Api) -> None:
     assert await list_ids(api) == []
 
 
-async def test_stream_true_is_refused_for_now(api: Api) -> None:
+async def test_stream_true_answers_server_sent_events(api: Api) -> None:
+    node_id = await api.register(["echo"])
+
+    async def node() -> None:
+        body = {"node_id": node_id, "models": ["echo"], "wait": 5}
+        [job] = (
+            await api.http.post("/internal/queue/fetch", json=body, headers=api.h(api.node))
+        ).json()["jobs"]
+        pieces = [
+            {"job_id": job["id"], "lease_id": job["lease_id"], "index": i, "delta": d}
+            for i, d in enumerate(["Hel", "lo"])
+        ]
+        r = await api.http.post(
+            "/internal/queue/events", json={"events": pieces}, headers=api.h(api.node)
+        )
+        assert r.json() == {"accepted": 2}
+        result = {
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "Hello"},
+                }
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        }
+        await api.http.post(
+            "/internal/queue/submit",
+            headers=api.h(api.node),
+            json={
+                "results": [{"job_id": job["id"], "lease_id": job["lease_id"], "result": result}]
+            },
+        )
+
+    task = asyncio.create_task(node())
     r = await api.http.post(
-        "/v1/chat/completions", json=chat(stream=True), headers=api.h(api.client)
+        "/v1/chat/completions",
+        json=chat(stream=True, stream_options={"include_usage": True}),
+        headers=api.h(api.client),
     )
-    assert r.status_code == 400
-    assert r.json()["error"]["param"] == "stream"
+    await task
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    lines = [x.removeprefix("data: ") for x in r.text.split("\n\n") if x]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(x) for x in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "Hello"
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] == 2
+    assert r.headers["x-openbeepboop-job-id"].startswith("job_")
 
 
 # -- operations --------------------------------------------------------------------

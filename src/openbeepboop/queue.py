@@ -12,12 +12,13 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from openbeepboop.deltas import DeltaHub
 from openbeepboop.errors import (
     InvalidRequest,
     JobFailed,
@@ -113,6 +114,7 @@ class Queue:
         self._node_owner: dict[str, str] = {}
         self._node_touched: dict[str, float] = {}
         self._active: dict[str, tuple[int, float]] = {}
+        self.deltas = DeltaHub()
         self.closing = False
 
     def close(self) -> None:
@@ -208,6 +210,7 @@ class Queue:
         if job is None:
             raise NotFound(f"no job with id {job_id!r}", param="job_id", code="job_not_found")
         if not before.status.is_final and job.status is JobStatus.CANCELLED:
+            self.deltas.finish(job_id)
             self.notifier.publish([job_topic(job_id)])
             self._count_active(job.owner, -1)
         return job
@@ -259,15 +262,19 @@ class Queue:
     async def complete(self, key: ApiKey, request: JobRequest) -> tuple[Job, JSON]:
         """The synchronous path: wait for a node serving the model, submit, wait for the
         result. The job survives a caller who gives up."""
-        await self.wait_for_model(str(request.body.get("model", "")))
-        outcome = (await self.submit(key, [request]))[0]
-        job = await self.wait_for(outcome.job.id, self.config.sync_timeout_seconds)
+        submitted = await self.submit_when_served(key, request)
+        job = await self.wait_for(submitted.id, self.config.sync_timeout_seconds)
         if job.status is JobStatus.COMPLETED and job.result is not None:
             return job, job.result
         error = job.error or {}
         message = str(error.get("message") or f"the job ended {job.status.value}")
         code = str(error.get("code") or f"job_{job.status.value}")
         raise JobFailed(message, code=code, job_id=job.id)
+
+    async def submit_when_served(self, key: ApiKey, request: JobRequest) -> Job:
+        """Submit once a live node serves the model (Unavailable after the wait)."""
+        await self.wait_for_model(str(request.body.get("model", "")))
+        return (await self.submit(key, [request]))[0].job
 
     async def wait_for_model(self, model: str) -> None:
         """Return once a live node serves `model`; Unavailable after model_wait_seconds."""
@@ -391,12 +398,36 @@ class Queue:
             if o.job is None:
                 continue
             if o.job.status.is_final:
+                self.deltas.finish(o.job.id)
                 finished.append(job_topic(o.job.id))
                 self._count_active(o.job.owner, -1)
             else:
                 requeued.add(model_topic(o.job.model))
         self.notifier.publish([*finished, *requeued])
         return outcomes
+
+    async def push_deltas(self, events: Sequence[JSON]) -> int:
+        """Text pieces of running jobs, each accepted only under the job's current lease
+        (fencing, as for results); returns how many were accepted."""
+        leases = {
+            j.id: j.lease_id
+            for j in await self.store.get_jobs(list({str(e["job_id"]) for e in events}))
+            if j.status is JobStatus.IN_PROGRESS
+        }
+        accepted = 0
+        for e in events:
+            if leases.get(e["job_id"]) == e["lease_id"]:
+                accepted += self.deltas.push(e["job_id"], int(e["index"]), str(e["delta"]))
+        return accepted
+
+    def follow(self, job: Job) -> AsyncIterator[str]:
+        """The job's text as it is made (the text so far first), until it is final."""
+
+        async def is_final() -> bool:
+            now = await self.store.get_job(job.id)
+            return now is None or now.status.is_final
+
+        return self.deltas.follow(job.id, is_final)
 
     async def live_nodes(self) -> list[Node]:
         return await self.store.list_nodes(self._clock() - self.config.node_ttl_seconds)
@@ -426,6 +457,8 @@ class Queue:
         if outcome.requeued:
             self.notifier.publish_all_models()
         final = [*outcome.failed, *outcome.expired]
+        for job_id in final:
+            self.deltas.finish(job_id)
         if final:
             self.notifier.publish(job_topic(j) for j in final)
         if outcome.changed:

@@ -75,6 +75,10 @@ class NodeClient:
         body = {"node_id": node_id, "lease_ids": lease_ids, "stats": stats}
         return dict(await self._post("/internal/queue/heartbeat", body))
 
+    async def events(self, node_id: str, events: list[JSON]) -> int:
+        body = {"node_id": node_id, "events": events}
+        return int((await self._post("/internal/queue/events", body))["accepted"])
+
     async def submit(self, node_id: str, results: list[JSON]) -> list[JSON]:
         body = {"node_id": node_id, "results": results}
         return list((await self._post("/internal/queue/submit", body))["results"])

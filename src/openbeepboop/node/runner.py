@@ -39,6 +39,7 @@ from openbeepboop.node.results import build_response, completion_tokens
 log = logging.getLogger("openbeepboop.node")
 T = TypeVar("T")
 SUBMIT_BATCH = 200
+DELTA_SECONDS = 0.05
 RELEASED = {"code": "released", "message": "the node stopped before finishing", "retryable": True}
 
 
@@ -104,6 +105,8 @@ class NodeRunner:
         self._release_now = asyncio.Event()
         self._outbox_ready = asyncio.Event()
         self._fetching: set[asyncio.Task[list[JSON]]] = set()
+        self._deltas: list[JSON] = []  # token deltas waiting to be pushed
+        self._delta_index: dict[str, int] = {}
         self._registering = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -128,6 +131,7 @@ class NodeRunner:
         background = [
             asyncio.create_task(self._heartbeat_loop()),
             asyncio.create_task(self._submit_loop()),
+            asyncio.create_task(self._delta_loop()),
         ]
         try:
             await self._fetch_loop(batch)
@@ -349,6 +353,7 @@ class NodeRunner:
         finally:
             slot.running -= 1
             self.in_flight.pop(job["id"], None)
+            self._delta_index.pop(job["id"], None)
             slot.changed.set()
         elapsed = time.monotonic() - started
         if "result" in payload:
@@ -408,11 +413,13 @@ class NodeRunner:
     async def _generate(self, slot: Slot, job: JSON) -> JSON:
         parts: list[str] = []
         last = Chunk()
+        self._delta_index[job["id"]] = 0  # a retry starts the streamed text over
         try:
             async with asyncio.timeout(slot.config.timeout_seconds):
                 async for chunk in slot.backend.execute(job["endpoint"], job["request"]):
                     if chunk.text:
                         parts.append(chunk.text)
+                        self._push_delta(job, chunk.text)
                     if chunk.finish_reason is not None or chunk.response is not None:
                         last = chunk
         except TimeoutError as exc:
@@ -432,6 +439,24 @@ class NodeRunner:
             last.finish_reason or "stop",
             last.usage,
         )
+
+    def _push_delta(self, job: JSON, text: str) -> None:
+        index = self._delta_index[job["id"]]
+        self._delta_index[job["id"]] = index + 1
+        self._deltas.append(
+            {"job_id": job["id"], "lease_id": job["lease_id"], "index": index, "delta": text}
+        )
+
+    async def _delta_loop(self) -> None:
+        """Push token deltas every DELTA_SECONDS in one call. Best effort: the result is
+        authoritative, so a delta that cannot be delivered is dropped."""
+        while True:
+            await asyncio.sleep(DELTA_SECONDS)
+            if not self._deltas:
+                continue
+            batch, self._deltas = self._deltas, []
+            with contextlib.suppress(ServerUnreachable, ServerRefused):
+                await self.client.events(self.node_id, batch)
 
     def _finish(self, job: JSON, payload: JSON) -> None:
         """Write the outcome to the outbox (on disk) before anything is sent."""

@@ -9,7 +9,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from openbeepboop.errors import InvalidRequest, NotFound
 from openbeepboop.models import ApiKey, JobFilter, JobStatus
@@ -24,6 +24,7 @@ from openbeepboop.server.schemas import (
     Knobs,
     PollBody,
 )
+from openbeepboop.server.streaming import stream_job
 from openbeepboop.server.wire import JSONResponse, job_json, page
 
 router = APIRouter(tags=["jobs"])
@@ -62,11 +63,6 @@ async def _openai_call(
     request: Request, key: ApiKey, req: JobRequest, prefer: str | None
 ) -> Response:
     queue = _queue(request)
-    if req.body.get("stream"):
-        raise InvalidRequest(
-            "stream=true is not supported yet; poll the job or use 'Prefer: respond-async'",
-            param="stream",
-        )
     if _wants_async(prefer):
         outcome = (await queue.submit(key, [req]))[0]
         position = await queue.queue_position(outcome.job)
@@ -77,6 +73,15 @@ async def _openai_call(
                 "Location": f"/v1/jobs/{outcome.job.id}",
                 "Preference-Applied": "respond-async",
             },
+        )
+    if req.body.get("stream"):
+        job = await queue.submit_when_served(key, req)
+        options = req.body.get("stream_options")
+        usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        return StreamingResponse(
+            stream_job(queue, job, usage),
+            media_type="text/event-stream",
+            headers={"x-openbeepboop-job-id": job.id, "Cache-Control": "no-cache"},
         )
     job, result = await queue.complete(key, req)
     return JSONResponse(result, headers={"x-openbeepboop-job-id": job.id})

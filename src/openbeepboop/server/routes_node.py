@@ -13,7 +13,13 @@ from openbeepboop.errors import InvalidRequest
 from openbeepboop.models import ApiKey, NodeResult
 from openbeepboop.queue import Queue
 from openbeepboop.server.guards import node_key
-from openbeepboop.server.schemas import FetchBody, HeartbeatBody, RegisterBody, SubmitResultsBody
+from openbeepboop.server.schemas import (
+    EventsBody,
+    FetchBody,
+    HeartbeatBody,
+    RegisterBody,
+    SubmitResultsBody,
+)
 from openbeepboop.server.wire import JSONResponse, leased_job_json
 
 router = APIRouter(prefix="/internal", tags=["node protocol"])
@@ -66,6 +72,12 @@ async def heartbeat(request: Request, body: HeartbeatBody, key: Key) -> Response
             "lease_expires_at": outcome.lease_expires_at,
         }
     )
+
+
+@router.post("/queue/events", summary="Push token deltas of running jobs (batched)")
+async def events(request: Request, body: EventsBody, key: Key) -> Response:
+    accepted = await _queue(request).push_deltas([e.model_dump() for e in body.events])
+    return JSONResponse({"accepted": accepted})
 
 
 @router.post("/queue/submit", summary="Report results or errors, each acknowledged")

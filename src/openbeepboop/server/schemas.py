@@ -138,6 +138,18 @@ class ResultItem(_Open):
     error: NodeError | None = None
 
 
+class DeltaEvent(_Open):
+    job_id: str = Field(min_length=1)
+    lease_id: str = Field(min_length=1)
+    index: int = Field(ge=0)
+    delta: str
+
+
+class EventsBody(_Open):
+    node_id: str | None = None
+    events: list[DeltaEvent] = Field(max_length=100_000)
+
+
 class SubmitResultsBody(_Open):
     node_id: str | None = None
     results: list[ResultItem] = Field(min_length=1, max_length=10_000)

@@ -1,0 +1,87 @@
+"""`stream: true` on the OpenAI routes: Server-Sent Events exactly as the `openai` SDK
+parses them — bare `data: {chunk}` lines, the role first, `finish_reason` on the last
+content chunk, a usage chunk when `stream_options.include_usage` is set, then
+`data: [DONE]`. A failure after the stream began is sent as `data: {"error": {...}}`.
+
+The job is an ordinary job: a client that disconnects does not cancel it; it completes
+and stays retrievable (its id is in the `x-openbeepboop-job-id` header).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from openbeepboop.models import JSON, Job, JobStatus
+from openbeepboop.queue import Queue
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class _Chunks:
+    """Builds the chunk objects of one endpoint."""
+
+    def __init__(self, job: Job) -> None:
+        self.chat = job.endpoint == "/v1/chat/completions"
+        self.base = {
+            "id": ("chatcmpl-" if self.chat else "cmpl-") + job.id.removeprefix("job_"),
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": int(time.time()),
+            "model": job.model,
+        }
+
+    def text(self, text: str, finish: str | None = None, role: bool = False) -> JSON:
+        if self.chat:
+            delta: JSON = {"role": "assistant", "content": text} if role else {"content": text}
+            choice: JSON = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {**self.base, "choices": [choice]}
+
+    def usage(self, usage: JSON) -> JSON:
+        return {**self.base, "choices": [], "usage": usage}
+
+
+def _final_text(job: Job) -> tuple[str, str, JSON | None]:
+    result = job.result or {}
+    choice = (result.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    text = message.get("content") if "message" in choice else choice.get("text")
+    return str(text or ""), str(choice.get("finish_reason") or "stop"), result.get("usage")
+
+
+async def stream_job(queue: Queue, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
+    """The SSE body for one job, from queued to final."""
+    chunks = _Chunks(job)
+    yield _sse(chunks.text("", role=True))
+    sent = ""
+    async for piece in queue.follow(job):
+        sent += piece
+        yield _sse(chunks.text(piece))
+    final = await queue.store.get_job(job.id)
+    if final is None or final.status is not JobStatus.COMPLETED:
+        error = (final.error if final else None) or {}
+        status = final.status.value if final else "gone"
+        yield _sse(
+            {
+                "error": {
+                    "message": error.get("message") or f"the job ended {status}",
+                    "type": "upstream_error",
+                    "param": None,
+                    "code": error.get("code") or f"job_{status}",
+                }
+            }
+        )
+        yield b"data: [DONE]\n\n"
+        return
+    text, finish, usage = _final_text(final)
+    rest = text[len(sent) :] if text.startswith(sent) else ""  # pieces a node never pushed
+    yield _sse(chunks.text(rest, finish=finish))
+    if include_usage and usage:
+        yield _sse(chunks.usage(usage))
+    yield b"data: [DONE]\n\n"
