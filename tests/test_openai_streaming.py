@@ -72,6 +72,9 @@ def test_sdk_plain_completion_and_errors(streaming_server: ServerProcess) -> Non
     text = client.completions.create(model="echo", prompt="abc def")
     assert text.choices[0].text == "abc def"
     assert [m.id for m in client.models.list()] == ["echo"]
+    assert client.models.retrieve("echo").id == "echo"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nobody-serves-this")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(
             base_url=streaming_server.url + "/v1", api_key="obb_client_" + "x" * 43, max_retries=0

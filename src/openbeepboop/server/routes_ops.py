@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from openbeepboop.auth import KeyRing
-from openbeepboop.models import ApiKey, Role
+from openbeepboop.errors import NotFound
+from openbeepboop.models import ApiKey, Node, Role
 from openbeepboop.queue import Queue
 from openbeepboop.server.guards import admin_key, any_key
 from openbeepboop.server.metrics import Metrics
@@ -48,22 +49,31 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=m.content_type)
 
 
+def _model_json(name: str, nodes: list[Node]) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(min(n.registered_at for n in nodes)),
+        "owned_by": "openbeepboop",
+        "nodes": len(nodes),
+    }
+
+
 @router.get("/v1/models", summary="Models served by live nodes", tags=["models"])
 async def list_models(request: Request, key: AnyKey) -> Response:
     served = await _queue(request).served_models()
-    data = []
-    for name in sorted(served):
-        nodes = served[name]
-        data.append(
-            {
-                "id": name,
-                "object": "model",
-                "created": int(min(n.registered_at for n in nodes)),
-                "owned_by": "openbeepboop",
-                "nodes": len(nodes),
-            }
-        )
+    data = [_model_json(name, served[name]) for name in sorted(served)]
     return JSONResponse({"object": "list", "data": data})
+
+
+@router.get("/v1/models/{model:path}", summary="One model served by live nodes", tags=["models"])
+async def get_model(request: Request, model: str, key: AnyKey) -> Response:
+    served = await _queue(request).served_models()
+    if model not in served:
+        raise NotFound(
+            f"no live node serves model {model!r}", param="model", code="model_not_found"
+        )
+    return JSONResponse(_model_json(model, served[model]))
 
 
 @router.get("/v1/nodes", summary="Live nodes")
