@@ -107,34 +107,26 @@ def running(clone: Path) -> Iterator[dict[str, str]]:
         assert "Finished server process" in text and "Traceback" not in text, text
 
 
-def test_readme_shell_snippet(clone: Path, running: dict[str, str]) -> None:
-    script = block((clone / "README.md").read_text(), "cli")
+def run_snippet(clone: Path, env: dict[str, str], name: str, runner: list[str]) -> str:
+    """Run the README's block `name` exactly as printed; its stdout."""
+    snippet = block((clone / "README.md").read_text(), name)
     out = subprocess.run(
-        ["bash", "-e", "-c", script],
-        cwd=clone,
-        env=running,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [*runner, snippet], cwd=clone, env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr
-    answer, _, status = out.stdout.partition("model ")
-    assert answer.strip(), f"no answer from the model: {out.stdout!r}"
+    return out.stdout
+
+
+def test_readme_shell_snippet(clone: Path, running: dict[str, str]) -> None:
+    stdout = run_snippet(clone, running, "cli", ["bash", "-e", "-c"])
+    answer, _, status = stdout.partition("model ")
+    assert answer.strip(), f"no answer from the model: {stdout!r}"
     assert "gemma-3-270m" in status and "live node" in status
 
 
 def test_readme_python_snippet(clone: Path, running: dict[str, str]) -> None:
-    code = block((clone / "README.md").read_text(), "python")
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=clone,
-        env=running,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    first, _, answer = out.stdout.partition("\n")
+    stdout = run_snippet(clone, running, "python", [sys.executable, "-c"])
+    first, _, answer = stdout.partition("\n")
     job_id, status = first.split()
     assert job_id.startswith("job_") and status in ("queued", "in_progress", "completed")
-    assert answer.strip(), f"no answer from the model: {out.stdout!r}"
+    assert answer.strip(), f"no answer from the model: {stdout!r}"

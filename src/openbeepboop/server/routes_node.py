@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel
 from starlette.responses import Response
 
-from openbeepboop.errors import InvalidRequest
 from openbeepboop.models import ApiKey, NodeResult
 from openbeepboop.queue import Queue
 from openbeepboop.server.guards import node_key
@@ -31,18 +28,8 @@ def _queue(request: Request) -> Queue:
     return queue
 
 
-def _storable(body: BaseModel) -> None:
-    """A 400, not a 500, for JSON the store cannot keep (integers beyond 64 bits, nesting
-    deeper than orjson allows)."""
-    try:
-        orjson.dumps(body.model_dump())
-    except TypeError as exc:
-        raise InvalidRequest(f"the request cannot be stored: {exc}") from exc
-
-
 @router.post("/nodes/register", summary="Announce a node and its models")
 async def register(request: Request, body: RegisterBody, key: Key) -> Response:
-    _storable(body)
     node = await _queue(request).register_node(
         key,
         name=body.name,
@@ -62,7 +49,6 @@ async def fetch(request: Request, body: FetchBody, key: Key) -> Response:
 
 @router.post("/queue/heartbeat", summary="Extend leases; hear of cancelled jobs")
 async def heartbeat(request: Request, body: HeartbeatBody, key: Key) -> Response:
-    _storable(body)
     outcome = await _queue(request).heartbeat(key, body.node_id, body.lease_ids, body.stats)
     return JSONResponse(
         {
@@ -82,7 +68,6 @@ async def events(request: Request, body: EventsBody, key: Key) -> Response:
 
 @router.post("/queue/submit", summary="Report results or errors, each acknowledged")
 async def submit(request: Request, body: SubmitResultsBody, key: Key) -> Response:
-    _storable(body)
     results = []
     for item in body.results:
         error = item.error.model_dump() if item.error is not None else None

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from openbeepboop.errors import IdempotencyMismatch
+from openbeepboop.errors import IdempotencyMismatch, InvalidRequest
 from openbeepboop.models import (
     ApiKey,
     HeartbeatOutcome,
@@ -44,8 +44,17 @@ KEY_COLUMNS = "id, role, key_hash, prefix, name, created_at, revoked_at"
 ACTIVE = "('queued', 'in_progress')"
 
 
+def _text(value: Any) -> str:
+    """JSON text for the store; InvalidRequest for what it cannot hold (integers beyond
+    64 bits, nesting too deep), so that a user's odd value is a 400, not a 500."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError as exc:
+        raise InvalidRequest(f"a value cannot be stored: {exc}") from exc
+
+
 def _dumps(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    return None if value is None else _text(value)
 
 
 def _loads(text: str | None) -> Any:
@@ -305,13 +314,13 @@ class SqliteStore:
             node.id,
             node.name,
             node.owner,
-            orjson.dumps(node.models).decode(),
+            _text(node.models),
             node.capacity,
-            orjson.dumps(node.hardware).decode(),
+            _text(node.hardware),
             node.version,
             node.registered_at,
             node.last_seen,
-            orjson.dumps(node.stats).decode(),
+            _text(node.stats),
         )
         sql = f"INSERT OR REPLACE INTO nodes ({NODE_COLUMNS}) VALUES ({_marks(10)})"
         await self._writer.run(lambda conn: conn.execute(sql, values))
@@ -321,7 +330,7 @@ class SqliteStore:
             sql, args = "UPDATE nodes SET last_seen = ? WHERE id = ?", (now, node_id)
         else:
             sql = "UPDATE nodes SET last_seen = ?, stats = ? WHERE id = ?"
-            args = (now, orjson.dumps(stats).decode(), node_id)  # type: ignore[assignment]
+            args = (now, _text(stats), node_id)  # type: ignore[assignment]
         return bool(await self._writer.run(lambda conn: conn.execute(sql, args).rowcount))
 
     async def get_node(self, node_id: str) -> Node | None:
@@ -417,7 +426,7 @@ def _submit_jobs(
                 nj.owner,
                 nj.endpoint,
                 nj.model,
-                orjson.dumps(nj.request).decode(),
+                _text(nj.request),
                 nj.request_hash,
                 nj.priority,
                 nj.max_attempts,
