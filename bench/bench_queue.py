@@ -179,6 +179,7 @@ class Server:
     port: int
     keys: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # e.g. OPENBEEPBOOP_DATABASE_URL
 
     @property
     def url(self) -> str:
@@ -201,11 +202,13 @@ class Server:
             check=True,
             capture_output=True,
             text=True,
+            env={**os.environ, **self.env},
         ).stdout
         self.keys = json.loads(out)
 
     def start(self, timeout: float = 30.0) -> None:
         env = {**os.environ, "OPENBEEPBOOP_RATE_LIMIT": "", "OPENBEEPBOOP_NODE_RATE_LIMIT": ""}
+        env.update(self.env)
         cmd = [*_server_cmd(), "start", "--data-dir", str(self.data_dir)]
         cmd += ["--port", str(self.port)]
         with self.log_path.open("wb") as log:
@@ -369,6 +372,10 @@ class Load:
     http: str = "raw"
     fetch_wait: float = 1.0
     deadline_s: float = 300.0
+    urls: tuple[str, ...] = ()  # several replicas: connection i goes to urls[i % n]
+
+    def url_for(self, i: int) -> str:
+        return self.urls[i % len(self.urls)] if self.urls else self.url
 
 
 async def run_clients(load: Load) -> dict[str, Any]:
@@ -380,7 +387,7 @@ async def run_clients(load: Load) -> dict[str, Any]:
     took: list[float] = []
     headers = _headers(load.client_key, Prefer="respond-async")
     bulk_headers = _headers(load.client_key)
-    conns = [await CLIENTS[load.http].open(load.url) for _ in range(load.client_concurrency)]
+    conns = [await CLIENTS[load.http].open(load.url_for(i)) for i in range(load.client_concurrency)]
 
     async def one_client(http: Http) -> None:
         nonlocal next_job, first_sent, last_acked, submitted
@@ -428,7 +435,7 @@ async def run_nodes(load: Load, started: Callable[[], None] | None = None) -> di
         "max_jobs": load.fetch_batch if load.batched else 1,
         "wait": load.fetch_wait,
     }
-    conns = [await CLIENTS[load.http].open(load.url) for _ in range(load.node_concurrency)]
+    conns = [await CLIENTS[load.http].open(load.url_for(i)) for i in range(load.node_concurrency)]
 
     async def worker(http: Http) -> None:
         nonlocal accepted, refused, fetches, empty, last_accepted, done
@@ -571,15 +578,17 @@ async def run_latency(
     samples: int,
     settle: float,
     http: str = "raw",
+    client_url: str | None = None,
 ) -> dict[str, Any]:
-    """Submit-response-returned -> long-poll-fetch-returned, `samples` times."""
+    """Submit-response-returned -> long-poll-fetch-returned, `samples` times (the submit
+    goes to `client_url` when given: another replica than the one the fetch waits on)."""
     lat_ms: list[float] = []
     from_send_ms: list[float] = []
     headers = _headers(node_key)
     c_headers = _headers(client_key, Prefer="respond-async")
     fetch_body = {"node_id": node_id, "models": [MODEL], "max_jobs": 1, "wait": 30}
     node_http = await CLIENTS[http].open(url)
-    client_http = await CLIENTS[http].open(url)
+    client_http = await CLIENTS[http].open(client_url or url)
 
     async def fetch() -> tuple[list[dict[str, Any]], float]:
         jobs = (await node_http.post("/internal/queue/fetch", headers, fetch_body))["jobs"]

@@ -185,3 +185,50 @@ def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     yield factory
     for server in started:
         server.kill(signal.SIGTERM)
+
+
+# -- PostgreSQL ------------------------------------------------------------------------
+
+POSTGRES_ABSENT = pytest.StashKey[str]()
+
+
+def _needs_postgres(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    by_param = callspec is not None and callspec.params.get("store") == "postgres"
+    return by_param or "postgres" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without a PostgreSQL server, leave its tests out with one message at the end
+    (rather than one skip line per test). Under CI they stay in, and fail."""
+    wanted = [item for item in items if _needs_postgres(item)]
+    if not wanted or os.environ.get("CI"):
+        return
+    from tests.pg import HOW_TO, admin_url, problem_with
+
+    problem = problem_with(admin_url())
+    if problem is None:
+        return
+    config.stash[POSTGRES_ABSENT] = (
+        f"{len(wanted)} PostgreSQL tests not run: no server at {admin_url()} ({problem}); "
+        f"to run them, {HOW_TO} (README: Development)"
+    )
+    config.hook.pytest_deselected(items=wanted)
+    items[:] = [item for item in items if not _needs_postgres(item)]
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    note = config.stash.get(POSTGRES_ABSENT, None)
+    if note:
+        terminalreporter.write_sep("-", "PostgreSQL", yellow=True)
+        terminalreporter.write_line(note, yellow=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> str:
+    """The URL of a PostgreSQL server whose user may create databases (tests/pg.py);
+    checked once per session: without one, every test that needs it is skipped with
+    the same message (under CI it fails)."""
+    from tests.pg import require_postgres
+
+    return require_postgres()

@@ -10,7 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -168,6 +169,20 @@ def start_node(
 
 
 REGISTERED = re.compile(r"event=registered node_id=(\S+)")
+
+
+@contextmanager
+def with_node(
+    server: ServerProcess, config_dir: Path, models: list[dict[str, Any]]
+) -> Iterator[ServerProcess]:
+    """`server` with one node process serving `models`, registered before the block runs."""
+    procs = Procs()
+    config = write_config(config_dir / "node.toml", server, models)
+    try:
+        node_id_of(start_node(procs, config))
+        yield server
+    finally:
+        procs.close()
 
 
 def node_id_of(node: Proc, timeout: float = 30) -> str:

@@ -67,6 +67,16 @@ CC, JOBS, POLL = "/v1/chat/completions", "/v1/jobs", "/v1/results/poll"
 FETCH, BEAT, SUBMIT = "/internal/queue/fetch", "/internal/queue/heartbeat", "/internal/queue/submit"
 REGISTER, KEYS_URL = "/internal/nodes/register", "/v1/admin/keys"
 ANY_FETCH = {"node_id": "n", "models": ["echo"]}
+FILES, BATCHES, TEMPLATES_URL = "/v1/files", "/v1/batches", "/v1/templates"
+
+
+def batch(**extra: Any) -> dict[str, Any]:
+    return {"input_file_id": "file-nope", "endpoint": CC, **extra}
+
+
+def template(**extra: Any) -> dict[str, Any]:
+    stream = {"provider": "p", "settings": {"model": "echo"}, "messages": MSGS}
+    return {"name": "t", "streams": [stream], **extra}
 
 
 class Case(NamedTuple):
@@ -175,6 +185,43 @@ CASES = [
     c("node-polls", POLL, {"ids": ["x"]}, key="node", status=403),
     c("client-makes-keys", KEYS_URL, {"role": "admin"}, key="client", status=403),
     c("node-lists-keys", KEYS_URL, method="GET", key="node", status=403),
+    # files, batches, templates, events
+    c("files-json-body", FILES, {"purpose": "batch"}, param="file"),
+    c("unknown-file", FILES + "/file-nope", method="GET", status=404, code="file_not_found"),
+    c("unknown-file-content", FILES + "/file-nope/content", method="GET", status=404),
+    c("delete-unknown-file", FILES + "/file-nope", method="DELETE", status=404),
+    c("files-limit-zero", FILES + "?limit=0", method="GET", param="limit"),
+    c("files-after-unknown", FILES + "?after=file-nope", method="GET", param="after"),
+    c("batch-no-file-id", BATCHES, {"endpoint": CC}, param="input_file_id"),
+    c("batch-bad-endpoint", BATCHES, batch(endpoint="/v1/embeddings"), param="endpoint"),
+    c("batch-bad-window", BATCHES, batch(completion_window="forever"), param="completion_window"),
+    c("batch-unknown-file", BATCHES, batch(), status=404, code="file_not_found"),
+    c("batch-metadata-not-strings", BATCHES, batch(metadata={"a": 1})),
+    c("batch-metadata-too-many", BATCHES, batch(metadata={str(i): "v" for i in range(17)})),
+    c("unknown-batch", BATCHES + "/batch_nope", method="GET", status=404, code="batch_not_found"),
+    c("cancel-unknown-batch", BATCHES + "/batch_nope/cancel", status=404),
+    c("batches-limit-big", BATCHES + "?limit=101", method="GET", param="limit"),
+    c("template-bad-name", TEMPLATES_URL, template(name="a b"), param="name"),
+    c("template-no-streams", TEMPLATES_URL, template(streams=[]), param="streams"),
+    c(
+        "template-no-model",
+        TEMPLATES_URL,
+        template(streams=[{"settings": {}, "messages": MSGS}]),
+        param="streams[0].settings.model",
+    ),
+    c(
+        "template-bad-insert",
+        TEMPLATES_URL,
+        template(streams=[{"settings": {"model": "m"}, "messages": [{"insert": "memory"}]}]),
+        param="streams[0].messages[0]",
+    ),
+    c("unknown-template", TEMPLATES_URL + "/nope", method="GET", status=404),
+    c("job-unknown-template", JOBS, {"template": "nope"}, status=404, code="template_not_found"),
+    c("job-template-and-body", JOBS, {"template": "x", "body": CHAT}, param="template"),
+    c("events-unknown-job", "/v1/jobs/job_nope/events", method="GET", status=404),
+    c("node-uploads", FILES, {"purpose": "batch"}, key="node", status=403),
+    c("node-lists-batches", BATCHES, method="GET", key="node", status=403),
+    c("node-lists-templates", TEMPLATES_URL, method="GET", key="node", status=403),
 ]
 
 
@@ -349,9 +396,11 @@ TEMPLATES: dict[str, tuple[dict[str, Any], tuple[str | int, ...]]] = {
     FETCH: (ANY_FETCH, ()),
     BEAT: ({"node_id": "n", "stats": {}}, ("stats",)),
     SUBMIT: ({"results": [{"job_id": "j", "lease_id": "l", "result": {}}]}, ("results", 0)),
+    BATCHES: (batch(), ()),
+    TEMPLATES_URL: (template(), ("streams", 0)),
 }
 KNOBS = ["priority", "max_attempts", "expires_at", "ttl_seconds", "metadata", "custom_id"]
-KNOBS += ["seed", "temperature", "stream", "error", "extra"]
+KNOBS += ["seed", "temperature", "stream", "error", "extra", "settings", "template"]
 
 
 @st.composite
@@ -401,3 +450,31 @@ def test_random_bodies_never_500() -> None:
         finally:
             loop.run_until_complete(server.__aexit__(None, None, None))
             loop.close()
+
+
+async def test_file_upload_mistakes(make_api: Any) -> None:
+    async with make_api(rate_limit="", max_file_bytes=2000, max_batch_lines=3) as api:
+        line = {"custom_id": "a", "method": "POST", "url": CC, "body": CHAT}
+
+        async def upload(content: bytes, purpose: str | None = "batch") -> Any:
+            data = {} if purpose is None else {"purpose": purpose}
+            files = {"file": ("in.jsonl", content, "application/jsonl")}
+            return await api.http.post(FILES, data=data, files=files, headers=api.h(api.client))
+
+        ok = json.dumps(line).encode()
+        assert_openai_error(await upload(ok, purpose=None), 400)
+        assert_openai_error(await upload(b""), 400)
+        assert_openai_error(await upload(b"x" * 3000, purpose="user_data"), 413)
+        four = b"\n".join(json.dumps({**line, "custom_id": str(i)}).encode() for i in range(4))
+        error = assert_openai_error(await upload(four), 400)
+        assert error["code"] == "too_many_lines"
+        r = await api.http.post(
+            FILES,
+            content=b"--x\r\nnot really multipart",
+            headers=api.h(api.client, **{"content-type": "multipart/form-data"}),
+        )
+        assert_openai_error(r, 400)
+        listed = await api.http.get(FILES, headers=api.h(api.client))
+        assert listed.json()["data"] == []  # nothing half-stored
+        r = await upload(ok)
+        assert r.status_code == 200 and r.json()["bytes"] == len(ok)

@@ -306,6 +306,8 @@ def test_interactive_wizard_writes_config_and_prints_keys(
         child.expect("not in the range")
         child.expect(r"Port \[8000\]: ")
         child.sendline(str(port))
+        child.expect(r"Database URL \(empty: SQLite in the data directory\) \[\]: ")
+        child.sendline("")  # SQLite
         child.expect(pexpect.EOF)
         output = child.before
     finally:

@@ -606,3 +606,15 @@ async def test_admin_routes_need_an_admin_key(api: Api) -> None:
     for key in (api.client, api.node):
         r = await api.http.post("/v1/admin/keys", json=body, headers=api.h(key))
         assert r.status_code == 403
+
+
+async def test_a_model_no_node_ever_served_is_404_at_once_while_nodes_are_live(api: Api) -> None:
+    await api.register(["echo"])
+    for extra in ({}, {"stream": True}):
+        body = {"model": "zzz", "messages": [{"role": "user", "content": "hi"}], **extra}
+        r = await api.http.post("/v1/chat/completions", json=body, headers=api.h(api.client))
+        assert r.status_code == 404, r.text
+        error = r.json()["error"]
+        assert (error["code"], error["param"]) == ("model_not_found", "model")
+        assert "echo" in error["message"]  # says what is served
+    assert await list_ids(api) == []

@@ -100,3 +100,73 @@ def test_gemma_job_through_the_async_path(gemma_node: tuple[ServerProcess, httpx
     assert job["status"] == "completed", job
     assert job["result"]["usage"]["completion_tokens"] > 0
     assert job["result"]["choices"][0]["message"]["content"].strip()
+
+
+def test_openai_sdk_on_gemma_plain_streamed_and_batched(
+    gemma_node: tuple[ServerProcess, httpx.Client],
+) -> None:
+    import json
+
+    import openai
+
+    server, _ = gemma_node
+    client = openai.OpenAI(
+        base_url=server.url + "/v1", api_key=server.keys["client_key"], max_retries=0
+    )
+    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+    plain = client.chat.completions.create(
+        model="gemma-3-270m",
+        messages=messages,
+        max_tokens=24,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    assert plain.usage is not None and plain.usage.completion_tokens > 0
+    assert plain.choices[0].message.content
+
+    stream = client.chat.completions.create(
+        model="gemma-3-270m",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, usage, finish = [], None, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            finish = choice.finish_reason or finish
+    assert len(pieces) >= 3, pieces  # token by token, not one block
+    assert usage is not None and usage.completion_tokens > 0
+    assert finish in ("stop", "length")
+
+    text = client.completions.create(
+        model="gemma-3-270m", prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert text.usage is not None and text.usage.completion_tokens > 0
+
+    lines = [
+        json.dumps(
+            {
+                "custom_id": f"q{i}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": "gemma-3-270m", "prompt": p, "max_tokens": 8},
+            }
+        )
+        for i, p in enumerate(["Once upon a time", "The history of the bicycle begins"])
+    ]
+    upload = client.files.create(file=("g.jsonl", "\n".join(lines).encode()), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 120
+    while (batch := client.batches.retrieve(batch.id)).status != "completed":
+        assert batch.status in ("validating", "in_progress", "finalizing"), batch.status
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    rows = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]  # type: ignore[arg-type]
+    assert sorted(r["custom_id"] for r in rows) == ["q0", "q1"]
+    assert all(r["response"]["body"]["usage"]["completion_tokens"] > 0 for r in rows)

@@ -129,6 +129,22 @@ def test_chat_and_completion_get_the_mock_answer(rig: Rig) -> None:
     assert "zebras" not in logs and "yaks" not in logs and PROVIDER_KEY not in logs
 
 
+def test_a_synchronous_call_asks_upstream_for_a_plain_answer(rig: Rig) -> None:
+    import httpx
+
+    r = httpx.post(
+        rig.server.url + "/v1/chat/completions",
+        json={"model": "mock-gpt", "messages": [{"role": "user", "content": "whole please"}]},
+        headers={"Authorization": f"Bearer {rig.server.keys['client_key']}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "whole please"
+    assert r.json()["usage"]["completion_tokens"] > 0
+    [seen] = [q for q in model_requests(rig.main) if "whole please" in str(q["body"])]
+    assert not seen["body"].get("stream")  # one plain upstream call, no stream
+
+
 def test_429_is_retried_after_retry_after(rig: Rig) -> None:
     rig.main.control(fail=[429, 429], retry_after=2.5)
     job = submit_chat(rig.server, "rate limited at first", "mock-gpt")

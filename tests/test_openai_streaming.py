@@ -12,7 +12,10 @@ import openai
 import pytest
 
 from tests.conftest import ServerProcess
-from tests.nodes import Procs, echo_model, node_id_of, start_node, write_config
+from tests.nodes import (
+    echo_model,
+    with_node,
+)
 
 PROMPT = "one two three four five six seven eight"
 
@@ -21,14 +24,8 @@ PROMPT = "one two three four five six seven eight"
 def streaming_server(
     server_process: Callable[..., ServerProcess], tmp_path: Path
 ) -> Iterator[ServerProcess]:
-    server = server_process()
-    procs = Procs()
-    config = write_config(tmp_path / "node.toml", server, [echo_model(token_delay_ms=120)])
-    try:
-        node_id_of(start_node(procs, config))
+    with with_node(server_process(), tmp_path, [echo_model(token_delay_ms=120)]) as server:
         yield server
-    finally:
-        procs.close()
 
 
 def test_sdk_streams_chunks_as_they_are_made(streaming_server: ServerProcess) -> None:

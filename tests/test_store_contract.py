@@ -1,13 +1,16 @@
 """The store contract: every verb of `Store`, run on every implementation.
 
-A new store (PostgreSQL) joins by adding itself to `STORES`.
+A new store joins by adding itself to `STORES`. PostgreSQL runs on a real server, in a
+fresh database per test (tests/pg.py); without a server those tests are left out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,18 @@ import pytest
 
 from openbeepboop.errors import IdempotencyMismatch
 from openbeepboop.keys import new_key
-from openbeepboop.models import JobFilter, JobStatus, NewJob, Node, NodeResult, Role
+from openbeepboop.models import (
+    Batch,
+    BatchStatus,
+    JobFilter,
+    JobStatus,
+    NewJob,
+    Node,
+    NodeResult,
+    Role,
+    StoredFile,
+    Template,
+)
 from openbeepboop.store.base import Store
 from openbeepboop.store.sqlite import SqliteStore
 
@@ -23,19 +37,40 @@ T0 = 1_000_000.0
 LEASE = 60.0
 
 
-def sqlite_store(tmp_path: Path) -> Store:
-    return SqliteStore(tmp_path / "contract.db")
+@contextlib.asynccontextmanager
+async def opened(store: Store) -> AsyncIterator[Store]:
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
-STORES: dict[str, Callable[[Path], Store]] = {"sqlite": sqlite_store}
+def sqlite_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreMaker:
+    return opened(SqliteStore(tmp_path / "contract.db"))
+
+
+@contextlib.asynccontextmanager
+async def postgres_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    from openbeepboop.store.postgres import PostgresStore
+    from tests.pg import temp_database
+
+    admin = request.getfixturevalue("postgres")
+    async with temp_database(admin) as url, opened(PostgresStore(url, pool_size=8)) as store:
+        yield store
+
+
+StoreMaker = AbstractAsyncContextManager[Store]
+STORES: dict[str, Callable[[pytest.FixtureRequest, Path], StoreMaker]] = {
+    "sqlite": sqlite_store,
+    "postgres": postgres_store,
+}
 
 
 @pytest.fixture(params=sorted(STORES))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s = STORES[request.param](tmp_path)
-    await s.open()
-    yield s
-    await s.close()
+    async with STORES[request.param](request, tmp_path) as s:
+        yield s
 
 
 def new_job(model: str = "m", owner: str = "alice", **kw: Any) -> NewJob:
@@ -404,3 +439,127 @@ async def test_data_survives_reopen(store: Store, tmp_path: Path) -> None:
     finally:
         await again.close()
     await store.open()
+
+
+# -- files ---------------------------------------------------------------------------
+
+
+def stored_file(file_id: str, owner: str = "alice", purpose: str = "batch") -> StoredFile:
+    return StoredFile(file_id, owner, purpose, "in.jsonl", 6, T0, lines=2)
+
+
+async def test_file_parts_read_back_in_order_and_replace(store: Store) -> None:
+    await store.put_file_part("file-a", 0, b"abc")
+    await store.put_file_part("file-a", 1, b"\x00\xffdef")
+    await store.put_file_part("file-a", 1, b"def")  # a rewritten part replaces the old
+    created = await store.create_file(stored_file("file-a"))
+    assert created.seq > 0
+    assert await store.read_file_part("file-a", 0) == b"abc"
+    assert await store.read_file_part("file-a", 1) == b"def"
+    assert await store.read_file_part("file-a", 2) is None
+    assert await store.get_file("file-a") == created
+    assert await store.get_file("file-nope") is None
+
+
+async def test_list_files_filters_and_pages_newest_first(store: Store) -> None:
+    made = [await store.create_file(stored_file(f"file-{i}")) for i in range(3)]
+    await store.create_file(stored_file("file-out", purpose="batch_output"))
+    await store.create_file(stored_file("file-bob", owner="bob"))
+    page = await store.list_files("alice", "batch", 2, None)
+    assert [f.id for f in page] == ["file-2", "file-1"]
+    rest = await store.list_files("alice", "batch", 2, page[-1].seq)
+    assert [f.id for f in rest] == [made[0].id]
+    assert {f.id for f in await store.list_files(None, None, 10, None)} >= {"file-bob"}
+
+
+async def test_delete_file_removes_record_and_parts(store: Store) -> None:
+    await store.put_file_part("file-d", 0, b"x")
+    await store.create_file(stored_file("file-d"))
+    assert await store.delete_file("file-d") is True
+    assert await store.get_file("file-d") is None
+    assert await store.read_file_part("file-d", 0) is None
+    assert await store.delete_file("file-d") is False
+
+
+# -- batches -------------------------------------------------------------------------
+
+
+def new_batch(batch_id: str = "batch_1", owner: str = "alice") -> Batch:
+    return Batch(
+        id=batch_id,
+        owner=owner,
+        endpoint="/v1/chat/completions",
+        input_file_id="file-in",
+        completion_window="24h",
+        status=BatchStatus.VALIDATING,
+        created_at=T0,
+        expires_at=T0 + 86_400,
+        metadata={"run": "7"},
+    )
+
+
+async def test_batch_round_trips_and_saves_with_version_check(store: Store) -> None:
+    created = await store.create_batch(new_batch())
+    assert created.seq > 0
+    got = await store.get_batch("batch_1")
+    assert got == created
+    assert got is not None
+    got.status = BatchStatus.IN_PROGRESS
+    got.in_progress_at = T0 + 1
+    got.errors = [{"code": "x", "line": 3}]
+    got.request_counts = {"total": 2, "completed": 1, "failed": 1}
+    saved = await store.save_batch(got)
+    assert saved is not None and saved.version == got.version + 1
+    assert await store.get_batch("batch_1") == saved
+    # A second writer holding the old version loses.
+    assert await store.save_batch(got) is None
+    assert await store.get_batch("batch_nope") is None
+
+
+async def test_open_and_listed_batches(store: Store) -> None:
+    await store.create_batch(new_batch("batch_a"))
+    done = await store.create_batch(new_batch("batch_b"))
+    await store.create_batch(new_batch("batch_c", owner="bob"))
+    done.status = BatchStatus.COMPLETED
+    assert await store.save_batch(done) is not None
+    assert [b.id for b in await store.open_batches()] == ["batch_a", "batch_c"]
+    mine = await store.list_batches("alice", 10, None)
+    assert [b.id for b in mine] == ["batch_b", "batch_a"]
+    assert [b.id for b in await store.list_batches("alice", 10, mine[0].seq)] == ["batch_a"]
+    assert len(await store.list_batches(None, 10, None)) == 3
+
+
+async def test_batch_jobs_counts_and_cancel(store: Store) -> None:
+    ids = await submit(store, *[new_job(batch_id="batch_1") for _ in range(3)], new_job())
+    assert (await store.get_job(ids[0])).batch_id == "batch_1"  # type: ignore[union-attr]
+    [running] = await fetch(store)
+    assert running.id == ids[0]
+    assert await store.batch_counts("batch_1") == {"in_progress": 1, "queued": 2}
+    page = await store.batch_jobs("batch_1", 0, 2)
+    assert [j.id for j in page] == ids[:2]
+    assert [j.id for j in await store.batch_jobs("batch_1", page[-1].seq, 2)] == [ids[2]]
+    assert sorted(await store.cancel_batch_jobs("batch_1", T0 + 1)) == sorted(ids[1:3])
+    assert await store.batch_counts("batch_1") == {"in_progress": 1, "cancelled": 2}
+    assert (await store.get_job(ids[3])).status is JobStatus.QUEUED  # type: ignore[union-attr]
+
+
+# -- assistant templates -----------------------------------------------------------------
+
+
+async def test_templates_put_replace_list_delete(store: Store) -> None:
+    streams = [{"provider": "local", "settings": {"model": "m"}, "messages": []}]
+    first = await store.put_template(Template("alice", "helper", streams, T0, T0, "v1"))
+    assert await store.get_template("alice", "helper") == first
+    replaced = await store.put_template(
+        Template("alice", "helper", [*streams, *streams], T0 + 5, T0 + 5, "v2")
+    )
+    assert (replaced.created_at, replaced.updated_at) == (T0, T0 + 5)
+    assert (replaced.description, len(replaced.streams)) == ("v2", 2)
+    await store.put_template(Template("bob", "helper", streams, T0, T0))
+    await store.put_template(Template("alice", "aardvark", streams, T0, T0))
+    assert [t.name for t in await store.list_templates("alice")] == ["aardvark", "helper"]
+    assert len(await store.list_templates(None)) == 3
+    assert await store.get_template("carol", "helper") is None
+    assert await store.delete_template("alice", "helper") is True
+    assert await store.delete_template("alice", "helper") is False
+    assert (await store.get_template("bob", "helper")) is not None

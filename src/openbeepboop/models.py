@@ -59,6 +59,29 @@ class NewJob:
     custom_id: str | None = None
     idempotency_key: str | None = None
     expires_at: float | None = None
+    batch_id: str | None = None
+
+    def queued(self, job_id: str, seq: int, now: float) -> Job:
+        """The job as the store has just inserted it."""
+        return Job(
+            id=job_id,
+            seq=int(seq),
+            owner=self.owner,
+            endpoint=self.endpoint,
+            model=self.model,
+            request=self.request,
+            status=JobStatus.QUEUED,
+            priority=self.priority,
+            max_attempts=self.max_attempts,
+            attempts=0,
+            created_at=now,
+            metadata=self.metadata,
+            custom_id=self.custom_id,
+            request_hash=self.request_hash,
+            idempotency_key=self.idempotency_key,
+            expires_at=self.expires_at,
+            batch_id=self.batch_id,
+        )
 
 
 @dataclass(slots=True)
@@ -88,6 +111,7 @@ class Job:
     node_id: str | None = None
     result: JSON | None = None
     error: JSON | None = None
+    batch_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,3 +212,85 @@ class JobFilter:
     model: str | None = None
     limit: int = 20
     after_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """An uploaded (or generated) file: the record; its bytes are stored in parts."""
+
+    id: str
+    owner: str
+    purpose: str
+    filename: str
+    bytes: int
+    created_at: float
+    lines: int = 0
+    seq: int = 0  # set by the store; orders listings
+
+
+class BatchStatus(enum.StrEnum):
+    """OpenAI's batch statuses."""
+
+    VALIDATING = "validating"  # accepted; its lines are being queued as jobs
+    FAILED = "failed"  # the input could not be run (final)
+    IN_PROGRESS = "in_progress"  # every line is a job; waiting for them
+    FINALIZING = "finalizing"  # every job is final; output files are being written
+    COMPLETED = "completed"  # (final)
+    EXPIRED = "expired"  # the completion window ended first (final)
+    CANCELLING = "cancelling"  # cancel asked; running jobs finish
+    CANCELLED = "cancelled"  # (final)
+
+    @property
+    def is_final(self) -> bool:
+        return self in (
+            BatchStatus.FAILED,
+            BatchStatus.COMPLETED,
+            BatchStatus.EXPIRED,
+            BatchStatus.CANCELLED,
+        )
+
+
+@dataclass(slots=True)
+class Batch:
+    """A batch as stored. `version` increases on every save (optimistic concurrency);
+    `lease_until` keeps two servers from driving the same batch at once."""
+
+    id: str
+    owner: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    created_at: float
+    expires_at: float
+    metadata: JSON | None = None
+    errors: list[JSON] | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    request_counts: JSON | None = None  # {total, completed, failed} once final
+    usage: JSON | None = None
+    lines_queued: int = 0  # progress of `validating`: input lines already jobs
+    # the moments of each status, epoch seconds
+    in_progress_at: float | None = None
+    finalizing_at: float | None = None
+    completed_at: float | None = None
+    failed_at: float | None = None
+    expired_at: float | None = None
+    cancelling_at: float | None = None
+    cancelled_at: float | None = None
+    lease_until: float = 0.0
+    version: int = 0
+    seq: int = 0  # set by the store; orders listings
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A named assistant template: one or more streams (provider, settings, messages)
+    tried in order; messages may hold `{"insert": "history"}` and `{query}`."""
+
+    owner: str
+    name: str
+    streams: list[JSON]
+    created_at: float
+    updated_at: float
+    description: str = ""

@@ -1,18 +1,22 @@
 """In-process wake-ups for long-polls: a waiter listens on topics, a publisher sets them.
 
 Topics used by the queue: `model:<name>` (work for that model appeared), `job:<id>`
-(that job reached a final state) and `nodes` (the set of live nodes changed). A
-multi-server store bridges its own notifications (e.g. PostgreSQL LISTEN/NOTIFY) into
-`publish` so that waiters need not know where a change came from.
+(that job started or reached a final state) and `nodes` (the set of live nodes changed).
+A multi-server store bridges notifications between servers (PostgreSQL: LISTEN/NOTIFY,
+store/pg_bridge.py): it is handed every topic published here (`forward_to`) and hands
+in what other servers published (`deliver`), so that waiters need not know where a
+change came from. A wake-up may be spurious (a bridge re-wakes when it cannot be sure
+nothing changed): a waiter re-checks its condition after every wake-up.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 MODEL_PREFIX = "model:"
+ALL_MODELS = MODEL_PREFIX + "*"  # forwarded: wake every fetch, whatever its models
 
 
 def model_topic(model: str) -> str:
@@ -21,7 +25,7 @@ def model_topic(model: str) -> str:
 
 
 def job_topic(job_id: str) -> str:
-    """Published when the job reaches a final state."""
+    """Published when the job starts and when it reaches a final state."""
     return "job:" + job_id
 
 
@@ -33,6 +37,11 @@ class Notifier:
 
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._forward: Callable[[list[str]], None] | None = None
+
+    def forward_to(self, forward: Callable[[list[str]], None] | None) -> None:
+        """Also hand every published topic to `forward` (a bridge to other servers)."""
+        self._forward = forward
 
     @contextmanager
     def listen(self, topics: Iterable[str]) -> Iterator[asyncio.Event]:
@@ -53,17 +62,32 @@ class Notifier:
                         del self._waiters[name]
 
     def publish(self, topics: Iterable[str]) -> None:
+        """Wake the waiters of `topics` here and, through a bridge, on other servers."""
+        names = list(topics)
+        self.deliver(names)
+        if self._forward is not None and names:
+            self._forward(names)
+
+    def deliver(self, topics: Iterable[str]) -> None:
+        """Wake the waiters of `topics` in this process only."""
         for name in topics:
+            if name == ALL_MODELS:
+                self.deliver([t for t in self._waiters if t.startswith(MODEL_PREFIX)])
+                continue
             for event in self._waiters.get(name, ()):
                 event.set()
 
     def publish_everything(self) -> None:
-        """Wake every waiter (the server is shutting down)."""
-        self.publish(list(self._waiters))
+        """Wake every waiter in this process (the server is shutting down)."""
+        self.deliver(list(self._waiters))
 
     def publish_all_models(self) -> None:
         """Wake every fetch (jobs of unknown models went back to the queue)."""
-        self.publish([t for t in self._waiters if t.startswith(MODEL_PREFIX)])
+        self.publish([ALL_MODELS])
+
+    def topics(self) -> list[str]:
+        """The topics someone in this process is waiting on."""
+        return list(self._waiters)
 
     def listeners(self) -> int:
         return sum(len(w) for w in self._waiters.values())

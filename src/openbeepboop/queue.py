@@ -77,6 +77,7 @@ class JobRequest:
     idempotency_key: str | None = None
     expires_at: float | None = None
     ttl_seconds: float | None = None
+    batch_id: str | None = None
 
 
 def request_hash(req: JobRequest) -> str:
@@ -129,15 +130,20 @@ class Queue:
         if not requests:
             raise InvalidRequest("no jobs to submit", param="jobs")
         await self._check_active_limit(key, len(requests))
+        return await self.enqueue(key.id, requests)
+
+    async def enqueue(self, owner: str, requests: Sequence[JobRequest]) -> list[SubmitOutcome]:
+        """Queue jobs for `owner` past the per-key limits (batch lines use this: a batch
+        was accepted whole, its lines wait their turn)."""
         now = self._clock()
-        new = [self._new_job(key, r, now) for r in requests]
+        new = [self._new_job(owner, r, now) for r in requests]
         outcomes = await self.store.submit_jobs(new, now)
         created = [o.job for o in outcomes if o.created]
-        self._count_active(key.id, len(created))
+        self._count_active(owner, len(created))
         self.notifier.publish({model_topic(j.model) for j in created})
         return outcomes
 
-    def _new_job(self, key: ApiKey, req: JobRequest, now: float) -> NewJob:
+    def _new_job(self, owner: str, req: JobRequest, now: float) -> NewJob:
         model = req.body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidRequest("'model' is required and must be a string", param="model")
@@ -151,7 +157,7 @@ class Queue:
         except TypeError as exc:  # orjson: integers beyond 64 bits, nesting too deep
             raise InvalidRequest(f"the request cannot be stored: {exc}") from exc
         return NewJob(
-            owner=key.id,
+            owner=owner,
             endpoint=req.endpoint,
             model=model,
             request=req.body,
@@ -162,6 +168,7 @@ class Queue:
             custom_id=req.custom_id,
             idempotency_key=req.idempotency_key,
             expires_at=expires_at,
+            batch_id=req.batch_id,
         )
 
     async def _check_active_limit(self, key: ApiKey, adding: int) -> None:
@@ -219,14 +226,21 @@ class Queue:
         """The jobs `key` may see among `job_ids`. With `wait`, hold the answer until one
         of them is final (or `wait` seconds pass)."""
         wait = min(max(wait, 0.0), self.config.max_poll_wait_seconds)
+        deadline = self._clock() + wait
         ids = list(dict.fromkeys(job_ids))
         with self.notifier.listen(job_topic(i) for i in ids) as event:
-            jobs = await self._visible(key, ids)
-            if wait == 0 or not jobs or self.closing or any(j.status.is_final for j in jobs):
-                return jobs
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), wait)
-        return await self._visible(key, ids)
+            while True:
+                event.clear()
+                jobs = await self._visible(key, ids)
+                remaining = deadline - self._clock()
+                if remaining <= 0 or not jobs or self.closing:
+                    return jobs
+                if any(j.status.is_final for j in jobs):
+                    return jobs
+                try:  # a job's topic also fires when it starts: look again
+                    await asyncio.wait_for(event.wait(), remaining)
+                except TimeoutError:
+                    return await self._visible(key, ids)
 
     async def _visible(self, key: ApiKey, ids: Sequence[str]) -> list[Job]:
         found = {j.id: j for j in await self.store.get_jobs(ids) if _may_see(key, j)}
@@ -277,14 +291,24 @@ class Queue:
         return (await self.submit(key, [request]))[0].job
 
     async def wait_for_model(self, model: str) -> None:
-        """Return once a live node serves `model`; Unavailable after model_wait_seconds."""
+        """Return once a live node serves `model`. A model no node ever served, while some
+        node is live, is NotFound at once (a typo should not wait); otherwise (the fleet
+        is starting, or this model's nodes are away) wait, then Unavailable."""
         wait = self.config.model_wait_seconds
         deadline = self._clock() + wait
         with self.notifier.listen([NODES_TOPIC]) as event:
             while True:
                 event.clear()
-                if model in await self.served_models():
+                served = await self.served_models()
+                if model in served:
                     return
+                if served and not await self._ever_served(model):
+                    raise NotFound(
+                        f"no node serves model {model!r}; live nodes serve "
+                        f"{', '.join(sorted(served))}",
+                        param="model",
+                        code="model_not_found",
+                    )
                 if self.closing:
                     raise Unavailable(
                         "the server is shutting down", retry_after=5, code="server_shutting_down"
@@ -369,7 +393,10 @@ class Queue:
                     node_id, models, max_jobs, self.config.lease_seconds, self._clock()
                 )
                 remaining = deadline - self._clock()
-                if jobs or remaining <= 0 or self.closing:
+                if jobs:
+                    self.notifier.publish(job_topic(j.id) for j in jobs)  # started
+                    return jobs
+                if remaining <= 0 or self.closing:
                     return jobs
                 try:
                     await asyncio.wait_for(event.wait(), remaining)
@@ -432,6 +459,10 @@ class Queue:
     async def live_nodes(self) -> list[Node]:
         return await self.store.list_nodes(self._clock() - self.config.node_ttl_seconds)
 
+    async def _ever_served(self, model: str) -> bool:
+        """Whether any node that ever registered (live or not) lists `model`."""
+        return any(model in node.model_names() for node in await self.store.list_nodes(0.0))
+
     async def served_models(self) -> dict[str, list[Node]]:
         """Model name -> the live nodes that serve it."""
         served: dict[str, list[Node]] = {}
@@ -477,6 +508,8 @@ class Queue:
         while True:
             try:
                 await self.reap()
+            except Unavailable as exc:  # the database is away for a moment: one line
+                log.warning("reaper pass skipped: %s", exc.message)
             except Exception:  # keep reaping: one bad pass must not stop the next
                 log.exception("reaper pass failed")
             await asyncio.sleep(interval)

@@ -10,10 +10,11 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
 import tomli_w
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -43,7 +44,14 @@ class ServerSettings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir, description="Where files live.")
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
-    database_url: str = Field("", description="sqlite:///path or empty for DIR/openbeepboop.db.")
+    database_url: str = Field(
+        "",
+        description="sqlite:///PATH, postgresql://USER@HOST:PORT/DB, or empty for "
+        "DIR/openbeepboop.db.",
+    )
+    database_pool_size: int = Field(
+        10, ge=1, le=1000, description="PostgreSQL connections per server process."
+    )
     lease_seconds: float = Field(60.0, gt=0, description="Lease length without a heartbeat.")
     max_attempts: int = Field(3, ge=1, le=100, description="Default fetches before failing.")
     reaper_interval_seconds: float = Field(1.0, gt=0, description="How often leases are reaped.")
@@ -52,6 +60,13 @@ class ServerSettings(BaseSettings):
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest request body.")
     max_jobs_per_request: int = Field(10_000, gt=0, description="Largest bulk submit.")
+    max_file_bytes: int = Field(
+        200 * 1024 * 1024, gt=0, description="Largest file upload (POST /v1/files)."
+    )
+    max_batch_lines: int = Field(50_000, gt=0, description="Most requests in one batch file.")
+    batch_priority: int = Field(
+        -10, ge=-1000, le=1000, description="Priority of batch lines (interactive: 0)."
+    )
     rate_limit: str = Field(
         "200/second;6000/minute",
         description="Per-key request limit (the `limits` notation); empty disables it.",
@@ -89,17 +104,60 @@ class ServerSettings(BaseSettings):
     def config_path(self) -> Path:
         return self.data_dir / CONFIG_NAME
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, url: str) -> str:
+        url = url.strip()
+        if url.startswith(POSTGRES_SCHEMES):
+            try:
+                _ = urlsplit(url).port  # parses the host and port, or raises
+            except ValueError as exc:
+                raise ValueError(f"{redact_url(url)!r} is not a valid URL: {exc}") from None
+        elif url and not url.startswith(SQLITE_SCHEME):
+            raise ValueError(
+                "use sqlite:///PATH or postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE "
+                f"(got {redact_url(url)!r})"
+            )
+        return url
+
+    @property
+    def uses_postgres(self) -> bool:
+        """Whether `database_url` names a PostgreSQL database."""
+        return self.database_url.startswith(POSTGRES_SCHEMES)
+
+    @property
+    def database_label(self) -> str:
+        """The database for messages: the SQLite path, or the URL without its password."""
+        return redact_url(self.database_url) if self.uses_postgres else str(self.sqlite_path)
+
     @property
     def sqlite_path(self) -> Path:
         """The SQLite file this server uses."""
         url = self.database_url
         if not url:
             return self.data_dir / DB_NAME
-        if url.startswith("sqlite:///"):
-            return Path(url.removeprefix("sqlite:///"))
-        raise ConfigError(
-            f"database_url {url!r} is not supported: use sqlite:///PATH (PostgreSQL comes later)"
-        )
+        if url.startswith(SQLITE_SCHEME):
+            return Path(url.removeprefix(SQLITE_SCHEME))
+        raise ConfigError(f"database_url {redact_url(url)!r} is not a SQLite database")
+
+
+SQLITE_SCHEME = "sqlite:///"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by `***` (safe to print)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL we can take apart: hide all between :// and @
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
+    if password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def load_settings(data_dir: Path | None = None, **overrides: Any) -> ServerSettings:

@@ -108,6 +108,9 @@ def main() -> None:
 @click.option("--temperature", type=float)
 @click.option("--priority", type=int, default=0, help="Higher runs first.")
 @click.option("--wait", is_flag=True, help="Wait and print the answer.")
+@click.option(
+    "--stream", is_flag=True, help="Print the answer's tokens as they are made, then a summary."
+)
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
 @click.option(
     "--file",
@@ -131,6 +134,7 @@ def submit(
     temperature: float | None,
     priority: int,
     wait: bool,
+    stream: bool,
     timeout: float | None,
     file: Path | None,
     output: Path | None,
@@ -155,6 +159,9 @@ def submit(
     if temperature is not None:
         params["temperature"] = temperature
     job = client.chat.completions.create(**params)
+    if stream:
+        _stream_tokens(job)
+        return
     if not wait:
         _print_json(job.data) if as_json else click.echo(job.id)
         return
@@ -166,6 +173,33 @@ def submit(
             _print_json(job.data)
     if not as_json:
         click.echo(_answer_text(job))
+
+
+def _stream_tokens(job: Job) -> None:
+    """Tokens to stdout as they come; a one-line summary (tokens, time, tokens/s) to
+    stderr; exit 1 when the job fails."""
+    click.echo(f"queued {job.id}", err=True)
+    for event in job.events():
+        kind = event["type"]
+        if kind == "queued" and event.get("position"):
+            click.echo(f"position {event['position']} in the queue...", err=True)
+        elif kind == "token":
+            click.echo(event["t"], nl=False)
+            sys.stdout.flush()
+        elif kind == "end":
+            seconds = event["decode_time_ms"] / 1000
+            rate = event["tokens_out"] / seconds if seconds > 0 else 0.0
+            click.echo()
+            click.echo(
+                f"[{event['tokens_out']} tokens in {seconds:.2f} s, {rate:.1f} tokens/s, "
+                f"stop: {event['stop_reason']}]",
+                err=True,
+            )
+        elif kind in ("failed", "cancelled"):
+            click.echo()
+            detail = f": {event.get('code')}: {event.get('message')}" if kind == "failed" else ""
+            click.echo(f"job {job.id} {kind}{detail}", err=True)
+            sys.exit(1)
 
 
 @main.command()

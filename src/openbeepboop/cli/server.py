@@ -15,7 +15,7 @@ import click
 from openbeepboop.auth import KeyRing
 from openbeepboop.models import Role
 from openbeepboop.settings import ConfigError, ServerSettings, load_settings, write_settings
-from openbeepboop.store.sqlite import SqliteStore
+from openbeepboop.store.base import DatabaseUnreachable
 
 T = TypeVar("T")
 
@@ -47,16 +47,31 @@ def _require_setup(settings: ServerSettings) -> None:
 
 def _with_store(settings: ServerSettings, fn: Callable[[KeyRing], Awaitable[T]]) -> T:
     _require_setup(settings)  # rather than quietly making an empty database elsewhere
+    from openbeepboop.store.factory import open_store
 
     async def run() -> T:
-        store = SqliteStore(settings.sqlite_path)
+        store = open_store(settings)
         await store.open()
         try:
             return await fn(KeyRing(store))
         finally:
             await store.close()
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except (ConfigError, DatabaseUnreachable) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _prepare_database(settings: ServerSettings) -> tuple[bool, list[int]]:
+    """Make the database ready: create it if needed (PostgreSQL), apply migrations.
+    Returns (created, migrations applied); a one-line error when it cannot."""
+    from openbeepboop.store.factory import prepare_database
+
+    try:
+        return prepare_database(settings)
+    except (ConfigError, DatabaseUnreachable) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,6 +85,11 @@ def main() -> None:
 @click.option("--host", help="Address to listen on [default: 127.0.0.1].")
 @click.option("--port", type=int, help="Port to listen on [default: 8000].")
 @click.option("--lease-seconds", type=float, help="Lease length without a heartbeat [60].")
+@click.option(
+    "--database-url",
+    help="sqlite:///PATH or postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, written to "
+    "server.toml [default: SQLite in the data dir].",
+)
 @click.option("--non-interactive", is_flag=True, help="Never prompt; use flags and defaults.")
 @JSON_OUT
 def setup(
@@ -77,12 +97,15 @@ def setup(
     host: str | None,
     port: int | None,
     lease_seconds: float | None,
+    database_url: str | None,
     non_interactive: bool,
     as_json: bool,
 ) -> None:
     """Create the data directory, config and database, and print new keys (shown once).
 
     Safe to run again: it keeps the database, applies new migrations, and makes new keys.
+    With a PostgreSQL URL (--database-url or OPENBEEPBOOP_DATABASE_URL) it creates the
+    database if it is missing and its tables; several servers may then share it.
     """
     interactive = not non_interactive and sys.stdin.isatty()
     if interactive:
@@ -94,12 +117,21 @@ def setup(
         port = port or click.prompt(
             "Port", default=current.port, type=click.IntRange(0, 65535), err=True
         )
-    settings = _settings(data_dir, host=host, port=port, lease_seconds=lease_seconds)
+        if database_url is None:
+            database_url = click.prompt(
+                "Database URL (empty: SQLite in the data directory)",
+                default=current.database_url,
+                err=True,
+            )
+    settings = _settings(
+        data_dir, host=host, port=port, lease_seconds=lease_seconds, database_url=database_url
+    )
+    created, applied = _prepare_database(settings)  # before writing: a bad URL stays out
     existed = settings.config_path.exists()
     config = write_settings(
-        settings.data_dir, {"host": host, "port": port, "lease_seconds": lease_seconds}
+        settings.data_dir,
+        {"host": host, "port": port, "lease_seconds": lease_seconds, "database_url": database_url},
     )
-    applied = SqliteStore(settings.sqlite_path).migrate()
 
     async def make_keys(keyring: KeyRing) -> dict[str, str]:
         made = {}
@@ -111,7 +143,8 @@ def setup(
     out = {
         "data_dir": str(settings.data_dir),
         "config": str(config),
-        "database": str(settings.sqlite_path),
+        "database": settings.database_label,
+        "database_created": created,
         "migrations_applied": applied,
         "url": f"http://{settings.host}:{settings.port}",
         **keys,
@@ -120,7 +153,7 @@ def setup(
         click.echo(json.dumps(out))
         return
     verb = "Updated" if existed else "Created"
-    click.echo(f"{verb} {config}\nDatabase {settings.sqlite_path} is ready.\n")
+    click.echo(f"{verb} {config}\nDatabase {settings.database_label} is ready.\n")
     click.echo("New API keys (shown once; only their hashes are stored):")
     for name, value in keys.items():
         click.echo(f"  {name:<11} {value}")
@@ -145,6 +178,8 @@ def start(data_dir: Path | None, host: str | None, port: int | None, access_log:
 
     settings = _settings(data_dir, host=host, port=port)
     _require_setup(settings)
+    if settings.uses_postgres:
+        _prepare_database(settings)  # one clear line when PostgreSQL is not there
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
@@ -153,6 +188,76 @@ def start(data_dir: Path | None, host: str | None, port: int | None, access_log:
     server.run()
     if not server.started:
         sys.exit(3)  # uvicorn logged why (e.g. the port is taken)
+
+
+@main.command("migrate-db")
+@DATA_DIR
+@click.option(
+    "--from",
+    "source",
+    help="The SQLite database to copy: sqlite:///PATH or a path [default: the data dir's].",
+)
+@click.option(
+    "--to",
+    "target",
+    help="The PostgreSQL database: postgresql://... (created if missing) "
+    "[default: database_url, when it is PostgreSQL].",
+)
+@click.option("--replace", is_flag=True, help="Empty a target that already holds rows first.")
+@JSON_OUT
+def migrate_db(
+    data_dir: Path | None, source: str | None, target: str | None, replace: bool, as_json: bool
+) -> None:
+    """Copy a SQLite database into PostgreSQL, ids and all (for moving up to replicas).
+
+    Jobs, keys, nodes, files, batches: everything, in one PostgreSQL transaction, read
+    page by page (bounded memory). Stop the servers using the SQLite file first; then
+    point database_url (or OPENBEEPBOOP_DATABASE_URL) at PostgreSQL and start them.
+    A target that is not empty is refused unless --replace is given.
+    """
+    from openbeepboop.settings import POSTGRES_SCHEMES, SQLITE_SCHEME, redact_url
+
+    settings = _settings(data_dir)
+    if source is None:
+        if settings.uses_postgres:
+            raise click.UsageError("database_url is PostgreSQL here: give --from sqlite:///PATH")
+        path = settings.sqlite_path
+    else:
+        path = Path(source.removeprefix(SQLITE_SCHEME)).expanduser()
+    url = target or (settings.database_url if settings.uses_postgres else "")
+    if not url.startswith(POSTGRES_SCHEMES):
+        raise click.UsageError("give --to postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE")
+    try:
+        from openbeepboop.store.copy import copy_sqlite_to_postgres
+    except ImportError as exc:
+        raise click.ClickException(f"{exc}; pip install 'openbeepboop[postgres]'") from exc
+
+    def progress(table: str, rows: int) -> None:
+        if not as_json:
+            click.echo(f"\r  {table}: {rows} rows", nl=False, err=True)
+
+    try:
+        report = copy_sqlite_to_postgres(path, url, replace, progress)
+    except DatabaseUnreachable as exc:
+        raise click.ClickException(str(exc)) from exc
+    out = {
+        "from": str(path),
+        "to": redact_url(url),
+        "replaced": report.replaced,
+        "rows": report.rows,
+        "tables": report.tables,
+    }
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo("\r", nl=False, err=True)
+    click.echo(f"Copied {report.rows} rows from {path} to {redact_url(url)}:")
+    for table, rows in report.tables.items():
+        click.echo(f"  {table:<12} {rows}")
+    click.echo(
+        "\nNow set database_url in server.toml (or OPENBEEPBOOP_DATABASE_URL) to that URL "
+        "and start the servers."
+    )
 
 
 @main.group()

@@ -12,7 +12,9 @@ retried with backoff, honouring `Retry-After`.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import json
 import os
 import time
 import uuid
@@ -22,6 +24,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import httpx
+from httpx_sse import aconnect_sse
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -90,6 +93,7 @@ class AsyncClient:
         self.completions = Completions(self, "/v1/completions")
         self.jobs = Jobs(self)
         self.results = Results(self)
+        self.templates = Templates(self)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -215,6 +219,58 @@ class AsyncJob:
             self.data = answer["data"][0]
         return self
 
+    async def events(self, after: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """The job's live events (`queued`, `started`, `token` {t, i}, then `end`, `failed`
+        or `cancelled`) from the start, or after event id `after`. A dropped connection is
+        resumed where it broke (`Last-Event-ID`), up to `max_retries` times in a row."""
+        client = self._client
+        last = after
+        failures = 0
+        while True:
+            headers = {} if last is None else {"Last-Event-ID": str(last)}
+            try:
+                async with aconnect_sse(
+                    client._http,
+                    "GET",
+                    f"/v1/jobs/{self.id}/events",
+                    headers=headers,
+                    timeout=httpx.Timeout(None, connect=10),
+                ) as source:
+                    response = source.response
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise from_response(response.status_code, response.json(), response.headers)
+                    async for sse in source.aiter_sse():
+                        if sse.data == "[DONE]":
+                            return
+                        failures = 0
+                        if sse.id:
+                            last = int(sse.id)
+                        yield json.loads(sse.data)
+                return
+            except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
+                failures += 1
+                if failures > client.max_retries:
+                    raise APIConnectionError(
+                        f"lost the event stream of job {self.id}: {type(exc).__name__}"
+                    ) from exc
+                await asyncio.sleep(min(0.5 * 2**failures, 10))
+
+    async def stream(self) -> AsyncIterator[str]:
+        """The answer's text as it is made (the text so far first). At the end the job is
+        refreshed; a failed or cancelled job raises JobFailedError."""
+        async for event in self.events():
+            if event["type"] == "token":
+                yield str(event["t"])
+            elif event["type"] in ("end", "failed", "cancelled"):
+                break
+        await self.refresh()
+        if self.status != "completed":
+            await self.get(wait=False)  # raises JobFailedError with the job's error
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self.stream()
+
     async def get(self, wait: bool = True, timeout: float | None = None) -> Any:
         """The result. With `wait`, block until it is there; without, None while running.
         A failed, cancelled or expired job raises JobFailedError."""
@@ -275,10 +331,50 @@ class _Chat:
 
 
 class Jobs:
-    """Jobs by id, listing, cancelling, and waiting for many."""
+    """Jobs by id, listing, cancelling, and waiting for many; `create` for the job API
+    (an OpenAI body, or a stored assistant template with a query)."""
 
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
+
+    async def create(
+        self,
+        *,
+        template: str | None = None,
+        query: str | None = None,
+        history: Sequence[dict[str, Any]] | None = None,
+        body: dict[str, Any] | None = None,
+        url: str = "/v1/chat/completions",
+        idempotency_key: str | None = None,
+        **knobs: Any,
+    ) -> AsyncJob:
+        """Queue one job: `body` for `url`, or `template` rendered with `query` and
+        `history`. `knobs`: priority, metadata, max_attempts, ttl_seconds, expires_at,
+        custom_id."""
+        spec = _job_spec(template, query, history, body, url, idempotency_key, knobs)
+        return AsyncJob(self._client, await self._client.request("POST", "/v1/jobs", body=spec))
+
+    async def create_many(self, specs: Iterable[dict[str, Any]]) -> builtins.list[AsyncJob]:
+        """Queue many jobs (each a dict of `create`'s arguments) in bulk calls."""
+        bodies = [
+            _job_spec(
+                s.get("template"),
+                s.get("query"),
+                s.get("history"),
+                s.get("body"),
+                s.get("url", "/v1/chat/completions"),
+                s.get("idempotency_key"),
+                {k: s[k] for k in KNOBS if k in s},
+            )
+            for s in specs
+        ]
+        jobs: builtins.list[AsyncJob] = []
+        for start in range(0, len(bodies), BULK_CHUNK):
+            answer = await self._client.request(
+                "POST", "/v1/jobs", body={"jobs": bodies[start : start + BULK_CHUNK]}
+            )
+            jobs += [AsyncJob(self._client, d) for d in answer["data"]]
+        return jobs
 
     async def get(self, job_id: str) -> AsyncJob:
         return AsyncJob(
@@ -333,6 +429,50 @@ class Jobs:
         async for _ in self.as_completed(jobs, timeout):
             pass
         return builtins.list(jobs)
+
+
+def _job_spec(
+    template: str | None,
+    query: str | None,
+    history: Sequence[dict[str, Any]] | None,
+    body: dict[str, Any] | None,
+    url: str,
+    idempotency_key: str | None,
+    knobs: dict[str, Any],
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"idempotency_key": idempotency_key or _key(), **knobs}
+    if template is not None:
+        spec.update(template=template, query=query or "")
+        if history is not None:
+            spec["history"] = list(history)
+    else:
+        spec.update(url=url, body=body)
+    return spec
+
+
+class Templates:
+    """Named assistant templates stored on the server (streams of provider, settings
+    and messages; see docs/http-api.md)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def create(
+        self, name: str, streams: Sequence[dict[str, Any]], description: str = ""
+    ) -> dict[str, Any]:
+        """Create or replace the template `name`."""
+        body = {"name": name, "streams": list(streams), "description": description}
+        return dict(await self._client.request("POST", "/v1/templates", body=body))
+
+    async def list(self) -> builtins.list[dict[str, Any]]:
+        return builtins.list((await self._client.request("GET", "/v1/templates"))["data"])
+
+    async def get(self, name: str) -> dict[str, Any]:
+        return dict(await self._client.request("GET", f"/v1/templates/{quote(name, safe='')}"))
+
+    async def delete(self, name: str) -> dict[str, Any]:
+        path = f"/v1/templates/{quote(name, safe='')}"
+        return dict(await self._client.request("DELETE", path))
 
 
 class Results:

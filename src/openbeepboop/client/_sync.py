@@ -15,10 +15,17 @@ from __future__ import annotations
 import asyncio
 import builtins
 import threading
-from collections.abc import Coroutine, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from openbeepboop.client._async import AsyncClient, AsyncJob, Completions, Jobs, Results
+from openbeepboop.client._async import (
+    AsyncClient,
+    AsyncJob,
+    Completions,
+    Jobs,
+    Results,
+    Templates,
+)
 from openbeepboop.client.errors import JobFailedError
 
 T = TypeVar("T")
@@ -94,6 +101,34 @@ class Job:
         self._loop.run(self._job.cancel())
         return self
 
+    def events(self, after: int | None = None) -> Iterator[dict[str, Any]]:
+        """The job's live events; see `AsyncJob.events`."""
+        return self._iterate(self._job.events(after))
+
+    def stream(self) -> Iterator[str]:
+        """The answer's text as it is made; see `AsyncJob.stream`."""
+        try:
+            yield from self._iterate(self._job.stream())
+        except JobFailedError as exc:
+            exc.job = self
+            raise
+
+    def __iter__(self) -> Iterator[str]:
+        return self.stream()
+
+    def _iterate(self, source: AsyncIterator[T]) -> Iterator[T]:
+        async def step() -> T:
+            return await anext(source)
+
+        try:
+            while True:
+                try:
+                    yield self._loop.run(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._loop.run(source.aclose())  # type: ignore[attr-defined]
+
     def get(self, wait: bool = True, timeout: float | None = None) -> Any:
         """The OpenAI-shaped result; see `AsyncJob.get`."""
         try:
@@ -132,6 +167,14 @@ class _SyncJobs:
     def __init__(self, loop: _Loop, inner: Jobs) -> None:
         self._loop = loop
         self._inner = inner
+
+    def create(self, **spec: Any) -> Job:
+        """Queue one job; see `Jobs.create` (an OpenAI body, or a template and query)."""
+        return Job(self._loop, self._loop.run(self._inner.create(**spec)))
+
+    def create_many(self, specs: Iterable[dict[str, Any]]) -> builtins.list[Job]:
+        """Queue many jobs in bulk calls; see `Jobs.create_many`."""
+        return [Job(self._loop, j) for j in self._loop.run(self._inner.create_many(specs))]
 
     def get(self, job_id: str) -> Job:
         return Job(self._loop, self._loop.run(self._inner.get(job_id)))
@@ -172,6 +215,26 @@ class _SyncResults:
         return [Job(self._loop, j) for j in self._loop.run(self._inner.poll(ids, wait))]
 
 
+class _SyncTemplates:
+    def __init__(self, loop: _Loop, inner: Templates) -> None:
+        self._loop = loop
+        self._inner = inner
+
+    def create(
+        self, name: str, streams: Sequence[dict[str, Any]], description: str = ""
+    ) -> dict[str, Any]:
+        return self._loop.run(self._inner.create(name, streams, description))
+
+    def list(self) -> builtins.list[dict[str, Any]]:
+        return self._loop.run(self._inner.list())
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self._loop.run(self._inner.get(name))
+
+    def delete(self, name: str) -> dict[str, Any]:
+        return self._loop.run(self._inner.delete(name))
+
+
 class Client:
     """The blocking client; arguments as for `AsyncClient`."""
 
@@ -194,6 +257,7 @@ class Client:
         self.completions = _SyncCompletions(self._loop, self._async.completions)
         self.jobs = _SyncJobs(self._loop, self._async.jobs)
         self.results = _SyncResults(self._loop, self._async.results)
+        self.templates = _SyncTemplates(self._loop, self._async.templates)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """A raw API call (parsed JSON), with the client's retries and errors."""

@@ -106,6 +106,7 @@ class NodeRunner:
         self._outbox_ready = asyncio.Event()
         self._fetching: set[asyncio.Task[list[JSON]]] = set()
         self._deltas: list[JSON] = []  # token deltas waiting to be pushed
+        self._first_piece = asyncio.Event()  # a streamed job's first piece is waiting
         self._delta_index: dict[str, int] = {}
         self._registering = asyncio.Lock()
 
@@ -414,12 +415,17 @@ class NodeRunner:
         parts: list[str] = []
         last = Chunk()
         self._delta_index[job["id"]] = 0  # a retry starts the streamed text over
+        streamed = bool(job["request"].get("stream"))
         try:
             async with asyncio.timeout(slot.config.timeout_seconds):
                 async for chunk in slot.backend.execute(job["endpoint"], job["request"]):
                     if chunk.text:
                         parts.append(chunk.text)
                         self._push_delta(job, chunk.text)
+                        if streamed:
+                            # a backend may hand over many chunks without waiting (a fast
+                            # provider's buffered stream): let the delta loop send them
+                            await asyncio.sleep(0)
                     if chunk.finish_reason is not None or chunk.response is not None:
                         last = chunk
         except TimeoutError as exc:
@@ -446,12 +452,19 @@ class NodeRunner:
         self._deltas.append(
             {"job_id": job["id"], "lease_id": job["lease_id"], "index": index, "delta": text}
         )
+        if index == 0 and job["request"].get("stream"):
+            self._first_piece.set()
 
     async def _delta_loop(self) -> None:
-        """Push token deltas every DELTA_SECONDS in one call. Best effort: the result is
-        authoritative, so a delta that cannot be delivered is dropped."""
+        """Push token deltas every DELTA_SECONDS in one call, and at once when the first
+        piece of a job whose client streams is waiting (its time to first token). Best
+        effort: the result is authoritative, so a delta that cannot be delivered is
+        dropped."""
         while True:
-            await asyncio.sleep(DELTA_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DELTA_SECONDS):
+                    await self._first_piece.wait()
+            self._first_piece.clear()
             if not self._deltas:
                 continue
             batch, self._deltas = self._deltas, []

@@ -10,16 +10,27 @@ from typing import Any
 from fastapi import FastAPI
 
 from openbeepboop import __version__
+from openbeepboop.assistants import Assistants
 from openbeepboop.auth import KeyRing
+from openbeepboop.batches import BatchConfig, Batches
+from openbeepboop.files import Files
 from openbeepboop.queue import Queue, QueueConfig
-from openbeepboop.server import errors, routes_client, routes_node, routes_ops
+from openbeepboop.server import (
+    errors,
+    routes_batch,
+    routes_client,
+    routes_node,
+    routes_ops,
+    routes_templates,
+    ws,
+)
 from openbeepboop.server.fastlane import FastLane
 from openbeepboop.server.guards import BodyLimit, KeyRateLimiter
 from openbeepboop.server.metrics import Metrics, MetricsMiddleware
 from openbeepboop.server.schemas import JobBatch, JobSpec
 from openbeepboop.settings import ServerSettings
-from openbeepboop.store.base import Store
-from openbeepboop.store.sqlite import SqliteStore
+from openbeepboop.store import factory
+from openbeepboop.store.base import SharedStore, Store
 
 
 def queue_config(settings: ServerSettings) -> QueueConfig:
@@ -36,7 +47,7 @@ def queue_config(settings: ServerSettings) -> QueueConfig:
 
 def open_store(settings: ServerSettings) -> Store:
     """The store `settings.database_url` names (SQLite by default)."""
-    return SqliteStore(settings.sqlite_path, synchronous=settings.sqlite_synchronous)
+    return factory.open_store(settings)
 
 
 def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
@@ -44,18 +55,30 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     lease reaper runs while the app does."""
     store = store or open_store(settings)
     queue = Queue(store, queue_config(settings))
+    files = Files(store, settings.max_file_bytes, settings.max_batch_lines)
+    assistants = Assistants(store, queue)
+    batches = Batches(
+        store, queue, files, assistants, BatchConfig(priority=settings.batch_priority)
+    )
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await store.open()
-        reaper = asyncio.create_task(queue.run_reaper(settings.reaper_interval_seconds))
+        if isinstance(store, SharedStore):  # several servers: wake-ups and deltas cross
+            await store.bridge(queue.notifier, queue.deltas)
+        tasks = [
+            asyncio.create_task(queue.run_reaper(settings.reaper_interval_seconds)),
+            asyncio.create_task(batches.run()),
+        ]
         try:
             yield
         finally:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await store.close()
 
     app = FastAPI(
@@ -66,16 +89,27 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.queue = queue
+    app.state.files = files
+    app.state.batches = batches
+    app.state.assistants = assistants
     app.state.keyring = KeyRing(store)
     app.state.rate_limiter = KeyRateLimiter(settings.rate_limit, settings.node_rate_limit)
     app.state.metrics = metrics
     errors.install(app)
     app.include_router(routes_client.router)
+    app.include_router(routes_batch.router)
+    app.include_router(routes_templates.router)
+    app.include_router(ws.router)
     app.include_router(routes_node.router)
     app.include_router(routes_ops.router)
     app.add_middleware(FastLane)  # innermost: serves the hottest calls past FastAPI
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        # a file upload carries the file plus a little multipart framing
+        per_path={"/v1/files": settings.max_file_bytes + 64 * 1024},
+    )
     _document_job_schemas(app)
     return app
 

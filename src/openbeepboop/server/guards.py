@@ -22,18 +22,23 @@ ASGIApp = Callable[..., Awaitable[None]]
 
 
 class BodyLimit:
-    """Refuse bodies over `max_bytes` with 413, by header or by counting the stream."""
+    """Refuse bodies over `max_bytes` (or `per_path[path]`) with 413, by header or by
+    counting the stream."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self._declared_too_big(scope):
-            await self._refuse(send)
+        limit = self.per_path.get(scope["path"], self.max_bytes)
+        if self._declared_too_big(scope, limit):
+            await self._refuse(send, limit)
             return
         seen = 0
         sent = False
@@ -43,8 +48,8 @@ class BodyLimit:
             message: dict[str, Any] = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge(self.max_bytes)
+                if seen > limit:
+                    raise _TooLarge(limit)
             return message
 
         async def tracking_send(message: dict[str, Any]) -> None:
@@ -57,20 +62,20 @@ class BodyLimit:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
             if not sent:
-                await self._refuse(send)
+                await self._refuse(send, limit)
 
-    def _declared_too_big(self, scope: dict[str, Any]) -> bool:
+    def _declared_too_big(self, scope: dict[str, Any], limit: int) -> bool:
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
-                    return int(value) > self.max_bytes
+                    return int(value) > limit
                 except ValueError:
                     return False
         return False
 
-    async def _refuse(self, send: Any) -> None:
+    async def _refuse(self, send: Any, limit: int) -> None:
         body = error_body(
-            f"request body is larger than the limit of {self.max_bytes} bytes",
+            f"request body is larger than the limit of {limit} bytes",
             "invalid_request_error",
             "request_too_large",
             None,

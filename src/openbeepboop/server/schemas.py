@@ -79,9 +79,18 @@ class JobSpec(Knobs):
     endpoint: Literal["/v1/chat/completions", "/v1/completions"] = Field(
         "/v1/chat/completions", alias="url"
     )
-    body: dict[str, Any] = Field(description="The OpenAI request body.")
+    body: dict[str, Any] | None = Field(
+        None, description="The OpenAI request body (or give `template` and `query`)."
+    )
     method: Literal["POST"] | None = None
     idempotency_key: str | None = Field(None, min_length=1, max_length=255)
+    template: str | None = Field(
+        None, max_length=64, description="A stored assistant template to render instead."
+    )
+    query: str | None = Field(None, description="With `template`: replaces `{query}`.")
+    history: list[dict[str, Any]] | None = Field(
+        None, description='With `template`: messages for `{"insert": "history"}`.'
+    )
 
 
 class JobBatch(_Closed):

@@ -9,14 +9,19 @@ and stays retrievable (its id is in the `x-openbeepboop-job-id` header).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 
+from openbeepboop.events import JobEvent, job_events, result_text
 from openbeepboop.models import JSON, Job, JobStatus
 from openbeepboop.queue import Queue
+
+KEEPALIVE_SECONDS = 15.0
 
 
 def _sse(data: Any) -> bytes:
@@ -47,14 +52,6 @@ class _Chunks:
         return {**self.base, "choices": [], "usage": usage}
 
 
-def _final_text(job: Job) -> tuple[str, str, JSON | None]:
-    result = job.result or {}
-    choice = (result.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
-    text = message.get("content") if "message" in choice else choice.get("text")
-    return str(text or ""), str(choice.get("finish_reason") or "stop"), result.get("usage")
-
-
 async def stream_job(queue: Queue, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
     """The SSE body for one job, from queued to final."""
     chunks = _Chunks(job)
@@ -79,9 +76,42 @@ async def stream_job(queue: Queue, job: Job, include_usage: bool) -> AsyncIterat
         )
         yield b"data: [DONE]\n\n"
         return
-    text, finish, usage = _final_text(final)
+    text, finish, usage = result_text(final)
     rest = text[len(sent) :] if text.startswith(sent) else ""  # pieces a node never pushed
     yield _sse(chunks.text(rest, finish=finish))
     if include_usage and usage:
         yield _sse(chunks.usage(usage))
     yield b"data: [DONE]\n\n"
+
+
+async def stream_events(
+    queue: Queue, job: Job, after: int, keepalive: float = KEEPALIVE_SECONDS
+) -> AsyncIterator[bytes]:
+    """`GET /v1/jobs/{id}/events`: the job's events (rbee's vocabulary, the type inside
+    the data) with SSE ids for `Last-Event-ID`, then `data: [DONE]`. While nothing
+    happens (a long wait in the queue) a comment line every `keepalive` seconds keeps
+    proxies from closing the connection."""
+    events = job_events(queue, job, after)
+    pending: asyncio.Future[JobEvent] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=keepalive)
+            if not done:
+                yield b": keep-alive\n\n"
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                break
+            pending = None
+            payload = orjson.dumps({"type": event.type, **event.data})
+            yield b"id: %d\ndata: %s\n\n" % (event.id, payload)
+        yield b"data: [DONE]\n\n"
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+        await events.aclose()

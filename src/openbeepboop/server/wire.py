@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from openbeepboop.models import ApiKey, Job, Node
+from openbeepboop.models import ApiKey, Batch, Job, Node, StoredFile, Template
 
 
 class JSONResponse(Response):
@@ -86,6 +86,61 @@ def key_json(key: ApiKey) -> dict[str, Any]:
         "name": key.name,
         "created_at": _ts(key.created_at),
         "revoked_at": _ts(key.revoked_at),
+    }
+
+
+def file_json(file: StoredFile) -> dict[str, Any]:
+    """OpenAI's file object."""
+    return {
+        "id": file.id,
+        "object": "file",
+        "bytes": file.bytes,
+        "created_at": _ts(file.created_at),
+        "filename": file.filename,
+        "purpose": file.purpose,
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+    }
+
+
+def batch_json(batch: Batch) -> dict[str, Any]:
+    """OpenAI's batch object."""
+    return {
+        "id": batch.id,
+        "object": "batch",
+        "endpoint": batch.endpoint,
+        "errors": None if batch.errors is None else {"object": "list", "data": batch.errors},
+        "input_file_id": batch.input_file_id,
+        "completion_window": batch.completion_window,
+        "status": batch.status.value,
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        "created_at": _ts(batch.created_at),
+        "in_progress_at": _ts(batch.in_progress_at),
+        "expires_at": _ts(batch.expires_at),
+        "finalizing_at": _ts(batch.finalizing_at),
+        "completed_at": _ts(batch.completed_at),
+        "failed_at": _ts(batch.failed_at),
+        "expired_at": _ts(batch.expired_at),
+        "cancelling_at": _ts(batch.cancelling_at),
+        "cancelled_at": _ts(batch.cancelled_at),
+        "request_counts": batch.request_counts or {"total": 0, "completed": 0, "failed": 0},
+        "metadata": batch.metadata,
+        "usage": batch.usage,
+    }
+
+
+def template_json(template: Template) -> dict[str, Any]:
+    """An assistant template."""
+    return {
+        "id": template.name,
+        "object": "assistant_template",
+        "name": template.name,
+        "description": template.description,
+        "streams": template.streams,
+        "created_at": int(template.created_at),
+        "updated_at": int(template.updated_at),
     }
 
 

@@ -8,10 +8,11 @@ runs against every implementation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from openbeepboop.models import (
     ApiKey,
+    Batch,
     HeartbeatOutcome,
     Job,
     JobFilter,
@@ -20,8 +21,14 @@ from openbeepboop.models import (
     NodeResult,
     ReapOutcome,
     ResultOutcome,
+    StoredFile,
     SubmitOutcome,
+    Template,
 )
+
+if TYPE_CHECKING:
+    from openbeepboop.deltas import DeltaHub
+    from openbeepboop.notify import Notifier
 
 
 class Store(Protocol):
@@ -108,3 +115,86 @@ class Store(Protocol):
 
     async def revoke_key(self, key_id: str, now: float) -> ApiKey | None:
         """Mark a key revoked; None when unknown."""
+
+    # -- files ----------------------------------------------------------------
+
+    async def put_file_part(self, file_id: str, index: int, data: bytes) -> None:
+        """Store part `index` (0, 1, ...) of a file's bytes, replacing one already there.
+        Parts are written before the file's record, so a half-written file is invisible."""
+
+    async def create_file(self, file: StoredFile) -> StoredFile:
+        """Store a file's record (its parts are in place); returns it with `seq` set."""
+
+    async def get_file(self, file_id: str) -> StoredFile | None:
+        """The file with this id, or None."""
+
+    async def list_files(
+        self, owner: str | None, purpose: str | None, limit: int, before_seq: int | None
+    ) -> list[StoredFile]:
+        """Files (of `owner`, of `purpose`, when given), newest first, seq < before_seq."""
+
+    async def read_file_part(self, file_id: str, index: int) -> bytes | None:
+        """Part `index` of a file's bytes, or None past the last part."""
+
+    async def delete_file(self, file_id: str) -> bool:
+        """Delete a file's record and parts (also parts without a record); False when
+        there was no record."""
+
+    # -- batches --------------------------------------------------------------
+
+    async def create_batch(self, batch: Batch) -> Batch:
+        """Store a new batch; returns it with `seq` set."""
+
+    async def get_batch(self, batch_id: str) -> Batch | None:
+        """The batch with this id, or None."""
+
+    async def list_batches(
+        self, owner: str | None, limit: int, before_seq: int | None
+    ) -> list[Batch]:
+        """Batches (of `owner`, when given), newest first, seq < before_seq."""
+
+    async def open_batches(self) -> list[Batch]:
+        """Batches not in a final status, oldest first."""
+
+    async def save_batch(self, batch: Batch) -> Batch | None:
+        """Write every field of `batch` if the stored version is still `batch.version`;
+        returns the saved batch (version + 1), or None when someone saved it first."""
+
+    async def batch_counts(self, batch_id: str) -> dict[str, int]:
+        """How many of the batch's jobs are in each status."""
+
+    async def batch_jobs(self, batch_id: str, after_seq: int, limit: int) -> list[Job]:
+        """The batch's jobs in submission order, seq > after_seq, at most `limit`."""
+
+    async def cancel_batch_jobs(self, batch_id: str, now: float) -> list[str]:
+        """Cancel the batch's queued jobs (running ones finish); returns their ids."""
+
+    # -- assistant templates ----------------------------------------------------
+
+    async def put_template(self, template: Template) -> Template:
+        """Create or replace the owner's template of that name (created_at is kept on
+        replace); returns it as stored."""
+
+    async def get_template(self, owner: str, name: str) -> Template | None:
+        """The owner's template of that name, or None."""
+
+    async def list_templates(self, owner: str | None) -> list[Template]:
+        """Templates (of `owner`, when given), by name."""
+
+    async def delete_template(self, owner: str, name: str) -> bool:
+        """Delete one template; False when there was none."""
+
+
+class DatabaseUnreachable(Exception):
+    """The database cannot be reached or refused us; the message (one line, no
+    password) says which and why."""
+
+
+@runtime_checkable
+class SharedStore(Protocol):
+    """A store that several servers share (PostgreSQL). Besides `Store`, it carries
+    wake-ups and token deltas between those servers."""
+
+    async def bridge(self, notifier: Notifier, deltas: DeltaHub) -> None:
+        """From now until `close`: hand other servers what `notifier` publishes and
+        `deltas` accepts here, and deliver theirs here."""

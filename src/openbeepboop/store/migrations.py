@@ -1,11 +1,23 @@
 """Versioned schema migrations: `migrations/<dialect>/NNNN_name.sql`, applied in order,
-each in its own transaction, recorded in `schema_migrations`."""
+each in its own transaction, recorded in `schema_migrations`.
+
+The dialects keep the same numbers: migration N means the same schema change in SQLite
+and in PostgreSQL (`migrate-db` relies on it). On PostgreSQL the runner holds an
+advisory lock, so that replicas starting at once apply each migration exactly once.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
 from importlib import resources
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncpg
+
+# pg_advisory_lock key of the migration runner: b"obb-migr" as a 64-bit integer
+PG_MIGRATION_LOCK = int.from_bytes(b"obb-migr", "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +65,39 @@ def migrate_sqlite(conn: sqlite3.Connection) -> list[int]:
             raise
         applied.append(migration.version)
     return applied
+
+
+async def migrate_postgres(conn: asyncpg.Connection) -> list[int]:
+    """Apply pending migrations over one connection, under the advisory lock; returns the
+    versions applied (none when another replica got there first)."""
+    await conn.execute("SELECT pg_advisory_lock($1)", PG_MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+            "name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+        applied = []
+        for migration in load_migrations("postgres"):
+            if migration.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)  # a script: the simple query protocol
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+            applied.append(migration.version)
+        return applied
+    finally:
+        if not conn.is_closed():  # a closed session has released its locks
+            await conn.execute("SELECT pg_advisory_unlock($1)", PG_MIGRATION_LOCK)
+
+
+def latest_version(dialect: str) -> int:
+    """The newest migration shipped for `dialect` (0 when none)."""
+    return max((m.version for m in load_migrations(dialect)), default=0)
 
 
 def _statements(script: str) -> list[str]:

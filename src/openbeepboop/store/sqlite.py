@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import orjson
 from openbeepboop.errors import IdempotencyMismatch, InvalidRequest
 from openbeepboop.models import (
     ApiKey,
+    Batch,
+    BatchStatus,
     HeartbeatOutcome,
     Job,
     JobFilter,
@@ -27,7 +30,9 @@ from openbeepboop.models import (
     ReapOutcome,
     ResultOutcome,
     Role,
+    StoredFile,
     SubmitOutcome,
+    Template,
 )
 from openbeepboop.store.migrations import migrate_sqlite
 from openbeepboop.store.sqlite_io import GroupCommitWriter, ReaderPool, connect
@@ -35,12 +40,18 @@ from openbeepboop.store.sqlite_io import GroupCommitWriter, ReaderPool, connect
 JOB_COLUMNS = (
     "seq, id, owner, endpoint, model, request, request_hash, status, priority, max_attempts, "
     "attempts, metadata, custom_id, idempotency_key, created_at, expires_at, started_at, "
-    "finished_at, lease_id, lease_expires_at, node_id, result, error"
+    "finished_at, lease_id, lease_expires_at, node_id, result, error, batch_id"
 )
 NODE_COLUMNS = (
     "id, name, owner, models, capacity, hardware, version, registered_at, last_seen, stats"
 )
 KEY_COLUMNS = "id, role, key_hash, prefix, name, created_at, revoked_at"
+FILE_COLUMNS = "id, owner, purpose, filename, bytes, created_at, lines, seq"
+BATCH_FIELDS = [field.name for field in fields(Batch) if field.name != "seq"]
+BATCH_JSON = frozenset({"metadata", "errors", "request_counts", "usage"})
+BATCH_COLUMNS = ", ".join([*BATCH_FIELDS, "seq"])
+TEMPLATE_COLUMNS = "owner, name, description, streams, created_at, updated_at"
+OPEN_BATCHES = "('validating', 'in_progress', 'finalizing', 'cancelling')"
 ACTIVE = "('queued', 'in_progress')"
 
 
@@ -86,6 +97,7 @@ def _job(row: Sequence[Any]) -> Job:
         node_id=row[20],
         result=_loads(row[21]),
         error=_loads(row[22]),
+        batch_id=row[23],
     )
 
 
@@ -114,6 +126,31 @@ def _key(row: Sequence[Any]) -> ApiKey:
         created_at=row[5],
         revoked_at=row[6],
     )
+
+
+def _file(row: Sequence[Any]) -> StoredFile:
+    return StoredFile(*row)
+
+
+def _batch(row: Sequence[Any]) -> Batch:
+    values = dict(zip([*BATCH_FIELDS, "seq"], row, strict=True))
+    for name in BATCH_JSON:
+        values[name] = _loads(values[name])
+    values["status"] = BatchStatus(values["status"])
+    return Batch(**values)
+
+
+def _batch_values(batch: Batch) -> list[Any]:
+    out: list[Any] = []
+    for name in BATCH_FIELDS:
+        value = getattr(batch, name)
+        out.append(_dumps(value) if name in BATCH_JSON else value)
+    return out
+
+
+def _template(row: Sequence[Any]) -> Template:
+    owner, name, description, streams, created_at, updated_at = row
+    return Template(owner, name, orjson.loads(streams), created_at, updated_at, description)
 
 
 def _marks(n: int) -> str:
@@ -388,13 +425,182 @@ class SqliteStore:
 
         return await self._writer.run(op)
 
+    # -- files ------------------------------------------------------------------
+
+    async def put_file_part(self, file_id: str, index: int, data: bytes) -> None:
+        sql = "INSERT OR REPLACE INTO file_parts (file_id, idx, data) VALUES (?, ?, ?)"
+        await self._writer.run(lambda conn: conn.execute(sql, (file_id, index, data)))
+
+    async def create_file(self, file: StoredFile) -> StoredFile:
+        sql = (
+            "INSERT INTO files (id, owner, purpose, filename, bytes, created_at, lines) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq"
+        )
+        args = (
+            file.id,
+            file.owner,
+            file.purpose,
+            file.filename,
+            file.bytes,
+            file.created_at,
+            file.lines,
+        )
+        seq = await self._writer.run(lambda conn: conn.execute(sql, args).fetchone()[0])
+        return replace(file, seq=int(seq))
+
+    async def get_file(self, file_id: str) -> StoredFile | None:
+        sql = f"SELECT {FILE_COLUMNS} FROM files WHERE id = ?"
+
+        def op(conn: sqlite3.Connection) -> StoredFile | None:
+            row = conn.execute(sql, (file_id,)).fetchone()
+            return None if row is None else _file(row)
+
+        return await self._readers.run(op)
+
+    async def list_files(
+        self, owner: str | None, purpose: str | None, limit: int, before_seq: int | None
+    ) -> list[StoredFile]:
+        where, args = _where(owner=owner, purpose=purpose, before_seq=before_seq)
+        sql = f"SELECT {FILE_COLUMNS} FROM files WHERE {where} ORDER BY seq DESC LIMIT ?"
+        return await self._readers.run(
+            lambda conn: [_file(r) for r in conn.execute(sql, [*args, limit])]
+        )
+
+    async def read_file_part(self, file_id: str, index: int) -> bytes | None:
+        sql = "SELECT data FROM file_parts WHERE file_id = ? AND idx = ?"
+
+        def op(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(sql, (file_id, index)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._readers.run(op)
+
+    async def delete_file(self, file_id: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM file_parts WHERE file_id = ?", (file_id,))
+            return conn.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
+
+        return await self._writer.run(op)
+
+    # -- batches ----------------------------------------------------------------
+
+    async def create_batch(self, batch: Batch) -> Batch:
+        sql = (
+            f"INSERT INTO batches ({', '.join(BATCH_FIELDS)}) "
+            f"VALUES ({_marks(len(BATCH_FIELDS))}) RETURNING seq"
+        )
+        args = _batch_values(batch)
+        seq = await self._writer.run(lambda conn: conn.execute(sql, args).fetchone()[0])
+        return replace(batch, seq=int(seq))
+
+    async def get_batch(self, batch_id: str) -> Batch | None:
+        sql = f"SELECT {BATCH_COLUMNS} FROM batches WHERE id = ?"
+
+        def op(conn: sqlite3.Connection) -> Batch | None:
+            row = conn.execute(sql, (batch_id,)).fetchone()
+            return None if row is None else _batch(row)
+
+        return await self._readers.run(op)
+
+    async def list_batches(
+        self, owner: str | None, limit: int, before_seq: int | None
+    ) -> list[Batch]:
+        where, args = _where(owner=owner, before_seq=before_seq)
+        sql = f"SELECT {BATCH_COLUMNS} FROM batches WHERE {where} ORDER BY seq DESC LIMIT ?"
+        return await self._readers.run(
+            lambda conn: [_batch(r) for r in conn.execute(sql, [*args, limit])]
+        )
+
+    async def open_batches(self) -> list[Batch]:
+        sql = f"SELECT {BATCH_COLUMNS} FROM batches WHERE status IN {OPEN_BATCHES} ORDER BY seq"
+        return await self._readers.run(lambda conn: [_batch(r) for r in conn.execute(sql)])
+
+    async def save_batch(self, batch: Batch) -> Batch | None:
+        saved = replace(batch, version=batch.version + 1)
+        columns = [name for name in BATCH_FIELDS if name != "id"]
+        sets = ", ".join(f"{name} = ?" for name in columns)
+        values = dict(zip(BATCH_FIELDS, _batch_values(saved), strict=True))
+        args = [*(values[name] for name in columns), batch.id, batch.version]
+        sql = f"UPDATE batches SET {sets} WHERE id = ? AND version = ?"
+        changed = await self._writer.run(lambda conn: conn.execute(sql, args).rowcount)
+        return saved if changed else None
+
+    async def batch_counts(self, batch_id: str) -> dict[str, int]:
+        sql = "SELECT status, count(*) FROM jobs WHERE batch_id = ? GROUP BY status"
+        return await self._readers.run(
+            lambda conn: {status: int(n) for status, n in conn.execute(sql, (batch_id,))}
+        )
+
+    async def batch_jobs(self, batch_id: str, after_seq: int, limit: int) -> list[Job]:
+        sql = f"SELECT {JOB_COLUMNS} FROM jobs WHERE batch_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        args = (batch_id, after_seq, limit)
+        return await self._readers.run(lambda conn: [_job(r) for r in conn.execute(sql, args)])
+
+    async def cancel_batch_jobs(self, batch_id: str, now: float) -> list[str]:
+        sql = (
+            "UPDATE jobs SET status = 'cancelled', finished_at = ? "
+            "WHERE batch_id = ? AND status = 'queued' RETURNING id"
+        )
+        return await self._writer.run(
+            lambda conn: [r[0] for r in conn.execute(sql, (now, batch_id))]
+        )
+
+    # -- assistant templates ----------------------------------------------------
+
+    async def put_template(self, template: Template) -> Template:
+        sql = (
+            f"INSERT INTO templates ({TEMPLATE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (owner, name) DO UPDATE SET description = excluded.description, "
+            f"streams = excluded.streams, updated_at = excluded.updated_at "
+            f"RETURNING {TEMPLATE_COLUMNS}"
+        )
+        args = (
+            template.owner,
+            template.name,
+            template.description,
+            _text(template.streams),
+            template.created_at,
+            template.updated_at,
+        )
+        return await self._writer.run(lambda conn: _template(conn.execute(sql, args).fetchone()))
+
+    async def get_template(self, owner: str, name: str) -> Template | None:
+        sql = f"SELECT {TEMPLATE_COLUMNS} FROM templates WHERE owner = ? AND name = ?"
+
+        def op(conn: sqlite3.Connection) -> Template | None:
+            row = conn.execute(sql, (owner, name)).fetchone()
+            return None if row is None else _template(row)
+
+        return await self._readers.run(op)
+
+    async def list_templates(self, owner: str | None) -> list[Template]:
+        where, args = _where(owner=owner)
+        sql = f"SELECT {TEMPLATE_COLUMNS} FROM templates WHERE {where} ORDER BY name, owner"
+        return await self._readers.run(lambda conn: [_template(r) for r in conn.execute(sql, args)])
+
+    async def delete_template(self, owner: str, name: str) -> bool:
+        sql = "DELETE FROM templates WHERE owner = ? AND name = ?"
+        return bool(await self._writer.run(lambda conn: conn.execute(sql, (owner, name)).rowcount))
+
+
+def _where(**filters: Any) -> tuple[str, list[Any]]:
+    """`a = ? AND b = ? AND seq < ?` for the filters that are not None."""
+    where = ["1 = 1"]
+    args: list[Any] = []
+    for name, value in filters.items():
+        if value is None:
+            continue
+        where.append("seq < ?" if name == "before_seq" else f"{name} = ?")
+        args.append(value)
+    return " AND ".join(where), args
+
 
 # -- write operations (run on the writer thread) -----------------------------------
 
 _INSERT_JOB = (
     "INSERT INTO jobs (id, owner, endpoint, model, request, request_hash, status, priority, "
-    "max_attempts, metadata, custom_id, idempotency_key, created_at, expires_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)"
+    "max_attempts, metadata, custom_id, idempotency_key, created_at, expires_at, batch_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -435,26 +641,10 @@ def _submit_jobs(
                 nj.idempotency_key,
                 now,
                 nj.expires_at,
+                nj.batch_id,
             ),
         )
-        job = Job(
-            id=job_id,
-            seq=int(cur.lastrowid or 0),
-            owner=nj.owner,
-            endpoint=nj.endpoint,
-            model=nj.model,
-            request=nj.request,
-            status=JobStatus.QUEUED,
-            priority=nj.priority,
-            max_attempts=nj.max_attempts,
-            attempts=0,
-            created_at=now,
-            metadata=nj.metadata,
-            custom_id=nj.custom_id,
-            request_hash=nj.request_hash,
-            idempotency_key=nj.idempotency_key,
-            expires_at=nj.expires_at,
-        )
+        job = nj.queued(job_id, int(cur.lastrowid or 0), now)
         outcomes.append(SubmitOutcome(job, created=True))
     return outcomes
 

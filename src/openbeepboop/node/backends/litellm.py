@@ -52,7 +52,9 @@ def _import_litellm() -> Any:
 
 
 class LiteLLMBackend:
-    """Calls LiteLLM; chat completions stream, text completions come whole."""
+    """Calls LiteLLM. Chat completions stream (so that followers get tokens as they
+    come) unless the request says `"stream": false` (a synchronous caller that takes the
+    answer whole); text completions come whole."""
 
     def __init__(self, config: LiteLLMModel) -> None:
         self.config = config
@@ -82,6 +84,10 @@ class LiteLLMBackend:
         try:
             if endpoint == "/v1/completions":
                 response = await litellm.atext_completion(prompt=request.get("prompt", ""), **kw)
+                yield _whole(response.model_dump(), request)
+                return
+            if request.get("stream") is False:
+                response = await litellm.acompletion(messages=request["messages"], **kw)
                 yield _whole(response.model_dump(), request)
                 return
             stream = await litellm.acompletion(

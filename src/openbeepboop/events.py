@@ -1,0 +1,129 @@
+"""The life of one job as a sequence of events, for anyone following it live.
+
+The vocabulary is the rbee quickstart's: `queued` {job_id, position}, `started` {job_id,
+model, node_id, started_at}, `token` {t, i} for each piece of text, then one of `end`
+{tokens_out, decode_time_ms, stop_reason}, `failed` {job_id, code, message} or
+`cancelled` {job_id}. Every event has a number (`id`) that is the same on every
+connection — `queued` 0, `started` 1, token `i` is `i + 2`, the last one follows the
+tokens — so a subscriber who reconnects with the last id it saw resumes exactly after it.
+A late subscriber gets the text so far first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+from openbeepboop.models import JSON, Job, JobStatus
+from openbeepboop.notify import job_topic
+from openbeepboop.queue import Queue
+
+QUEUED_ID = 0
+STARTED_ID = 1
+FIRST_TOKEN_ID = 2
+RECHECK_SECONDS = 1.0
+STOP_REASONS = {"stop": "EOS", "length": "MAX_TOKENS"}
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One event: its number, its type and its fields."""
+
+    id: int
+    type: str
+    data: JSON
+
+    @property
+    def final(self) -> bool:
+        return self.type in ("end", "failed", "cancelled")
+
+
+def result_text(job: Job) -> tuple[str, str, JSON]:
+    """(text, finish_reason, usage) of a completed job's OpenAI result."""
+    result = job.result or {}
+    choice = (result.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    text = message.get("content") if "message" in choice else choice.get("text")
+    return str(text or ""), str(choice.get("finish_reason") or "stop"), result.get("usage") or {}
+
+
+async def job_events(queue: Queue, job: Job, after: int = -1) -> AsyncGenerator[JobEvent, None]:
+    """The job's events from the start (or after event number `after`) to its end."""
+    # Follow from now, so that text pushed while we wait for the start is kept for us.
+    pieces = queue.follow(job) if not job.status.is_final else None
+    if job.status is JobStatus.QUEUED:
+        if after < QUEUED_ID:
+            position = await queue.queue_position(job)
+            yield JobEvent(QUEUED_ID, "queued", {"job_id": job.id, "position": position})
+        job = await _while_queued(queue, job)
+    if job.started_at is not None and after < STARTED_ID:
+        yield _started(job)
+    index = 0
+    sent = ""
+    if pieces is None and queue.deltas.text(job.id):  # finished, recently streamed
+        pieces = queue.follow(job)
+    if pieces is not None:
+        async for piece in pieces:
+            if index + FIRST_TOKEN_ID > after:
+                yield JobEvent(index + FIRST_TOKEN_ID, "token", {"t": piece, "i": index})
+            sent += piece
+            index += 1
+    final = await queue.store.get_job(job.id) or job
+    if final.status is JobStatus.COMPLETED:
+        text, finish, usage = result_text(final)
+        rest = text[len(sent) :] if text.startswith(sent) else ""
+        if rest:  # text a node never pushed as deltas (or pushed before we subscribed)
+            if index + FIRST_TOKEN_ID > after:
+                yield JobEvent(index + FIRST_TOKEN_ID, "token", {"t": rest, "i": index})
+            index += 1
+        started = final.started_at or final.created_at
+        decode_ms = round(((final.finished_at or started) - started) * 1000)
+        yield JobEvent(
+            index + FIRST_TOKEN_ID,
+            "end",
+            {
+                "job_id": final.id,
+                "tokens_out": int(usage.get("completion_tokens") or index),
+                "decode_time_ms": decode_ms,
+                "stop_reason": STOP_REASONS.get(finish, finish.upper()),
+            },
+        )
+    elif final.status is JobStatus.CANCELLED:
+        yield JobEvent(index + FIRST_TOKEN_ID, "cancelled", {"job_id": final.id})
+    else:
+        error = final.error or {}
+        yield JobEvent(
+            index + FIRST_TOKEN_ID,
+            "failed",
+            {
+                "job_id": final.id,
+                "code": str(error.get("code") or f"job_{final.status.value}"),
+                "message": str(error.get("message") or f"the job ended {final.status.value}"),
+            },
+        )
+
+
+def _started(job: Job) -> JobEvent:
+    return JobEvent(
+        STARTED_ID,
+        "started",
+        {
+            "job_id": job.id,
+            "model": job.model,
+            "node_id": job.node_id,
+            "started_at": int(job.started_at or job.created_at),
+        },
+    )
+
+
+async def _while_queued(queue: Queue, job: Job) -> Job:
+    """The job once it has left the queue (started, or final without starting)."""
+    with queue.notifier.listen([job_topic(job.id)]) as event:
+        while job.status is JobStatus.QUEUED:
+            event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), RECHECK_SECONDS)
+            job = await queue.store.get_job(job.id) or job
+    return job

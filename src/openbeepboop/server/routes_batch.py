@@ -1,0 +1,165 @@
+"""OpenAI's Files and Batch API: `/v1/files` and `/v1/batches`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.responses import Response, StreamingResponse
+
+from openbeepboop.batches import Batches
+from openbeepboop.errors import InvalidRequest, NotFound
+from openbeepboop.files import PART_BYTES, Files
+from openbeepboop.models import JSON, ApiKey
+from openbeepboop.server.guards import client_key
+from openbeepboop.server.schemas import ChatCompletionBody, CompletionBody, Knobs
+from openbeepboop.server.wire import JSONResponse, batch_json, file_json, page
+
+router = APIRouter(tags=["batches"])
+Key = Annotated[ApiKey, Depends(client_key)]
+Limit = Annotated[int, Query(ge=1, le=10_000)]
+
+BODY_MODELS: dict[str, type[Knobs]] = {
+    "/v1/chat/completions": ChatCompletionBody,
+    "/v1/completions": CompletionBody,
+}
+
+
+def _files(request: Request) -> Files:
+    files: Files = request.app.state.files
+    return files
+
+
+def _batches(request: Request) -> Batches:
+    batches: Batches = request.app.state.batches
+    return batches
+
+
+def check_body(url: str, body: JSON) -> str | None:
+    """The first thing wrong with a batch line's body, as the endpoint would see it."""
+    try:
+        BODY_MODELS[url].model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(part) for part in ("body", *err["loc"]))
+        return f"{where}: {err['msg']}"
+    return None
+
+
+async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(PART_BYTES):
+        yield chunk
+
+
+# -- files ----------------------------------------------------------------------------
+
+
+@router.post("/v1/files", summary="Upload a file (multipart: file, purpose)")
+async def upload_file(request: Request, key: Key) -> Response:
+    form = await request.form(max_files=1, max_fields=8)
+    try:
+        upload = form.get("file")
+        purpose = form.get("purpose")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest("a multipart field 'file' with the file is required", param="file")
+        if not isinstance(purpose, str) or not purpose:
+            raise InvalidRequest("a multipart field 'purpose' is required", param="purpose")
+        stored = await _files(request).upload(
+            key, upload.filename or "upload.jsonl", purpose, _chunks(upload), check_body
+        )
+    finally:
+        await form.close()
+    return JSONResponse(file_json(stored))
+
+
+@router.get("/v1/files", summary="List files, newest first")
+async def list_files(
+    request: Request,
+    key: Key,
+    purpose: str | None = None,
+    limit: Limit = 10_000,
+    after: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
+) -> Response:
+    try:
+        found = await _files(request).list_files(key, purpose, limit + 1, after)
+    except NotFound as exc:
+        raise InvalidRequest(f"unknown cursor {after!r}", param="after") from exc
+    items = [file_json(f) for f in found[:limit]]
+    if order == "asc":
+        items.reverse()
+    return JSONResponse(page(items, has_more=len(found) > limit))
+
+
+@router.get("/v1/files/{file_id}", summary="One file")
+async def get_file(request: Request, file_id: str, key: Key) -> Response:
+    return JSONResponse(file_json(await _files(request).get(key, file_id)))
+
+
+@router.get("/v1/files/{file_id}/content", summary="A file's bytes")
+async def file_content(request: Request, file_id: str, key: Key) -> Response:
+    files = _files(request)
+    found = await files.get(key, file_id)
+    return StreamingResponse(
+        files.content(found),
+        media_type="application/jsonl",
+        headers={
+            "Content-Length": str(found.bytes),
+            "Content-Disposition": f'attachment; filename="{found.filename}"',
+        },
+    )
+
+
+@router.delete("/v1/files/{file_id}", summary="Delete a file")
+async def delete_file(request: Request, file_id: str, key: Key) -> Response:
+    deleted = await _files(request).delete(key, file_id)
+    return JSONResponse({"id": deleted.id, "object": "file", "deleted": True})
+
+
+# -- batches ----------------------------------------------------------------------------
+
+
+class BatchCreateBody(BaseModel):
+    input_file_id: str = Field(min_length=1, max_length=128)
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16, description="Up to 16 string pairs, returned as given."
+    )
+    output_expires_after: dict[str, Any] | None = None
+
+
+@router.post("/v1/batches", summary="Run a file of requests as a batch")
+async def create_batch(request: Request, body: BatchCreateBody, key: Key) -> Response:
+    batch = await _batches(request).create(
+        key, body.input_file_id, body.endpoint, body.completion_window, body.metadata
+    )
+    return JSONResponse(batch_json(batch))
+
+
+@router.get("/v1/batches", summary="List batches, newest first")
+async def list_batches(
+    request: Request,
+    key: Key,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
+) -> Response:
+    try:
+        found = await _batches(request).list_batches(key, limit + 1, after)
+    except NotFound as exc:
+        raise InvalidRequest(f"unknown cursor {after!r}", param="after") from exc
+    items = [batch_json(b) for b in found[:limit]]
+    return JSONResponse(page(items, has_more=len(found) > limit))
+
+
+@router.get("/v1/batches/{batch_id}", summary="One batch")
+async def get_batch(request: Request, batch_id: str, key: Key) -> Response:
+    return JSONResponse(batch_json(await _batches(request).get(key, batch_id)))
+
+
+@router.post("/v1/batches/{batch_id}/cancel", summary="Cancel a batch")
+async def cancel_batch(request: Request, batch_id: str, key: Key) -> Response:
+    return JSONResponse(batch_json(await _batches(request).cancel(key, batch_id)))

@@ -1,0 +1,51 @@
+"""Named assistant templates: `/v1/templates`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+from openbeepboop.assistants import Assistants
+from openbeepboop.models import ApiKey
+from openbeepboop.server.guards import client_key
+from openbeepboop.server.wire import JSONResponse, page, template_json
+
+router = APIRouter(tags=["templates"])
+Key = Annotated[ApiKey, Depends(client_key)]
+
+
+class TemplateBody(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    streams: list[dict[str, Any]] = Field(description="provider, settings {model, ...}, messages")
+    description: str = Field("", max_length=2000)
+
+
+def _assistants(request: Request) -> Assistants:
+    assistants: Assistants = request.app.state.assistants
+    return assistants
+
+
+@router.post("/v1/templates", summary="Create or replace a named assistant template")
+async def put_template(request: Request, body: TemplateBody, key: Key) -> Response:
+    saved = await _assistants(request).put(key, body.name, body.streams, body.description)
+    return JSONResponse(template_json(saved))
+
+
+@router.get("/v1/templates", summary="List assistant templates")
+async def list_templates(request: Request, key: Key) -> Response:
+    found = await _assistants(request).list_templates(key)
+    return JSONResponse(page([template_json(t) for t in found], has_more=False))
+
+
+@router.get("/v1/templates/{name}", summary="One assistant template")
+async def get_template(request: Request, name: str, key: Key) -> Response:
+    return JSONResponse(template_json(await _assistants(request).get(key, name)))
+
+
+@router.delete("/v1/templates/{name}", summary="Delete an assistant template")
+async def delete_template(request: Request, name: str, key: Key) -> Response:
+    gone = await _assistants(request).delete(key, name)
+    return JSONResponse({"id": gone.name, "object": "assistant_template", "deleted": True})
