@@ -49,6 +49,7 @@ log = logging.getLogger("openbeepboop.queue")
 
 NODE_TOUCH_SECONDS = 5.0
 ACTIVE_COUNT_SECONDS = 1.0
+SERVED_CACHE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,8 @@ class Queue:
         self._active: dict[str, tuple[int, float]] = {}
         self.deltas = DeltaHub()
         self.closing = False
+        self._handoff: dict[str, list[asyncio.Future[Job]]] = {}  # job id -> sync waiters
+        self._served: tuple[float, frozenset[str]] = (0.0, frozenset())  # checked at, models
 
     def close(self) -> None:
         """The server is shutting down: long-polls answer now instead of holding it up."""
@@ -125,19 +128,25 @@ class Queue:
 
     # -- clients ----------------------------------------------------------------
 
-    async def submit(self, key: ApiKey, requests: Sequence[JobRequest]) -> list[SubmitOutcome]:
-        """Queue jobs for `key` (all or none); idempotent replays return the first job."""
+    async def submit(
+        self, key: ApiKey, requests: Sequence[JobRequest], durable: bool = True
+    ) -> list[SubmitOutcome]:
+        """Queue jobs for `key` (all or none); idempotent replays return the first job.
+        `durable=False` only where the caller is told nothing before the result (see
+        `Store.submit_jobs`)."""
         if not requests:
             raise InvalidRequest("no jobs to submit", param="jobs")
         await self._check_active_limit(key, len(requests))
-        return await self.enqueue(key.id, requests)
+        return await self.enqueue(key.id, requests, durable)
 
-    async def enqueue(self, owner: str, requests: Sequence[JobRequest]) -> list[SubmitOutcome]:
+    async def enqueue(
+        self, owner: str, requests: Sequence[JobRequest], durable: bool = True
+    ) -> list[SubmitOutcome]:
         """Queue jobs for `owner` past the per-key limits (batch lines use this: a batch
         was accepted whole, its lines wait their turn)."""
         now = self._clock()
         new = [self._new_job(owner, r, now) for r in requests]
-        outcomes = await self.store.submit_jobs(new, now)
+        outcomes = await self.store.submit_jobs(new, now, durable)
         created = [o.job for o in outcomes if o.created]
         self._count_active(owner, len(created))
         self.notifier.publish({model_topic(j.model) for j in created})
@@ -246,38 +255,64 @@ class Queue:
         found = {j.id: j for j in await self.store.get_jobs(ids) if _may_see(key, j)}
         return [found[i] for i in ids if i in found]
 
-    async def wait_for(self, job_id: str, seconds: float) -> Job:
-        """Wait until the job is final; Timeout after `seconds`."""
+    async def wait_for(self, job_id: str, seconds: float, known: Job | None = None) -> Job:
+        """Wait until the job is final; Timeout after `seconds`. `known`: the job as the
+        caller just saw it (saves a first read). A result recorded by this server is
+        handed over at once; one recorded elsewhere is read when its topic fires."""
         deadline = self._clock() + seconds
-        with self.notifier.listen([job_topic(job_id)]) as event:
-            while True:
-                event.clear()
+        handed: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
+        self._handoff.setdefault(job_id, []).append(handed)
+        try:
+            with self.notifier.listen([job_topic(job_id)]) as event:
+                return await self._wait_final(job_id, seconds, deadline, event, handed, known)
+        finally:
+            waiters = self._handoff.get(job_id, [])
+            waiters.remove(handed)
+            if not waiters:
+                self._handoff.pop(job_id, None)
+
+    async def _wait_final(
+        self,
+        job_id: str,
+        seconds: float,
+        deadline: float,
+        event: asyncio.Event,
+        handed: asyncio.Future[Job],
+        job: Job | None,
+    ) -> Job:
+        while True:
+            event.clear()
+            if handed.done():
+                job = handed.result()
+            elif job is None:
                 job = await self.store.get_job(job_id)
-                if job is None:
-                    raise NotFound(f"no job with id {job_id!r}", code="job_not_found")
-                if job.status.is_final:
-                    return job
-                if self.closing:
-                    raise Unavailable(
-                        f"the server is shutting down; job {job_id} is {job.status.value} "
-                        f"and can be fetched at /v1/jobs/{job_id}",
-                        retry_after=5,
-                        code="server_shutting_down",
-                    )
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    raise Timeout(
-                        f"job {job_id} did not finish within {seconds:g} s; it is still "
-                        f"{job.status.value} and can be fetched at /v1/jobs/{job_id}"
-                    )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), remaining)
+            if job is None:
+                raise NotFound(f"no job with id {job_id!r}", code="job_not_found")
+            if job.status.is_final:
+                return job
+            if self.closing:
+                raise Unavailable(
+                    f"the server is shutting down; job {job_id} is {job.status.value} "
+                    f"and can be fetched at /v1/jobs/{job_id}",
+                    retry_after=5,
+                    code="server_shutting_down",
+                )
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise Timeout(
+                    f"job {job_id} did not finish within {seconds:g} s; it is still "
+                    f"{job.status.value} and can be fetched at /v1/jobs/{job_id}"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
+            job = None
 
     async def complete(self, key: ApiKey, request: JobRequest) -> tuple[Job, JSON]:
         """The synchronous path: wait for a node serving the model, submit, wait for the
-        result. The job survives a caller who gives up."""
-        submitted = await self.submit_when_served(key, request)
-        job = await self.wait_for(submitted.id, self.config.sync_timeout_seconds)
+        result. The job survives a caller who gives up. Its submit need not wait for the
+        disk: the caller learns of the job only with its result, whose commit does."""
+        submitted = await self.submit_when_served(key, request, durable=False)
+        job = await self.wait_for(submitted.id, self.config.sync_timeout_seconds, submitted)
         if job.status is JobStatus.COMPLETED and job.result is not None:
             return job, job.result
         error = job.error or {}
@@ -285,21 +320,28 @@ class Queue:
         code = str(error.get("code") or f"job_{job.status.value}")
         raise JobFailed(message, code=code, job_id=job.id)
 
-    async def submit_when_served(self, key: ApiKey, request: JobRequest) -> Job:
+    async def submit_when_served(
+        self, key: ApiKey, request: JobRequest, durable: bool = True
+    ) -> Job:
         """Submit once a live node serves the model (Unavailable after the wait)."""
         await self.wait_for_model(str(request.body.get("model", "")))
-        return (await self.submit(key, [request]))[0].job
+        return (await self.submit(key, [request], durable))[0].job
 
     async def wait_for_model(self, model: str) -> None:
         """Return once a live node serves `model`. A model no node ever served, while some
         node is live, is NotFound at once (a typo should not wait); otherwise (the fleet
-        is starting, or this model's nodes are away) wait, then Unavailable."""
+        is starting, or this model's nodes are away) wait, then Unavailable. A model
+        found served is taken as served for the next second without asking the store."""
+        checked_at, models = self._served
+        if model in models and self._clock() - checked_at < SERVED_CACHE_SECONDS:
+            return
         wait = self.config.model_wait_seconds
         deadline = self._clock() + wait
         with self.notifier.listen([NODES_TOPIC]) as event:
             while True:
                 event.clear()
                 served = await self.served_models()
+                self._served = (self._clock(), frozenset(served))
                 if model in served:
                     return
                 if served and not await self._ever_served(model):
@@ -425,6 +467,9 @@ class Queue:
             if o.job is None:
                 continue
             if o.job.status.is_final:
+                for waiter in self._handoff.get(o.job.id, ()):
+                    if not waiter.done():
+                        waiter.set_result(o.job)
                 self.deltas.finish(o.job.id)
                 finished.append(job_topic(o.job.id))
                 self._count_active(o.job.owner, -1)

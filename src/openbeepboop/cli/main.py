@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from openbeepboop.cli.client import main as client_group
+from openbeepboop.cli.loop import run as run_loop
 from openbeepboop.cli.node import main as node_group
 from openbeepboop.cli.server import main as server_group
 from openbeepboop.settings import (
@@ -171,7 +172,7 @@ def serve(
     logs.configure(settings.log_level)
     url = f"http://{settings.host}:{settings.port}"
     click.echo(_banner(url, model_name, settings, keys), err=True)
-    code = asyncio.run(_serve(settings, create_app, make_server, NodeRunner, node_config))
+    code = run_loop(_serve(settings, create_app, make_server, NodeRunner, node_config))
     sys.exit(code)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import click
 import httpx
 
+from openbeepboop.cli.loop import run as run_loop
 from openbeepboop.node.config import (
     NodeConfig,
     NodeConfigError,
@@ -241,7 +241,7 @@ def _run(config_path: Path, batch: bool, log_level: str) -> None:
 
     config = _load(config_path)
     logs.configure(log_level)
-    code = asyncio.run(NodeRunner(config).run(batch=batch))
+    code = run_loop(NodeRunner(config).run(batch=batch))
     sys.exit(code)
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
+import aiohttp
+import orjson
 
 from openbeepboop import __version__
 from openbeepboop.node.backends.base import JSON
+
+_JSON = {"Content-Type": "application/json"}
 
 
 class ServerUnreachable(Exception):
@@ -25,34 +28,56 @@ class ServerRefused(Exception):
 
 
 class NodeClient:
-    """Calls the server's node routes with a node key."""
+    """Calls the server's node routes with a node key.
+
+    On aiohttp: a node makes two calls per job (the fetch that brings it and the submit
+    of its result), and aiohttp spends about a quarter of httpx's CPU on each (0.28 ms
+    against 0.96 ms a call on loopback), which is latency on every synchronous call."""
 
     def __init__(self, url: str, api_key: str, timeout: float) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=url.rstrip("/"),
-            headers={
-                "Authorization": f"Bearer {api_key}",
-                "User-Agent": f"openbeepboop-node/{__version__}",
-            },
-            timeout=httpx.Timeout(timeout, connect=10),
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
-        )
+        self._url = url.rstrip("/")
+        self._headers = {
+            "Authorization": f"Bearer {api_key}",
+            "User-Agent": f"openbeepboop-node/{__version__}",
+        }
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None  # made on the running loop
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(connect=10, sock_read=self._timeout),
+                # idle connections go before uvicorn closes them (after 5 s)
+                connector=aiohttp.TCPConnector(limit=16, keepalive_timeout=4),
+            )
+        return self._session
 
     async def _post(self, path: str, body: JSON, read_timeout: float | None = None) -> Any:
+        extra: dict[str, Any] = {}
+        if read_timeout is not None:  # a long-poll: longer than the session's default
+            extra["timeout"] = aiohttp.ClientTimeout(connect=10, sock_read=read_timeout)
         try:
-            limit = httpx.Timeout(read_timeout, connect=10) if read_timeout else None
-            r = await self._http.post(path, json=body, timeout=limit or httpx.USE_CLIENT_DEFAULT)
-        except httpx.HTTPError as exc:
+            post = self._http().post(
+                self._url + path, data=orjson.dumps(body), headers=_JSON, **extra
+            )
+            async with post as r:
+                status, raw = r.status, await r.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise ServerUnreachable(f"{path}: {type(exc).__name__}: {exc}") from exc
-        if r.status_code >= 500 or r.status_code == 429:
-            raise ServerUnreachable(f"{path}: HTTP {r.status_code}")
-        if r.status_code >= 400:
-            try:
-                err = r.json().get("error", {})
-            except ValueError:
-                err = {}
-            raise ServerRefused(r.status_code, err.get("code"), err.get("message", r.text[:200]))
-        return r.json()
+        if status >= 500 or status == 429:
+            raise ServerUnreachable(f"{path}: HTTP {status}")
+        try:
+            answer = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            answer = None
+        if status >= 400:
+            err = answer.get("error", {}) if isinstance(answer, dict) else {}
+            text = raw[:200].decode(errors="replace")
+            raise ServerRefused(status, err.get("code"), err.get("message", text))
+        if answer is None:
+            raise ServerUnreachable(f"{path}: HTTP {status} with a body that is not JSON")
+        return answer
 
     async def register(self, name: str, models: list[JSON], capacity: int, hardware: JSON) -> str:
         body = {
@@ -84,4 +109,5 @@ class NodeClient:
         return list((await self._post("/internal/queue/submit", body))["results"])
 
     async def close(self) -> None:
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()

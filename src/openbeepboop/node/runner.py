@@ -106,7 +106,7 @@ class NodeRunner:
         self._outbox_ready = asyncio.Event()
         self._fetching: set[asyncio.Task[list[JSON]]] = set()
         self._deltas: list[JSON] = []  # token deltas waiting to be pushed
-        self._first_piece = asyncio.Event()  # a streamed job's first piece is waiting
+        self._delta_send = asyncio.Lock()  # one push at a time: pieces arrive in order
         self._delta_index: dict[str, int] = {}
         self._registering = asyncio.Lock()
 
@@ -422,10 +422,10 @@ class NodeRunner:
                     if chunk.text:
                         parts.append(chunk.text)
                         self._push_delta(job, chunk.text)
-                        if streamed:
-                            # a backend may hand over many chunks without waiting (a fast
-                            # provider's buffered stream): let the delta loop send them
-                            await asyncio.sleep(0)
+                        if streamed and len(parts) == 1:
+                            # its client waits for this first piece: send it now (the
+                            # backend's stream waits meanwhile), not at the next tick
+                            await self._send_deltas()
                     if chunk.finish_reason is not None or chunk.response is not None:
                         last = chunk
         except TimeoutError as exc:
@@ -452,21 +452,21 @@ class NodeRunner:
         self._deltas.append(
             {"job_id": job["id"], "lease_id": job["lease_id"], "index": index, "delta": text}
         )
-        if index == 0 and job["request"].get("stream"):
-            self._first_piece.set()
 
     async def _delta_loop(self) -> None:
-        """Push token deltas every DELTA_SECONDS in one call, and at once when the first
-        piece of a job whose client streams is waiting (its time to first token). Best
-        effort: the result is authoritative, so a delta that cannot be delivered is
-        dropped."""
+        """Push token deltas every DELTA_SECONDS in one call (the first piece of a job
+        whose client streams goes at once, from `_generate`)."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(DELTA_SECONDS):
-                    await self._first_piece.wait()
-            self._first_piece.clear()
+            await asyncio.sleep(DELTA_SECONDS)
+            await self._send_deltas()
+
+    async def _send_deltas(self) -> None:
+        """Send the waiting deltas, one call at a time so that a job's pieces arrive in
+        order. Best effort: the result is authoritative, so a delta that cannot be
+        delivered is dropped."""
+        async with self._delta_send:
             if not self._deltas:
-                continue
+                return
             batch, self._deltas = self._deltas, []
             with contextlib.suppress(ServerUnreachable, ServerRefused):
                 await self.client.events(self.node_id, batch)

@@ -5,7 +5,8 @@ behind a one-job call. `FastLane` (the innermost ASGI middleware) serves the pla
 case of these calls itself, with the same models, guards and route functions:
 
 - `POST /internal/queue/fetch` and `POST /internal/queue/submit` (node keys);
-- `POST /v1/chat/completions` with `Prefer: respond-async` and no `Idempotency-Key`;
+- `POST /v1/chat/completions` and `POST /v1/completions` (async with `Prefer:
+  respond-async`, synchronous, or streamed) without an `Idempotency-Key` header;
 - `POST /v1/jobs` (one job or a bulk submit) without an `Idempotency-Key` header.
 
 Anything it is not sure about (another content type, a body that is not JSON or fails
@@ -34,14 +35,25 @@ from openbeepboop.errors import OpenBeepBoopError
 from openbeepboop.models import ApiKey, Role
 from openbeepboop.server import errors, routes_client, routes_node
 from openbeepboop.server.guards import KeyRateLimiter, _bearer
-from openbeepboop.server.schemas import ChatCompletionBody, FetchBody, SubmitResultsBody
+from openbeepboop.server.schemas import (
+    ChatCompletionBody,
+    CompletionBody,
+    FetchBody,
+    SubmitResultsBody,
+)
 
 ASGIApp = Callable[..., Awaitable[None]]
 Serve = Callable[[Request, Any, ApiKey], Awaitable[Response]]
 
 
-async def _chat_async(request: Request, body: Any, key: ApiKey) -> Response:
+async def _chat(request: Request, body: Any, key: ApiKey) -> Response:
     return await routes_client.chat_completions(
+        request, body, key, prefer=request.headers.get("prefer"), idempotency_key=None
+    )
+
+
+async def _completion(request: Request, body: Any, key: ApiKey) -> Response:
+    return await routes_client.completions(
         request, body, key, prefer=request.headers.get("prefer"), idempotency_key=None
     )
 
@@ -52,12 +64,6 @@ async def _create_jobs(request: Request, raw: Any, key: ApiKey) -> Response:
 
 def _no_idempotency_key(request: Request) -> bool:
     return "idempotency-key" not in request.headers
-
-
-def _is_async(request: Request) -> bool:
-    return _no_idempotency_key(request) and routes_client._wants_async(
-        request.headers.get("prefer")
-    )
 
 
 class _NotAnObject(ValueError):
@@ -101,7 +107,10 @@ def _lanes() -> dict[str, _Lane]:
             SubmitResultsBody.model_validate, Role.NODE, routes_node.submit
         ),
         "/v1/chat/completions": _Lane(
-            ChatCompletionBody.model_validate, Role.CLIENT, _chat_async, when=_is_async
+            ChatCompletionBody.model_validate, Role.CLIENT, _chat, when=_no_idempotency_key
+        ),
+        "/v1/completions": _Lane(
+            CompletionBody.model_validate, Role.CLIENT, _completion, when=_no_idempotency_key
         ),
         "/v1/jobs": _Lane(_json_object, Role.CLIENT, _create_jobs, when=_no_idempotency_key),
     }

@@ -42,9 +42,14 @@ class Store(Protocol):
 
     # -- jobs -----------------------------------------------------------------
 
-    async def submit_jobs(self, jobs: Sequence[NewJob], now: float) -> list[SubmitOutcome]:
+    async def submit_jobs(
+        self, jobs: Sequence[NewJob], now: float, durable: bool = True
+    ) -> list[SubmitOutcome]:
         """Insert jobs as `queued`, all or none. A job whose (owner, idempotency_key) exists
-        returns the existing job (`created=False`); the caller compares request hashes."""
+        returns the existing job (`created=False`); the caller compares request hashes.
+        `durable=False`: nobody is told of these jobs yet (a synchronous call answers only
+        with the result), so the commit need not wait for the disk; a later durable
+        commit makes them durable too."""
 
     async def get_job(self, job_id: str) -> Job | None:
         """The job with this id, or None."""
@@ -62,7 +67,9 @@ class Store(Protocol):
         self, node_id: str, models: Sequence[str], max_jobs: int, lease_seconds: float, now: float
     ) -> list[Job]:
         """Claim up to `max_jobs` queued jobs of `models` (priority, then age) in one atomic
-        step: each gets a fresh lease, `attempts` + 1, status `in_progress`."""
+        step: each gets a fresh lease, `attempts` + 1, status `in_progress`. Claims (and
+        heartbeats) need not wait for the disk: a lease lost to a power cut only means
+        the job runs again, as when a node dies."""
 
     async def heartbeat(
         self, node_id: str, lease_ids: Sequence[str], lease_seconds: float, now: float

@@ -334,7 +334,12 @@ class PostgresStore:
 
     # -- jobs -------------------------------------------------------------------
 
-    async def submit_jobs(self, jobs: Sequence[NewJob], now: float) -> list[SubmitOutcome]:
+    async def submit_jobs(
+        self, jobs: Sequence[NewJob], now: float, durable: bool = True
+    ) -> list[SubmitOutcome]:
+        # `durable` is not used: every commit here waits for its WAL flush (the server's
+        # `synchronous_commit`), which the single-statement writes would need a
+        # transaction to relax
         if not jobs:
             return []
         ids = [new_job_id() for _ in jobs]

@@ -194,10 +194,17 @@ class SqliteStore:
         """(transactions, operations) committed by the writer so far."""
         return self._writer.batches, self._writer.ops
 
+    @property
+    def synced_commits(self) -> int:
+        """Transactions committed with an fsync so far."""
+        return self._writer.synced
+
     # -- jobs -------------------------------------------------------------------
 
-    async def submit_jobs(self, jobs: Sequence[NewJob], now: float) -> list[SubmitOutcome]:
-        return await self._writer.run(lambda conn: _submit_jobs(conn, jobs, now))
+    async def submit_jobs(
+        self, jobs: Sequence[NewJob], now: float, durable: bool = True
+    ) -> list[SubmitOutcome]:
+        return await self._writer.run(lambda conn: _submit_jobs(conn, jobs, now), durable)
 
     async def get_job(self, job_id: str) -> Job | None:
         def op(conn: sqlite3.Connection) -> Job | None:
@@ -276,7 +283,7 @@ class SqliteStore:
             jobs.sort(key=lambda j: (-j.priority, j.seq))
             return jobs
 
-        return await self._writer.run(op)
+        return await self._writer.run(op, durable=False)  # a lost lease: the job runs again
 
     async def heartbeat(
         self, node_id: str, lease_ids: Sequence[str], lease_seconds: float, now: float
@@ -304,7 +311,7 @@ class SqliteStore:
             lost = [lease for lease in leases if lease not in known]
             return HeartbeatOutcome(extended, lost, cancelled, expires)
 
-        return await self._writer.run(op)
+        return await self._writer.run(op, durable=False)
 
     async def submit_results(
         self, results: Sequence[NodeResult], now: float
@@ -368,7 +375,8 @@ class SqliteStore:
         else:
             sql = "UPDATE nodes SET last_seen = ?, stats = ? WHERE id = ?"
             args = (now, _text(stats), node_id)  # type: ignore[assignment]
-        return bool(await self._writer.run(lambda conn: conn.execute(sql, args).rowcount))
+        rows = self._writer.run(lambda conn: conn.execute(sql, args).rowcount, durable=False)
+        return bool(await rows)
 
     async def get_node(self, node_id: str) -> Node | None:
         def op(conn: sqlite3.Connection) -> Node | None:

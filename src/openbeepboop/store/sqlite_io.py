@@ -5,6 +5,12 @@ batches, one transaction per batch (`synchronous=FULL`, so one fsync per batch),
 operation inside its own savepoint so that one failure does not undo the others. Every
 caller is answered only after COMMIT has returned: an acknowledged write is on disk.
 
+A write that acknowledges nothing to anyone (a lease, a heartbeat, the job of a
+synchronous call whose caller has no id yet) may be queued with `durable=False`: a batch
+made only of those commits without waiting for the disk (`synchronous=NORMAL`). It is
+safe from a crash of the process at once, and from a power loss at the next durable
+commit: in WAL mode that fsync covers every frame written before it.
+
 `ReaderPool` runs reads on a few read-only connections; WAL lets them read while the
 writer writes.
 """
@@ -23,7 +29,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
-_Item = tuple[Op, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+_Item = tuple[Op, "asyncio.Future[Any]", asyncio.AbstractEventLoop, bool]
 
 MAX_BATCH = 512
 
@@ -55,6 +61,8 @@ class GroupCommitWriter:
         self._error: BaseException | None = None
         self.batches = 0
         self.ops = 0
+        self.synced = 0  # batches committed with an fsync
+        self._mode = synchronous  # the connection's current setting
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
@@ -70,11 +78,12 @@ class GroupCommitWriter:
             self._thread.join()
             self._thread = None
 
-    def run(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
-        """Queue `op` for the next batch; the future resolves after its COMMIT."""
+    def run(self, op: Callable[[sqlite3.Connection], T], durable: bool = True) -> asyncio.Future[T]:
+        """Queue `op` for the next batch; the future resolves after its COMMIT (with
+        `durable`, the default, after the fsync too)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put((op, fut, loop))
+        self._queue.put((op, fut, loop, durable))
         return fut
 
     def _run(self) -> None:
@@ -111,16 +120,22 @@ class GroupCommitWriter:
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
         answers: list[tuple[asyncio.Future[Any], asyncio.AbstractEventLoop, Any, Any]] = []
+        sync = self._synchronous == "FULL" and any(item[3] for item in batch)
         try:
+            mode = "FULL" if sync else "NORMAL"
+            if self._synchronous == "FULL" and mode != self._mode:
+                conn.execute(f"PRAGMA synchronous = {mode}")
+                self._mode = mode
             conn.execute("BEGIN IMMEDIATE")
-            for op, fut, loop in batch:
+            for op, fut, loop, _durable in batch:
                 answers.append((fut, loop, *_in_savepoint(conn, op)))
             conn.execute("COMMIT")
         except BaseException as exc:  # the transaction is gone: every caller hears why
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            answers = [(fut, loop, None, exc) for _op, fut, loop in batch]
+            answers = [(fut, loop, None, exc) for _op, fut, loop, _durable in batch]
         self.batches += 1
+        self.synced += sync
         self.ops += len(batch)
         by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
         for fut, loop, value, error in answers:
