@@ -197,6 +197,19 @@ def test_deltas_pushed_to_one_replica_stream_through_the_other(two: Replicas) ->
     assert arrivals[-1] - arrivals[0] > 0.4, arrivals
 
 
+def test_a_synchronous_call_waits_on_one_replica_for_a_result_recorded_by_the_other(
+    two: Replicas,
+) -> None:
+    # "slow" is served only by node A, whose results go to replica 0; the caller waits
+    # on replica 1, which learns of the result through the database's notifications
+    client = openai.OpenAI(base_url=two.client(1).url + "/v1", api_key=two.keys["client_key"])
+    answer = client.chat.completions.create(
+        model="slow", messages=[{"role": "user", "content": "across the replicas"}]
+    )
+    assert answer.choices[0].message.content == "across the replicas"
+    assert answer.usage is not None and answer.usage.completion_tokens == 3
+
+
 def test_cancel_and_poll_through_the_other_replica(two: Replicas, http: httpx.Client) -> None:
     a, b = two.client(0), two.client(1)
     job_id = submit(http, a, "wait for me", model="stuck")

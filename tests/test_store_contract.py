@@ -441,6 +441,30 @@ async def test_data_survives_reopen(store: Store, tmp_path: Path) -> None:
     await store.open()
 
 
+async def test_sqlite_fsyncs_only_what_acknowledges_something(tmp_path: Path) -> None:
+    """A submit a client is told of and a result a node is told of wait for the disk; a
+    lease, a heartbeat and the submit of a synchronous call (its caller hears of the job
+    only with the result) do not: the next fsync of the WAL covers them. All of them
+    are committed and visible at once, and survive the process."""
+    async with opened(SqliteStore(tmp_path / "fsync.db")) as store:
+        assert isinstance(store, SqliteStore)
+        synced = store.synced_commits
+        [quiet] = [o.job.id for o in await store.submit_jobs([new_job()], T0, durable=False)]
+        [leased] = await fetch(store)
+        await store.heartbeat("node-1", [leased.lease_id], LEASE, T0 + 1)
+        assert store.synced_commits == synced  # nothing waited for the disk so far
+        seen = await store.get_job(quiet)
+        assert seen is not None and seen.status is JobStatus.IN_PROGRESS
+        assert seen.lease_expires_at == T0 + 1 + LEASE
+        await store.submit_results([NodeResult(quiet, leased.lease_id or "", RESULT)], T0 + 2)
+        assert store.synced_commits == synced + 1
+        await submit(store, new_job())
+        assert store.synced_commits == synced + 2
+    async with opened(SqliteStore(tmp_path / "fsync.db")) as again:
+        job = await again.get_job(quiet)
+        assert job is not None and job.status is JobStatus.COMPLETED
+
+
 # -- files ---------------------------------------------------------------------------
 
 
