@@ -9,8 +9,11 @@ time, with the ``openai`` SDK as the client (``max_retries=0``, keep-alive):
 - ``direct``: the SDK calls the mock itself;
 - ``obb``: a real ``openbeepboop-server start`` process (durable default: SQLite WAL,
   ``synchronous=FULL``) and one ``openbeepboop-node run`` process whose model uses the
-  ``litellm`` backend pointed at the mock; the SDK calls ``POST /v1/chat/completions``
-  synchronously (no ``Prefer: respond-async``) with a client key;
+  ``openai`` backend (OpenAI-compatible HTTP, no LiteLLM) pointed at the mock; the SDK
+  calls ``POST /v1/chat/completions`` synchronously (no ``Prefer: respond-async``) with
+  a client key;
+- ``obb-litellm``: the same server and node, a model on the ``litellm`` backend pointed
+  at the same mock (the LiteLLM library in the node, as in the proxy);
 - ``litellm``: LiteLLM's own proxy (``python -m litellm.proxy.proxy_cli --config ...``,
   one worker, a master key) in front of the same mock;
 Where OpenBeepBoop's time goes (``--no-breakdown`` skips these):
@@ -20,9 +23,10 @@ Where OpenBeepBoop's time goes (``--no-breakdown`` skips these):
 - in a helper process, timed inside it against the mock: ``sdk-async``
   (``openai.AsyncOpenAI``, what LiteLLM calls underneath), ``litellm-lib`` (one
   ``litellm.acompletion``, not streamed, as the proxy makes for a request that does not
-  stream) and ``node-backend`` (``LiteLLMBackend.execute``, exactly what the node runs
-  per job: a streamed ``litellm.acompletion`` plus ``stream_chunk_builder``). The
-  LiteLLM library's share of OpenBeepBoop's added time is node-backend - sdk-async;
+  stream) and ``node-backend`` (``LiteLLMBackend.execute``, exactly what a node on the
+  ``litellm`` backend runs for a synchronous call: one plain ``litellm.acompletion``).
+  The LiteLLM library's share of ``obb-litellm``'s added time is node-backend -
+  sdk-async;
 - for TTFT, ``obb-echo-paced``: model ``echo-paced``, whose words come one every 5 ms
   as tokens of a real model do, so that the node's batching of token deltas shows
   (with the mock everything arrives at once).
@@ -80,7 +84,8 @@ MOCK_SCRIPT = ROOT / "tests" / "mock_openai.py"
 DEFAULT_PROXY_VENV = Path.home() / ".cache" / "openbeepboop" / "litellm-proxy"
 PROVIDER_KEY = "sk-mock-provider-key"
 PROXY_KEY = "sk-bench-proxy-master-key"
-MODEL = "mock-gpt"
+MODEL = "mock-gpt"  # the node's `openai` backend
+LITELLM_MODEL = "mock-gpt-litellm"  # the node's `litellm` backend
 UPSTREAM = "openai/mock-upstream"
 PACED_MS = 5.0  # echo-paced: one word every PACED_MS, the first one too
 TARGET_ADDED_MS = 5.0
@@ -198,7 +203,8 @@ def start_mock(procs: Procs) -> str:
 
 
 def start_obb(procs: Procs, root: Path, mock_url: str) -> tuple[str, str]:
-    """A server and one node serving MODEL (litellm -> mock) and `echo`."""
+    """A server and one node serving MODEL (openai -> mock), LITELLM_MODEL (litellm ->
+    mock), `echo` and `echo-paced`."""
     import httpx
     import tomli_w
 
@@ -223,6 +229,14 @@ def start_obb(procs: Procs, root: Path, mock_url: str) -> tuple[str, str]:
         "models": [
             {
                 "name": MODEL,
+                "backend": "openai",
+                "model": UPSTREAM.removeprefix("openai/"),
+                "api_base": mock_url + "/v1",
+                "api_key": PROVIDER_KEY,
+                "concurrency": 4,
+            },
+            {
+                "name": LITELLM_MODEL,
                 "backend": "litellm",
                 "model": UPSTREAM,
                 "api_base": mock_url + "/v1",
@@ -247,7 +261,7 @@ def start_obb(procs: Procs, root: Path, mock_url: str) -> tuple[str, str]:
     def served() -> bool:
         models = httpx.get(url + "/v1/models", headers=headers, timeout=2).json()["data"]
         names = {m["id"] for m in models if m.get("nodes", 1)}
-        return {MODEL, "echo", "echo-paced"} <= names
+        return {MODEL, LITELLM_MODEL, "echo", "echo-paced"} <= names
 
     wait_ready(procs, "node", node, served, "")
     return url, str(keys["client_key"])
@@ -429,7 +443,12 @@ def build_paths(rig: Rig, words: int, stream: bool, breakdown: bool) -> list[Pat
     call = ttft_call if stream else sync_call
     paths = [
         Path_("direct", "openai SDK -> mock", call(direct, MODEL, messages)),
-        Path_("obb", "OpenBeepBoop: server + node (litellm backend)", call(obb, MODEL, messages)),
+        Path_("obb", "OpenBeepBoop: server + node (openai backend)", call(obb, MODEL, messages)),
+        Path_(
+            "obb-litellm",
+            "OpenBeepBoop: server + node (litellm backend)",
+            call(obb, LITELLM_MODEL, messages),
+        ),
     ]
     if rig.proxy_url:
         proxy = openai.OpenAI(base_url=rig.proxy_url + "/v1", api_key=PROXY_KEY, **kw)
@@ -446,14 +465,15 @@ def build_paths(rig: Rig, words: int, stream: bool, breakdown: bool) -> list[Pat
         once = call(obb, "echo-paced", messages)
         paths.append(Path_("obb-echo-paced", what, once, offset_ms=PACED_MS))
     if rig.helper is not None and not stream:
-        _ask(rig.helper, "request " + json.dumps({"model": MODEL, "messages": messages}))
+        body = {"model": MODEL, "messages": messages, "stream": False}  # as sync calls send
+        _ask(rig.helper, "request " + json.dumps(body))
         for name, command, what in (
             ("sdk-async", "openai", "in the helper: `openai.AsyncOpenAI` -> mock"),
             ("litellm-lib", "plain", "in the helper: `litellm.acompletion` -> mock"),
             (
                 "node-backend",
                 "stream",
-                "in the helper: the node's litellm backend (streamed `acompletion`)",
+                "in the helper: the node's litellm backend, as for a sync call",
             ),
         ):
             paths.append(Path_(name, what, helper_call(rig.helper, command)))
@@ -547,15 +567,21 @@ def verdicts(sync: dict[str, Any], ttft: dict[str, Any] | None) -> tuple[list[st
         if "litellm" in ttft:
             lite = ms(ttft, "litellm")
             lines.append(f"- LiteLLM proxy TTFT added p50: **{lite:.2f} ms**")
+    for figures, what in ((sync, "added p50"), (ttft or {}, "TTFT added p50")):
+        if {"obb-litellm", "litellm"} <= set(figures):
+            mine, lite = ms(figures, "obb-litellm"), ms(figures, "litellm")
+            lines.append(
+                f"- with the LiteLLM library on both sides (node `litellm` backend vs "
+                f"LiteLLM's proxy), {what}: {mine:.2f} vs {lite:.2f} ms "
+                f"(ratio {mine / lite if lite > 0 else float('nan'):.2f})"
+            )
     if {"obb-echo", "sdk-async", "node-backend", "litellm-lib"} <= set(sync):
         queue = ms(sync, "obb-echo")
         library = ms(sync, "node-backend") - ms(sync, "sdk-async")
-        streamed = ms(sync, "node-backend") - ms(sync, "litellm-lib")
         lines.append(
-            f"- where OpenBeepBoop's added p50 goes: the queue round-trip (obb-echo - direct) "
-            f"{queue:.2f} ms + the LiteLLM library in the node (node-backend - sdk-async) "
-            f"{library:.2f} ms = {queue + library:.2f} ms (measured: {obb:.2f} ms); of the "
-            f"library's part, streaming (node-backend - litellm-lib) is {streamed:.2f} ms"
+            f"- where the time goes: the queue round-trip (obb-echo - direct) {queue:.2f} ms; "
+            f"the LiteLLM library, when a node uses it (node-backend - sdk-async), "
+            f"{library:.2f} ms"
         )
     return lines, ok
 

@@ -11,10 +11,18 @@ import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import platformdirs
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_CONFIG = "node_config.toml"
 
@@ -74,17 +82,14 @@ class LlamaCppModel(_ModelBase):
     max_tokens: int = Field(512, ge=1, description="Default when a request sets none.")
 
 
-class LiteLLMModel(_ModelBase):
-    """Anything LiteLLM reaches: Ollama, LM Studio, vLLM, OpenAI, Anthropic, ..."""
+class _ProviderModel(_ModelBase):
+    """A model reached over the network with an optional API key."""
 
-    backend: Literal["litellm"]
-    model: str = Field(min_length=1, description="A LiteLLM model string, e.g. ollama/llama3.")
-    api_base: str | None = None
     api_key: str | None = None
     api_key_env: str | None = Field(None, description="Read the API key from this variable.")
-    extra: dict[str, Any] = Field(default_factory=dict, description="Passed to LiteLLM as is.")
 
     def resolved_api_key(self) -> str | None:
+        """`api_key`, else the value of `api_key_env` (which must then be set), else None."""
         if self.api_key:
             return self.api_key
         if self.api_key_env:
@@ -97,7 +102,49 @@ class LiteLLMModel(_ModelBase):
         return None
 
 
-ModelConfig = Annotated[EchoModel | LlamaCppModel | LiteLLMModel, Field(discriminator="backend")]
+class LiteLLMModel(_ProviderModel):
+    """Anything LiteLLM reaches: Ollama, LM Studio, vLLM, OpenAI, Anthropic, ..."""
+
+    backend: Literal["litellm"]
+    model: str = Field(min_length=1, description="A LiteLLM model string, e.g. ollama/llama3.")
+    api_base: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict, description="Passed to LiteLLM as is.")
+
+
+class OpenAIModel(_ProviderModel):
+    """Any OpenAI-compatible HTTP endpoint (OpenAI, vLLM, llama.cpp's server, Ollama's
+    /v1, LM Studio, ...), called directly; request fields pass through untouched."""
+
+    backend: Literal["openai"]
+    api_base: str = Field(
+        description="The base URL the OpenAI paths follow, e.g. http://127.0.0.1:11434/v1."
+    )
+    model: str | None = Field(
+        None, min_length=1, description="The upstream model name; default: `name`."
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra HTTP headers sent with every request."
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Merged into every request body."
+    )
+
+    @field_validator("api_base")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:11434/v1")
+        return value
+
+    def upstream_model(self) -> str:
+        """The model name sent upstream."""
+        return self.model or self.name
+
+
+ModelConfig = Annotated[
+    EchoModel | LlamaCppModel | LiteLLMModel | OpenAIModel, Field(discriminator="backend")
+]
 
 
 class NodeConfig(_Strict):

@@ -16,6 +16,7 @@ from typing import Any
 from openbeepboop.node.backends import echo as _echo  # noqa: F401
 from openbeepboop.node.backends import litellm as _litellm  # noqa: F401
 from openbeepboop.node.backends import llama_cpp as _llama_cpp  # noqa: F401
+from openbeepboop.node.backends import openai_compat as _openai_compat  # noqa: F401
 from openbeepboop.node.backends.base import Backend, BackendError
 
 GROUP = "openbeepboop.backends"
@@ -52,3 +53,9 @@ def litellm(config: Any, models_dir: Path) -> Backend:
     from openbeepboop.node.backends.litellm import LiteLLMBackend
 
     return LiteLLMBackend(config)
+
+
+def openai(config: Any, models_dir: Path) -> Backend:
+    from openbeepboop.node.backends.openai_compat import OpenAIBackend
+
+    return OpenAIBackend(config)

@@ -8,11 +8,11 @@ that a 429's `Retry-After` slows every job of the model, not only the one that m
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 from openbeepboop.node.backends.base import JSON, BackendError, Chunk, Progress
+from openbeepboop.node.backends.ratelimit_headers import TRANSIENT_STATUSES, retry_after
 from openbeepboop.node.config import LiteLLMModel
 
 PASSTHROUGH = (
@@ -38,7 +38,6 @@ PASSTHROUGH = (
     "echo",
     "best_of",
 )
-TRANSIENT_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504, 529}
 
 
 def _import_litellm() -> Any:
@@ -127,34 +126,7 @@ def _retry_after(exc: Exception) -> float | None:
     response = getattr(exc, "response", None)
     if headers is None and response is not None:
         headers = getattr(response, "headers", None)
-    if not headers:
-        return None
-    for name in ("retry-after", "llm_provider-retry-after"):
-        value = headers.get(name)
-        if value:
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                return None
-    # no Retry-After: OpenAI-style `x-ratelimit-reset-*` ("1s", "6m0s", "20ms") of each
-    # budget that is used up
-    waits = [
-        _duration(headers.get(f"{prefix}x-ratelimit-reset-{kind}"))
-        for prefix in ("", "llm_provider-")
-        for kind in ("requests", "tokens")
-        if str(headers.get(f"{prefix}x-ratelimit-remaining-{kind}", "")).strip() == "0"
-    ]
-    return max((w for w in waits if w is not None), default=None)
-
-
-def _duration(value: Any) -> float | None:
-    """Seconds in a duration like "1.5s", "6m0s", "20ms" or "2"; None if unreadable."""
-    text = str(value or "").strip()
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)?", text)
-    if not text or "".join(n + u for n, u in parts) != text:
-        return None
-    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
-    return sum(float(n) * scale[u] for n, u in parts)
+    return retry_after(headers, prefixes=("", "llm_provider-"))
 
 
 def classify(exc: Exception) -> BackendError:

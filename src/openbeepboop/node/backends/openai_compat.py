@@ -1,0 +1,440 @@
+"""`openai`: any OpenAI-compatible HTTP endpoint (OpenAI, vLLM, llama.cpp's server,
+Ollama's `/v1`, LM Studio, ...), called directly with httpx.
+
+The job's request goes upstream as it came (only `model` is replaced by the upstream
+name, and the config's `extra` merged in), so every field the endpoint knows — tools,
+response_format, logprobs, vendor extensions — works without this module knowing it.
+Chat completions stream (so that followers get tokens as they come) unless the request
+says `"stream": false`; text completions come whole. A streamed answer is assembled into
+one `chat.completion` at the end, as the `openai` SDK assembles one.
+
+No retries here: the node retries with its own backoff and pacing (see litellm.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import httpx
+import orjson
+from httpx_sse import aconnect_sse
+
+from openbeepboop.node.backends.base import JSON, BackendError, Chunk, Progress
+from openbeepboop.node.backends.ratelimit_headers import TRANSIENT_STATUSES, retry_after
+from openbeepboop.node.config import OpenAIModel
+
+CONNECT_TIMEOUT = 10.0
+# upstream error codes (or llama.cpp's error type) meaning the prompt is too long
+CONTEXT_CODES = {"context_length_exceeded", "exceed_context_size_error"}
+# delta keys whose values are not text to append: they identify or discriminate (and some
+# servers repeat them in every chunk)
+_REPLACED_KEYS = {"index", "type", "id", "role"}
+
+
+class OpenAIBackend:
+    """Calls an OpenAI-compatible endpoint with one pooled, keep-alive `httpx` client.
+    `transport` replaces the network (tests)."""
+
+    def __init__(
+        self, config: OpenAIModel, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.config = config
+        self.state = "loading"
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    async def load(self, progress: Progress) -> None:
+        headers = {"Content-Type": "application/json"}
+        key = self.config.resolved_api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        headers.update(self.config.headers)  # the config's own headers win
+        self._client = httpx.AsyncClient(
+            base_url=self.config.api_base.rstrip("/") + "/",
+            headers=headers,
+            timeout=httpx.Timeout(self.config.timeout_seconds, connect=CONNECT_TIMEOUT),
+            # jobs are bounded by `concurrency`: keep that many connections alive
+            limits=httpx.Limits(
+                max_connections=None, max_keepalive_connections=self.config.concurrency
+            ),
+            transport=self._transport,
+        )
+        self.state = "ready"
+        progress("ready", 1.0)
+
+    def _body(self, request: JSON) -> JSON:
+        return {**request, **self.config.extra, "model": self.config.upstream_model()}
+
+    async def execute(self, endpoint: str, request: JSON) -> AsyncIterator[Chunk]:
+        client = self._client
+        if client is None:
+            raise BackendError("the backend is not loaded", code="backend_error", retryable=False)
+        path = endpoint.removeprefix("/v1/")  # relative to api_base
+        body = self._body(request)
+        try:
+            if endpoint == "/v1/completions" or request.get("stream") is False:
+                if body.get("stream"):  # whole answers only: this one is not streamed
+                    body["stream"] = False
+                    body.pop("stream_options", None)
+                yield await self._whole(client, path, body, request)
+                return
+            options = body.get("stream_options")
+            body["stream"] = True
+            body["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+            async with aclosing(self._stream(client, path, body, request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except httpx.TimeoutException as exc:
+            raise BackendError(
+                f"no answer from {self.config.api_base} in time: {type(exc).__name__}",
+                code="provider_unavailable",
+                retryable=True,
+            ) from exc
+        except httpx.RequestError as exc:  # connect, read, protocol errors
+            raise BackendError(
+                f"cannot reach {self.config.api_base}: {type(exc).__name__}: {exc}",
+                code="provider_unavailable",
+                retryable=True,
+            ) from exc
+
+    async def _whole(
+        self, client: httpx.AsyncClient, path: str, body: JSON, request: JSON
+    ) -> Chunk:
+        response = await client.post(path, content=_dumps(body))
+        if response.status_code >= 300:
+            raise http_error(response.status_code, response.headers, response.content)
+        return whole(_answer(response.content), request)
+
+    async def _stream(
+        self, client: httpx.AsyncClient, path: str, body: JSON, request: JSON
+    ) -> AsyncGenerator[Chunk, None]:
+        stream = StreamAssembler()
+        async with aconnect_sse(client, "POST", path, content=_dumps(body)) as source:
+            response = source.response
+            if response.status_code >= 300:
+                await response.aread()
+                raise http_error(response.status_code, response.headers, response.content)
+            kind = response.headers.get("content-type", "").partition(";")[0].strip()
+            if kind != "text/event-stream":  # an endpoint that ignored `stream`: a whole answer
+                answer = _answer(await response.aread())
+                text = _first_message_text(answer)
+                if text:
+                    yield Chunk(text=text)
+                yield whole(answer, request)
+                return
+            async for event in source.aiter_sse():
+                data = event.data.strip()
+                if data == "[DONE]":
+                    break
+                if not data:
+                    continue
+                if event.event == "error":
+                    raise stream_error(_error_event(data))
+                chunk = _json_object(data.encode())
+                if "error" in chunk:
+                    raise stream_error(chunk["error"])
+                text = stream.add(chunk)
+                if text:
+                    yield Chunk(text=text)
+        yield stream.final(request)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        self.state = "loading"
+
+
+# -- answers ---------------------------------------------------------------------------
+
+
+def whole(response: JSON, request: JSON) -> Chunk:
+    """The last chunk of an answer that came whole (as litellm.py's `_whole`)."""
+    response["model"] = request.get("model", response.get("model"))
+    choice = (response.get("choices") or [{}])[0]
+    return Chunk(
+        finish_reason=choice.get("finish_reason") or "stop",
+        usage=response.get("usage"),
+        response=response,
+    )
+
+
+def _answer(raw: bytes) -> JSON:
+    """A whole answer's JSON; an error object answered with a 2xx raises."""
+    answer = _json_object(raw)
+    if "error" in answer and not answer.get("choices"):
+        raise stream_error(answer["error"])
+    return answer
+
+
+def _first_message_text(response: JSON) -> str:
+    choice = (response.get("choices") or [{}])[0]
+    message = choice.get("message") if isinstance(choice, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else ""
+
+
+class StreamAssembler:
+    """Builds one `chat.completion` from `chat.completion.chunk`s: content (and any other
+    text field of the delta) joined, tool calls merged by their `index`, logprobs
+    concatenated, usage from the chunk that carries it."""
+
+    def __init__(self) -> None:
+        self.top: JSON = {}  # id, created, system_fingerprint, ...
+        self.choices: dict[int, JSON] = {}
+        self.usage: JSON | None = None
+
+    def add(self, chunk: JSON) -> str:
+        """Take one chunk; the content text it adds to the first choice."""
+        for key in ("id", "created", "system_fingerprint", "service_tier"):
+            if chunk.get(key) is not None:
+                self.top.setdefault(key, chunk[key])
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        text = ""
+        for part in chunk.get("choices") or []:
+            if not isinstance(part, dict):
+                continue
+            index = _index(part)
+            choice = self.choices.setdefault(
+                index, {"message": {}, "finish_reason": None, "logprobs": None}
+            )
+            delta = part.get("delta")
+            if isinstance(delta, dict):
+                merge_delta(choice["message"], delta)
+                if index == 0 and isinstance(delta.get("content"), str):
+                    text += delta["content"]
+            if part.get("finish_reason"):
+                choice["finish_reason"] = part["finish_reason"]
+            if isinstance(part.get("logprobs"), dict):
+                choice["logprobs"] = _merge_logprobs(choice["logprobs"], part["logprobs"])
+        return text
+
+    def final(self, request: JSON) -> Chunk:
+        """The last chunk: the assembled response, its finish_reason and usage."""
+        choices = [
+            {
+                "index": index,
+                "message": _message(choice["message"]),
+                "logprobs": choice["logprobs"],
+                "finish_reason": choice["finish_reason"] or "stop",
+            }
+            for index, choice in sorted(self.choices.items())
+        ]
+        if not choices:
+            choices = [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ]
+        response: JSON = {
+            "id": self.top.get("id") or f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": self.top.get("created") or int(time.time()),
+            "model": request.get("model"),
+            "choices": choices,
+            "usage": self.usage,
+        }
+        for key in ("system_fingerprint", "service_tier"):
+            if key in self.top:
+                response[key] = self.top[key]
+        return Chunk(finish_reason=choices[0]["finish_reason"], usage=self.usage, response=response)
+
+
+def merge_delta(into: JSON, delta: JSON) -> JSON:
+    """Fold one delta into `into` the way the `openai` SDK accumulates a stream: text is
+    appended, objects merged, lists of objects merged by their `index` (tool calls),
+    other lists extended; `index`, `type`, `id` and `role` are replaced, never appended."""
+    for key, value in delta.items():
+        old = into.get(key)
+        if key in _REPLACED_KEYS:
+            if value not in (None, "") or key not in into:
+                into[key] = value
+        elif old is None:
+            if value is not None or key not in into:
+                into[key] = _copy(value)
+        elif isinstance(old, str) and isinstance(value, str):
+            into[key] = old + value
+        elif isinstance(old, dict) and isinstance(value, dict):
+            merge_delta(old, value)
+        elif isinstance(old, list) and isinstance(value, list):
+            _merge_list(old, value)
+        elif value is not None:
+            into[key] = _copy(value)
+    return into
+
+
+def _merge_list(into: list[Any], items: list[Any]) -> None:
+    for item in items:
+        if isinstance(item, dict) and "index" in item:
+            same = next(
+                (o for o in into if isinstance(o, dict) and o.get("index") == item["index"]),
+                None,
+            )
+            if same is not None:
+                merge_delta(same, item)
+                continue
+        into.append(_copy(item))
+
+
+def _index(item: JSON) -> int:
+    index = item.get("index")
+    return index if isinstance(index, int) else 0
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _merge_logprobs(into: JSON | None, part: JSON) -> JSON:
+    merged: JSON = dict(into or {})
+    for key, value in part.items():
+        if isinstance(value, list) and isinstance(merged.get(key), list):
+            merged[key] = [*merged[key], *value]
+        elif value is not None or key not in merged:
+            merged[key] = value
+    return merged
+
+
+def _tool_call(call: JSON) -> JSON:
+    """A streamed tool call as a `chat.completion` one: no `index`, a `type`."""
+    out: JSON = {k: v for k, v in call.items() if k != "index"}
+    out["type"] = out.get("type") or "function"
+    return out
+
+
+def _message(acc: JSON) -> JSON:
+    """An accumulated delta as a `chat.completion` message."""
+    message: JSON = {"role": acc.get("role") or "assistant"}
+    message.update((k, v) for k, v in acc.items() if k != "role")
+    calls = [c for c in message.get("tool_calls") or [] if isinstance(c, dict)]
+    if calls:
+        calls.sort(key=_index)
+        message["tool_calls"] = [_tool_call(call) for call in calls]
+    else:
+        message.pop("tool_calls", None)
+    content = message.get("content")
+    if not content:
+        message["content"] = None if calls else ""
+    return message
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+def _dumps(body: JSON) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # e.g. an integer beyond 64 bits, which orjson refuses
+        return json.dumps(body).encode()
+
+
+def _json_object(raw: bytes) -> JSON:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BackendError(
+            f"the provider answered with something that is not JSON: {_snippet(raw)}",
+            code="provider_error",
+            retryable=False,
+        ) from exc
+    if not isinstance(value, dict):
+        raise BackendError(
+            f"the provider answered with JSON that is not an object: {_snippet(raw)}",
+            code="provider_error",
+            retryable=False,
+        )
+    return value
+
+
+def _snippet(raw: bytes, limit: int = 300) -> str:
+    text = raw.decode(errors="replace").strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _error_fields(raw: bytes) -> tuple[str, set[str]]:
+    """(message, {code, type}) of an error body: OpenAI's `{"error": {...}}`, a bare
+    string, or whatever came."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _snippet(raw), set()
+    error = data.get("error", data) if isinstance(data, dict) else data
+    if isinstance(error, dict):
+        message = error.get("message") or error.get("detail") or _snippet(raw)
+        labels = {str(error[k]) for k in ("code", "type") if error.get(k) is not None}
+        return str(message), labels
+    if isinstance(error, str):
+        return error, set()
+    return _snippet(raw), set()
+
+
+def _error_event(data: str) -> Any:
+    """The payload of an `event: error`: its JSON (`{"error": {...}}` or the error
+    itself), else its text as the message."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return {"message": data}
+    return value.get("error", value) if isinstance(value, dict) else value
+
+
+def http_error(status: int, headers: httpx.Headers, raw: bytes) -> BackendError:
+    """An HTTP error answer as a BackendError, by the rules of litellm.py's `classify`."""
+    detail, labels = _error_fields(raw)
+    message = f"provider answered {status}: {detail or 'no message'}"
+    if status in TRANSIENT_STATUSES:
+        return BackendError(
+            message,
+            code="rate_limited" if status == 429 else "provider_error",
+            retryable=True,
+            retry_after=retry_after(headers),
+            status=status,
+        )
+    if status == 400 and (labels & CONTEXT_CODES or "maximum context length" in detail.lower()):
+        return BackendError(message, code="context_length_exceeded", retryable=False, status=400)
+    codes = {
+        400: "invalid_request",
+        401: "provider_auth_failed",
+        403: "provider_forbidden",
+        404: "model_not_found",
+    }
+    return BackendError(
+        message, code=codes.get(status, "provider_error"), retryable=False, status=status
+    )
+
+
+def stream_error(error: Any) -> BackendError:
+    """An error inside a successful answer (mostly an event inside a stream): permanent,
+    unless it carries a transient status (as `code` or `status`)."""
+    if not isinstance(error, dict):
+        error = {"message": str(error)}
+    message = f"provider failed: {error.get('message') or 'no message'}"
+    status = next((int(v) for v in (error.get("status"), error.get("code")) if _is_status(v)), None)
+    if status in TRANSIENT_STATUSES:
+        code = "rate_limited" if status == 429 else "provider_error"
+        return BackendError(message, code=code, retryable=True, status=status)
+    return BackendError(message, code="provider_error", retryable=False, status=status)
+
+
+def _is_status(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return 100 <= value <= 599
+    return isinstance(value, str) and value.isdigit() and 100 <= int(value) <= 599

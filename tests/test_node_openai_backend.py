@@ -1,0 +1,902 @@
+"""The node's `openai` backend: OpenAI-compatible endpoints called directly with httpx.
+
+Process tests (real server, real node, the OpenAI mock as a real process, real HTTP):
+plain, streamed and async chat, text completions, request fields passed through
+untouched, retries of transient provider errors (429 with Retry-After or rate limit
+reset headers, 500), a permanent 400, an unreachable `api_base`, and configs the node
+refuses. One server and one node serve the module; every test starts with its mocks
+reset.
+
+In-process tests (httpx's MockTransport instead of the network): the assembly of a
+streamed answer (tool calls merged by index), what is sent upstream, error
+classification, and the shared rate limit header parsing.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from openbeepboop.node.backends import build_backend
+from openbeepboop.node.backends.base import BackendError, Chunk
+from openbeepboop.node.backends.litellm import _retry_after as litellm_retry_after
+from openbeepboop.node.backends.openai_compat import OpenAIBackend, StreamAssembler
+from openbeepboop.node.backends.ratelimit_headers import duration, retry_after
+from openbeepboop.node.config import OpenAIModel
+from tests.conftest import ServerProcess, free_port
+from tests.nodes import (
+    SERVER_LOG_WARNING,
+    MockOpenAI,
+    Proc,
+    Procs,
+    answer,
+    auth,
+    gaps,
+    log_events,
+    new_server,
+    node_id_of,
+    start_node,
+    submit_chat,
+    submit_completion,
+    wait_jobs,
+    write_config,
+)
+
+pytestmark = pytest.mark.filterwarnings(SERVER_LOG_WARNING)
+
+PROVIDER_KEY = "sk-mock-openai-key"
+EXTRA = {"chat_template_kwargs": {"enable_thinking": False}}
+PROMPT = "one two three four five six seven eight"
+
+
+@dataclass
+class Rig:
+    server: ServerProcess
+    node: Proc
+    main: MockOpenAI  # model "oa-gpt": upstream "mock-upstream", a key, `extra`
+    plain: MockOpenAI  # model "oa-plain": no `model` (upstream = name), no key
+    paced: PacedUpstream  # model "oa-paced": streams a word every TOKEN_SECONDS
+    procs: Procs
+    tmp: Path
+
+
+TOKEN_SECONDS = 0.12
+
+
+class PacedUpstream:
+    """A streaming-only OpenAI chat endpoint that sends a word every TOKEN_SECONDS, as a
+    model generates (the mock answers at once, so the node's deltas would be overtaken
+    by its result). Runs on a thread of the test process; records each request body."""
+
+    def __init__(self) -> None:
+        bodies: list[dict[str, Any]] = []
+        self.bodies = bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                bodies.append(body)
+                words = body["messages"][-1]["content"].split(" ")
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+
+                def send(choices: list[Any], **more: Any) -> None:
+                    data = {"id": "chatcmpl-paced", "object": "chat.completion.chunk"}
+                    data.update(created=1, model=body["model"], choices=choices, **more)
+                    self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
+                    self.wfile.flush()
+
+                send([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
+                for i, word in enumerate(words):
+                    time.sleep(TOKEN_SECONDS)  # the pace of generation, not a wait for state
+                    send([{"index": 0, "delta": {"content": word if i == 0 else " " + word}}])
+                send([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+                n = len(words)
+                send([], usage={"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1})
+                self.wfile.write(b"data: [DONE]\n\n")
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
+
+
+def openai_model(name: str, api_base: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "backend": "openai",
+        "api_base": api_base,
+        "concurrency": 2,
+        "max_attempts": 5,
+        "timeout_seconds": 30,
+        **fields,
+    }
+
+
+@pytest.fixture(scope="module")
+def module_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    tmp = tmp_path_factory.mktemp("openai-backend")
+    procs = Procs()
+    server = new_server(tmp / "server")
+    paced = PacedUpstream()
+    try:
+        main = MockOpenAI(procs, tmp / "main")
+        plain = MockOpenAI(procs, tmp / "plain")
+        models = [
+            openai_model(
+                "oa-gpt",
+                main.url + "/v1",
+                model="mock-upstream",
+                api_key=PROVIDER_KEY,
+                headers={"X-Obb-Test": "yes"},
+                extra=EXTRA,
+            ),
+            openai_model("oa-plain", plain.url + "/v1/"),
+            openai_model("oa-paced", paced.url + "/v1"),
+            # nothing listens there: every try is a refused connection
+            openai_model("oa-down", f"http://127.0.0.1:{free_port()}/v1", max_attempts=2),
+        ]
+        config = write_config(tmp / "node" / "node.toml", server, models)
+        node = start_node(procs, config)
+        node_id_of(node, timeout=30)
+        yield Rig(server, node, main, plain, paced, procs, tmp)
+    finally:
+        procs.close()
+        server.kill(signal.SIGTERM)
+        paced.close()
+
+
+@pytest.fixture
+def rig(module_rig: Rig) -> Rig:
+    assert module_rig.node.alive(), module_rig.node.stderr()
+    for mock in (module_rig.main, module_rig.plain):
+        mock.control(fail=[], always=None, retry_after=None, reset_requests=None, reset=True)
+    module_rig.paced.bodies.clear()
+    return module_rig
+
+
+def model_requests(mock: MockOpenAI) -> list[dict[str, Any]]:
+    return [r for r in mock.requests() if r["path"].endswith("completions")]
+
+
+def sync_chat(server: ServerProcess, content: str, model: str) -> dict[str, Any]:
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": content}]},
+        headers=auth(server.keys["client_key"]),
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+# -- through the server and a node ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_synchronous_chat_is_one_plain_upstream_call(rig: Rig) -> None:
+    result = sync_chat(rig.server, "whole please", "oa-gpt")
+    assert result["choices"][0]["message"] == {"role": "assistant", "content": "whole please"}
+    assert result["model"] == "oa-gpt"
+    assert result["usage"]["completion_tokens"] == 2
+
+    [seen] = model_requests(rig.main)
+    assert seen["path"] == "/v1/chat/completions"
+    assert seen["body"].get("stream") in (False, None)  # one plain call, no stream
+    assert "stream_options" not in seen["body"]
+    assert seen["body"]["model"] == "mock-upstream"
+    assert seen["body"]["chat_template_kwargs"] == EXTRA["chat_template_kwargs"]
+    assert seen["authorization"] == f"Bearer {PROVIDER_KEY}"
+    logs = rig.node.stdout() + rig.node.stderr()
+    assert "whole please" not in logs and PROVIDER_KEY not in logs
+
+
+@pytest.mark.slow
+def test_a_streamed_chat_arrives_in_pieces_with_usage(rig: Rig) -> None:
+    client = openai.OpenAI(base_url=rig.server.url + "/v1", api_key=rig.server.keys["client_key"])
+    stream = client.chat.completions.create(
+        model="oa-paced",
+        messages=[{"role": "user", "content": PROMPT}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces: list[str] = []
+    arrivals: list[float] = []
+    finish, usage = None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+                arrivals.append(time.monotonic())
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == PROMPT
+    # live, piece by piece as upstream sends them (a word every 0.12 s), not all at the end
+    assert len(pieces) >= 4, pieces
+    assert arrivals[-1] - arrivals[0] > 0.4, gaps(arrivals)
+    assert finish == "stop"
+    assert usage is not None and usage.completion_tokens == 8
+
+    [body] = rig.paced.bodies
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["model"] == "oa-paced"
+
+
+@pytest.mark.slow
+def test_text_completion(rig: Rig) -> None:
+    job = submit_completion(rig.server, "a completion prompt about yaks", "oa-gpt")
+    (done,) = wait_jobs(rig.server, [job], "completed", timeout=30)
+    assert answer(done) == "a completion prompt about yaks"
+    assert done["result"]["object"] == "text_completion"
+    assert done["result"]["model"] == "oa-gpt"
+    assert done["result"]["usage"]["completion_tokens"] == 5
+
+    [seen] = model_requests(rig.main)
+    assert seen["path"] == "/v1/completions"
+    assert not seen["body"].get("stream")
+    assert seen["body"]["prompt"] == "a completion prompt about yaks"
+    assert seen["body"]["model"] == "mock-upstream"
+
+
+@pytest.mark.slow
+def test_an_async_job_gets_a_full_chat_completion(rig: Rig) -> None:
+    job = submit_chat(rig.server, "an async question about zebras", "oa-gpt")
+    (done,) = wait_jobs(rig.server, [job], "completed", timeout=30)
+    result = done["result"]
+    assert result["id"].startswith("chatcmpl-mock")  # the upstream's id
+    assert result["object"] == "chat.completion"
+    assert isinstance(result["created"], int)
+    assert result["model"] == "oa-gpt"
+    [choice] = result["choices"]
+    assert choice["index"] == 0
+    assert choice["message"] == {"role": "assistant", "content": "an async question about zebras"}
+    assert choice["finish_reason"] == "stop"
+    usage = result["usage"]
+    assert usage["completion_tokens"] == 5
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 5
+
+    [seen] = model_requests(rig.main)
+    assert seen["body"]["stream"] is True  # streamed upstream, assembled by the node
+
+
+@pytest.mark.slow
+def test_request_fields_pass_through_untouched(rig: Rig) -> None:
+    fields: dict[str, Any] = {
+        "response_format": {"type": "json_object"},
+        "seed": 1234,
+        "logit_bias": {"50256": -100, "11": 5},
+        "temperature": 0.25,
+        "max_tokens": 77,
+        "stop": ["\n\n", "END"],
+        "logprobs": True,
+        "top_logprobs": 2,
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "lookup",
+                    "description": "Look a word up.",
+                    "parameters": {"type": "object", "properties": {"w": {"type": "string"}}},
+                },
+            }
+        ],
+        "tool_choice": "auto",
+        "top_k": 40,  # not OpenAI's: a vLLM / llama.cpp extension
+        "user": "someone",
+    }
+    job = submit_chat(rig.server, "pass it all on", "oa-gpt", **fields)
+    wait_jobs(rig.server, [job], "completed", timeout=30)
+    [seen] = model_requests(rig.main)
+    assert seen["body"] == {
+        "messages": [{"role": "user", "content": "pass it all on"}],
+        **fields,
+        **EXTRA,
+        "model": "mock-upstream",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+@pytest.mark.slow
+def test_without_model_and_key_the_entry_name_goes_upstream_unauthenticated(rig: Rig) -> None:
+    result = sync_chat(rig.server, "plain model", "oa-plain")
+    assert result["model"] == "oa-plain"
+    [seen] = model_requests(rig.plain)
+    assert seen["path"] == "/v1/chat/completions"  # api_base's trailing slash is fine
+    assert seen["body"]["model"] == "oa-plain"
+    assert seen["authorization"] is None
+    assert "chat_template_kwargs" not in seen["body"]
+
+
+@pytest.mark.slow
+def test_429_is_retried_after_retry_after(rig: Rig) -> None:
+    rig.main.control(fail=[429], retry_after=2.5)
+    job = submit_chat(rig.server, "rate limited at first", "oa-gpt")
+    (done,) = wait_jobs(rig.server, [job], {"completed", "failed"}, timeout=30)
+    assert done["status"] == "completed", done
+    assert answer(done) == "rate limited at first"
+    assert done["attempts"] == 1  # provider retries happen inside one lease
+    seen = model_requests(rig.main)
+    assert [r["status"] for r in seen] == [429, 200]
+    # backoff alone would wait 1-2 s: this gap is Retry-After's
+    (gap,) = gaps([r["t"] for r in seen])
+    assert 2.4 <= gap < 6, gap
+
+
+@pytest.mark.slow
+def test_429_without_retry_after_waits_for_the_ratelimit_reset(rig: Rig) -> None:
+    rig.main.control(fail=[429], retry_after=None, reset_requests=3)
+    job = submit_chat(rig.server, "rate limited, reset header only", "oa-gpt")
+    (done,) = wait_jobs(rig.server, [job], {"completed", "failed"}, timeout=30)
+    assert done["status"] == "completed", done
+    seen = model_requests(rig.main)
+    assert [r["status"] for r in seen] == [429, 200]
+    # `x-ratelimit-remaining-requests: 0` + `x-ratelimit-reset-requests: 3s`
+    (gap,) = gaps([r["t"] for r in seen])
+    assert 2.9 <= gap < 6, gap
+
+
+@pytest.mark.slow
+def test_500_twice_then_success(rig: Rig) -> None:
+    rig.main.control(fail=[500, 500])
+    job = submit_chat(rig.server, "flaky upstream", "oa-gpt")
+    (done,) = wait_jobs(rig.server, [job], {"completed", "failed"}, timeout=30)
+    assert done["status"] == "completed", done
+    assert answer(done) == "flaky upstream"
+    assert done["attempts"] == 1
+    seen = model_requests(rig.main)
+    assert [r["status"] for r in seen] == [500, 500, 200]
+    spacing = gaps([r["t"] for r in seen])
+    assert all(g >= 0.5 for g in spacing), f"no backoff between tries: {spacing}"
+
+
+@pytest.mark.slow
+def test_permanent_400_fails_the_job_at_once(rig: Rig) -> None:
+    rig.main.control(always=400)
+    job = submit_chat(rig.server, "a request the provider rejects", "oa-gpt")
+    (done,) = wait_jobs(rig.server, [job], {"failed", "completed", "cancelled"}, timeout=30)
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "invalid_request", done["error"]
+    assert done["error"]["retryable"] is False
+    assert "mock: answering 400 as told" in done["error"]["message"]
+    assert done["attempts"] == 1
+    assert [r["status"] for r in model_requests(rig.main)] == [400]
+    assert len(log_events(rig.node, "job failed", job)) == 1
+
+
+@pytest.mark.slow
+def test_an_unreachable_api_base_is_retried_then_fails(rig: Rig) -> None:
+    started = time.monotonic()
+    job = submit_chat(rig.server, "nobody home", "oa-down", max_attempts=1)
+    (done,) = wait_jobs(rig.server, [job], {"failed", "completed"}, timeout=30)
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "provider_unavailable", done["error"]
+    assert done["error"]["retryable"] is True
+    assert "ConnectError" in done["error"]["message"]
+    assert done["attempts"] == 1
+    # two tries (the model's max_attempts) with a backoff of at least 1 s between them
+    assert time.monotonic() - started >= 1.0
+    [line] = log_events(rig.node, "job failed", job)
+    assert "provider_unavailable" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("api_base", "expected"),
+    [
+        (None, "api_base: Field required"),
+        ("127.0.0.1:11434/v1", "api_base: Value error, must be an http:// or https:// URL"),
+        ("ftp://models.example/v1", "api_base: Value error, must be an http:// or https:// URL"),
+    ],
+)
+def test_a_bad_api_base_is_refused_with_the_field_named(
+    rig: Rig, api_base: str | None, expected: str
+) -> None:
+    model = openai_model("oa-bad", api_base or "")
+    if api_base is None:
+        del model["api_base"]
+    tag = "missing" if api_base is None else api_base.split(":")[0]
+    config = write_config(rig.tmp / f"bad-{tag}" / "node.toml", rig.server, [model])
+    node = start_node(rig.procs, config)
+    assert node.wait(timeout=30) == 1
+    err = node.stderr()
+    assert "invalid node config" in err, err
+    assert f"models.0.openai.{expected}" in err, err
+    assert "Traceback" not in err
+
+
+# -- in process -------------------------------------------------------------------------
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def backend_with(handler: Handler, **fields: Any) -> OpenAIBackend:
+    config = OpenAIModel.model_validate(
+        {"name": "local", "backend": "openai", "api_base": "http://upstream.test/v1", **fields}
+    )
+    return OpenAIBackend(config, transport=httpx.MockTransport(handler))
+
+
+async def run(backend: OpenAIBackend, endpoint: str, request: dict[str, Any]) -> list[Chunk]:
+    await backend.load(lambda state, fraction: None)
+    try:
+        return [chunk async for chunk in backend.execute(endpoint, request)]
+    finally:
+        await backend.close()
+
+
+def sse(*events: Any) -> httpx.Response:
+    lines = [e if isinstance(e, str) else "data: " + orjson.dumps(e).decode() for e in events]
+    body = "".join(line + "\n\n" for line in lines)
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, text=body)
+
+
+def chunk(choices: list[dict[str, Any]], **top: Any) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-up",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "up",
+        "choices": choices,
+        **top,
+    }
+
+
+def delta(content: Any = None, finish: str | None = None, index: int = 0, **more: Any) -> Any:
+    d = {"content": content, **more} if content is not None else dict(more)
+    return {"index": index, "delta": d, "logprobs": None, "finish_reason": finish}
+
+
+TOOL_STREAM = [
+    chunk([delta(role="assistant", content=None)]),
+    chunk(
+        [
+            delta(
+                tool_calls=[
+                    {
+                        "index": 0,
+                        "id": "call_a",
+                        "type": "function",
+                        "function": {"name": "lookup", "arguments": ""},
+                    }
+                ]
+            )
+        ]
+    ),
+    chunk([delta(tool_calls=[{"index": 0, "function": {"arguments": '{"w": '}}])]),
+    chunk(
+        [
+            delta(
+                tool_calls=[
+                    {
+                        "index": 1,
+                        "id": "call_b",
+                        "type": "function",
+                        "function": {"name": "define", "arguments": '{"w"'},
+                    }
+                ]
+            )
+        ]
+    ),
+    chunk([delta(tool_calls=[{"index": 0, "function": {"arguments": '"yak"}'}}])]),
+    chunk([delta(tool_calls=[{"index": 1, "id": "", "function": {"arguments": ': "zebu"}'}}])]),
+    chunk([delta(finish="tool_calls")]),
+    chunk([], usage={"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}),
+]
+
+
+def test_streamed_tool_call_deltas_are_merged_by_index() -> None:
+    stream = StreamAssembler()
+    texts = [stream.add(c) for c in TOOL_STREAM]
+    assert texts == [""] * len(TOOL_STREAM)
+    last = stream.final({"model": "asked-for"})
+    assert last.finish_reason == "tool_calls"
+    assert last.usage == {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
+    assert last.response == {
+        "id": "chatcmpl-up",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "asked-for",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_a",
+                            "type": "function",
+                            "function": {"name": "lookup", "arguments": '{"w": "yak"}'},
+                        },
+                        {
+                            "id": "call_b",
+                            "type": "function",
+                            "function": {"name": "define", "arguments": '{"w": "zebu"}'},
+                        },
+                    ],
+                },
+                "logprobs": None,
+                "finish_reason": "tool_calls",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21},
+    }
+
+
+def test_streamed_content_reasoning_and_logprobs_are_joined() -> None:
+    stream = StreamAssembler()
+    first = chunk([delta(role="assistant", content="")], system_fingerprint="fp_1")
+    token = {"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}
+    parts = [
+        first,
+        chunk([delta(reasoning_content="think ", role="assistant")]),
+        chunk([delta(reasoning_content="hard")]),
+        chunk([{**delta("Hi"), "logprobs": {"content": [token], "refusal": None}}]),
+        chunk([{**delta(" there"), "logprobs": {"content": [token], "refusal": None}}]),
+        chunk([delta(finish="length")]),
+    ]
+    assert [stream.add(p) for p in parts] == ["", "", "", "Hi", " there", ""]
+    last = stream.final({"model": "m"})
+    assert last.usage is None
+    assert last.finish_reason == "length"
+    assert last.response is not None
+    assert last.response["system_fingerprint"] == "fp_1"
+    assert last.response["usage"] is None
+    [choice] = last.response["choices"]
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": "Hi there",
+        "reasoning_content": "think hard",
+    }
+    assert choice["logprobs"] == {"content": [token, token], "refusal": None}
+
+
+async def test_a_stream_sends_the_request_as_is_and_yields_each_piece() -> None:
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return sse(
+            chunk([delta(role="assistant", content="")]),
+            chunk([delta("Hello")]),
+            chunk([delta(", world")]),
+            chunk([delta(finish="stop")]),
+            chunk([], usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}),
+            "data: [DONE]",
+        )
+
+    backend = backend_with(
+        handler,
+        model="up-model",
+        api_key="sk-unit",
+        headers={"X-Org": "lab"},
+        extra={"top_k": 20},
+    )
+    request = {
+        "model": "local",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"continuous_usage_stats": True},
+        "seed": 3,
+    }
+    chunks = await run(backend, "/v1/chat/completions", request)
+    assert [c.text for c in chunks[:-1]] == ["Hello", ", world"]
+    last = chunks[-1]
+    assert last.finish_reason == "stop"
+    assert last.usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert last.response is not None
+    assert last.response["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "Hello, world",
+    }
+    assert last.response["model"] == "local"
+
+    [req] = sent
+    assert str(req.url) == "http://upstream.test/v1/chat/completions"
+    assert req.headers["authorization"] == "Bearer sk-unit"
+    assert req.headers["x-org"] == "lab"
+    assert req.headers["content-type"] == "application/json"
+    assert orjson.loads(req.content) == {
+        "model": "up-model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"continuous_usage_stats": True, "include_usage": True},
+        "seed": 3,
+        "top_k": 20,
+    }
+    assert request["model"] == "local"  # the job's own request is left as it was
+
+
+async def test_a_completion_asked_to_stream_is_fetched_whole() -> None:
+    sent: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(orjson.loads(request.content))
+        return httpx.Response(
+            200,
+            json={
+                "id": "cmpl-1",
+                "object": "text_completion",
+                "created": 1,
+                "model": "local",
+                "choices": [{"index": 0, "text": "abc", "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            },
+        )
+
+    request = {"model": "local", "prompt": "x", "stream": True, "stream_options": {}}
+    [last] = await run(backend_with(handler), "/v1/completions", request)
+    assert last.finish_reason == "length"
+    assert last.response is not None and last.response["choices"][0]["text"] == "abc"
+    assert sent == [{"model": "local", "prompt": "x", "stream": False}]
+
+
+async def test_an_endpoint_that_ignores_stream_answers_whole() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "x",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "ok"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": None,
+        }
+        return httpx.Response(200, json=body)
+
+    chunks = await run(
+        backend_with(handler), "/v1/chat/completions", {"model": "local", "messages": []}
+    )
+    assert [c.text for c in chunks] == ["ok", ""]
+    assert chunks[-1].response is not None and chunks[-1].response["model"] == "local"
+
+
+def error_answer(status: int, error: Any = None, headers: dict[str, str] | None = None) -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = {"error": error or {"message": f"upstream says {status}", "code": None}}
+        return httpx.Response(status, json=body, headers=headers)
+
+    return handler
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize(
+    ("status", "error", "headers", "code", "retryable", "after"),
+    [
+        (400, None, None, "invalid_request", False, None),
+        (
+            400,
+            {"message": "too long", "code": "context_length_exceeded"},
+            None,
+            "context_length_exceeded",
+            False,
+            None,
+        ),
+        (
+            400,
+            {
+                "message": "the request exceeds the available context size",
+                "code": 400,
+                "type": "exceed_context_size_error",
+            },
+            None,
+            "context_length_exceeded",
+            False,
+            None,
+        ),
+        (401, None, None, "provider_auth_failed", False, None),
+        (403, None, None, "provider_forbidden", False, None),
+        (404, None, None, "model_not_found", False, None),
+        (422, None, None, "provider_error", False, None),
+        (429, None, {"Retry-After": "7"}, "rate_limited", True, 7.0),
+        (
+            429,
+            None,
+            {
+                "x-ratelimit-remaining-requests": "10",
+                "x-ratelimit-reset-requests": "1s",
+                "x-ratelimit-remaining-tokens": "0",
+                "x-ratelimit-reset-tokens": "6m0s",
+            },
+            "rate_limited",
+            True,
+            360.0,
+        ),
+        (408, None, None, "provider_error", True, None),
+        (500, None, None, "provider_error", True, None),
+        (503, None, {"retry-after": "1.5"}, "provider_error", True, 1.5),
+        (529, None, None, "provider_error", True, None),
+    ],
+)
+async def test_http_errors_are_classified(
+    stream: bool,
+    status: int,
+    error: Any,
+    headers: dict[str, str] | None,
+    code: str,
+    retryable: bool,
+    after: float | None,
+) -> None:
+    backend = backend_with(error_answer(status, error, headers))
+    request = {"model": "local", "messages": [{"role": "user", "content": "q"}], "stream": stream}
+    with pytest.raises(BackendError) as caught:
+        await run(backend, "/v1/chat/completions", request)
+    exc = caught.value
+    assert (exc.code, exc.retryable, exc.retry_after, exc.status) == (
+        code,
+        retryable,
+        after,
+        status,
+    )
+    expected = (error or {}).get("message") or f"upstream says {status}"
+    assert expected in exc.message
+
+
+@pytest.mark.parametrize(
+    ("event", "code", "retryable"),
+    [
+        (
+            'data: {"error": {"message": "the model crashed", "code": null}}',
+            "provider_error",
+            False,
+        ),
+        ('data: {"error": {"message": "the model crashed", "code": 503}}', "provider_error", True),
+        (
+            'data: {"error": {"message": "the model crashed", "status": "429"}}',
+            "rate_limited",
+            True,
+        ),
+        ("event: error\ndata: the model crashed", "provider_error", False),
+    ],
+)
+async def test_an_error_inside_a_stream(event: str, code: str, retryable: bool) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return sse(chunk([delta("partial")]), event)
+
+    backend = backend_with(handler)
+    request = {"model": "local", "messages": [{"role": "user", "content": "q"}]}
+    with pytest.raises(BackendError) as caught:
+        await run(backend, "/v1/chat/completions", request)
+    assert (caught.value.code, caught.value.retryable) == (code, retryable)
+    assert "the model crashed" in caught.value.message
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(None, False), (503, True)])
+async def test_an_error_answered_with_200(status: int | None, retryable: bool) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"error": {"message": "the model crashed", "code": status}})
+
+    request = {"model": "local", "messages": [], "stream": False}
+    with pytest.raises(BackendError) as caught:
+        await run(backend_with(handler), "/v1/chat/completions", request)
+    assert (caught.value.code, caught.value.retryable) == ("provider_error", retryable)
+    assert "the model crashed" in caught.value.message
+
+
+async def test_transport_errors_are_provider_unavailable() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    for handler in (refuse, slow):
+        for stream in (True, False):
+            request = {"model": "local", "messages": [], "stream": stream}
+            with pytest.raises(BackendError) as caught:
+                await run(backend_with(handler), "/v1/chat/completions", request)
+            assert (caught.value.code, caught.value.retryable) == ("provider_unavailable", True)
+
+
+def test_the_backend_is_found_by_its_entry_point() -> None:
+    config = OpenAIModel(name="m", backend="openai", api_base="https://api.example/v1")
+    first, second = build_backend(config, Path(".")), build_backend(config, Path("."))
+    assert isinstance(first, OpenAIBackend) and isinstance(second, OpenAIBackend)
+    assert config.upstream_model() == "m"
+
+
+# -- rate limit headers -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1s", 1.0),
+        ("1.5s", 1.5),
+        ("6m0s", 360.0),
+        ("20ms", 0.02),
+        ("2", 2.0),
+        ("1h2m3s", 3723.0),
+        ("", None),
+        (None, None),
+        ("soon", None),
+        ("1s later", None),
+    ],
+)
+def test_duration(text: str | None, seconds: float | None) -> None:
+    assert duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def test_retry_after_headers() -> None:
+    assert retry_after(None) is None
+    assert retry_after(httpx.Headers()) is None
+    assert retry_after(httpx.Headers({"Retry-After": "4"})) == 4.0
+    assert retry_after(httpx.Headers({"Retry-After": "-3"})) == 0.0
+    assert retry_after(httpx.Headers({"Retry-After": "whenever"})) is None
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 55 <= (retry_after(httpx.Headers({"Retry-After": in_a_minute})) or 0) <= 61
+    past = email.utils.formatdate(time.time() - 60, usegmt=True)
+    assert retry_after(httpx.Headers({"Retry-After": past})) == 0.0
+    # Retry-After wins over the reset headers
+    both = {"retry-after": "2", "x-ratelimit-remaining-requests": "0"}
+    both["x-ratelimit-reset-requests"] = "9s"
+    assert retry_after(httpx.Headers(both)) == 2.0
+    # only budgets that are used up count; the longest wait wins
+    resets = {
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "2s",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "1m",
+    }
+    assert retry_after(httpx.Headers(resets)) == 60.0
+    assert retry_after(httpx.Headers({**resets, "x-ratelimit-remaining-tokens": "5"})) == 2.0
+    assert retry_after({"x-ratelimit-reset-requests": "2s"}) is None
+    # a prefix (LiteLLM's `llm_provider-`) is looked at too
+    prefixed = {"llm_provider-retry-after": "3"}
+    assert retry_after(prefixed) is None
+    assert retry_after(prefixed, prefixes=("", "llm_provider-")) == 3.0
+
+
+def test_litellm_reads_retry_after_as_before() -> None:
+    class ProviderError(Exception):
+        def __init__(self, headers: dict[str, str] | None, response: Any = None) -> None:
+            super().__init__("rate limited")
+            self.litellm_response_headers = headers
+            self.response = response
+
+    class Response:
+        headers = httpx.Headers({"Retry-After": "5"})
+
+    assert litellm_retry_after(ProviderError({"retry-after": "2"})) == 2.0
+    assert litellm_retry_after(ProviderError({"llm_provider-retry-after": "4"})) == 4.0
+    reset = {
+        "llm_provider-x-ratelimit-remaining-requests": "0",
+        "llm_provider-x-ratelimit-reset-requests": "6m0s",
+    }
+    assert litellm_retry_after(ProviderError(reset)) == 360.0
+    assert litellm_retry_after(ProviderError(None, Response())) == 5.0
+    assert litellm_retry_after(ProviderError(None)) is None
