@@ -309,6 +309,42 @@ def setup_node(tmp_path: Path, server: ServerProcess, config: Path, delay_ms: in
     assert '"echo"' in out.stdout
 
 
+def test_setup_writes_an_openai_backend_model_and_requires_its_base_url(tmp_path: Path) -> None:
+    from openbeepboop.node.config import OpenAIModel, load_node_config
+
+    def setup(*flags: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "openbeepboop.cli.node", "setup", "--non-interactive"]
+        common = ["--server", "http://127.0.0.1:9", "--api-key", "obb_node_x", "--no-check"]
+        return subprocess.run(
+            [*argv, *common, *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=child_env(),
+            check=False,
+        )
+
+    config = tmp_path / "node.toml"
+    done = setup(
+        *("--config", str(config), "--backend", "openai", "--model-name", "llama3"),
+        *("--api-base", "http://127.0.0.1:11434/v1", "--upstream-model", "llama3:8b"),
+        *("--provider-key-env", "OLLAMA_KEY"),
+    )
+    assert done.returncode == 0, done.stderr
+    [model] = load_node_config(config).models
+    assert isinstance(model, OpenAIModel)
+    assert (model.name, model.api_base, model.model, model.api_key_env) == (
+        "llama3",
+        "http://127.0.0.1:11434/v1",
+        "llama3:8b",
+        "OLLAMA_KEY",
+    )
+    refused = setup("--config", str(tmp_path / "other.toml"), "--backend", "openai")
+    assert refused.returncode == 2
+    assert "--api-base is required for the openai backend" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "other.toml").exists()
+
+
 def test_batch_exits_0_once_the_queue_is_drained(
     server_process: ServerFactory, procs: Procs, tmp_path: Path
 ) -> None:

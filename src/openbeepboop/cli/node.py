@@ -29,7 +29,7 @@ CONFIG = click.option(
     show_default="node_config.toml",
     help="The node's TOML config.",
 )
-BACKENDS = ("echo", "llama_cpp", "litellm")
+BACKENDS = ("echo", "llama_cpp", "openai", "litellm")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,10 +60,13 @@ def _model_from_flags(
         entry["path"] = path
     if backend == "echo" and delay_ms is not None:
         entry["delay_ms"] = delay_ms
-    if backend == "litellm":
-        if not model:
-            raise click.UsageError("--litellm-model is required for the litellm backend")
-        entry["model"] = model
+    if backend == "openai" and not api_base:
+        raise click.UsageError("--api-base is required for the openai backend")
+    if backend == "litellm" and not model:
+        raise click.UsageError("--litellm-model is required for the litellm backend")
+    if backend in ("openai", "litellm"):
+        if model:
+            entry["model"] = model
         for key, value in (
             ("api_base", api_base),
             ("api_key", provider_key),
@@ -76,7 +79,12 @@ def _model_from_flags(
 
 def _ask_model() -> dict[str, Any]:
     backend = click.prompt("Backend", type=click.Choice(BACKENDS), default="llama_cpp", err=True)
-    default_name = {"llama_cpp": "gemma-3-270m", "echo": "echo", "litellm": "gpt-4o-mini"}[backend]
+    default_name = {
+        "llama_cpp": "gemma-3-270m",
+        "echo": "echo",
+        "openai": "llama3",
+        "litellm": "gpt-4o-mini",
+    }[backend]
     name = click.prompt("Model name clients will ask for", default=default_name, err=True)
     path = model = api_base = key_env = None
     if backend == "llama_cpp":
@@ -89,6 +97,11 @@ def _ask_model() -> dict[str, Any]:
             )
             or None
         )
+    if backend == "openai":
+        api_base = click.prompt(
+            "Base URL of the OpenAI-compatible API", default="http://127.0.0.1:11434/v1", err=True
+        )
+        model = click.prompt("The model's name at that endpoint", default=name, err=True)
     if backend == "litellm":
         model = click.prompt("LiteLLM model (e.g. ollama/llama3, openai/gpt-4o-mini)", err=True)
         api_base = (
@@ -97,6 +110,7 @@ def _ask_model() -> dict[str, Any]:
             )
             or None
         )
+    if backend in ("openai", "litellm"):
         key_env = (
             click.prompt(
                 "Environment variable holding the API key (empty: none)",
@@ -136,9 +150,10 @@ def check_server(url: str, key: str) -> str | None:
 @click.option("--backend", type=click.Choice(BACKENDS), help="How the model runs.")
 @click.option("--path", help="llama_cpp: a GGUF path or hf:org/repo/file.gguf.")
 @click.option("--litellm-model", help="litellm: the LiteLLM model string.")
-@click.option("--api-base", help="litellm: an OpenAI-compatible base URL.")
-@click.option("--provider-key", help="litellm: the provider's API key (stored in the file).")
-@click.option("--provider-key-env", help="litellm: variable that holds the provider's key.")
+@click.option("--upstream-model", help="openai: the model's name at the endpoint [--model-name].")
+@click.option("--api-base", help="openai (required), litellm: the provider's base URL.")
+@click.option("--provider-key", help="openai, litellm: the provider's key (stored in the file).")
+@click.option("--provider-key-env", help="openai, litellm: variable holding the provider's key.")
 @click.option("--concurrency", type=int, help="Jobs this model runs at once [1].")
 @click.option("--delay-ms", type=float, help="echo: delay before answering.")
 @click.option("--no-check", is_flag=True, help="Do not contact the server.")
@@ -153,6 +168,7 @@ def setup(
     backend: str | None,
     path: str | None,
     litellm_model: str | None,
+    upstream_model: str | None,
     api_base: str | None,
     provider_key: str | None,
     provider_key_env: str | None,
@@ -180,13 +196,15 @@ def setup(
         )
     if backend or model_name:
         backend = backend or "llama_cpp"
-        default_name = {"llama_cpp": "gemma-3-270m", "echo": "echo"}.get(backend, litellm_model)
+        default_name = {"llama_cpp": "gemma-3-270m", "echo": "echo"}.get(
+            backend, litellm_model or upstream_model
+        )
         models = [
             _model_from_flags(
                 model_name or default_name or "model",
                 backend,
                 path,
-                litellm_model,
+                upstream_model if backend == "openai" else litellm_model,
                 api_base,
                 provider_key,
                 provider_key_env,
