@@ -43,6 +43,24 @@ def test_quickstart_opens_with_the_two_commands() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_every_node_config_in_the_docs_is_valid() -> None:
+    """The TOML node configs shown in the README and docs load as they are printed."""
+    import tomllib
+
+    from openbeepboop.node.config import NodeConfig
+
+    shown = 0
+    for doc in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
+        for text in re.findall(r"```toml\n(.*?)```", doc.read_text(), re.S):
+            if "[[models]]" not in text:
+                continue
+            data = tomllib.loads(text)
+            data.setdefault("server", {"url": "http://127.0.0.1:8000", "api_key": "k"})
+            assert NodeConfig.model_validate(data).models, doc
+            shown += 1
+    assert shown >= 2
+
+
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("readme") / "openbeepboop"
