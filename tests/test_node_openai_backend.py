@@ -1,4 +1,4 @@
-"""The node's `openai` backend: OpenAI-compatible endpoints called directly with httpx.
+"""The node's `openai` backend: OpenAI-compatible endpoints called directly with aiohttp.
 
 Process tests (real server, real node, the OpenAI mock as a real process, real HTTP):
 plain, streamed and async chat, text completions, request fields passed through
@@ -7,34 +7,48 @@ reset headers, 500), a permanent 400, an unreachable `api_base`, and configs the
 refuses. One server and one node serve the module; every test starts with its mocks
 reset.
 
-In-process tests (httpx's MockTransport instead of the network): the assembly of a
-streamed answer (tool calls merged by index), what is sent upstream, error
-classification, and the shared rate limit header parsing.
+In-process tests (the backend calls an aiohttp server on loopback, which hands each
+request to the test as an `httpx.Request` and sends back the test's `httpx.Response`):
+the assembly of a streamed answer (tool calls merged by index), what is sent upstream,
+error classification, connections refused, cut short or silent (a raw TCP server), one
+keep-alive connection for call after call, proxies named by the environment, the
+server-sent events parser (sse.py), and the shared rate limit header parsing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import inspect
 import json
+import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+from unittest.mock import Mock
 
+import aiohttp
 import httpx
 import openai
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+from yarl import URL
 
 from openbeepboop.node.backends import build_backend
 from openbeepboop.node.backends.base import BackendError, Chunk
 from openbeepboop.node.backends.litellm import _retry_after as litellm_retry_after
-from openbeepboop.node.backends.openai_compat import OpenAIBackend, StreamAssembler
+from openbeepboop.node.backends.openai_compat import OpenAIBackend, StreamAssembler, env_proxy
 from openbeepboop.node.backends.ratelimit_headers import duration, retry_after
+from openbeepboop.node.backends.sse import ServerSentEvent, aiter_sse
 from openbeepboop.node.config import OpenAIModel
 from tests.conftest import ServerProcess, free_port
 from tests.nodes import (
@@ -400,7 +414,7 @@ def test_an_unreachable_api_base_is_retried_then_fails(rig: Rig) -> None:
     assert done["status"] == "failed", done
     assert done["error"]["code"] == "provider_unavailable", done["error"]
     assert done["error"]["retryable"] is True
-    assert "ConnectError" in done["error"]["message"]
+    assert "ClientConnectorError" in done["error"]["message"]
     assert done["attempts"] == 1
     # two tries (the model's max_attempts) with a backoff of at least 1 s between them
     assert time.monotonic() - started >= 1.0
@@ -437,12 +451,86 @@ def test_a_bad_api_base_is_refused_with_the_field_named(
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
+# headers aiohttp computes itself for the body it sends
+_RECOMPUTED = {"content-length", "content-encoding", "transfer-encoding"}
+
+
+class Upstream:
+    """The endpoint of the in-process tests: an aiohttp server on 127.0.0.1, on the test's
+    own loop, which hands each request, as an `httpx.Request`, to the test's `handler`
+    (`backend_with` sets it) and answers with the `httpx.Response` it returns, so that a
+    test reads as with httpx's MockTransport while the backend makes real HTTP calls."""
+
+    current: ClassVar[Upstream | None] = None  # the running test's, while it runs
+
+    def __init__(self) -> None:
+        self.handler: Handler | None = None
+        self.peers: list[Any] = []  # the client address of each request
+        self.errors: list[BaseException] = []  # the handler's, raised again at teardown
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._serve)
+        self.server = TestServer(app, host="127.0.0.1")
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    async def _serve(self, request: web.Request) -> web.Response:
+        assert self.handler is not None, "backend_with sets the handler"
+        self.peers.append(request.transport and request.transport.get_extra_info("peername"))
+        forwarded = httpx.Request(
+            request.method,
+            str(request.url),
+            headers=list(request.headers.items()),
+            content=await request.read(),
+        )
+        try:
+            answer = self.handler(forwarded)
+        except BaseException as exc:  # the test's assertion, not an upstream's 500
+            self.errors.append(exc)
+            raise
+        headers = CIMultiDict(
+            (k, v) for k, v in answer.headers.multi_items() if k.lower() not in _RECOMPUTED
+        )
+        return web.Response(status=answer.status_code, headers=headers, body=answer.content)
+
+
+def without_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy named by the environment (the backend would obey it)."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+@pytest.fixture(autouse=True)
+async def upstream(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Upstream | None]:
+    """An `Upstream` for each in-process (async) test; nothing for the others."""
+    if not inspect.iscoroutinefunction(request.function):
+        yield None
+        return
+    without_proxies(monkeypatch)
+    server = Upstream()
+    await server.server.start_server()
+    Upstream.current = server
+    try:
+        yield server
+    finally:
+        Upstream.current = None
+        await server.server.close()
+    if server.errors:
+        raise server.errors[0]
+
 
 def backend_with(handler: Handler, **fields: Any) -> OpenAIBackend:
+    server = Upstream.current
+    assert server is not None, "in-process tests are async: their server runs on their loop"
+    server.handler = handler
     config = OpenAIModel.model_validate(
-        {"name": "local", "backend": "openai", "api_base": "http://upstream.test/v1", **fields}
+        {"name": "local", "backend": "openai", "api_base": server.url + "/v1", **fields}
     )
-    return OpenAIBackend(config, transport=httpx.MockTransport(handler))
+    return OpenAIBackend(config)
 
 
 async def run(backend: OpenAIBackend, endpoint: str, request: dict[str, Any]) -> list[Chunk]:
@@ -621,7 +709,8 @@ async def test_a_stream_sends_the_request_as_is_and_yields_each_piece() -> None:
     assert last.response["model"] == "local"
 
     [req] = sent
-    assert str(req.url) == "http://upstream.test/v1/chat/completions"
+    assert Upstream.current is not None
+    assert str(req.url) == Upstream.current.url + "/v1/chat/completions"
     assert req.headers["authorization"] == "Bearer sk-unit"
     assert req.headers["x-org"] == "lab"
     assert req.headers["content-type"] == "application/json"
@@ -807,19 +896,189 @@ async def test_an_error_answered_with_200(status: int | None, retryable: bool) -
     assert "the model crashed" in caught.value.message
 
 
-async def test_transport_errors_are_provider_unavailable() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
+@asynccontextmanager
+async def raw_upstream(reply: bytes, then: str = "close") -> AsyncIterator[str]:
+    """An endpoint below HTTP, for what a well-behaved server never does: it reads one
+    request, writes `reply` as it is, then closes the connection ("close") or keeps it
+    open without a word more ("stall"). Yields its api_base."""
+    release = asyncio.Event()
 
-    def slow(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("timed out", request=request)
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        writer.write(reply)
+        await writer.drain()
+        if then == "stall":
+            await release.wait()
+        writer.close()
 
-    for handler in (refuse, slow):
-        for stream in (True, False):
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    finally:
+        release.set()
+        server.close()
+        await server.wait_closed()
+
+
+def chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+FIRST_EVENT = b"data: " + orjson.dumps(chunk([delta("partial")])) + b"\n\n"
+
+
+async def pieces_then_error(api_base: str, stream: bool, **fields: Any) -> tuple[list[str], Any]:
+    """The texts yielded before the BackendError, and the error."""
+    config = OpenAIModel.model_validate(
+        {"name": "local", "backend": "openai", "api_base": api_base, **fields}
+    )
+    backend = OpenAIBackend(config)
+    await backend.load(lambda state, fraction: None)
+    texts: list[str] = []
+    request = {"model": "local", "messages": [], "stream": stream}
+    try:
+        with pytest.raises(BackendError) as caught:
+            async for piece in backend.execute("/v1/chat/completions", request):
+                texts.append(piece.text)
+    finally:
+        await backend.close()
+    return texts, caught.value
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_refused_connection_is_provider_unavailable(stream: bool) -> None:
+    api_base = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    texts, error = await pieces_then_error(api_base, stream)
+    assert texts == []
+    assert (error.code, error.retryable) == ("provider_unavailable", True)
+    assert error.message.startswith(f"cannot reach {api_base}: ClientConnectorError: ")
+
+
+@pytest.mark.parametrize(
+    ("stream", "reply", "kind", "texts"),
+    [
+        # closed before a word: aiohttp's ServerDisconnectedError
+        (True, b"", "ServerDisconnectedError", []),
+        (False, b"", "ServerDisconnectedError", []),
+        # a whole answer shorter than its Content-Length: ClientPayloadError
+        (
+            False,
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+            "ClientPayloadError",
+            [],
+        ),
+        # a stream cut after its first event, without its last chunk: what came is yielded
+        (True, SSE_HEAD + chunked(FIRST_EVENT), "ClientPayloadError", ["partial"]),
+    ],
+)
+async def test_a_connection_cut_short_is_provider_unavailable(
+    stream: bool, reply: bytes, kind: str, texts: list[str]
+) -> None:
+    async with raw_upstream(reply) as api_base:
+        got, error = await pieces_then_error(api_base, stream)
+    assert got == texts
+    assert (error.code, error.retryable) == ("provider_unavailable", True)
+    assert error.message.startswith(f"cannot reach {api_base}: {kind}: ")
+
+
+@pytest.mark.parametrize(
+    ("stream", "reply", "texts"),
+    [
+        (True, b"", []),  # no answer at all
+        (False, b"", []),
+        (False, b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{", []),  # half an answer
+        (True, SSE_HEAD + chunked(FIRST_EVENT), ["partial"]),  # a stream that stops
+    ],
+)
+async def test_silence_longer_than_timeout_seconds_is_provider_unavailable(
+    stream: bool, reply: bytes, texts: list[str]
+) -> None:
+    async with raw_upstream(reply, then="stall") as api_base:
+        started = time.monotonic()
+        got, error = await pieces_then_error(api_base, stream, timeout_seconds=0.3)
+    assert 0.3 <= time.monotonic() - started < 5
+    assert got == texts
+    assert (error.code, error.retryable) == ("provider_unavailable", True)
+    assert error.message.startswith(f"no answer from {api_base} in time: ")
+
+
+async def test_one_connection_serves_call_after_call() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if orjson.loads(request.content).get("stream"):
+            return sse(chunk([delta("streamed")]), chunk([delta(finish="stop")]), "data: [DONE]")
+        return httpx.Response(200, json=chunk([{"index": 0, "message": {"content": "whole"}}]))
+
+    backend = backend_with(handler)
+    await backend.load(lambda state, fraction: None)
+    try:
+        for stream in (True, False, True, True, False):
             request = {"model": "local", "messages": [], "stream": stream}
-            with pytest.raises(BackendError) as caught:
-                await run(backend_with(handler), "/v1/chat/completions", request)
-            assert (caught.value.code, caught.value.retryable) == ("provider_unavailable", True)
+            chunks = [c async for c in backend.execute("/v1/chat/completions", request)]
+            assert chunks[-1].response is not None
+    finally:
+        await backend.close()
+    assert Upstream.current is not None
+    peers = Upstream.current.peers
+    assert len(peers) == 5 and len(set(peers)) == 1, peers  # keep-alive, also after [DONE]
+
+
+async def test_a_proxy_named_by_the_environment_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return sse(chunk([delta("via the proxy")]), "data: [DONE]")
+
+    backend = backend_with(handler)  # the in-process server, here as the proxy
+    proxy = URL(backend.config.api_base).with_path("").with_user("someone").with_password("pw")
+    monkeypatch.setenv("HTTP_PROXY", str(proxy))
+    config = backend.config.model_copy(update={"api_base": "http://upstream.test/v1"})
+    chunks = await run(OpenAIBackend(config), "/v1/chat/completions", {"messages": []})
+    assert chunks[0].text == "via the proxy"
+    [req] = sent
+    assert str(req.url) == "http://upstream.test/v1/chat/completions"
+    assert req.headers["proxy-authorization"] == "Basic c29tZW9uZTpwdw=="  # someone:pw
+
+
+@pytest.mark.parametrize(
+    ("env", "api_base", "proxy", "auth"),
+    [
+        ({}, "https://api.example/v1", None, None),
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "https://api.example/v1", "http://proxy:3128", None),
+        ({"HTTPS_PROXY": "http://proxy:3128"}, "http://api.example/v1", None, None),
+        ({"ALL_PROXY": "http://proxy:3128"}, "http://api.example/v1", "http://proxy:3128", None),
+        (
+            {"HTTP_PROXY": "http://proxy:3128", "NO_PROXY": "api.example"},
+            "http://api.example/v1",
+            None,
+            None,
+        ),
+        ({"http_proxy": "socks5://proxy:1080"}, "http://api.example/v1", None, None),
+        (
+            {"HTTP_PROXY": "http://me:secret@proxy:3128"},
+            "http://api.example/v1",
+            "http://proxy:3128",
+            "Basic bWU6c2VjcmV0",  # base64 of me:secret
+        ),
+    ],
+)
+def test_env_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    api_base: str,
+    proxy: str | None,
+    auth: str | None,
+) -> None:
+    without_proxies(monkeypatch)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    found, found_auth = env_proxy(api_base)
+    assert (found and str(found), found_auth) == (proxy, auth)
 
 
 def test_the_backend_is_found_by_its_entry_point() -> None:
@@ -827,6 +1086,126 @@ def test_the_backend_is_found_by_its_entry_point() -> None:
     first, second = build_backend(config, Path(".")), build_backend(config, Path("."))
     assert isinstance(first, OpenAIBackend) and isinstance(second, OpenAIBackend)
     assert config.upstream_model() == "m"
+
+
+# -- server-sent events (sse.py) --------------------------------------------------------
+
+
+class Reads:
+    """Stands for aiohttp's `StreamReader`: `iter_any` gives the pieces as the network
+    would have split them."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = pieces
+
+    async def _pieces(self) -> AsyncIterator[bytes]:
+        for piece in self.pieces:
+            await asyncio.sleep(0)
+            yield piece
+
+    def iter_any(self) -> AsyncIterator[bytes]:
+        return self._pieces()
+
+
+async def events(*pieces: bytes) -> list[ServerSentEvent]:
+    return [event async for event in aiter_sse(Reads(*pieces))]
+
+
+def message(data: str, event: str = "message", id: str = "") -> ServerSentEvent:
+    return ServerSentEvent(event=event, data=data, id=id)
+
+
+STREAM = (
+    ": a comment, then two events with names and ids\n"
+    "event: add\nid: 1\ndata: first\n\n"
+    'data: {"a": 1}\nid: 2\n\n'
+    "data:no space\ndata:  two spaces\n\n"
+    "data: caf\u00e9 \u2603\n\n"
+)
+STREAM_EVENTS = [
+    message("first", event="add", id="1"),
+    message('{"a": 1}', id="2"),
+    message("no space\n two spaces", id="2"),  # the last id holds for the events after it
+    message("caf\u00e9 \u2603", id="2"),
+]
+
+
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"])
+async def test_sse_line_ends(end: str) -> None:
+    assert await events(STREAM.replace("\n", end).encode()) == STREAM_EVENTS
+
+
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"])
+async def test_sse_events_split_anywhere_by_the_network(end: str) -> None:
+    raw = STREAM.replace("\n", end).encode()  # "\u2603" is 3 bytes: some splits cut it
+    for cut in range(1, len(raw)):
+        assert await events(raw[:cut], raw[cut:]) == STREAM_EVENTS, cut
+    assert await events(*(raw[i : i + 1] for i in range(len(raw)))) == STREAM_EVENTS
+
+
+async def test_sse_a_cr_at_the_end_of_a_read_and_lf_at_the_start_of_the_next() -> None:
+    # one CRLF split by the network, then a blank line of its own
+    assert await events(b"data: a\r", b"\n", b"\r\n") == [message("a")]
+    # CR then LF, each read alone: the LF ends nothing more
+    assert await events(b"data: a\r", b"\ndata: b\r", b"\n\r", b"\n") == [message("a\nb")]
+    # a lone CR at the end of a read is a line end (the event is dispatched at once)
+    assert await events(b"data: a\r\r", b"data: b\n\n") == [message("a"), message("b")]
+
+
+async def test_sse_multi_line_data_and_comments() -> None:
+    raw = b": ping\ndata: one\n: keep-alive\ndata: two\ndata:\ndata: four\n\n:\n\n"
+    assert await events(raw) == [message("one\ntwo\n\nfour")]
+
+
+async def test_sse_fields_without_colon_and_unknown_fields() -> None:
+    raw = (
+        b"data\ndata\n\n"  # a field without a colon: the empty value; data "\n"
+        b"event\ndata: named nothing\n\n"  # an empty event name: "message"
+        b"retry: 3000\nfoo: bar\nDATA: upper case is another field\ndata: kept\n\n"
+        b"id: a\0b\ndata: an id with NUL is ignored\n\n"
+        b"id\ndata: an empty id resets it\n\n"
+    )
+    assert await events(raw) == [
+        message("\n"),
+        message("named nothing"),
+        message("kept"),
+        message("an id with NUL is ignored"),
+        message("an empty id resets it"),
+    ]
+
+
+async def test_sse_events_without_data_are_not_dispatched() -> None:
+    raw = b"event: ping\n\nid: 7\n\n\n\ndata:\n\n"
+    # no data field, no event; `data:` with nothing: an event whose data is ""
+    assert await events(raw) == [message("", id="7")]
+
+
+async def test_sse_an_event_not_closed_at_the_end_is_dropped() -> None:
+    assert await events(b"data: done\n\ndata: cut\n") == [message("done")]
+    assert await events(b"data: done\n\ndata: cut") == [message("done")]
+    assert await events(b"data: done\r\n\r\ndata: cut\r\n") == [message("done")]
+    assert await events(b"") == []
+
+
+async def test_sse_a_leading_byte_order_mark_is_ignored() -> None:
+    assert await events(b"\xef\xbb", b"\xbfdata: x\n\n") == [message("x")]
+    # only the first
+    assert await events(b"\xef\xbb\xbf\xef\xbb\xbfdata: x\n\n") == []
+
+
+async def test_sse_reads_an_aiohttp_stream_reader() -> None:
+    loop = asyncio.get_running_loop()
+    reader = aiohttp.StreamReader(Mock(), 2**16, loop=loop)  # a connected protocol
+
+    async def network() -> None:
+        for piece in (b"event: error\r\nda", b"ta: x\r", b"\n\r", b"\ndata: y\n\n", b"data: z"):
+            reader.feed_data(piece)
+            await asyncio.sleep(0.01)
+        reader.feed_eof()
+
+    feeding = asyncio.create_task(network())
+    assert [e async for e in aiter_sse(reader)] == [message("x", event="error"), message("y")]
+    await feeding
 
 
 # -- rate limit headers -----------------------------------------------------------------
