@@ -46,10 +46,11 @@ from yarl import URL
 from openbeepboop.node.backends import build_backend
 from openbeepboop.node.backends.base import BackendError, Chunk
 from openbeepboop.node.backends.litellm import _retry_after as litellm_retry_after
-from openbeepboop.node.backends.openai_compat import OpenAIBackend, StreamAssembler, env_proxy
+from openbeepboop.node.backends.openai_compat import OpenAIBackend, StreamAssembler
 from openbeepboop.node.backends.ratelimit_headers import duration, retry_after
 from openbeepboop.node.backends.sse import ServerSentEvent, aiter_sse
 from openbeepboop.node.config import OpenAIModel
+from openbeepboop.node.http_env import env_proxy
 from tests.conftest import ServerProcess, free_port
 from tests.nodes import (
     SERVER_LOG_WARNING,
@@ -1034,7 +1035,7 @@ async def test_a_proxy_named_by_the_environment_is_used(monkeypatch: pytest.Monk
         sent.append(request)
         return sse(chunk([delta("via the proxy")]), "data: [DONE]")
 
-    backend = backend_with(handler)  # the in-process server, here as the proxy
+    backend = backend_with(handler, api_key="sk-up")  # the in-process server, as the proxy
     proxy = URL(backend.config.api_base).with_path("").with_user("someone").with_password("pw")
     monkeypatch.setenv("HTTP_PROXY", str(proxy))
     config = backend.config.model_copy(update={"api_base": "http://upstream.test/v1"})
@@ -1043,6 +1044,33 @@ async def test_a_proxy_named_by_the_environment_is_used(monkeypatch: pytest.Monk
     [req] = sent
     assert str(req.url) == "http://upstream.test/v1/chat/completions"
     assert req.headers["proxy-authorization"] == "Basic c29tZW9uZTpwdw=="  # someone:pw
+    assert req.headers["authorization"] == "Bearer sk-up"  # the provider's key, to it only
+
+
+async def test_the_nodes_calls_to_its_server_go_through_the_environments_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from openbeepboop.node.client import NodeClient
+
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, json={"jobs": []})
+
+    server = Upstream.current
+    assert server is not None
+    server.handler = handler  # the in-process server, here as the proxy
+    monkeypatch.setenv("HTTP_PROXY", str(URL(server.url).with_user("node").with_password("pw")))
+    client = NodeClient("http://queue.test:8000", "obb_node_k", timeout=10)
+    try:
+        assert await client.fetch("node_1", ["m"], 1, wait=0) == []
+    finally:
+        await client.close()
+    [req] = sent
+    assert str(req.url) == "http://queue.test:8000/internal/queue/fetch"
+    assert req.headers["authorization"] == "Bearer obb_node_k"
+    assert req.headers["proxy-authorization"] == "Basic bm9kZTpwdw=="  # node:pw
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,7 @@ import orjson
 
 from openbeepboop import __version__
 from openbeepboop.node.backends.base import JSON
-
-_JSON = {"Content-Type": "application/json"}
+from openbeepboop.node.http_env import proxy_arguments, tls_context
 
 
 class ServerUnreachable(Exception):
@@ -36,20 +35,29 @@ class NodeClient:
 
     def __init__(self, url: str, api_key: str, timeout: float) -> None:
         self._url = url.rstrip("/")
+        # per request, not as the session's defaults: aiohttp copies a session's default
+        # headers onto a proxy's CONNECT and makes an Authorization there the
+        # Proxy-Authorization, which would hand the node key to the proxy
         self._headers = {
             "Authorization": f"Bearer {api_key}",
             "User-Agent": f"openbeepboop-node/{__version__}",
+            "Content-Type": "application/json",
         }
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None  # made on the running loop
+        self._proxy, proxy_headers = proxy_arguments(self._url)
+        self._headers.update(proxy_headers)
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                headers=self._headers,
                 timeout=aiohttp.ClientTimeout(connect=10, sock_read=self._timeout),
                 # idle connections go before uvicorn closes them (after 5 s)
-                connector=aiohttp.TCPConnector(limit=16, keepalive_timeout=4),
+                connector=aiohttp.TCPConnector(
+                    limit=16,
+                    keepalive_timeout=4,
+                    ssl=tls_context() if self._url.startswith("https:") else True,
+                ),
             )
         return self._session
 
@@ -59,7 +67,11 @@ class NodeClient:
             extra["timeout"] = aiohttp.ClientTimeout(connect=10, sock_read=read_timeout)
         try:
             post = self._http().post(
-                self._url + path, data=orjson.dumps(body), headers=_JSON, **extra
+                self._url + path,
+                data=orjson.dumps(body),
+                headers=self._headers,
+                **self._proxy,
+                **extra,
             )
             async with post as r:
                 status, raw = r.status, await r.read()

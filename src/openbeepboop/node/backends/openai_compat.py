@@ -17,19 +17,14 @@ No retries here: the node retries with its own backoff and pacing (see litellm.p
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import ssl
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
 
 import aiohttp
-import certifi
 import orjson
 from multidict import CIMultiDict
 from yarl import URL
@@ -38,6 +33,7 @@ from openbeepboop.node.backends.base import JSON, BackendError, Chunk, Progress
 from openbeepboop.node.backends.ratelimit_headers import TRANSIENT_STATUSES, retry_after
 from openbeepboop.node.backends.sse import aiter_sse
 from openbeepboop.node.config import OpenAIModel
+from openbeepboop.node.http_env import proxy_arguments, tls_context
 
 CONNECT_TIMEOUT = 10.0
 # idle connections are closed before the endpoint's server closes them (uvicorn's
@@ -61,6 +57,8 @@ class OpenAIBackend:
         self._base = config.api_base.rstrip("/") + "/"
         self._session: aiohttp.ClientSession | None = None  # made on the running loop
         self._proxy: dict[str, Any] = {}  # the proxy arguments of every request
+        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._sse_headers: CIMultiDict[str] = CIMultiDict()
 
     async def load(self, progress: Progress) -> None:
         https = URL(self.config.api_base).scheme == "https"
@@ -68,17 +66,18 @@ class OpenAIBackend:
         key = self.config.resolved_api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        proxy, proxy_auth = env_proxy(self.config.api_base)
-        self._proxy = {"proxy": proxy} if proxy else {}
-        if proxy_auth and https:  # for the proxy's CONNECT
-            self._proxy["proxy_headers"] = {"Proxy-Authorization": proxy_auth}
-        elif proxy_auth:  # plain HTTP: the request itself goes to the proxy
-            headers["Proxy-Authorization"] = proxy_auth
+        self._proxy, proxy_headers = proxy_arguments(self.config.api_base)
+        headers.update(proxy_headers)
         headers.update(self.config.headers)  # the config's own headers win, whatever their case
+        # per request, not as the session's defaults: aiohttp copies a session's default
+        # headers onto a proxy's CONNECT, and turns an Authorization there into the
+        # Proxy-Authorization, which would hand the provider's key to the proxy
+        self._headers = headers
+        self._sse_headers = CIMultiDict(headers)
+        self._sse_headers.update(_SSE_HEADERS)
         if self._session is not None:
             await self._session.close()
         self._session = aiohttp.ClientSession(
-            headers=headers,
             # between two reads, as long as a generation may take (an answer that comes
             # whole comes at its end); no limit on the whole
             timeout=aiohttp.ClientTimeout(
@@ -133,7 +132,9 @@ class OpenAIBackend:
     async def _whole(
         self, session: aiohttp.ClientSession, url: str, body: JSON, request: JSON
     ) -> Chunk:
-        post = session.post(url, data=_dumps(body), allow_redirects=False, **self._proxy)
+        post = session.post(
+            url, data=_dumps(body), headers=self._headers, allow_redirects=False, **self._proxy
+        )
         async with post as response:
             raw = await response.read()
             if response.status >= 300:
@@ -145,7 +146,7 @@ class OpenAIBackend:
     ) -> AsyncGenerator[Chunk, None]:
         stream = StreamAssembler()
         post = session.post(
-            url, data=_dumps(body), headers=_SSE_HEADERS, allow_redirects=False, **self._proxy
+            url, data=_dumps(body), headers=self._sse_headers, allow_redirects=False, **self._proxy
         )
         async with post as response:
             if response.status >= 300:
@@ -180,35 +181,6 @@ class OpenAIBackend:
             await self._session.close()
             self._session = None
         self.state = "loading"
-
-
-def env_proxy(api_base: str) -> tuple[URL | None, str | None]:
-    """The proxy the environment names for `api_base` (`HTTPS_PROXY`, `HTTP_PROXY`,
-    `ALL_PROXY`, `NO_PROXY`, obeyed as httpx obeyed them), without its credentials, and
-    the `Proxy-Authorization` they make. Read once: aiohttp's `trust_env` would read them
-    (and ~/.netrc) in a thread for every request."""
-    url = URL(api_base)
-    proxies = urllib.request.getproxies()
-    found = proxies.get(url.scheme) or proxies.get("all")
-    if not found or urllib.request.proxy_bypass(url.host or ""):
-        return None, None
-    proxy = URL(found)
-    if proxy.scheme not in ("http", "https"):  # socks: neither httpx nor aiohttp alone
-        return None, None
-    if proxy.user is None:
-        return proxy, None
-    credentials = f"{proxy.user}:{proxy.password or ''}".encode()
-    return proxy.with_user(None), "Basic " + base64.b64encode(credentials).decode()
-
-
-def tls_context() -> ssl.SSLContext:
-    """Certificates where httpx found them: `SSL_CERT_FILE`, `SSL_CERT_DIR`, else certifi's
-    (aiohttp's default is the system's store)."""
-    if os.environ.get("SSL_CERT_FILE"):
-        return ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
-    if os.environ.get("SSL_CERT_DIR"):
-        return ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
-    return ssl.create_default_context(cafile=certifi.where())
 
 
 # -- answers ---------------------------------------------------------------------------
