@@ -25,7 +25,7 @@ _SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
 def retry_after(headers: Mapping[str, Any] | None, prefixes: Iterable[str] = ("",)) -> float | None:
     """Seconds to wait before trying again, or None when the headers do not say.
 
-    `headers` is any mapping with `.get` (httpx's `Headers` is case-insensitive; a plain
+    `headers` is any mapping with `.get` (aiohttp's and httpx's are case-insensitive; a plain
     dict must hold lower-case names). Each name is also looked up under every prefix
     (LiteLLM passes the provider's own headers as `llm_provider-<name>`)."""
     if not headers:
