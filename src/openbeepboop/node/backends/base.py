@@ -81,3 +81,15 @@ def content_text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))
     return ""
+
+
+def whole_answer(response: JSON, request: JSON) -> Chunk:
+    """The last chunk of an answer that came whole (an OpenAI response object), with
+    `model` set back to the name the client asked for."""
+    response["model"] = request.get("model", response.get("model"))
+    choice = (response.get("choices") or [{}])[0]
+    return Chunk(
+        finish_reason=choice.get("finish_reason") or "stop",
+        usage=response.get("usage"),
+        response=response,
+    )

@@ -11,7 +11,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from openbeepboop.node.backends.base import JSON, BackendError, Chunk, Progress
+from openbeepboop.node.backends.base import JSON, BackendError, Chunk, Progress, whole_answer
 from openbeepboop.node.backends.ratelimit_headers import TRANSIENT_STATUSES, retry_after
 from openbeepboop.node.config import LiteLLMModel
 
@@ -83,11 +83,11 @@ class LiteLLMBackend:
         try:
             if endpoint == "/v1/completions":
                 response = await litellm.atext_completion(prompt=request.get("prompt", ""), **kw)
-                yield _whole(response.model_dump(), request)
+                yield whole_answer(response.model_dump(), request)
                 return
             if request.get("stream") is False:
                 response = await litellm.acompletion(messages=request["messages"], **kw)
-                yield _whole(response.model_dump(), request)
+                yield whole_answer(response.model_dump(), request)
                 return
             stream = await litellm.acompletion(
                 messages=request["messages"],
@@ -105,20 +105,10 @@ class LiteLLMBackend:
             built = litellm.stream_chunk_builder(parts, messages=request["messages"])
         except Exception as exc:
             raise classify(exc) from exc
-        yield _whole(built.model_dump(), request)
+        yield whole_answer(built.model_dump(), request)
 
     async def close(self) -> None:
         self.state = "loading"
-
-
-def _whole(response: JSON, request: JSON) -> Chunk:
-    response["model"] = request.get("model", response.get("model"))
-    choice = (response.get("choices") or [{}])[0]
-    return Chunk(
-        finish_reason=choice.get("finish_reason") or "stop",
-        usage=response.get("usage"),
-        response=response,
-    )
 
 
 def _retry_after(exc: Exception) -> float | None:

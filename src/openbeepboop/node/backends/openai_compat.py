@@ -29,7 +29,7 @@ import orjson
 from multidict import CIMultiDict
 from yarl import URL
 
-from openbeepboop.node.backends.base import JSON, BackendError, Chunk, Progress
+from openbeepboop.node.backends.base import JSON, BackendError, Chunk, Progress, whole_answer
 from openbeepboop.node.backends.ratelimit_headers import TRANSIENT_STATUSES, retry_after
 from openbeepboop.node.backends.sse import aiter_sse
 from openbeepboop.node.config import OpenAIModel
@@ -139,7 +139,7 @@ class OpenAIBackend:
             raw = await response.read()
             if response.status >= 300:
                 raise http_error(response.status, response.headers, raw)
-        return whole(_answer(raw), request)
+        return whole_answer(_answer(raw), request)
 
     async def _stream(
         self, session: aiohttp.ClientSession, url: str, body: JSON, request: JSON
@@ -157,7 +157,7 @@ class OpenAIBackend:
                 text = _first_message_text(answer)
                 if text:
                     yield Chunk(text=text)
-                yield whole(answer, request)
+                yield whole_answer(answer, request)
                 return
             async with aclosing(aiter_sse(response.content)) as events:
                 async for event in events:
@@ -184,17 +184,6 @@ class OpenAIBackend:
 
 
 # -- answers ---------------------------------------------------------------------------
-
-
-def whole(response: JSON, request: JSON) -> Chunk:
-    """The last chunk of an answer that came whole (as litellm.py's `_whole`)."""
-    response["model"] = request.get("model", response.get("model"))
-    choice = (response.get("choices") or [{}])[0]
-    return Chunk(
-        finish_reason=choice.get("finish_reason") or "stop",
-        usage=response.get("usage"),
-        response=response,
-    )
 
 
 def _answer(raw: bytes) -> JSON:
