@@ -40,6 +40,7 @@ log = logging.getLogger("openbeepboop.node")
 T = TypeVar("T")
 SUBMIT_BATCH = 200
 DELTA_SECONDS = 0.05
+FIRST_PIECE_SECONDS = 1.0  # the longest a generation waits for its first piece's push
 RELEASED = {"code": "released", "message": "the node stopped before finishing", "retryable": True}
 
 
@@ -107,6 +108,7 @@ class NodeRunner:
         self._fetching: set[asyncio.Task[list[JSON]]] = set()
         self._deltas: list[JSON] = []  # token deltas waiting to be pushed
         self._delta_send = asyncio.Lock()  # one push at a time: pieces arrive in order
+        self._sending: set[asyncio.Future[None]] = set()
         self._delta_index: dict[str, int] = {}
         self._registering = asyncio.Lock()
 
@@ -423,9 +425,7 @@ class NodeRunner:
                         parts.append(chunk.text)
                         self._push_delta(job, chunk.text)
                         if streamed and len(parts) == 1:
-                            # its client waits for this first piece: send it now (the
-                            # backend's stream waits meanwhile), not at the next tick
-                            await self._send_deltas()
+                            await self._send_first_piece()
                     if chunk.finish_reason is not None or chunk.response is not None:
                         last = chunk
         except TimeoutError as exc:
@@ -459,6 +459,16 @@ class NodeRunner:
         while True:
             await asyncio.sleep(DELTA_SECONDS)
             await self._send_deltas()
+
+    async def _send_first_piece(self) -> None:
+        """A streaming client waits for this job's first piece: send it now rather than
+        at the next tick. The generation waits for that send (so that a fast backend's
+        burst does not delay it), but not for long: a slow server must not stall it."""
+        send = asyncio.ensure_future(self._send_deltas())
+        self._sending.add(send)  # a reference while it runs on after a timeout
+        send.add_done_callback(self._sending.discard)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(send), FIRST_PIECE_SECONDS)
 
     async def _send_deltas(self) -> None:
         """Send the waiting deltas, one call at a time so that a job's pieces arrive in
