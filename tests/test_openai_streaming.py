@@ -78,3 +78,27 @@ def test_sdk_plain_completion_and_errors(streaming_server: ServerProcess) -> Non
         ).models.list()
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="echo", messages=[])
+
+
+def test_sdk_streams_a_text_completion(streaming_server: ServerProcess) -> None:
+    client = openai.OpenAI(
+        base_url=streaming_server.url + "/v1", api_key=streaming_server.keys["client_key"]
+    )
+    stream = client.completions.create(
+        model="echo", prompt=PROMPT, stream=True, stream_options={"include_usage": True}
+    )
+    arrivals, text, finish, usage = [], "", None, None
+    start = time.monotonic()
+    for chunk in stream:
+        assert chunk.object == "text_completion"
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.text:
+                text += choice.text
+                arrivals.append(time.monotonic() - start)
+            finish = choice.finish_reason or finish
+    assert text == PROMPT
+    assert finish == "stop"
+    assert usage is not None and usage.completion_tokens == 8
+    assert len(arrivals) >= 4 and arrivals[-1] - arrivals[0] > 0.4  # live, word by word
