@@ -726,28 +726,48 @@ async def test_a_stream_sends_the_request_as_is_and_yields_each_piece() -> None:
     assert request["model"] == "local"  # the job's own request is left as it was
 
 
-async def test_a_completion_asked_to_stream_is_fetched_whole() -> None:
+async def test_a_text_completion_streams_only_when_its_client_streams() -> None:
     sent: list[dict[str, Any]] = []
+    whole = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "local",
+        "choices": [{"index": 0, "text": "abc", "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+
+    def piece(text: str, finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {**whole, "choices": [choice], "usage": None}
 
     def handler(request: httpx.Request) -> httpx.Response:
-        sent.append(orjson.loads(request.content))
-        return httpx.Response(
-            200,
-            json={
-                "id": "cmpl-1",
-                "object": "text_completion",
-                "created": 1,
-                "model": "local",
-                "choices": [{"index": 0, "text": "abc", "finish_reason": "length"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            },
-        )
+        body = orjson.loads(request.content)
+        sent.append(body)
+        if not body.get("stream"):
+            return httpx.Response(200, json=whole)
+        usage = {**whole, "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 3}}
+        return sse(piece("once "), piece("upon "), piece("a time", "stop"), usage, "data: [DONE]")
 
-    request = {"model": "local", "prompt": "x", "stream": True, "stream_options": {}}
-    [last] = await run(backend_with(handler), "/v1/completions", request)
-    assert last.finish_reason == "length"
+    [last] = await run(backend_with(handler), "/v1/completions", {"model": "m", "prompt": "x"})
     assert last.response is not None and last.response["choices"][0]["text"] == "abc"
-    assert sent == [{"model": "local", "prompt": "x", "stream": False}]
+    assert sent[-1] == {"model": "local", "prompt": "x"}
+
+    request = {"model": "m", "prompt": "x", "stream": True, "stream_options": {}}
+    *pieces, last = await run(backend_with(handler), "/v1/completions", request)
+    assert [p.text for p in pieces] == ["once ", "upon ", "a time"]
+    assert sent[-1]["stream"] is True and sent[-1]["stream_options"] == {"include_usage": True}
+    assert last.finish_reason == "stop"
+    assert last.response == {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {"index": 0, "text": "once upon a time", "logprobs": None, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 3},
+    }
 
 
 async def test_an_endpoint_that_ignores_stream_answers_whole() -> None:

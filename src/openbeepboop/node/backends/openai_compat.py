@@ -5,8 +5,9 @@ The job's request goes upstream as it came (only `model` is replaced by the upst
 name, and the config's `extra` merged in), so every field the endpoint knows — tools,
 response_format, logprobs, vendor extensions — works without this module knowing it.
 Chat completions stream (so that followers get tokens as they come) unless the request
-says `"stream": false`; text completions come whole. A streamed answer is assembled into
-one `chat.completion` at the end, as the `openai` SDK assembles one.
+says `"stream": false`; text completions stream only when their client streams. A
+streamed answer is assembled into one `chat.completion` (or `text_completion`) at the
+end, as the `openai` SDK assembles one.
 
 On aiohttp (and sse.py for the streams) rather than httpx: the upstream call is on every
 job's path, and aiohttp spends about a quarter of httpx's CPU on a call (0.28 ms against
@@ -101,7 +102,8 @@ class OpenAIBackend:
         url = self._base + endpoint.removeprefix("/v1/")  # relative to api_base
         body = self._body(request)
         try:
-            if endpoint == "/v1/completions" or request.get("stream") is False:
+            text_completion = endpoint == "/v1/completions"
+            if request.get("stream") is False or (text_completion and not request.get("stream")):
                 if body.get("stream"):  # whole answers only: this one is not streamed
                     body["stream"] = False
                     body.pop("stream_options", None)
@@ -113,7 +115,8 @@ class OpenAIBackend:
                 **(options if isinstance(options, dict) else {}),
                 "include_usage": True,
             }
-            async with aclosing(self._stream(session, url, body, request)) as chunks:
+            chunks = self._stream(session, url, body, request, text_completion)
+            async with aclosing(chunks):
                 async for chunk in chunks:
                     yield chunk
         except TimeoutError as exc:  # asyncio's, and aiohttp's ServerTimeoutError
@@ -142,9 +145,14 @@ class OpenAIBackend:
         return whole_answer(_answer(raw), request)
 
     async def _stream(
-        self, session: aiohttp.ClientSession, url: str, body: JSON, request: JSON
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        body: JSON,
+        request: JSON,
+        text_completion: bool,
     ) -> AsyncGenerator[Chunk, None]:
-        stream = StreamAssembler()
+        stream = StreamAssembler(text_completion)
         post = session.post(
             url, data=_dumps(body), headers=self._sse_headers, allow_redirects=False, **self._proxy
         )
@@ -195,18 +203,23 @@ def _answer(raw: bytes) -> JSON:
 
 
 def _first_message_text(response: JSON) -> str:
+    """The first choice's text: a chat message's content, or a text completion's text."""
     choice = (response.get("choices") or [{}])[0]
-    message = choice.get("message") if isinstance(choice, dict) else None
-    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(choice, dict):
+        return ""
+    message = choice.get("message")
+    content = message.get("content") if isinstance(message, dict) else choice.get("text")
     return content if isinstance(content, str) else ""
 
 
 class StreamAssembler:
     """Builds one `chat.completion` from `chat.completion.chunk`s: content (and any other
     text field of the delta) joined, tool calls merged by their `index`, logprobs
-    concatenated, usage from the chunk that carries it."""
+    concatenated, usage from the chunk that carries it. With `text_completion`, one
+    `text_completion` from the `text` of streamed `text_completion` chunks."""
 
-    def __init__(self) -> None:
+    def __init__(self, text_completion: bool = False) -> None:
+        self.text_completion = text_completion
         self.top: JSON = {}  # id, created, system_fingerprint, ...
         self.choices: dict[int, JSON] = {}
         self.usage: JSON | None = None
@@ -226,6 +239,11 @@ class StreamAssembler:
             choice = self.choices.setdefault(
                 index, {"message": {}, "finish_reason": None, "logprobs": None}
             )
+            piece = part.get("text")
+            if self.text_completion and isinstance(piece, str):
+                choice["text"] = choice.get("text", "") + piece
+                if index == 0:
+                    text += piece
             delta = part.get("delta")
             if isinstance(delta, dict):
                 merge_delta(choice["message"], delta)
@@ -239,6 +257,8 @@ class StreamAssembler:
 
     def final(self, request: JSON) -> Chunk:
         """The last chunk: the assembled response, its finish_reason and usage."""
+        if self.text_completion:
+            return self._final_text(request)
         choices = [
             {
                 "index": index,
@@ -268,6 +288,28 @@ class StreamAssembler:
         for key in ("system_fingerprint", "service_tier"):
             if key in self.top:
                 response[key] = self.top[key]
+        return Chunk(finish_reason=choices[0]["finish_reason"], usage=self.usage, response=response)
+
+    def _final_text(self, request: JSON) -> Chunk:
+        choices = [
+            {
+                "index": index,
+                "text": choice.get("text", ""),
+                "logprobs": choice["logprobs"],
+                "finish_reason": choice["finish_reason"] or "stop",
+            }
+            for index, choice in sorted(self.choices.items())
+        ] or [{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]
+        response: JSON = {
+            "id": self.top.get("id") or f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": self.top.get("created") or int(time.time()),
+            "model": request.get("model"),
+            "choices": choices,
+            "usage": self.usage,
+        }
+        if "system_fingerprint" in self.top:
+            response["system_fingerprint"] = self.top["system_fingerprint"]
         return Chunk(finish_reason=choices[0]["finish_reason"], usage=self.usage, response=response)
 
 
