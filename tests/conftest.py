@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from openbeepboop.models import Role
-from openbeepboop.server.app import create_app
-from openbeepboop.settings import load_settings
+from openbeepboop.server.models import Role
+from openbeepboop.server.http.app import create_app
+from openbeepboop.server.settings import load_settings
 
 
 @dataclass

@@ -25,8 +25,8 @@ import httpx
 import pexpect
 import pytest
 
-from openbeepboop.auth import CACHE_SECONDS
-from openbeepboop.store.migrations import load_migrations
+from openbeepboop.server.core.auth import CACHE_SECONDS
+from openbeepboop.server.store.migrations import load_migrations
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow

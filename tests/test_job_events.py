@@ -242,7 +242,7 @@ def test_last_event_id_resumes_without_gaps_or_repeats(slow_echo: ServerProcess)
 
 
 async def test_a_long_wait_in_the_queue_sends_keep_alive_comments(api: Api) -> None:
-    from openbeepboop.server.streaming import stream_events
+    from openbeepboop.server.http.streaming import stream_events
 
     job = await api.submit("waits")
     queue = api.app.state.queue
@@ -255,7 +255,7 @@ async def test_a_long_wait_in_the_queue_sends_keep_alive_comments(api: Api) -> N
 
 
 async def test_finished_text_is_kept_only_for_jobs_someone_followed() -> None:
-    from openbeepboop.deltas import DeltaHub
+    from openbeepboop.server.core.deltas import DeltaHub
 
     hub = DeltaHub()
     assert hub.push("job_a", 0, "x" * 1000) and hub.push("job_b", 0, "y")
@@ -276,7 +276,7 @@ async def test_text_pushed_before_a_followers_first_read_is_kept() -> None:
     """A follower counts from the moment it starts following, not from its first read:
     a job that streams and ends while the follower is still busy (say, sending
     `started`) still gives it every piece, one by one."""
-    from openbeepboop.deltas import DeltaHub
+    from openbeepboop.server.core.deltas import DeltaHub
 
     hub = DeltaHub()
 

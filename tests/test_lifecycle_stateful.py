@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from openbeepboop.models import FINAL_STATUSES, JobStatus, NewJob, NodeResult
-from openbeepboop.store.sqlite import SqliteStore
+from openbeepboop.server.models import FINAL_STATUSES, JobStatus, NewJob, NodeResult
+from openbeepboop.server.store.sqlite import SqliteStore
 
 LEASE = 10.0
 RESULT = {"object": "chat.completion", "choices": []}

@@ -312,7 +312,7 @@ def test_sdk_batch_naming_a_missing_template_fails_naming_the_line(
 def test_lines_are_split_across_chunk_boundaries(
     parts: list[bytes], expected: list[tuple[int, bytes]]
 ) -> None:
-    from openbeepboop.files import lines_of
+    from openbeepboop.server.core.files import lines_of
 
     async def chunks() -> Any:
         for part in parts:

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from openbeepboop.keys import new_key
-from openbeepboop.models import (
+from openbeepboop.server.core.keys import new_key
+from openbeepboop.server.models import (
     Batch,
     BatchStatus,
     JobFilter,
@@ -26,9 +26,9 @@ from openbeepboop.models import (
     StoredFile,
     Template,
 )
-from openbeepboop.store.base import Store
-from openbeepboop.store.postgres import PostgresStore
-from openbeepboop.store.sqlite import SqliteStore
+from openbeepboop.server.store.base import Store
+from openbeepboop.server.store.postgres import PostgresStore
+from openbeepboop.server.store.sqlite import SqliteStore
 from tests.conftest import cli
 from tests.pg import drop_database, temp_database_sync, with_database
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 
-from openbeepboop.deltas import DeltaHub
-from openbeepboop.models import NewJob
-from openbeepboop.notify import Notifier, job_topic, model_topic
-from openbeepboop.store.migrations import latest_version
-from openbeepboop.store.pg_bridge import PAYLOAD_BYTES, encode
-from openbeepboop.store.postgres import PostgresStore
+from openbeepboop.server.core.deltas import DeltaHub
+from openbeepboop.server.models import NewJob
+from openbeepboop.server.core.notify import Notifier, job_topic, model_topic
+from openbeepboop.server.store.migrations import latest_version
+from openbeepboop.server.store.pg_bridge import PAYLOAD_BYTES, encode
+from openbeepboop.server.store.postgres import PostgresStore
 from tests.pg import temp_database
 
 T0 = 1_000_000.0

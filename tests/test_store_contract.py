@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from openbeepboop.errors import IdempotencyMismatch
-from openbeepboop.keys import new_key
-from openbeepboop.models import (
+from openbeepboop.server.errors import IdempotencyMismatch
+from openbeepboop.server.core.keys import new_key
+from openbeepboop.server.models import (
     Batch,
     BatchStatus,
     JobFilter,
@@ -30,8 +30,8 @@ from openbeepboop.models import (
     StoredFile,
     Template,
 )
-from openbeepboop.store.base import Store
-from openbeepboop.store.sqlite import SqliteStore
+from openbeepboop.server.store.base import Store
+from openbeepboop.server.store.sqlite import SqliteStore
 
 T0 = 1_000_000.0
 LEASE = 60.0
@@ -52,7 +52,7 @@ def sqlite_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreMaker:
 
 @contextlib.asynccontextmanager
 async def postgres_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    from openbeepboop.store.postgres import PostgresStore
+    from openbeepboop.server.store.postgres import PostgresStore
     from tests.pg import temp_database
 
     admin = request.getfixturevalue("postgres")

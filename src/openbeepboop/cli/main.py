@@ -14,7 +14,7 @@ from openbeepboop.cli.client import main as client_group
 from openbeepboop.cli.loop import run as run_loop
 from openbeepboop.cli.node import main as node_group
 from openbeepboop.cli.server import main as server_group
-from openbeepboop.settings import (
+from openbeepboop.server.settings import (
     ConfigError,
     ServerSettings,
     default_data_dir,
@@ -45,9 +45,9 @@ def _write_secret(path: Path, value: str) -> None:
 
 async def _first_setup(settings: ServerSettings) -> dict[str, str]:
     """Config, database and keys for a new data directory."""
-    from openbeepboop.auth import KeyRing
-    from openbeepboop.models import Role
-    from openbeepboop.server.app import open_store
+    from openbeepboop.server.core.auth import KeyRing
+    from openbeepboop.server.models import Role
+    from openbeepboop.server.http.app import open_store
 
     write_settings(settings.data_dir, {"host": settings.host, "port": settings.port})
     store = open_store(settings)
@@ -145,8 +145,8 @@ def serve(
     """
     from openbeepboop.node import logs
     from openbeepboop.node.runner import NodeRunner
-    from openbeepboop.server.app import create_app
-    from openbeepboop.server.serving import make_server
+    from openbeepboop.server.http.app import create_app
+    from openbeepboop.server.http.serving import make_server
 
     try:
         settings = load_settings(data_dir, host=host, port=port)

@@ -12,10 +12,10 @@ from typing import Any, TypeVar
 
 import click
 
-from openbeepboop.auth import KeyRing
-from openbeepboop.models import Role
-from openbeepboop.settings import ConfigError, ServerSettings, load_settings, write_settings
-from openbeepboop.store.base import DatabaseUnreachable
+from openbeepboop.server.core.auth import KeyRing
+from openbeepboop.server.models import Role
+from openbeepboop.server.settings import ConfigError, ServerSettings, load_settings, write_settings
+from openbeepboop.server.store.base import DatabaseUnreachable
 
 T = TypeVar("T")
 
@@ -47,7 +47,7 @@ def _require_setup(settings: ServerSettings) -> None:
 
 def _with_store(settings: ServerSettings, fn: Callable[[KeyRing], Awaitable[T]]) -> T:
     _require_setup(settings)  # rather than quietly making an empty database elsewhere
-    from openbeepboop.store.factory import open_store
+    from openbeepboop.server.store.factory import open_store
 
     async def run() -> T:
         store = open_store(settings)
@@ -66,7 +66,7 @@ def _with_store(settings: ServerSettings, fn: Callable[[KeyRing], Awaitable[T]])
 def _prepare_database(settings: ServerSettings) -> tuple[bool, list[int]]:
     """Make the database ready: create it if needed (PostgreSQL), apply migrations.
     Returns (created, migrations applied); a one-line error when it cannot."""
-    from openbeepboop.store.factory import prepare_database
+    from openbeepboop.server.store.factory import prepare_database
 
     try:
         return prepare_database(settings)
@@ -173,8 +173,8 @@ def start(data_dir: Path | None, host: str | None, port: int | None, access_log:
     Settings come from DIR/server.toml; an OPENBEEPBOOP_<NAME> variable overrides each
     one (e.g. OPENBEEPBOOP_LEASE_SECONDS, OPENBEEPBOOP_DATABASE_URL), and flags override both.
     """
-    from openbeepboop.server.app import create_app
-    from openbeepboop.server.serving import make_server
+    from openbeepboop.server.http.app import create_app
+    from openbeepboop.server.http.serving import make_server
 
     settings = _settings(data_dir, host=host, port=port)
     _require_setup(settings)
@@ -215,7 +215,7 @@ def migrate_db(
     point database_url (or OPENBEEPBOOP_DATABASE_URL) at PostgreSQL and start them.
     A target that is not empty is refused unless --replace is given.
     """
-    from openbeepboop.settings import POSTGRES_SCHEMES, SQLITE_SCHEME, redact_url
+    from openbeepboop.server.settings import POSTGRES_SCHEMES, SQLITE_SCHEME, redact_url
 
     settings = _settings(data_dir)
     if source is None:
@@ -228,7 +228,7 @@ def migrate_db(
     if not url.startswith(POSTGRES_SCHEMES):
         raise click.UsageError("give --to postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE")
     try:
-        from openbeepboop.store.copy import copy_sqlite_to_postgres
+        from openbeepboop.server.store.copy import copy_sqlite_to_postgres
     except ImportError as exc:
         raise click.ClickException(f"{exc}; pip install 'openbeepboop[postgres]'") from exc
 
@@ -320,7 +320,7 @@ def keys_list(data_dir: Path | None, as_json: bool) -> None:
 @JSON_OUT
 def keys_revoke(data_dir: Path | None, key_id: str, as_json: bool) -> None:
     """Revoke a key by id (see `keys list`). Servers stop accepting it within seconds."""
-    from openbeepboop.errors import NotFound
+    from openbeepboop.server.errors import NotFound
 
     settings = _settings(data_dir)
     try:

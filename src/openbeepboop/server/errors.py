@@ -1,142 +1,96 @@
-"""Every error leaves the server in OpenAI's shape:
-`{"error": {"message", "type", "param", "code"}}`, with the right status."""
+"""Domain errors. Each carries an OpenAI-style `code` (and `param` where one input is
+to blame); the HTTP layer maps the class to a status in one place."""
 
 from __future__ import annotations
 
-import logging
-from typing import Any
 
-import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+class DomainError(Exception):
+    """Base of every error the domain raises on purpose."""
 
-from openbeepboop import errors as e
+    code: str = "server_error"
 
-log = logging.getLogger("openbeepboop.server")
-
-# domain error -> (HTTP status, OpenAI error type)
-STATUS: dict[type[e.OpenBeepBoopError], tuple[int, str]] = {
-    e.InvalidRequest: (400, "invalid_request_error"),
-    e.AuthenticationFailed: (401, "authentication_error"),
-    e.PermissionDenied: (403, "permission_error"),
-    e.NotFound: (404, "not_found_error"),
-    e.Conflict: (409, "conflict_error"),
-    e.PayloadTooLarge: (413, "invalid_request_error"),
-    e.IdempotencyMismatch: (422, "invalid_request_error"),
-    e.RateLimited: (429, "rate_limit_error"),
-    e.JobFailed: (502, "upstream_error"),
-    e.Unavailable: (503, "service_unavailable_error"),
-    e.Timeout: (504, "timeout_error"),
-}
-
-HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
 
 
-def error_body(message: str, type_: str, code: str | None, param: str | None) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    )
+class InvalidRequest(DomainError):
+    """The request is malformed or a value is out of range (HTTP 400)."""
+
+    code = "invalid_request"
 
 
-def error_response(
-    status: int,
-    message: str,
-    type_: str,
-    code: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    return Response(
-        error_body(message, type_, code, param),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
+class AuthenticationFailed(DomainError):
+    """No key, or a key that is unknown or revoked (HTTP 401)."""
+
+    code = "invalid_api_key"
 
 
-def domain_error_response(exc: e.OpenBeepBoopError) -> Response:
-    status, type_ = STATUS.get(type(exc), (500, "server_error"))
-    headers: dict[str, str] = {}
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(retry_after)))
-    if isinstance(exc, e.IdempotencyMismatch):
-        headers["x-should-retry"] = "false"
-    if isinstance(exc, e.JobFailed) and exc.job_id:
-        headers["x-openbeepboop-job-id"] = exc.job_id
-    return error_response(status, exc.message, type_, exc.code, exc.param, headers)
+class PermissionDenied(DomainError):
+    """The key is valid but its role may not do this (HTTP 403)."""
+
+    code = "permission_denied"
 
 
-def _param(loc: tuple[Any, ...]) -> str | None:
-    # Drop only the leading location: a job's own `body` field must stay in the name.
-    parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or None
+class NotFound(DomainError):
+    """No such object, or not one this key may see (HTTP 404)."""
+
+    code = "not_found"
 
 
-def validation_response(exc: RequestValidationError) -> Response:
-    errs = exc.errors()
-    if not errs:
-        return error_response(400, "invalid request", "invalid_request_error", "invalid_request")
-    first = errs[0]
-    if first.get("type") == "json_invalid":
-        return error_response(
-            400,
-            f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}",
-            "invalid_request_error",
-            "invalid_json",
-        )
-    param = _param(tuple(first.get("loc", ())))
-    message = str(first.get("msg", "invalid value"))
-    if first.get("type") == "missing":
-        message = f"missing required parameter '{param}'" if param else "the body is missing"
-    elif param:
-        message = f"invalid value for '{param}': {message}"
-    if first.get("type") == "model_attributes_type" and param is None:
-        message = "the body must be a JSON object"
-    return error_response(400, message, "invalid_request_error", "invalid_value", param)
+class Conflict(DomainError):
+    """The object is in a state that forbids this (HTTP 409)."""
+
+    code = "conflict"
 
 
-def install(app: FastAPI) -> None:
-    """Register the handlers that turn every failure into OpenAI's error shape."""
+class IdempotencyMismatch(DomainError):
+    """An idempotency key was reused with a different request body (HTTP 422)."""
 
-    async def on_domain(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, e.OpenBeepBoopError)
-        return domain_error_response(exc)
+    code = "idempotency_key_reused"
 
-    async def on_validation(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        content_type = request.headers.get("content-type", "")
-        body_errors = [err for err in exc.errors() if tuple(err.get("loc", ())) == ("body",)]
-        if body_errors and content_type and "json" not in content_type:
-            return error_response(
-                400,
-                f"the body must be JSON sent with 'Content-Type: application/json' "
-                f"(got {content_type!r})",
-                "invalid_request_error",
-                "invalid_content_type",
-            )
-        return validation_response(exc)
 
-    async def on_http(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        status = exc.status_code
-        message = str(exc.detail) if exc.detail else "error"
-        if status == 404:
-            message = "no such route; see /openapi.json for the API"
-        type_ = "invalid_request_error" if status < 500 else "server_error"
-        headers = dict(exc.headers or {})
-        return error_response(status, message, type_, HTTP_CODES.get(status), None, headers)
+class PayloadTooLarge(DomainError):
+    """The request body is over the configured limit (HTTP 413)."""
 
-    async def on_crash(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error", "server_error", "internal_error")
+    code = "request_too_large"
 
-    app.add_exception_handler(e.OpenBeepBoopError, on_domain)
-    app.add_exception_handler(RequestValidationError, on_validation)
-    app.add_exception_handler(StarletteHTTPException, on_http)
-    app.add_exception_handler(Exception, on_crash)
+
+class RateLimited(DomainError):
+    """Too many requests or too many queued jobs for this key (HTTP 429)."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class Unavailable(DomainError):
+    """The service cannot answer now, e.g. no node serves the model (HTTP 503)."""
+
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class Timeout(DomainError):
+    """A synchronous wait ran out before the job finished (HTTP 504)."""
+
+    code = "timeout"
+
+
+class JobFailed(DomainError):
+    """A synchronous request's job failed on its node (HTTP 502 unless the node's
+    error says the request itself was bad)."""
+
+    code = "job_failed"
+
+    def __init__(self, message: str, *, code: str | None = None, job_id: str = ""):
+        super().__init__(message, code=code)
+        self.job_id = job_id

@@ -10,13 +10,13 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.responses import Response, StreamingResponse
 
-from openbeepboop.batches import Batches
-from openbeepboop.errors import InvalidRequest, NotFound
-from openbeepboop.files import PART_BYTES, Files
-from openbeepboop.models import JSON, ApiKey
-from openbeepboop.server.guards import client_key
-from openbeepboop.server.schemas import ChatCompletionBody, CompletionBody, Knobs
-from openbeepboop.server.wire import JSONResponse, batch_json, file_json, page
+from openbeepboop.server.core.batches import Batches
+from openbeepboop.server.errors import InvalidRequest, NotFound
+from openbeepboop.server.core.files import PART_BYTES, Files
+from openbeepboop.server.models import JSON, ApiKey
+from openbeepboop.server.http.guards import client_key
+from openbeepboop.server.http.inbound import ChatCompletionBody, CompletionBody, Knobs
+from openbeepboop.server.http.outbound import JSONResponse, batch_json, file_json, page
 
 router = APIRouter(tags=["batches"])
 Key = Annotated[ApiKey, Depends(client_key)]

@@ -11,12 +11,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response, StreamingResponse
 
-from openbeepboop.assistants import Assistants
-from openbeepboop.errors import InvalidRequest, NotFound
-from openbeepboop.models import ApiKey, JobFilter, JobStatus
-from openbeepboop.queue import JobRequest, Queue
-from openbeepboop.server.guards import client_key
-from openbeepboop.server.schemas import (
+from openbeepboop.server.core.assistants import Assistants
+from openbeepboop.server.errors import InvalidRequest, NotFound
+from openbeepboop.server.models import ApiKey, JobFilter, JobStatus
+from openbeepboop.server.core.queue import JobRequest, Queue
+from openbeepboop.server.http.guards import client_key
+from openbeepboop.server.http.inbound import (
     OUR_FIELDS,
     ChatCompletionBody,
     CompletionBody,
@@ -25,8 +25,8 @@ from openbeepboop.server.schemas import (
     Knobs,
     PollBody,
 )
-from openbeepboop.server.streaming import stream_events, stream_job
-from openbeepboop.server.wire import JSONResponse, job_json, page
+from openbeepboop.server.http.streaming import stream_events, stream_job
+from openbeepboop.server.http.outbound import JSONResponse, job_json, page
 
 router = APIRouter(tags=["jobs"])
 Key = Annotated[ApiKey, Depends(client_key)]

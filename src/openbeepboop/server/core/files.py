@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import orjson
 
-from openbeepboop.errors import InvalidRequest, NotFound, PayloadTooLarge
-from openbeepboop.models import ENDPOINTS, JSON, ApiKey, Role, StoredFile
-from openbeepboop.store.base import Store
+from openbeepboop.server.errors import InvalidRequest, NotFound, PayloadTooLarge
+from openbeepboop.server.models import ENDPOINTS, JSON, ApiKey, Role, StoredFile
+from openbeepboop.server.store.base import Store
 
 PART_BYTES = 1 << 20
 BATCH_PURPOSE = "batch"

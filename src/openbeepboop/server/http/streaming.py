@@ -17,9 +17,9 @@ from typing import Any
 
 import orjson
 
-from openbeepboop.events import JobEvent, job_events, result_text
-from openbeepboop.models import JSON, Job, JobStatus
-from openbeepboop.queue import Queue
+from openbeepboop.server.core.events import JobEvent, job_events, result_text
+from openbeepboop.server.models import JSON, Job, JobStatus
+from openbeepboop.server.core.queue import Queue
 
 KEEPALIVE_SECONDS = 15.0
 

@@ -42,8 +42,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 from asyncpg import exceptions as pgerr
 
-from openbeepboop.errors import IdempotencyMismatch, InvalidRequest, Unavailable
-from openbeepboop.models import (
+from openbeepboop.server.errors import IdempotencyMismatch, InvalidRequest, Unavailable
+from openbeepboop.server.models import (
     ApiKey,
     Batch,
     HeartbeatOutcome,
@@ -59,12 +59,12 @@ from openbeepboop.models import (
     SubmitOutcome,
     Template,
 )
-from openbeepboop.settings import redact_url
-from openbeepboop.store.base import DatabaseUnreachable
-from openbeepboop.store.migrations import migrate_postgres
+from openbeepboop.server.settings import redact_url
+from openbeepboop.server.store.base import DatabaseUnreachable
+from openbeepboop.server.store.migrations import migrate_postgres
 
 # The row shapes and JSON handling are SQLite's: the two schemas have the same columns.
-from openbeepboop.store.sqlite import (
+from openbeepboop.server.store.sqlite import (
     ACTIVE,
     BATCH_COLUMNS,
     BATCH_FIELDS,
@@ -89,13 +89,13 @@ from openbeepboop.store.sqlite import (
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
-    from openbeepboop.deltas import DeltaHub
-    from openbeepboop.notify import Notifier
-    from openbeepboop.store.pg_bridge import PgBridge
+    from openbeepboop.server.core.deltas import DeltaHub
+    from openbeepboop.server.core.notify import Notifier
+    from openbeepboop.server.store.pg_bridge import PgBridge
 
     Conn = PoolConnectionProxy[asyncpg.Record]
 
-log = logging.getLogger("openbeepboop.store.postgres")
+log = logging.getLogger("openbeepboop.server.store.postgres")
 
 T = TypeVar("T")
 APPLICATION_NAME = "openbeepboop"
@@ -239,7 +239,7 @@ class PostgresStore:
     async def bridge(self, notifier: Notifier, deltas: DeltaHub) -> None:
         """Carry wake-ups and token deltas to and from the other servers on this
         database (LISTEN/NOTIFY on one dedicated connection, with a polling fallback)."""
-        from openbeepboop.store.pg_bridge import PgBridge
+        from openbeepboop.server.store.pg_bridge import PgBridge
 
         self._bridge = PgBridge(self, notifier, deltas)
         self._bridge.start()

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from openbeepboop.models import ApiKey, Batch, Job, Node, StoredFile, Template
+from openbeepboop.server.models import ApiKey, Batch, Job, Node, StoredFile, Template
 
 
 class JSONResponse(Response):

@@ -20,15 +20,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from openbeepboop.assistants import Assistants
-from openbeepboop.errors import (
+from openbeepboop.server.core.assistants import Assistants
+from openbeepboop.server.errors import (
     Conflict,
     InvalidRequest,
     NotFound,
-    OpenBeepBoopError,
+    DomainError,
     Unavailable,
 )
-from openbeepboop.files import (
+from openbeepboop.server.core.files import (
     BATCH_PURPOSE,
     OUTPUT_PURPOSE,
     BatchLine,
@@ -38,7 +38,7 @@ from openbeepboop.files import (
     new_file_id,
     parse_batch_line,
 )
-from openbeepboop.models import (
+from openbeepboop.server.models import (
     ENDPOINTS,
     JSON,
     ApiKey,
@@ -48,10 +48,10 @@ from openbeepboop.models import (
     JobStatus,
     Role,
 )
-from openbeepboop.queue import JobRequest, Queue
-from openbeepboop.store.base import Store
+from openbeepboop.server.core.queue import JobRequest, Queue
+from openbeepboop.server.store.base import Store
 
-log = logging.getLogger("openbeepboop.batches")
+log = logging.getLogger("openbeepboop.server.core.batches")
 
 BATCHES_TOPIC = "batches"
 CHUNK = 500  # lines queued per store transaction
@@ -269,7 +269,7 @@ class Batches:
             if "template" in line.body:
                 try:
                     body = await self.assistants.body_for_line(batch.owner, line.body)
-                except OpenBeepBoopError as exc:
+                except DomainError as exc:
                     return await self._fail(batch, exc.code, f"line {number}: {exc}")
                 line = replace(line, body=body)
             pending.append(self._request(batch, line))

@@ -13,10 +13,10 @@ from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 from starlette.exceptions import HTTPException
 
-from openbeepboop.auth import KeyRing, require_role
-from openbeepboop.errors import RateLimited
-from openbeepboop.models import ApiKey, Role
-from openbeepboop.server.errors import error_body
+from openbeepboop.server.core.auth import KeyRing, require_role
+from openbeepboop.server.errors import RateLimited
+from openbeepboop.server.models import ApiKey, Role
+from openbeepboop.server.http.errors import error_body
 
 ASGIApp = Callable[..., Awaitable[None]]
 

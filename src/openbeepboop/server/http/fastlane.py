@@ -30,12 +30,12 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from openbeepboop.auth import KeyRing, require_role
-from openbeepboop.errors import OpenBeepBoopError
-from openbeepboop.models import ApiKey, Role
-from openbeepboop.server import errors, routes_client, routes_node
-from openbeepboop.server.guards import KeyRateLimiter, _bearer
-from openbeepboop.server.schemas import (
+from openbeepboop.server.core.auth import KeyRing, require_role
+from openbeepboop.server.errors import DomainError
+from openbeepboop.server.models import ApiKey, Role
+from openbeepboop.server.http import errors, routes_client, routes_node
+from openbeepboop.server.http.guards import KeyRateLimiter, _bearer
+from openbeepboop.server.http.inbound import (
     ChatCompletionBody,
     CompletionBody,
     FetchBody,
@@ -151,14 +151,14 @@ class FastLane:
             key = await keyring.authenticate(_bearer(request))
             require_role(key, lane.role)
             parsed = lane.parse(json.loads(body))  # as Starlette does: orjson differs
-        except (OpenBeepBoopError, ValidationError, ValueError):
+        except (DomainError, ValidationError, ValueError):
             return False  # FastAPI gives the canonical answer
         scope["route"] = lane.route
         limiter: KeyRateLimiter = state.rate_limiter
         try:
             limiter.hit(key)
             response = await lane.serve(request, parsed, key)
-        except OpenBeepBoopError as exc:
+        except DomainError as exc:
             response = errors.domain_error_response(exc)
         except RequestValidationError as exc:
             response = errors.validation_response(exc)

@@ -31,7 +31,7 @@ class Migration:
 
 def load_migrations(dialect: str) -> list[Migration]:
     """The migrations shipped for `dialect`, oldest first."""
-    folder = resources.files("openbeepboop.store").joinpath("migrations", dialect)
+    folder = resources.files("openbeepboop.server.store").joinpath("migrations", dialect)
     found = []
     for entry in folder.iterdir():
         if entry.name.endswith(".sql"):

@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
-from openbeepboop.errors import IdempotencyMismatch, InvalidRequest
-from openbeepboop.models import (
+from openbeepboop.server.errors import IdempotencyMismatch, InvalidRequest
+from openbeepboop.server.models import (
     ApiKey,
     Batch,
     BatchStatus,
@@ -34,8 +34,8 @@ from openbeepboop.models import (
     SubmitOutcome,
     Template,
 )
-from openbeepboop.store.migrations import migrate_sqlite
-from openbeepboop.store.sqlite_io import GroupCommitWriter, ReaderPool, connect
+from openbeepboop.server.store.migrations import migrate_sqlite
+from openbeepboop.server.store.sqlite_io import GroupCommitWriter, ReaderPool, connect
 
 JOB_COLUMNS = (
     "seq, id, owner, endpoint, model, request, request_hash, status, priority, max_attempts, "

@@ -24,12 +24,12 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from openbeepboop.assistants import Assistants
-from openbeepboop.auth import KeyRing, require_role
-from openbeepboop.errors import OpenBeepBoopError
-from openbeepboop.events import job_events
-from openbeepboop.models import JSON, ApiKey, Role
-from openbeepboop.queue import JobRequest, Queue
+from openbeepboop.server.core.assistants import Assistants
+from openbeepboop.server.core.auth import KeyRing, require_role
+from openbeepboop.server.errors import DomainError
+from openbeepboop.server.core.events import job_events
+from openbeepboop.server.models import JSON, ApiKey, Role
+from openbeepboop.server.core.queue import JobRequest, Queue
 
 log = logging.getLogger("openbeepboop.ws")
 router = APIRouter()
@@ -68,9 +68,9 @@ class _Session:
             if handler is None:
                 raise _Bad(f"unknown message type {kind!r}; expected add, listen or cancel")
             await handler(message)
-        except (_Bad, OpenBeepBoopError) as exc:
+        except (_Bad, DomainError) as exc:
             reply: JSON = {"type": "error", "message": str(exc)}
-            if isinstance(exc, OpenBeepBoopError):
+            if isinstance(exc, DomainError):
                 reply["code"] = exc.code
             for field in ("id", "job_id"):
                 if isinstance(message.get(field), str):
@@ -186,7 +186,7 @@ async def websocket_jobs(ws: WebSocket) -> None:
     try:
         key = await keyring.authenticate(_token(ws))
         require_role(key, Role.CLIENT)
-    except OpenBeepBoopError as exc:
+    except DomainError as exc:
         await ws.close(code=1008, reason=str(exc)[:120])
         return
     await ws.accept()

@@ -9,7 +9,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from openbeepboop.settings import ServerSettings
+from openbeepboop.server.settings import ServerSettings
 
 
 class QueueServer(uvicorn.Server):

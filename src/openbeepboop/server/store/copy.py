@@ -24,10 +24,10 @@ from typing import Any
 
 import asyncpg
 
-from openbeepboop.store.base import DatabaseUnreachable
-from openbeepboop.store.migrations import latest_version, migrate_sqlite
-from openbeepboop.store.postgres import connect, prepare_database
-from openbeepboop.store.sqlite_io import connect as sqlite_connect
+from openbeepboop.server.store.base import DatabaseUnreachable
+from openbeepboop.server.store.migrations import latest_version, migrate_sqlite
+from openbeepboop.server.store.postgres import connect, prepare_database
+from openbeepboop.server.store.sqlite_io import connect as sqlite_connect
 
 FIRST = ("api_keys", "nodes", "files", "file_parts", "batches", "jobs")  # the rest after
 PAGE_ROWS = 2000

@@ -7,17 +7,17 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from openbeepboop.models import ApiKey, NodeResult
-from openbeepboop.queue import Queue
-from openbeepboop.server.guards import node_key
-from openbeepboop.server.schemas import (
+from openbeepboop.server.models import ApiKey, NodeResult
+from openbeepboop.server.core.queue import Queue
+from openbeepboop.server.http.guards import node_key
+from openbeepboop.server.http.inbound import (
     EventsBody,
     FetchBody,
     HeartbeatBody,
     RegisterBody,
     SubmitResultsBody,
 )
-from openbeepboop.server.wire import JSONResponse, leased_job_json
+from openbeepboop.server.http.outbound import JSONResponse, leased_job_json
 
 router = APIRouter(prefix="/internal", tags=["node protocol"])
 Key = Annotated[ApiKey, Depends(node_key)]

@@ -10,12 +10,12 @@ from typing import Any
 from fastapi import FastAPI
 
 from openbeepboop import __version__
-from openbeepboop.assistants import Assistants
-from openbeepboop.auth import KeyRing
-from openbeepboop.batches import BatchConfig, Batches
-from openbeepboop.files import Files
-from openbeepboop.queue import Queue, QueueConfig
-from openbeepboop.server import (
+from openbeepboop.server.core.assistants import Assistants
+from openbeepboop.server.core.auth import KeyRing
+from openbeepboop.server.core.batches import BatchConfig, Batches
+from openbeepboop.server.core.files import Files
+from openbeepboop.server.core.queue import Queue, QueueConfig
+from openbeepboop.server.http import (
     errors,
     routes_batch,
     routes_client,
@@ -24,13 +24,13 @@ from openbeepboop.server import (
     routes_templates,
     ws,
 )
-from openbeepboop.server.fastlane import FastLane
-from openbeepboop.server.guards import BodyLimit, KeyRateLimiter
-from openbeepboop.server.metrics import Metrics, MetricsMiddleware
-from openbeepboop.server.schemas import JobBatch, JobSpec
-from openbeepboop.settings import ServerSettings
-from openbeepboop.store import factory
-from openbeepboop.store.base import SharedStore, Store
+from openbeepboop.server.http.fastlane import FastLane
+from openbeepboop.server.http.guards import BodyLimit, KeyRateLimiter
+from openbeepboop.server.http.metrics import Metrics, MetricsMiddleware
+from openbeepboop.server.http.inbound import JobBatch, JobSpec
+from openbeepboop.server.settings import ServerSettings
+from openbeepboop.server.store import factory
+from openbeepboop.server.store.base import SharedStore, Store
 
 
 def queue_config(settings: ServerSettings) -> QueueConfig:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from openbeepboop.settings import ConfigError, ServerSettings
-from openbeepboop.store.base import Store
+from openbeepboop.server.settings import ConfigError, ServerSettings
+from openbeepboop.server.store.base import Store
 
 POSTGRES_EXTRA = "install the PostgreSQL driver: pip install 'openbeepboop[postgres]'"
 
@@ -14,11 +14,11 @@ def open_store(settings: ServerSettings) -> Store:
     """A store for `settings.database_url` (not opened yet)."""
     if settings.uses_postgres:
         try:
-            from openbeepboop.store.postgres import PostgresStore
+            from openbeepboop.server.store.postgres import PostgresStore
         except ImportError as exc:  # asyncpg is an optional extra
             raise ConfigError(f"database_url is PostgreSQL but {exc}; {POSTGRES_EXTRA}") from exc
         return PostgresStore(settings.database_url, pool_size=settings.database_pool_size)
-    from openbeepboop.store.sqlite import SqliteStore
+    from openbeepboop.server.store.sqlite import SqliteStore
 
     return SqliteStore(settings.sqlite_path, synchronous=settings.sqlite_synchronous)
 
@@ -29,11 +29,11 @@ def prepare_database(settings: ServerSettings) -> tuple[bool, list[int]]:
     DatabaseUnreachable or ConfigError when it cannot."""
     if settings.uses_postgres:
         try:
-            from openbeepboop.store.postgres import prepare_database as prepare
+            from openbeepboop.server.store.postgres import prepare_database as prepare
         except ImportError as exc:
             raise ConfigError(f"database_url is PostgreSQL but {exc}; {POSTGRES_EXTRA}") from exc
         return asyncio.run(prepare(settings.database_url))
-    from openbeepboop.store.sqlite import SqliteStore
+    from openbeepboop.server.store.sqlite import SqliteStore
 
     existed = settings.sqlite_path.exists()
     settings.sqlite_path.parent.mkdir(parents=True, exist_ok=True)

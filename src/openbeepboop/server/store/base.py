@@ -1,7 +1,7 @@
 """The store contract: the verbs every storage backend implements.
 
 Each verb is one transaction. Time is passed in (`now`, epoch seconds) so that the
-rules are deterministic under test. The same contract suite (tests/store_contract.py)
+rules are deterministic under test. The same contract suite (tests/test_store_contract.py)
 runs against every implementation.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from openbeepboop.models import (
+from openbeepboop.server.models import (
     ApiKey,
     Batch,
     HeartbeatOutcome,
@@ -27,8 +27,8 @@ from openbeepboop.models import (
 )
 
 if TYPE_CHECKING:
-    from openbeepboop.deltas import DeltaHub
-    from openbeepboop.notify import Notifier
+    from openbeepboop.server.core.deltas import DeltaHub
+    from openbeepboop.server.core.notify import Notifier
 
 
 class Store(Protocol):

@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from openbeepboop.assistants import Assistants
-from openbeepboop.models import ApiKey
-from openbeepboop.server.guards import client_key
-from openbeepboop.server.wire import JSONResponse, page, template_json
+from openbeepboop.server.core.assistants import Assistants
+from openbeepboop.server.models import ApiKey
+from openbeepboop.server.http.guards import client_key
+from openbeepboop.server.http.outbound import JSONResponse, page, template_json
 
 router = APIRouter(tags=["templates"])
 Key = Annotated[ApiKey, Depends(client_key)]

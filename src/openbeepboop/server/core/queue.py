@@ -18,8 +18,8 @@ from typing import Any
 
 import orjson
 
-from openbeepboop.deltas import DeltaHub
-from openbeepboop.errors import (
+from openbeepboop.server.core.deltas import DeltaHub
+from openbeepboop.server.errors import (
     InvalidRequest,
     JobFailed,
     NotFound,
@@ -27,7 +27,7 @@ from openbeepboop.errors import (
     Timeout,
     Unavailable,
 )
-from openbeepboop.models import (
+from openbeepboop.server.models import (
     JSON,
     ApiKey,
     HeartbeatOutcome,
@@ -42,10 +42,10 @@ from openbeepboop.models import (
     Role,
     SubmitOutcome,
 )
-from openbeepboop.notify import NODES_TOPIC, Notifier, job_topic, model_topic
-from openbeepboop.store.base import Store
+from openbeepboop.server.core.notify import NODES_TOPIC, Notifier, job_topic, model_topic
+from openbeepboop.server.store.base import Store
 
-log = logging.getLogger("openbeepboop.queue")
+log = logging.getLogger("openbeepboop.server.core.queue")
 
 NODE_TOUCH_SECONDS = 5.0
 ACTIVE_COUNT_SECONDS = 1.0

@@ -13,7 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from openbeepboop.models import ApiKey, Role
+from openbeepboop.server.models import ApiKey, Role
 
 KEY_PATTERN = re.compile(r"^obb_(admin|client|node)_[A-Za-z0-9_-]{43,}$")
 

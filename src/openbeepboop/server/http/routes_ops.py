@@ -8,13 +8,13 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from openbeepboop.auth import KeyRing
-from openbeepboop.errors import NotFound
-from openbeepboop.models import ApiKey, Node, Role
-from openbeepboop.queue import Queue
-from openbeepboop.server.guards import admin_key, any_key
-from openbeepboop.server.metrics import Metrics
-from openbeepboop.server.wire import JSONResponse, key_json, node_json
+from openbeepboop.server.core.auth import KeyRing
+from openbeepboop.server.errors import NotFound
+from openbeepboop.server.models import ApiKey, Node, Role
+from openbeepboop.server.core.queue import Queue
+from openbeepboop.server.http.guards import admin_key, any_key
+from openbeepboop.server.http.metrics import Metrics
+from openbeepboop.server.http.outbound import JSONResponse, key_json, node_json
 
 router = APIRouter(tags=["operations"])
 AnyKey = Annotated[ApiKey, Depends(any_key)]

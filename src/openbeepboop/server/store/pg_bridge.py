@@ -36,14 +36,14 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import orjson
 
-from openbeepboop.notify import MODEL_PREFIX
+from openbeepboop.server.core.notify import MODEL_PREFIX
 
 if TYPE_CHECKING:
-    from openbeepboop.deltas import DeltaHub
-    from openbeepboop.notify import Notifier
-    from openbeepboop.store.postgres import PostgresStore
+    from openbeepboop.server.core.deltas import DeltaHub
+    from openbeepboop.server.core.notify import Notifier
+    from openbeepboop.server.store.postgres import PostgresStore
 
-log = logging.getLogger("openbeepboop.store.pg_bridge")
+log = logging.getLogger("openbeepboop.server.store.pg_bridge")
 
 WAKE = "openbeepboop_wake"
 DELTA = "openbeepboop_delta"
