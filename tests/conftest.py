@@ -18,8 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from openbeepboop.server.models import Role
 from openbeepboop.server.http.app import create_app
+from openbeepboop.server.http.state import app_state
+from openbeepboop.server.models import Role
 from openbeepboop.server.settings import load_settings
 
 
@@ -64,7 +65,7 @@ async def serve_in_process(data_dir: Path, **overrides: Any) -> AsyncIterator[Ap
     settings = load_settings(data_dir, **overrides)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
-        ring = app.state.keyring
+        ring = app_state(app).keyring
         keys = [(await ring.create(role)).secret for role in (Role.ADMIN, Role.CLIENT, Role.CLIENT)]
         node = (await ring.create(Role.NODE)).secret
         transport = httpx.ASGITransport(app=app)

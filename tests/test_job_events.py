@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from openbeepboop.server.http.state import app_state
 from tests.conftest import Api, ServerProcess
 from tests.nodes import (
     auth,
@@ -245,7 +246,7 @@ async def test_a_long_wait_in_the_queue_sends_keep_alive_comments(api: Api) -> N
     from openbeepboop.server.http.streaming import stream_events
 
     job = await api.submit("waits")
-    queue = api.app.state.queue
+    queue = app_state(api.app).queue
     stream = stream_events(queue, await queue.store.get_job(job["id"]), -1, keepalive=0.05)
     first = await anext(stream)
     assert b'"type":"queued"' in first

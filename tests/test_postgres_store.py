@@ -14,8 +14,8 @@ import asyncpg
 import pytest
 
 from openbeepboop.server.core.deltas import DeltaHub
-from openbeepboop.server.models import NewJob
 from openbeepboop.server.core.notify import Notifier, job_topic, model_topic
+from openbeepboop.server.models import NewJob
 from openbeepboop.server.store.migrations import latest_version
 from openbeepboop.server.store.pg_bridge import PAYLOAD_BYTES, encode
 from openbeepboop.server.store.postgres import PostgresStore

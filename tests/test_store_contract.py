@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from openbeepboop.server.errors import IdempotencyMismatch
 from openbeepboop.server.core.keys import new_key
+from openbeepboop.server.errors import IdempotencyMismatch
 from openbeepboop.server.models import (
     Batch,
     BatchStatus,

@@ -46,8 +46,8 @@ def _write_secret(path: Path, value: str) -> None:
 async def _first_setup(settings: ServerSettings) -> dict[str, str]:
     """Config, database and keys for a new data directory."""
     from openbeepboop.server.core.auth import KeyRing
-    from openbeepboop.server.models import Role
     from openbeepboop.server.http.app import open_store
+    from openbeepboop.server.models import Role
 
     write_settings(settings.data_dir, {"host": settings.host, "port": settings.port})
     store = open_store(settings)

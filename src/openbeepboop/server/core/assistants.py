@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.errors import InvalidRequest, NotFound
 from openbeepboop.server.models import JSON, ApiKey, Role, Template
-from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.store.base import Store
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

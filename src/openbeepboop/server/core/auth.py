@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from openbeepboop.server.errors import AuthenticationFailed, NotFound, PermissionDenied
 from openbeepboop.server.core.keys import IssuedKey, hash_key, looks_like_key, new_key
+from openbeepboop.server.errors import AuthenticationFailed, NotFound, PermissionDenied
 from openbeepboop.server.models import ApiKey, Role
 from openbeepboop.server.store.base import Store
 

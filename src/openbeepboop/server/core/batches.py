@@ -21,13 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from openbeepboop.server.core.assistants import Assistants
-from openbeepboop.server.errors import (
-    Conflict,
-    InvalidRequest,
-    NotFound,
-    DomainError,
-    Unavailable,
-)
 from openbeepboop.server.core.files import (
     BATCH_PURPOSE,
     OUTPUT_PURPOSE,
@@ -37,6 +30,14 @@ from openbeepboop.server.core.files import (
     lines_of,
     new_file_id,
     parse_batch_line,
+)
+from openbeepboop.server.core.queue import JobRequest, Queue
+from openbeepboop.server.errors import (
+    Conflict,
+    DomainError,
+    InvalidRequest,
+    NotFound,
+    Unavailable,
 )
 from openbeepboop.server.models import (
     ENDPOINTS,
@@ -48,7 +49,6 @@ from openbeepboop.server.models import (
     JobStatus,
     Role,
 )
-from openbeepboop.server.core.queue import JobRequest, Queue
 from openbeepboop.server.store.base import Store
 
 log = logging.getLogger("openbeepboop.server.core.batches")

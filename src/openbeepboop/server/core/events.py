@@ -16,9 +16,9 @@ import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from openbeepboop.server.models import JSON, Job, JobStatus
-from openbeepboop.server.core.notify import job_topic
 from openbeepboop.server.core.queue import Queue
+from openbeepboop.server.models import JSON, Job, JobStatus
+from openbeepboop.server.topics import job_topic
 
 QUEUED_ID = 0
 STARTED_ID = 1

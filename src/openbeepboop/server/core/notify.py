@@ -1,9 +1,8 @@
 """In-process wake-ups for long-polls: a waiter listens on topics, a publisher sets them.
 
-Topics used by the queue: `model:<name>` (work for that model appeared), `job:<id>`
-(that job started or reached a final state) and `nodes` (the set of live nodes changed).
+Topics are named in server/topics.py.
 A multi-server store bridges notifications between servers (PostgreSQL: LISTEN/NOTIFY,
-store/pg_bridge.py): it is handed every topic published here (`forward_to`) and hands
+server/store/pg_bridge.py): it is handed every topic published here (`forward_to`) and hands
 in what other servers published (`deliver`), so that waiters need not know where a
 change came from. A wake-up may be spurious (a bridge re-wakes when it cannot be sure
 nothing changed): a waiter re-checks its condition after every wake-up.
@@ -15,21 +14,7 @@ import asyncio
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-MODEL_PREFIX = "model:"
-ALL_MODELS = MODEL_PREFIX + "*"  # forwarded: wake every fetch, whatever its models
-
-
-def model_topic(model: str) -> str:
-    """Published when jobs for `model` are queued."""
-    return MODEL_PREFIX + model
-
-
-def job_topic(job_id: str) -> str:
-    """Published when the job starts and when it reaches a final state."""
-    return "job:" + job_id
-
-
-NODES_TOPIC = "nodes"
+from openbeepboop.server.topics import ALL_MODELS, MODEL_PREFIX
 
 
 class Notifier:

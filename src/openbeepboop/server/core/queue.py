@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from openbeepboop.server.core.deltas import DeltaHub
+from openbeepboop.server.core.notify import Notifier
 from openbeepboop.server.errors import (
     InvalidRequest,
     JobFailed,
@@ -42,8 +43,8 @@ from openbeepboop.server.models import (
     Role,
     SubmitOutcome,
 )
-from openbeepboop.server.core.notify import NODES_TOPIC, Notifier, job_topic, model_topic
 from openbeepboop.server.store.base import Store
+from openbeepboop.server.topics import NODES_TOPIC, job_topic, model_topic
 
 log = logging.getLogger("openbeepboop.server.core.queue")
 

@@ -1,4 +1,4 @@
-"""`create_app(settings, store)`: the whole HTTP server, with its state on `app.state`."""
+"""`create_app(settings, store)`: the whole HTTP server, its services in one `AppState`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from openbeepboop.server.core.files import Files
 from openbeepboop.server.core.queue import Queue, QueueConfig
 from openbeepboop.server.http import (
     errors,
+    fastlane,
     routes_batch,
     routes_client,
     routes_node,
@@ -25,9 +26,11 @@ from openbeepboop.server.http import (
     ws,
 )
 from openbeepboop.server.http.fastlane import FastLane
-from openbeepboop.server.http.guards import BodyLimit, KeyRateLimiter
-from openbeepboop.server.http.metrics import Metrics, MetricsMiddleware
+from openbeepboop.server.http.guards import BodyLimit
 from openbeepboop.server.http.inbound import JobBatch, JobSpec
+from openbeepboop.server.http.metrics import Metrics, MetricsMiddleware
+from openbeepboop.server.http.ratelimit import KeyRateLimiter
+from openbeepboop.server.http.state import AppState
 from openbeepboop.server.settings import ServerSettings
 from openbeepboop.server.store import factory
 from openbeepboop.server.store.base import SharedStore, Store
@@ -87,14 +90,16 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         summary="A durable LLM job queue with an OpenAI-compatible API and pull-based nodes.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.queue = queue
-    app.state.files = files
-    app.state.batches = batches
-    app.state.assistants = assistants
-    app.state.keyring = KeyRing(store)
-    app.state.rate_limiter = KeyRateLimiter(settings.rate_limit, settings.node_rate_limit)
-    app.state.metrics = metrics
+    app.state.obb = AppState(
+        settings=settings,
+        queue=queue,
+        files=files,
+        batches=batches,
+        assistants=assistants,
+        keyring=KeyRing(store),
+        rate_limiter=KeyRateLimiter(settings.rate_limit, settings.node_rate_limit),
+        metrics=metrics,
+    )
     errors.install(app)
     app.include_router(routes_client.router)
     app.include_router(routes_batch.router)
@@ -102,7 +107,9 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     app.include_router(ws.router)
     app.include_router(routes_node.router)
     app.include_router(routes_ops.router)
-    app.add_middleware(FastLane)  # innermost: serves the hottest calls past FastAPI
+    if settings.fast_lane:  # innermost: serves the hottest calls past FastAPI
+        lanes = fastlane.lanes([routes_client.router, routes_node.router])
+        app.add_middleware(FastLane, lanes=lanes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(
         BodyLimit,

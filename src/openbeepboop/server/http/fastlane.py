@@ -2,68 +2,139 @@
 
 Routing, dependency solving and body parsing in FastAPI cost more CPU than the queue work
 behind a one-job call. `FastLane` (the innermost ASGI middleware) serves the plain, valid
-case of these calls itself, with the same models, guards and route functions:
+case of these calls itself, by calling the same route functions with what FastAPI would
+have given them:
 
 - `POST /internal/queue/fetch` and `POST /internal/queue/submit` (node keys);
 - `POST /v1/chat/completions` and `POST /v1/completions` (async with `Prefer:
   respond-async`, synchronous, or streamed) without an `Idempotency-Key` header;
 - `POST /v1/jobs` (one job or a bulk submit) without an `Idempotency-Key` header.
 
+It cannot drift from the routes: `lanes(routers)` reads each route's declared parameters
+when the app is built (the body model it validates, the guard that authenticates, the
+headers it reads) and refuses to build the app when a route declares anything the lane
+does not supply. The lane then validates the body with the route's own model and
+authenticates with the same `authenticate()` as the guard.
+
 Anything it is not sure about (another content type, a body that is not JSON or fails
 validation, a missing, bad or wrong-role key) goes on untouched, body and all, to FastAPI,
-which answers it exactly as before; nothing has happened by then (authentication and
-validation have no side effects; the rate limiter is hit only once the request is
-known to be served here). The body is parsed with the standard `json` module, as
-Starlette does (orjson reads some inputs differently, e.g. integers beyond 64 bits).
-Errors raised while serving get the same responses as the exception handlers give;
-anything else propagates to the server-error handler as before.
+which answers it exactly as before; nothing has happened by then (validation and a
+refused key have no side effects: the rate limiter counts a key only once it is known
+good). The body is parsed with the standard `json` module, as Starlette does (orjson
+reads some inputs differently, e.g. integers beyond 64 bits). An error raised while
+serving is answered by the app's own exception handler for it; anything without one
+propagates to the server-error handler, as from a route.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from fastapi import APIRouter
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from openbeepboop.server.core.auth import KeyRing, require_role
-from openbeepboop.server.errors import DomainError
-from openbeepboop.server.models import ApiKey, Role
-from openbeepboop.server.http import errors, routes_client, routes_node
-from openbeepboop.server.http.guards import KeyRateLimiter, _bearer
-from openbeepboop.server.http.inbound import (
-    ChatCompletionBody,
-    CompletionBody,
-    FetchBody,
-    SubmitResultsBody,
-)
+from openbeepboop.server.errors import AuthenticationFailed, PermissionDenied
+from openbeepboop.server.http.guards import authenticate, bearer, client_key, node_key
+from openbeepboop.server.http.state import app_state
+from openbeepboop.server.models import Role
 
 ASGIApp = Callable[..., Awaitable[None]]
-Serve = Callable[[Request, Any, ApiKey], Awaitable[Response]]
+SERVED = (
+    "/internal/queue/fetch",
+    "/internal/queue/submit",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/jobs",
+)
+GUARDS = {client_key: Role.CLIENT, node_key: Role.NODE}
+# headers a lane supplies: Prefer as sent; the lane serves only calls without an
+# Idempotency-Key (FastAPI validates that one), so it passes None
+HEADERS = {"prefer", "idempotency_key"}
 
 
-async def _chat(request: Request, body: Any, key: ApiKey) -> Response:
-    return await routes_client.chat_completions(
-        request, body, key, prefer=request.headers.get("prefer"), idempotency_key=None
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """How to serve one route: its body parser, role and parameter names."""
+
+    route: APIRoute
+    parse: Callable[[Any], Any]
+    role: Role
+    request_name: str | None
+    body_name: str
+    key_name: str
+    headers: frozenset[str]
+
+    async def serve(self, request: Request, body: Any, key: Any) -> Response:
+        kwargs: dict[str, Any] = {self.body_name: body, self.key_name: key}
+        if self.request_name is not None:
+            kwargs[self.request_name] = request
+        if "prefer" in self.headers:
+            kwargs["prefer"] = request.headers.get("prefer")
+        if "idempotency_key" in self.headers:
+            kwargs["idempotency_key"] = None
+        response: Response = await self.route.endpoint(**kwargs)
+        return response
+
+
+class LaneMismatch(RuntimeError):
+    """A route the lane serves declares something the lane does not supply."""
+
+
+def lanes(routers: Sequence[APIRouter]) -> dict[str, Lane]:
+    """A lane for each served route, found among `routers` (as declared: include them
+    without extra dependencies); LaneMismatch when a route cannot be served (the app must
+    not start with a lane that would call it wrongly)."""
+    found: dict[str, Lane] = {}
+    for path in SERVED:
+        routes = [
+            r
+            for router in routers
+            for r in router.routes
+            if isinstance(r, APIRoute) and r.path == path and "POST" in (r.methods or ())
+        ]
+        if len(routes) != 1:
+            raise LaneMismatch(f"the fast lane needs exactly one POST {path} route")
+        found[path] = _lane(routes[0])
+    return found
+
+
+def _lane(route: APIRoute) -> Lane:
+    d: Dependant = route.dependant
+    where = f"POST {route.path} ({route.endpoint.__name__})"
+    extra = [p.name for p in (*d.path_params, *d.query_params, *d.cookie_params)]
+    extra += [p.name for p in d.header_params if p.name not in HEADERS]
+    if extra or d.background_tasks_param_name or d.response_param_name:
+        raise LaneMismatch(f"{where} declares parameters the fast lane does not supply")
+    if len(d.body_params) != 1 or len(d.dependencies) != 1:
+        raise LaneMismatch(f"{where} must take one body and one key guard for the fast lane")
+    [body], [guard] = d.body_params, d.dependencies
+    if guard.call not in GUARDS or guard.name is None or guard.dependencies:
+        raise LaneMismatch(f"{where}: the fast lane knows only the client and node key guards")
+    return Lane(
+        route=route,
+        parse=_parser(body.field_info.annotation, where),
+        role=GUARDS[guard.call],
+        request_name=d.request_param_name,
+        body_name=body.name,
+        key_name=guard.name,
+        headers=frozenset(p.name for p in d.header_params),
     )
 
 
-async def _completion(request: Request, body: Any, key: ApiKey) -> Response:
-    return await routes_client.completions(
-        request, body, key, prefer=request.headers.get("prefer"), idempotency_key=None
-    )
-
-
-async def _create_jobs(request: Request, raw: Any, key: ApiKey) -> Response:
-    return await routes_client.create_jobs(request, raw, key, idempotency_key=None)
-
-
-def _no_idempotency_key(request: Request) -> bool:
-    return "idempotency-key" not in request.headers
+def _parser(annotation: Any, where: str) -> Callable[[Any], Any]:
+    """The validation FastAPI applies to a body of this type (a model or a JSON object)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation.model_validate
+    if getattr(annotation, "__origin__", None) is dict:
+        return _json_object
+    raise LaneMismatch(f"{where}: the fast lane cannot validate a body of type {annotation}")
 
 
 class _NotAnObject(ValueError):
@@ -77,99 +148,78 @@ def _json_object(data: Any) -> dict[str, Any]:
     return data
 
 
-class _Lane:
-    def __init__(
-        self,
-        parse: Callable[[Any], Any],
-        role: Role,
-        serve: Serve,
-        when: Callable[[Request], bool] | None = None,
-    ) -> None:
-        self.parse = parse
-        self.role = role
-        self.serve = serve
-        self.route: Any = None
-        self.when = when
-
-
-def _route(router: Any, path: str) -> Any:
-    """The APIRoute FastAPI would match (it names the route in scope["route"])."""
-    for route in router.routes:
-        if getattr(route, "path", None) == path and "POST" in getattr(route, "methods", ()):
-            return route
-    raise LookupError(path)
-
-
-def _lanes() -> dict[str, _Lane]:
-    lanes = {
-        "/internal/queue/fetch": _Lane(FetchBody.model_validate, Role.NODE, routes_node.fetch),
-        "/internal/queue/submit": _Lane(
-            SubmitResultsBody.model_validate, Role.NODE, routes_node.submit
-        ),
-        "/v1/chat/completions": _Lane(
-            ChatCompletionBody.model_validate, Role.CLIENT, _chat, when=_no_idempotency_key
-        ),
-        "/v1/completions": _Lane(
-            CompletionBody.model_validate, Role.CLIENT, _completion, when=_no_idempotency_key
-        ),
-        "/v1/jobs": _Lane(_json_object, Role.CLIENT, _create_jobs, when=_no_idempotency_key),
-    }
-    for path, lane in lanes.items():
-        router = routes_client.router if path.startswith("/v1/") else routes_node.router
-        lane.route = _route(router, path)
-    return lanes
-
-
 class FastLane:
     """See the module docstring."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, lanes: dict[str, Lane]) -> None:
         self.app = app
-        self.lanes = _lanes()
+        self.lanes = lanes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         lane = None
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
             lane = self.lanes.get(scope["path"])
-        if lane is None or not _json_only(scope):
-            await self.app(scope, receive, send)
-            return
-        request = Request(scope, receive)
-        if lane.when is not None and not lane.when(request):
+        if lane is None or not _json_only(scope, lane):
             await self.app(scope, receive, send)
             return
         messages, body = await _read_body(receive)
-        if body is None or not await self._serve(lane, request, body, scope, send):
+        if body is None or not await self._serve(lane, Request(scope, receive), body, send):
             await self.app(scope, _replay(messages, receive), send)
 
-    async def _serve(
-        self, lane: _Lane, request: Request, body: bytes, scope: dict[str, Any], send: Any
-    ) -> bool:
-        state = request.app.state
-        keyring: KeyRing = state.keyring
+    async def _serve(self, lane: Lane, request: Request, body: bytes, send: Any) -> bool:
         try:
-            key = await keyring.authenticate(_bearer(request))
-            require_role(key, lane.role)
             parsed = lane.parse(json.loads(body))  # as Starlette does: orjson differs
-        except (DomainError, ValidationError, ValueError):
+        except (ValidationError, ValueError):
             return False  # FastAPI gives the canonical answer
-        scope["route"] = lane.route
-        limiter: KeyRateLimiter = state.rate_limiter
+        secret = bearer(request.headers.get("authorization"))
         try:
-            limiter.hit(key)
+            key = await authenticate(app_state(request), secret, lane.role)
+        except (AuthenticationFailed, PermissionDenied):
+            return False  # as for a bad body: nothing was counted or done
+        except Exception as exc:
+            return await self._answer(request, exc, send)
+        request.scope["route"] = lane.route
+        try:
             response = await lane.serve(request, parsed, key)
-        except DomainError as exc:
-            response = errors.domain_error_response(exc)
-        except RequestValidationError as exc:
-            response = errors.validation_response(exc)
-        await response(scope, request.receive, send)
+        except Exception as exc:
+            return await self._answer(request, exc, send)
+        await response(request.scope, request.receive, send)
+        return True
+
+    async def _answer(self, request: Request, exc: Exception, send: Any) -> bool:
+        """Answer `exc` as the app's exception handler for it would."""
+        handler = _handler(request, exc)
+        if handler is None:
+            raise exc
+        response = await handler(request, exc)
+        await response(request.scope, request.receive, send)
         return True
 
 
-def _json_only(scope: dict[str, Any]) -> bool:
-    """Exactly one Content-Type, and it is plain JSON (what FastAPI parses as JSON)."""
-    found = [v for k, v in scope["headers"] if k == b"content-type"]
-    return len(found) == 1 and found[0].lower() in _JSON_TYPES
+def _handler(request: Request, exc: Exception) -> Any:
+    """The app's exception handler for `exc` (by class, nearest first), short of the
+    catch-all for `Exception`, which answers from the outermost middleware."""
+    handlers = request.app.exception_handlers
+    for cls in type(exc).__mro__:
+        if cls is Exception:
+            return None
+        if cls in handlers:
+            return handlers[cls]
+    return None
+
+
+def _json_only(scope: dict[str, Any], lane: Lane) -> bool:
+    """Exactly one Content-Type, and it is plain JSON (what FastAPI parses as JSON); and
+    no Idempotency-Key where the route would read one."""
+    content_types = 0
+    json_type = False
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            content_types += 1
+            json_type = value.lower() in _JSON_TYPES
+        elif name == b"idempotency-key" and "idempotency_key" in lane.headers:
+            return False
+    return content_types == 1 and json_type
 
 
 _JSON_TYPES = (b"application/json", b"application/json; charset=utf-8")

@@ -1,22 +1,18 @@
-"""Request guards: body-size cap (ASGI middleware), per-key rate limits, and the
-FastAPI dependencies that authenticate a request and check its role."""
+"""Request guards: the body-size cap (ASGI middleware), `authenticate` (key, role, rate
+limit: the one check every entry uses), and the FastAPI dependencies that apply it."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
-from limits import RateLimitItem, parse_many
-from limits.storage import MemoryStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
 from starlette.exceptions import HTTPException
 
-from openbeepboop.server.core.auth import KeyRing, require_role
-from openbeepboop.server.errors import RateLimited
-from openbeepboop.server.models import ApiKey, Role
+from openbeepboop.server.core.auth import require_role
 from openbeepboop.server.http.errors import error_body
+from openbeepboop.server.http.state import AppState, app_state
+from openbeepboop.server.models import ApiKey, Role
 
 ASGIApp = Callable[..., Awaitable[None]]
 
@@ -98,59 +94,45 @@ class _TooLarge(HTTPException):
         super().__init__(413, f"request body is larger than the limit of {max_bytes} bytes")
 
 
-class KeyRateLimiter:
-    """Per-key request limits (sliding window), in memory on each server."""
-
-    def __init__(self, client_limit: str, node_limit: str) -> None:
-        self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
-        self._limits: dict[Role, list[RateLimitItem]] = {
-            Role.CLIENT: parse_many(client_limit) if client_limit else [],
-            Role.NODE: parse_many(node_limit) if node_limit else [],
-            Role.ADMIN: [],
-        }
-
-    def hit(self, key: ApiKey) -> None:
-        for item in self._limits[key.role]:
-            if not self._limiter.hit(item, key.id):
-                stats = self._limiter.get_window_stats(item, key.id)
-                raise RateLimited(
-                    f"rate limit of {item} for this key exceeded",
-                    retry_after=max(1.0, stats.reset_time - time.time()),
-                )
-
-
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization")
+def bearer(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header."""
     if not header:
         return None
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-async def _authenticate(request: Request, *roles: Role) -> ApiKey:
-    keyring: KeyRing = request.app.state.keyring
-    key = await keyring.authenticate(_bearer(request))
+async def authenticate(state: AppState, secret: str | None, *roles: Role) -> ApiKey:
+    """The key behind `secret` if it may act in one of `roles` (an admin key always may),
+    counted against its rate limit: the one check of the routes, the fast lane and the
+    WebSocket. AuthenticationFailed and PermissionDenied come before the count,
+    RateLimited after it."""
+    key = await state.keyring.authenticate(secret)
     require_role(key, *roles)
-    limiter: KeyRateLimiter = request.app.state.rate_limiter
-    limiter.hit(key)
+    state.rate_limiter.hit(key)
     return key
+
+
+def _key_of(request: Request, *roles: Role) -> Awaitable[ApiKey]:
+    secret = bearer(request.headers.get("authorization"))
+    return authenticate(app_state(request), secret, *roles)
 
 
 async def client_key(request: Request) -> ApiKey:
     """A client (or admin) key."""
-    return await _authenticate(request, Role.CLIENT)
+    return await _key_of(request, Role.CLIENT)
 
 
 async def node_key(request: Request) -> ApiKey:
     """A node (or admin) key."""
-    return await _authenticate(request, Role.NODE)
+    return await _key_of(request, Role.NODE)
 
 
 async def any_key(request: Request) -> ApiKey:
     """Any valid key."""
-    return await _authenticate(request, Role.CLIENT, Role.NODE)
+    return await _key_of(request, Role.CLIENT, Role.NODE)
 
 
 async def admin_key(request: Request) -> ApiKey:
     """An admin key."""
-    return await _authenticate(request, Role.ADMIN)
+    return await _key_of(request, Role.ADMIN)

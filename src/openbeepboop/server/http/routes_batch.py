@@ -10,13 +10,13 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.responses import Response, StreamingResponse
 
-from openbeepboop.server.core.batches import Batches
+from openbeepboop.server.core.files import PART_BYTES
 from openbeepboop.server.errors import InvalidRequest, NotFound
-from openbeepboop.server.core.files import PART_BYTES, Files
-from openbeepboop.server.models import JSON, ApiKey
 from openbeepboop.server.http.guards import client_key
 from openbeepboop.server.http.inbound import ChatCompletionBody, CompletionBody, Knobs
 from openbeepboop.server.http.outbound import JSONResponse, batch_json, file_json, page
+from openbeepboop.server.http.state import app_state
+from openbeepboop.server.models import JSON, ApiKey
 
 router = APIRouter(tags=["batches"])
 Key = Annotated[ApiKey, Depends(client_key)]
@@ -26,16 +26,6 @@ BODY_MODELS: dict[str, type[Knobs]] = {
     "/v1/chat/completions": ChatCompletionBody,
     "/v1/completions": CompletionBody,
 }
-
-
-def _files(request: Request) -> Files:
-    files: Files = request.app.state.files
-    return files
-
-
-def _batches(request: Request) -> Batches:
-    batches: Batches = request.app.state.batches
-    return batches
 
 
 def check_body(url: str, body: JSON) -> str | None:
@@ -67,7 +57,7 @@ async def upload_file(request: Request, key: Key) -> Response:
             raise InvalidRequest("a multipart field 'file' with the file is required", param="file")
         if not isinstance(purpose, str) or not purpose:
             raise InvalidRequest("a multipart field 'purpose' is required", param="purpose")
-        stored = await _files(request).upload(
+        stored = await app_state(request).files.upload(
             key, upload.filename or "upload.jsonl", purpose, _chunks(upload), check_body
         )
     finally:
@@ -85,7 +75,7 @@ async def list_files(
     order: Literal["asc", "desc"] = "desc",
 ) -> Response:
     try:
-        found = await _files(request).list_files(key, purpose, limit + 1, after)
+        found = await app_state(request).files.list_files(key, purpose, limit + 1, after)
     except NotFound as exc:
         raise InvalidRequest(f"unknown cursor {after!r}", param="after") from exc
     items = [file_json(f) for f in found[:limit]]
@@ -96,12 +86,12 @@ async def list_files(
 
 @router.get("/v1/files/{file_id}", summary="One file")
 async def get_file(request: Request, file_id: str, key: Key) -> Response:
-    return JSONResponse(file_json(await _files(request).get(key, file_id)))
+    return JSONResponse(file_json(await app_state(request).files.get(key, file_id)))
 
 
 @router.get("/v1/files/{file_id}/content", summary="A file's bytes")
 async def file_content(request: Request, file_id: str, key: Key) -> Response:
-    files = _files(request)
+    files = app_state(request).files
     found = await files.get(key, file_id)
     return StreamingResponse(
         files.content(found),
@@ -115,7 +105,7 @@ async def file_content(request: Request, file_id: str, key: Key) -> Response:
 
 @router.delete("/v1/files/{file_id}", summary="Delete a file")
 async def delete_file(request: Request, file_id: str, key: Key) -> Response:
-    deleted = await _files(request).delete(key, file_id)
+    deleted = await app_state(request).files.delete(key, file_id)
     return JSONResponse({"id": deleted.id, "object": "file", "deleted": True})
 
 
@@ -134,7 +124,7 @@ class BatchCreateBody(BaseModel):
 
 @router.post("/v1/batches", summary="Run a file of requests as a batch")
 async def create_batch(request: Request, body: BatchCreateBody, key: Key) -> Response:
-    batch = await _batches(request).create(
+    batch = await app_state(request).batches.create(
         key, body.input_file_id, body.endpoint, body.completion_window, body.metadata
     )
     return JSONResponse(batch_json(batch))
@@ -148,7 +138,7 @@ async def list_batches(
     after: str | None = None,
 ) -> Response:
     try:
-        found = await _batches(request).list_batches(key, limit + 1, after)
+        found = await app_state(request).batches.list_batches(key, limit + 1, after)
     except NotFound as exc:
         raise InvalidRequest(f"unknown cursor {after!r}", param="after") from exc
     items = [batch_json(b) for b in found[:limit]]
@@ -157,9 +147,9 @@ async def list_batches(
 
 @router.get("/v1/batches/{batch_id}", summary="One batch")
 async def get_batch(request: Request, batch_id: str, key: Key) -> Response:
-    return JSONResponse(batch_json(await _batches(request).get(key, batch_id)))
+    return JSONResponse(batch_json(await app_state(request).batches.get(key, batch_id)))
 
 
 @router.post("/v1/batches/{batch_id}/cancel", summary="Cancel a batch")
 async def cancel_batch(request: Request, batch_id: str, key: Key) -> Response:
-    return JSONResponse(batch_json(await _batches(request).cancel(key, batch_id)))
+    return JSONResponse(batch_json(await app_state(request).batches.cancel(key, batch_id)))

@@ -11,10 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response, StreamingResponse
 
-from openbeepboop.server.core.assistants import Assistants
+from openbeepboop.server.core.queue import JobRequest
 from openbeepboop.server.errors import InvalidRequest, NotFound
-from openbeepboop.server.models import ApiKey, JobFilter, JobStatus
-from openbeepboop.server.core.queue import JobRequest, Queue
 from openbeepboop.server.http.guards import client_key
 from openbeepboop.server.http.inbound import (
     OUR_FIELDS,
@@ -25,17 +23,14 @@ from openbeepboop.server.http.inbound import (
     Knobs,
     PollBody,
 )
-from openbeepboop.server.http.streaming import stream_events, stream_job
 from openbeepboop.server.http.outbound import JSONResponse, job_json, page
+from openbeepboop.server.http.state import app_state
+from openbeepboop.server.http.streaming import stream_events, stream_job
+from openbeepboop.server.models import ApiKey, JobFilter, JobStatus
 
 router = APIRouter(tags=["jobs"])
 Key = Annotated[ApiKey, Depends(client_key)]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
-
-
-def _queue(request: Request) -> Queue:
-    queue: Queue = request.app.state.queue
-    return queue
 
 
 def _wants_async(prefer: str | None) -> bool:
@@ -63,7 +58,7 @@ def _job_request(endpoint: str, body: Knobs, idempotency_key: str | None) -> Job
 async def _openai_call(
     request: Request, key: ApiKey, req: JobRequest, prefer: str | None
 ) -> Response:
-    queue = _queue(request)
+    queue = app_state(request).queue
     if _wants_async(prefer):
         outcome = (await queue.submit(key, [req]))[0]
         position = await queue.queue_position(outcome.job)
@@ -132,7 +127,7 @@ async def _render_templates(request: Request, key: ApiKey, specs: list[JobSpec])
     """Specs that name a `template` get the body its preferred stream renders."""
     if not any(s.template is not None for s in specs):
         return specs
-    assistants: Assistants = request.app.state.assistants
+    assistants = app_state(request).assistants
     out = []
     for spec in specs:
         if spec.template is None:
@@ -184,10 +179,10 @@ async def create_jobs(
     key: Key,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    queue = _queue(request)
+    queue = app_state(request).queue
     if "jobs" in raw:
         body = _validate(JobBatch, raw, ("body",))
-        limit = request.app.state.settings.max_jobs_per_request
+        limit = app_state(request).settings.max_jobs_per_request
         if len(body.jobs) > limit:
             raise InvalidRequest(f"at most {limit} jobs per request", param="jobs")
         if idempotency_key is not None:
@@ -213,7 +208,7 @@ async def create_jobs(
 
 @router.get("/v1/jobs/{job_id}", summary="One job")
 async def get_job(request: Request, job_id: str, key: Key) -> Response:
-    queue = _queue(request)
+    queue = app_state(request).queue
     job = await queue.get(key, job_id)
     return JSONResponse(job_json(job, await queue.queue_position(job)))
 
@@ -236,9 +231,9 @@ async def job_events(
                 f"Last-Event-ID must be an event id from this stream, not {last_event_id!r}",
                 param="Last-Event-ID",
             ) from exc
-    job = await _queue(request).get(key, job_id)
+    job = await app_state(request).queue.get(key, job_id)
     return StreamingResponse(
-        stream_events(_queue(request), job, after),
+        stream_events(app_state(request).queue, job, after),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -253,7 +248,7 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     after: Annotated[str | None, Query(description="A job id: list older jobs")] = None,
 ) -> Response:
-    queue = _queue(request)
+    queue = app_state(request).queue
     after_seq = None
     if after is not None:
         try:
@@ -267,13 +262,13 @@ async def list_jobs(
 
 @router.post("/v1/jobs/{job_id}/cancel", summary="Cancel a job")
 async def cancel_job(request: Request, job_id: str, key: Key) -> Response:
-    job = await _queue(request).cancel(key, job_id)
+    job = await app_state(request).queue.cancel(key, job_id)
     return JSONResponse(job_json(job))
 
 
 @router.post("/v1/results/poll", summary="Several jobs at once, optionally long-polled")
 async def poll_results(request: Request, body: PollBody, key: Key) -> Response:
-    jobs = await _queue(request).poll(key, body.ids, body.wait)
+    jobs = await app_state(request).queue.poll(key, body.ids, body.wait)
     found = {j.id for j in jobs}
     missing = [i for i in dict.fromkeys(body.ids) if i not in found]
     shown = [j for j in jobs if j.status.is_final] if body.only_final else jobs

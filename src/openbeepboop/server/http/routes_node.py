@@ -7,8 +7,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from openbeepboop.server.models import ApiKey, NodeResult
-from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.http.guards import node_key
 from openbeepboop.server.http.inbound import (
     EventsBody,
@@ -18,19 +16,16 @@ from openbeepboop.server.http.inbound import (
     SubmitResultsBody,
 )
 from openbeepboop.server.http.outbound import JSONResponse, leased_job_json
+from openbeepboop.server.http.state import app_state
+from openbeepboop.server.models import ApiKey, NodeResult
 
 router = APIRouter(prefix="/internal", tags=["node protocol"])
 Key = Annotated[ApiKey, Depends(node_key)]
 
 
-def _queue(request: Request) -> Queue:
-    queue: Queue = request.app.state.queue
-    return queue
-
-
 @router.post("/nodes/register", summary="Announce a node and its models")
 async def register(request: Request, body: RegisterBody, key: Key) -> Response:
-    node = await _queue(request).register_node(
+    node = await app_state(request).queue.register_node(
         key,
         name=body.name,
         models=[m.model_dump() for m in body.models],
@@ -43,13 +38,17 @@ async def register(request: Request, body: RegisterBody, key: Key) -> Response:
 
 @router.post("/queue/fetch", summary="Lease jobs (long-poll up to `wait` seconds)")
 async def fetch(request: Request, body: FetchBody, key: Key) -> Response:
-    jobs = await _queue(request).fetch(key, body.node_id, body.models, body.max_jobs, body.wait)
+    jobs = await app_state(request).queue.fetch(
+        key, body.node_id, body.models, body.max_jobs, body.wait
+    )
     return JSONResponse({"jobs": [leased_job_json(j) for j in jobs]})
 
 
 @router.post("/queue/heartbeat", summary="Extend leases; hear of cancelled jobs")
 async def heartbeat(request: Request, body: HeartbeatBody, key: Key) -> Response:
-    outcome = await _queue(request).heartbeat(key, body.node_id, body.lease_ids, body.stats)
+    outcome = await app_state(request).queue.heartbeat(
+        key, body.node_id, body.lease_ids, body.stats
+    )
     return JSONResponse(
         {
             "extended": outcome.extended,
@@ -62,7 +61,7 @@ async def heartbeat(request: Request, body: HeartbeatBody, key: Key) -> Response
 
 @router.post("/queue/events", summary="Push token deltas of running jobs (batched)")
 async def events(request: Request, body: EventsBody, key: Key) -> Response:
-    accepted = await _queue(request).push_deltas([e.model_dump() for e in body.events])
+    accepted = await app_state(request).queue.push_deltas([e.model_dump() for e in body.events])
     return JSONResponse({"accepted": accepted})
 
 
@@ -84,7 +83,7 @@ async def submit(request: Request, body: SubmitResultsBody, key: Key) -> Respons
                 released=code == "released",
             )
         )
-    outcomes = await _queue(request).submit_results(key, body.node_id, results)
+    outcomes = await app_state(request).queue.submit_results(key, body.node_id, results)
     return JSONResponse(
         {
             "results": [

@@ -8,22 +8,15 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from openbeepboop.server.core.auth import KeyRing
 from openbeepboop.server.errors import NotFound
-from openbeepboop.server.models import ApiKey, Node, Role
-from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.http.guards import admin_key, any_key
-from openbeepboop.server.http.metrics import Metrics
 from openbeepboop.server.http.outbound import JSONResponse, key_json, node_json
+from openbeepboop.server.http.state import app_state
+from openbeepboop.server.models import ApiKey, Node, Role
 
 router = APIRouter(tags=["operations"])
 AnyKey = Annotated[ApiKey, Depends(any_key)]
 AdminKey = Annotated[ApiKey, Depends(admin_key)]
-
-
-def _queue(request: Request) -> Queue:
-    queue: Queue = request.app.state.queue
-    return queue
 
 
 @router.get("/health", summary="The process answers")
@@ -34,7 +27,7 @@ async def health() -> Response:
 @router.get("/ready", summary="The store answers")
 async def ready(request: Request) -> Response:
     try:
-        await _queue(request).store.stats()
+        await app_state(request).queue.store.stats()
     except Exception as exc:  # not ready is an answer, not a crash
         return JSONResponse({"status": "unavailable", "detail": str(exc)}, status_code=503)
     return JSONResponse({"status": "ready"})
@@ -42,11 +35,11 @@ async def ready(request: Request) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
-    if not request.app.state.settings.metrics_public:
+    state = app_state(request)
+    if not state.settings.metrics_public:
         await any_key(request)
-    m: Metrics = request.app.state.metrics
-    body = m.render(await _queue(request).stats())
-    return Response(body, media_type=m.content_type)
+    body = state.metrics.render(await state.queue.stats())
+    return Response(body, media_type=state.metrics.content_type)
 
 
 def _model_json(name: str, nodes: list[Node]) -> dict[str, Any]:
@@ -61,14 +54,14 @@ def _model_json(name: str, nodes: list[Node]) -> dict[str, Any]:
 
 @router.get("/v1/models", summary="Models served by live nodes", tags=["models"])
 async def list_models(request: Request, key: AnyKey) -> Response:
-    served = await _queue(request).served_models()
+    served = await app_state(request).queue.served_models()
     data = [_model_json(name, served[name]) for name in sorted(served)]
     return JSONResponse({"object": "list", "data": data})
 
 
 @router.get("/v1/models/{model:path}", summary="One model served by live nodes", tags=["models"])
 async def get_model(request: Request, model: str, key: AnyKey) -> Response:
-    served = await _queue(request).served_models()
+    served = await app_state(request).queue.served_models()
     if model not in served:
         raise NotFound(
             f"no live node serves model {model!r}", param="model", code="model_not_found"
@@ -78,13 +71,13 @@ async def get_model(request: Request, model: str, key: AnyKey) -> Response:
 
 @router.get("/v1/nodes", summary="Live nodes")
 async def list_nodes(request: Request, key: AnyKey) -> Response:
-    nodes = await _queue(request).live_nodes()
+    nodes = await app_state(request).queue.live_nodes()
     return JSONResponse({"object": "list", "data": [node_json(n) for n in nodes]})
 
 
 @router.get("/v1/stats", summary="Queue depth and counts per model")
 async def stats(request: Request, key: AnyKey) -> Response:
-    return JSONResponse(await _queue(request).stats())
+    return JSONResponse(await app_state(request).queue.stats())
 
 
 class NewKeyBody(BaseModel):
@@ -94,19 +87,16 @@ class NewKeyBody(BaseModel):
 
 @router.post("/v1/admin/keys", summary="Create an API key (shown once)", tags=["admin"])
 async def create_key(request: Request, body: NewKeyBody, key: AdminKey) -> Response:
-    keyring: KeyRing = request.app.state.keyring
-    issued = await keyring.create(body.role, body.name)
+    issued = await app_state(request).keyring.create(body.role, body.name)
     return JSONResponse({**key_json(issued.record), "key": issued.secret}, status_code=201)
 
 
 @router.get("/v1/admin/keys", summary="List API keys (never the secrets)", tags=["admin"])
 async def list_keys(request: Request, key: AdminKey) -> Response:
-    keyring: KeyRing = request.app.state.keyring
-    data = [key_json(k) for k in await keyring.list_keys()]
+    data = [key_json(k) for k in await app_state(request).keyring.list_keys()]
     return JSONResponse({"object": "list", "data": data})
 
 
 @router.post("/v1/admin/keys/{key_id}/revoke", summary="Revoke an API key", tags=["admin"])
 async def revoke_key(request: Request, key_id: str, key: AdminKey) -> Response:
-    keyring: KeyRing = request.app.state.keyring
-    return JSONResponse(key_json(await keyring.revoke(key_id)))
+    return JSONResponse(key_json(await app_state(request).keyring.revoke(key_id)))

@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from openbeepboop.server.core.assistants import Assistants
-from openbeepboop.server.models import ApiKey
 from openbeepboop.server.http.guards import client_key
 from openbeepboop.server.http.outbound import JSONResponse, page, template_json
+from openbeepboop.server.http.state import app_state
+from openbeepboop.server.models import ApiKey
 
 router = APIRouter(tags=["templates"])
 Key = Annotated[ApiKey, Depends(client_key)]
@@ -23,29 +23,24 @@ class TemplateBody(BaseModel):
     description: str = Field("", max_length=2000)
 
 
-def _assistants(request: Request) -> Assistants:
-    assistants: Assistants = request.app.state.assistants
-    return assistants
-
-
 @router.post("/v1/templates", summary="Create or replace a named assistant template")
 async def put_template(request: Request, body: TemplateBody, key: Key) -> Response:
-    saved = await _assistants(request).put(key, body.name, body.streams, body.description)
+    saved = await app_state(request).assistants.put(key, body.name, body.streams, body.description)
     return JSONResponse(template_json(saved))
 
 
 @router.get("/v1/templates", summary="List assistant templates")
 async def list_templates(request: Request, key: Key) -> Response:
-    found = await _assistants(request).list_templates(key)
+    found = await app_state(request).assistants.list_templates(key)
     return JSONResponse(page([template_json(t) for t in found], has_more=False))
 
 
 @router.get("/v1/templates/{name}", summary="One assistant template")
 async def get_template(request: Request, name: str, key: Key) -> Response:
-    return JSONResponse(template_json(await _assistants(request).get(key, name)))
+    return JSONResponse(template_json(await app_state(request).assistants.get(key, name)))
 
 
 @router.delete("/v1/templates/{name}", summary="Delete an assistant template")
 async def delete_template(request: Request, name: str, key: Key) -> Response:
-    gone = await _assistants(request).delete(key, name)
+    gone = await app_state(request).assistants.delete(key, name)
     return JSONResponse({"id": gone.name, "object": "assistant_template", "deleted": True})

@@ -9,6 +9,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from openbeepboop.server.http.state import app_state
 from openbeepboop.server.settings import ServerSettings
 
 
@@ -38,7 +39,7 @@ class QueueServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         should_exit = await super().on_tick(counter)
         if should_exit:
-            self._app.state.queue.close()
+            app_state(self._app).queue.close()
         return should_exit
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 
 from openbeepboop.server.core.events import JobEvent, job_events, result_text
-from openbeepboop.server.models import JSON, Job, JobStatus
 from openbeepboop.server.core.queue import Queue
+from openbeepboop.server.models import JSON, Job, JobStatus
 
 KEEPALIVE_SECONDS = 15.0
 

@@ -25,11 +25,12 @@ import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from openbeepboop.server.core.assistants import Assistants
-from openbeepboop.server.core.auth import KeyRing, require_role
-from openbeepboop.server.errors import DomainError
 from openbeepboop.server.core.events import job_events
-from openbeepboop.server.models import JSON, ApiKey, Role
 from openbeepboop.server.core.queue import JobRequest, Queue
+from openbeepboop.server.errors import DomainError
+from openbeepboop.server.http.guards import authenticate, bearer
+from openbeepboop.server.http.state import app_state
+from openbeepboop.server.models import JSON, ApiKey, Role
 
 log = logging.getLogger("openbeepboop.ws")
 router = APIRouter()
@@ -172,25 +173,20 @@ class _Bad(Exception):
 
 
 def _token(ws: WebSocket) -> str | None:
-    header = ws.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return ws.query_params.get("api_key")
+    return bearer(ws.headers.get("authorization")) or ws.query_params.get("api_key")
 
 
 @router.websocket("/ws")
 @router.websocket("/ws/")
 async def websocket_jobs(ws: WebSocket) -> None:
-    keyring: KeyRing = ws.app.state.keyring
+    state = app_state(ws)
     try:
-        key = await keyring.authenticate(_token(ws))
-        require_role(key, Role.CLIENT)
+        key = await authenticate(state, _token(ws), Role.CLIENT)
     except DomainError as exc:
         await ws.close(code=1008, reason=str(exc)[:120])
         return
     await ws.accept()
-    session = _Session(ws, key, ws.app.state.queue, ws.app.state.assistants)
+    session = _Session(ws, key, state.queue, state.assistants)
     try:
         while True:
             frame: Any = await ws.receive()

@@ -7,8 +7,8 @@ runs against every implementation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol, runtime_checkable
 
 from openbeepboop.server.models import (
     ApiKey,
@@ -25,10 +25,6 @@ from openbeepboop.server.models import (
     SubmitOutcome,
     Template,
 )
-
-if TYPE_CHECKING:
-    from openbeepboop.server.core.deltas import DeltaHub
-    from openbeepboop.server.core.notify import Notifier
 
 
 class Store(Protocol):
@@ -197,11 +193,34 @@ class DatabaseUnreachable(Exception):
     password) says which and why."""
 
 
+class TopicRelay(Protocol):
+    """What a shared store bridges wake-ups through (the server's `Notifier`)."""
+
+    def forward_to(self, forward: Callable[[list[str]], None] | None) -> None:
+        """Hand every topic published here to `forward` too (None: stop)."""
+
+    def deliver(self, topics: Iterable[str]) -> None:
+        """Wake this process's waiters of `topics` (published on another server)."""
+
+    def topics(self) -> list[str]:
+        """The topics someone in this process waits on."""
+
+
+class DeltaRelay(Protocol):
+    """What a shared store bridges token deltas through (the server's `DeltaHub`)."""
+
+    def forward_to(self, forward: Callable[[str, int | None, str], None] | None) -> None:
+        """Hand every piece accepted here (index None: a finish) to `forward` too."""
+
+    def deliver(self, job_id: str, index: int | None, text: str) -> bool:
+        """Keep a piece (or, with index None, the finish) another server accepted."""
+
+
 @runtime_checkable
 class SharedStore(Protocol):
     """A store that several servers share (PostgreSQL). Besides `Store`, it carries
     wake-ups and token deltas between those servers."""
 
-    async def bridge(self, notifier: Notifier, deltas: DeltaHub) -> None:
+    async def bridge(self, notifier: TopicRelay, deltas: DeltaRelay) -> None:
         """From now until `close`: hand other servers what `notifier` publishes and
         `deltas` accepts here, and deliver theirs here."""

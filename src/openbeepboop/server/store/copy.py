@@ -26,7 +26,7 @@ import asyncpg
 
 from openbeepboop.server.store.base import DatabaseUnreachable
 from openbeepboop.server.store.migrations import latest_version, migrate_sqlite
-from openbeepboop.server.store.postgres import connect, prepare_database
+from openbeepboop.server.store.pg_pool import connect, prepare_database
 from openbeepboop.server.store.sqlite_io import connect as sqlite_connect
 
 FIRST = ("api_keys", "nodes", "files", "file_parts", "batches", "jobs")  # the rest after

@@ -29,7 +29,7 @@ def prepare_database(settings: ServerSettings) -> tuple[bool, list[int]]:
     DatabaseUnreachable or ConfigError when it cannot."""
     if settings.uses_postgres:
         try:
-            from openbeepboop.server.store.postgres import prepare_database as prepare
+            from openbeepboop.server.store.pg_pool import prepare_database as prepare
         except ImportError as exc:
             raise ConfigError(f"database_url is PostgreSQL but {exc}; {POSTGRES_EXTRA}") from exc
         return asyncio.run(prepare(settings.database_url))

@@ -31,17 +31,24 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import asyncpg
 import orjson
 
-from openbeepboop.server.core.notify import MODEL_PREFIX
+from openbeepboop.server.store.base import DeltaRelay, TopicRelay
+from openbeepboop.server.topics import JOB_PREFIX, MODEL_PREFIX
 
-if TYPE_CHECKING:
-    from openbeepboop.server.core.deltas import DeltaHub
-    from openbeepboop.server.core.notify import Notifier
-    from openbeepboop.server.store.postgres import PostgresStore
+
+class Probe(Protocol):
+    """What the fallback asks the database (the store answers)."""
+
+    async def models_with_queued_jobs(self, models: Sequence[str]) -> list[str]:
+        """Which of `models` have a queued job."""
+
+    async def final_job_ids(self, job_ids: Sequence[str]) -> list[str]:
+        """Which of `job_ids` are final."""
+
 
 log = logging.getLogger("openbeepboop.server.store.pg_bridge")
 
@@ -50,7 +57,6 @@ DELTA = "openbeepboop_delta"
 PAYLOAD_BYTES = 7900  # PostgreSQL refuses payloads of 8000 bytes or more
 FRAGMENT_CHARS = 1000  # at most 6 bytes each once JSON-escaped
 MAX_PENDING = 100_000  # beyond this (a long outage), unsent items are dropped
-JOB_PREFIX = "job:"
 _SEND = "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)"
 
 Item = tuple[str, Any]  # ("t", topic) or ("d", [job_id, index | None, text])
@@ -61,13 +67,15 @@ class PgBridge:
 
     def __init__(
         self,
-        store: PostgresStore,
-        notifier: Notifier,
-        deltas: DeltaHub,
+        url: str,
+        probe: Probe,
+        notifier: TopicRelay,
+        deltas: DeltaRelay,
         fallback_seconds: float = 1.0,
         ping_seconds: float = 5.0,
     ) -> None:
-        self._store = store
+        self._url = url
+        self._probe = probe
         self._notifier = notifier
         self._deltas = deltas
         self._fallback = fallback_seconds
@@ -121,7 +129,7 @@ class PgBridge:
             conn: asyncpg.Connection[asyncpg.Record] | None = None
             try:
                 conn = await asyncpg.connect(
-                    self._store.url,
+                    self._url,
                     timeout=5,
                     server_settings={"application_name": "openbeepboop-bridge"},
                 )
@@ -230,10 +238,10 @@ class PgBridge:
         others = [t for t in topics if not t.startswith((MODEL_PREFIX, JOB_PREFIX))]
         wake = others
         if models:
-            ready = await self._store.models_with_queued_jobs(models)
+            ready = await self._probe.models_with_queued_jobs(models)
             wake += [MODEL_PREFIX + m for m in ready]
         if jobs:
-            wake += [JOB_PREFIX + j for j in await self._store.final_job_ids(jobs)]
+            wake += [JOB_PREFIX + j for j in await self._probe.final_job_ids(jobs)]
         if wake:
             self._notifier.deliver(wake)
 

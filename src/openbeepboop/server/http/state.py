@@ -1,0 +1,39 @@
+"""`AppState`: what the routes of one app work with, built once by `create_app` and
+found with `app_state(request)` (the app keeps it as `app.state.obb`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection
+
+from openbeepboop.server.core.assistants import Assistants
+from openbeepboop.server.core.auth import KeyRing
+from openbeepboop.server.core.batches import Batches
+from openbeepboop.server.core.files import Files
+from openbeepboop.server.core.queue import Queue
+from openbeepboop.server.http.metrics import Metrics
+from openbeepboop.server.http.ratelimit import KeyRateLimiter
+from openbeepboop.server.settings import ServerSettings
+
+
+@dataclass(frozen=True, slots=True)
+class AppState:
+    """The server's services and settings, for its routes."""
+
+    settings: ServerSettings
+    queue: Queue
+    files: Files
+    batches: Batches
+    assistants: Assistants
+    keyring: KeyRing
+    rate_limiter: KeyRateLimiter
+    metrics: Metrics
+
+
+def app_state(conn: HTTPConnection | Starlette) -> AppState:
+    """The state of the app serving `conn` (a request or a WebSocket), or of an app."""
+    app = conn if isinstance(conn, Starlette) else conn.app
+    state: AppState = app.state.obb
+    return state

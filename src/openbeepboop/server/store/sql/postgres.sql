@@ -1,0 +1,283 @@
+-- The queries of PostgresStore (store/postgres.py), by name (store/queries.py reads them).
+-- sqlite.sql holds the same names in the same order: a rule of the queue changes in
+-- both files. Where PostgreSQL does in one statement what SQLite does row by row (bulk
+-- inserts and completions), the query's name says so (`insert_jobs`, `complete_jobs`).
+-- Claims and the reaper lock rows with SKIP LOCKED: replicas never hand out one job
+-- twice and never wait for each other.
+
+-- ======================================================================== jobs
+
+-- name: find_jobs_by_idempotency_keys
+-- The jobs idempotent replays return: ?1 owners, ?2 keys, pairwise.
+SELECT {jobs_qualified} FROM jobs
+JOIN unnest($1::text[], $2::text[]) AS k(owner, key)
+  ON jobs.owner = k.owner AND jobs.idempotency_key = k.key;
+
+-- name: insert_jobs
+-- New jobs, queued, in order; a job whose (owner, idempotency_key) exists is skipped
+-- (the caller looks it up). $1..$13 are columns as arrays, $14 now.
+INSERT INTO jobs (id, owner, endpoint, model, request, request_hash, status, priority,
+                  max_attempts, metadata, custom_id, idempotency_key, expires_at, batch_id,
+                  created_at)
+SELECT t.id, t.owner, t.endpoint, t.model, t.request, t.request_hash, 'queued', t.priority,
+       t.max_attempts, t.metadata, t.custom_id, t.idempotency_key, t.expires_at, t.batch_id,
+       $14
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[],
+            $12::float8[], $13::text[])
+     WITH ORDINALITY AS t(id, owner, endpoint, model, request, request_hash, priority,
+                          max_attempts, metadata, custom_id, idempotency_key, expires_at,
+                          batch_id, ord)
+ORDER BY t.ord
+ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id, seq;
+
+-- name: get_job
+SELECT {job_columns} FROM jobs WHERE id = $1;
+
+-- name: get_jobs
+SELECT {job_columns} FROM jobs WHERE id = ANY($1::text[]);
+
+-- name: list_jobs
+-- {where}: the listing's filters (owner, status, model, seq < cursor), filled in by code.
+SELECT {job_columns} FROM jobs WHERE {where} ORDER BY seq DESC LIMIT {limit};
+
+-- name: queue_position
+-- Queued jobs of the same model that run before this one (priority, then age).
+SELECT count(*) FROM jobs
+WHERE status = 'queued' AND model = $1 AND (priority > $2 OR (priority = $2 AND seq < $3));
+
+-- name: claim_jobs
+-- Lease up to $3 queued jobs of the models $1, highest priority first, then oldest; each
+-- gets a fresh lease id, the lease's expiry $4 and one more attempt; $2 now, $5 the node.
+-- Up to $3 candidates per model, each model's best first, locked or skipped.
+WITH picked AS (
+    SELECT c.seq FROM unnest($1::text[]) AS m(name)
+    CROSS JOIN LATERAL (
+        SELECT seq, priority FROM jobs
+        WHERE status = 'queued' AND model = m.name AND (expires_at IS NULL OR expires_at > $2)
+        ORDER BY priority DESC, seq
+        LIMIT $3
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.priority DESC, c.seq
+    LIMIT $3
+)
+UPDATE jobs SET status = 'in_progress', lease_id = replace(gen_random_uuid()::text, '-', ''),
+    lease_expires_at = $4, attempts = attempts + 1, node_id = $5, started_at = $2
+WHERE seq IN (SELECT seq FROM picked)
+RETURNING {job_columns};
+
+-- name: extend_leases
+-- Heartbeat: the leases ($1) of running jobs now expire at $2.
+UPDATE jobs SET lease_expires_at = $2
+WHERE lease_id = ANY($1::text[]) AND status = 'in_progress'
+RETURNING lease_id;
+
+-- name: cancelled_leases
+-- Heartbeat: which of these leases ($1) belong to jobs cancelled meanwhile.
+SELECT lease_id, id FROM jobs WHERE lease_id = ANY($1::text[]) AND status = 'cancelled';
+
+-- name: complete_job
+-- Fencing: only the job's current lease ($2) may record its result ($3) at $4.
+UPDATE jobs SET status = 'completed', result = $3, error = NULL, finished_at = $4
+WHERE id = $1 AND lease_id = $2 AND status = 'in_progress'
+RETURNING {job_columns};
+
+-- name: complete_jobs
+-- complete_job for many results at once: $1 ids, $2 leases, $3 results, pairwise.
+UPDATE jobs SET status = 'completed', result = r.result, error = NULL, finished_at = $4
+FROM unnest($1::text[], $2::text[], $3::text[]) AS r(id, lease, result)
+WHERE jobs.id = r.id AND jobs.lease_id = r.lease AND jobs.status = 'in_progress'
+RETURNING {jobs_qualified};
+
+-- name: release_job
+-- Handed back unfinished by a draining node: queued again, the attempt not counted.
+UPDATE jobs SET status = 'queued', attempts = greatest(attempts - 1, 0), lease_id = NULL,
+    lease_expires_at = NULL, node_id = NULL
+WHERE id = $1 AND lease_id = $2 AND status = 'in_progress'
+RETURNING {job_columns};
+
+-- name: fail_job
+-- Retry or fail: a retryable error ($5) with attempts left queues the job again;
+-- otherwise it fails, keeping the error ($3) and the lease that reported it.
+UPDATE jobs SET error = $3,
+    status = CASE WHEN NOT $5::boolean OR attempts >= max_attempts
+                  THEN 'failed' ELSE 'queued' END,
+    finished_at = CASE WHEN NOT $5::boolean OR attempts >= max_attempts
+                       THEN $4::float8 ELSE NULL END,
+    lease_id = CASE WHEN NOT $5::boolean OR attempts >= max_attempts
+                    THEN lease_id ELSE NULL END,
+    node_id = CASE WHEN NOT $5::boolean OR attempts >= max_attempts
+                   THEN node_id ELSE NULL END,
+    lease_expires_at = NULL
+WHERE id = $1 AND lease_id = $2 AND status = 'in_progress'
+RETURNING {job_columns};
+
+-- name: job_statuses
+-- Why results were refused: the status of each job ($1).
+SELECT id, status FROM jobs WHERE id = ANY($1::text[]);
+
+-- name: cancel_job
+-- A job that is not final is cancelled at $2 (its node hears of it at its heartbeat).
+UPDATE jobs SET status = 'cancelled', finished_at = $2
+WHERE id = $1 AND status IN ('queued', 'in_progress')
+RETURNING {job_columns};
+
+-- name: reap_leases
+-- Leases that expired by $1: the job expires (past expires_at), fails when its attempts
+-- are used up (the last error kept inside), or is queued again.
+UPDATE jobs SET
+    status = CASE WHEN expires_at IS NOT NULL AND expires_at <= $1 THEN 'expired'
+                  WHEN attempts >= max_attempts THEN 'failed'
+                  ELSE 'queued' END,
+    error = CASE WHEN attempts >= max_attempts
+                      AND NOT (expires_at IS NOT NULL AND expires_at <= $1)
+                 THEN json_build_object('code', 'attempts_exhausted',
+                                        'message', 'the lease expired on attempt ' || attempts
+                                                   || ' of ' || max_attempts
+                                                   || ' without a result',
+                                        'last_error', error::json)::text
+                 ELSE error END,
+    finished_at = CASE WHEN (expires_at IS NOT NULL AND expires_at <= $1)
+                            OR attempts >= max_attempts
+                       THEN $1 ELSE NULL END,
+    lease_id = NULL, lease_expires_at = NULL, node_id = NULL
+WHERE seq IN (SELECT seq FROM jobs WHERE status = 'in_progress' AND lease_expires_at <= $1
+              FOR UPDATE SKIP LOCKED)
+RETURNING id, status;
+
+-- name: reap_queued
+-- Queued jobs whose expires_at passed by $1 expire.
+UPDATE jobs SET status = 'expired', finished_at = $1
+WHERE seq IN (SELECT seq FROM jobs WHERE status = 'queued' AND expires_at <= $1
+              FOR UPDATE SKIP LOCKED)
+RETURNING id;
+
+-- name: count_active
+SELECT count(*) FROM jobs WHERE owner = $1 AND status IN ('queued', 'in_progress');
+
+-- name: job_counts
+SELECT model, status, count(*) FROM jobs GROUP BY model, status;
+
+-- name: models_with_queued_jobs
+-- For the bridge's fallback: which of the models $1 have a queued job (an index probe).
+SELECT m FROM unnest($1::text[]) AS t(m)
+WHERE EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND model = t.m);
+
+-- name: final_job_ids
+-- For the bridge's fallback: which of the jobs $1 are final.
+SELECT id FROM jobs
+WHERE id = ANY($1::text[]) AND status IN ('completed', 'failed', 'cancelled', 'expired');
+
+-- ======================================================================== nodes
+
+-- name: upsert_node
+INSERT INTO nodes ({node_columns}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (id) DO UPDATE SET name = excluded.name, owner = excluded.owner,
+    models = excluded.models, capacity = excluded.capacity, hardware = excluded.hardware,
+    version = excluded.version, registered_at = excluded.registered_at,
+    last_seen = excluded.last_seen, stats = excluded.stats;
+
+-- name: touch_node
+UPDATE nodes SET last_seen = $1 WHERE id = $2;
+
+-- name: touch_node_stats
+UPDATE nodes SET last_seen = $1, stats = $3 WHERE id = $2;
+
+-- name: get_node
+SELECT {node_columns} FROM nodes WHERE id = $1;
+
+-- name: list_nodes
+SELECT {node_columns} FROM nodes WHERE last_seen >= $1 ORDER BY registered_at;
+
+-- ======================================================================== keys
+
+-- name: insert_key
+INSERT INTO api_keys ({key_columns}) VALUES ($1, $2, $3, $4, $5, $6, $7);
+
+-- name: get_key_by_hash
+SELECT {key_columns} FROM api_keys WHERE key_hash = $1;
+
+-- name: list_keys
+SELECT {key_columns} FROM api_keys ORDER BY created_at, id;
+
+-- name: revoke_key
+UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL;
+
+-- name: get_key
+SELECT {key_columns} FROM api_keys WHERE id = $1;
+
+-- ======================================================================== files
+
+-- name: put_file_part
+INSERT INTO file_parts (file_id, idx, data) VALUES ($1, $2, $3)
+ON CONFLICT (file_id, idx) DO UPDATE SET data = excluded.data;
+
+-- name: insert_file
+INSERT INTO files (id, owner, purpose, filename, bytes, created_at, lines)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+RETURNING seq;
+
+-- name: get_file
+SELECT {file_columns} FROM files WHERE id = $1;
+
+-- name: list_files
+SELECT {file_columns} FROM files WHERE {where} ORDER BY seq DESC LIMIT {limit};
+
+-- name: read_file_part
+SELECT data FROM file_parts WHERE file_id = $1 AND idx = $2;
+
+-- name: delete_file_parts
+DELETE FROM file_parts WHERE file_id = $1;
+
+-- name: delete_file
+DELETE FROM files WHERE id = $1;
+
+-- ======================================================================== batches
+
+-- name: insert_batch
+INSERT INTO batches ({batch_fields}) VALUES ({batch_marks}) RETURNING seq;
+
+-- name: save_batch
+-- Optimistic concurrency: written only if the stored version is still $2.
+UPDATE batches SET {batch_sets} WHERE id = $1 AND version = $2;
+
+-- name: get_batch
+SELECT {batch_columns} FROM batches WHERE id = $1;
+
+-- name: list_batches
+SELECT {batch_columns} FROM batches WHERE {where} ORDER BY seq DESC LIMIT {limit};
+
+-- name: open_batches
+SELECT {batch_columns} FROM batches
+WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling') ORDER BY seq;
+
+-- name: batch_counts
+SELECT status, count(*) FROM jobs WHERE batch_id = $1 GROUP BY status;
+
+-- name: batch_jobs
+SELECT {job_columns} FROM jobs WHERE batch_id = $1 AND seq > $2 ORDER BY seq LIMIT $3;
+
+-- name: cancel_batch_jobs
+-- The batch's queued jobs are cancelled at $2; running ones finish.
+UPDATE jobs SET status = 'cancelled', finished_at = $2
+WHERE batch_id = $1 AND status = 'queued'
+RETURNING id;
+
+-- ======================================================================== templates
+
+-- name: put_template
+INSERT INTO templates ({template_columns}) VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (owner, name) DO UPDATE SET description = excluded.description,
+    streams = excluded.streams, updated_at = excluded.updated_at
+RETURNING {template_columns};
+
+-- name: get_template
+SELECT {template_columns} FROM templates WHERE owner = $1 AND name = $2;
+
+-- name: list_templates
+SELECT {template_columns} FROM templates WHERE {where} ORDER BY name, owner;
+
+-- name: delete_template
+DELETE FROM templates WHERE owner = $1 AND name = $2;

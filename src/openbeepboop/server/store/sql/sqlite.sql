@@ -1,0 +1,242 @@
+-- The queries of SqliteStore (store/sqlite.py), by name (store/queries.py reads them).
+-- postgres.sql holds the same names in the same order: a rule of the queue changes in
+-- both files. Parameters are numbered (?1, ?2, ...) in the order postgres.sql numbers
+-- its $1, $2, ... wherever the two take the same arguments.
+
+-- ======================================================================== jobs
+
+-- name: find_job_by_idempotency_key
+-- The job an idempotent replay returns.
+SELECT {job_columns} FROM jobs WHERE owner = ?1 AND idempotency_key = ?2;
+
+-- name: insert_job
+-- A new job, queued.
+INSERT INTO jobs (id, owner, endpoint, model, request, request_hash, status, priority,
+                  max_attempts, metadata, custom_id, idempotency_key, expires_at, batch_id,
+                  created_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14);
+
+-- name: get_job
+SELECT {job_columns} FROM jobs WHERE id = ?1;
+
+-- name: get_jobs
+-- ?1: a JSON array of ids.
+SELECT {job_columns} FROM jobs WHERE id IN (SELECT value FROM json_each(?1));
+
+-- name: list_jobs
+-- {where}: the listing's filters (owner, status, model, seq < cursor), filled in by code.
+SELECT {job_columns} FROM jobs WHERE {where} ORDER BY seq DESC LIMIT {limit};
+
+-- name: queue_position
+-- Queued jobs of the same model that run before this one (priority, then age).
+SELECT count(*) FROM jobs
+WHERE status = 'queued' AND model = ?1 AND (priority > ?2 OR (priority = ?2 AND seq < ?3));
+
+-- name: claim_jobs
+-- Lease up to ?2 queued jobs of the wanted models, highest priority first, then oldest;
+-- each gets a fresh lease id, the lease's expiry ?3 and one more attempt; ?1 now, ?4 the
+-- node. {candidates}: one claim_candidates per model (named by ?5, ?6, ...), joined by
+-- UNION ALL: each walks the jobs_queued index of its model and stops after ?2 rows,
+-- however long the queue. (PostgreSQL takes the models as one array: its order differs.)
+UPDATE jobs SET status = 'in_progress', lease_id = lower(hex(randomblob(16))),
+    lease_expires_at = ?3, attempts = attempts + 1, node_id = ?4, started_at = ?1
+WHERE seq IN (SELECT seq FROM ({candidates}) ORDER BY priority DESC, seq LIMIT ?2)
+RETURNING {job_columns};
+
+-- name: claim_candidates
+SELECT * FROM (
+    SELECT seq, priority FROM jobs
+    WHERE status = 'queued' AND model = {model} AND (expires_at IS NULL OR expires_at > ?1)
+    ORDER BY priority DESC, seq LIMIT ?2
+);
+
+-- name: extend_leases
+-- Heartbeat: the leases (?1, a JSON array) of running jobs now expire at ?2.
+UPDATE jobs SET lease_expires_at = ?2
+WHERE lease_id IN (SELECT value FROM json_each(?1)) AND status = 'in_progress'
+RETURNING lease_id;
+
+-- name: cancelled_leases
+-- Heartbeat: which of these leases (?1) belong to jobs cancelled meanwhile.
+SELECT lease_id, id FROM jobs
+WHERE lease_id IN (SELECT value FROM json_each(?1)) AND status = 'cancelled';
+
+-- name: complete_job
+-- Fencing: only the job's current lease (?2) may record its result (?3) at ?4.
+UPDATE jobs SET status = 'completed', result = ?3, error = NULL, finished_at = ?4
+WHERE id = ?1 AND lease_id = ?2 AND status = 'in_progress'
+RETURNING {job_columns};
+
+-- name: release_job
+-- Handed back unfinished by a draining node: queued again, the attempt not counted.
+UPDATE jobs SET status = 'queued', attempts = max(attempts - 1, 0), lease_id = NULL,
+    lease_expires_at = NULL, node_id = NULL
+WHERE id = ?1 AND lease_id = ?2 AND status = 'in_progress'
+RETURNING {job_columns};
+
+-- name: fail_job
+-- Retry or fail: a retryable error (?5) with attempts left queues the job again;
+-- otherwise it fails, keeping the error (?3) and the lease that reported it.
+UPDATE jobs SET error = ?3,
+    status = CASE WHEN NOT ?5 OR attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
+    finished_at = CASE WHEN NOT ?5 OR attempts >= max_attempts THEN ?4 ELSE NULL END,
+    lease_id = CASE WHEN NOT ?5 OR attempts >= max_attempts THEN lease_id ELSE NULL END,
+    node_id = CASE WHEN NOT ?5 OR attempts >= max_attempts THEN node_id ELSE NULL END,
+    lease_expires_at = NULL
+WHERE id = ?1 AND lease_id = ?2 AND status = 'in_progress'
+RETURNING {job_columns};
+
+-- name: job_statuses
+-- Why results were refused: the status of each job (?1, a JSON array of ids).
+SELECT id, status FROM jobs WHERE id IN (SELECT value FROM json_each(?1));
+
+-- name: cancel_job
+-- A job that is not final is cancelled at ?2 (its node hears of it at its heartbeat).
+UPDATE jobs SET status = 'cancelled', finished_at = ?2
+WHERE id = ?1 AND status IN ('queued', 'in_progress')
+RETURNING {job_columns};
+
+-- name: reap_leases
+-- Leases that expired by ?1: the job expires (past expires_at), fails when its attempts
+-- are used up (the last error kept inside), or is queued again.
+UPDATE jobs SET
+    status = CASE WHEN expires_at IS NOT NULL AND expires_at <= ?1 THEN 'expired'
+                  WHEN attempts >= max_attempts THEN 'failed'
+                  ELSE 'queued' END,
+    error = CASE WHEN attempts >= max_attempts
+                      AND NOT (expires_at IS NOT NULL AND expires_at <= ?1)
+                 THEN json_object('code', 'attempts_exhausted',
+                                  'message', 'the lease expired on attempt ' || attempts
+                                             || ' of ' || max_attempts || ' without a result',
+                                  'last_error', json(error))
+                 ELSE error END,
+    finished_at = CASE WHEN (expires_at IS NOT NULL AND expires_at <= ?1)
+                            OR attempts >= max_attempts
+                       THEN ?1 ELSE NULL END,
+    lease_id = NULL, lease_expires_at = NULL, node_id = NULL
+WHERE status = 'in_progress' AND lease_expires_at <= ?1
+RETURNING id, status;
+
+-- name: reap_queued
+-- Queued jobs whose expires_at passed by ?1 expire.
+UPDATE jobs SET status = 'expired', finished_at = ?1
+WHERE status = 'queued' AND expires_at <= ?1
+RETURNING id;
+
+-- name: count_active
+SELECT count(*) FROM jobs WHERE owner = ?1 AND status IN ('queued', 'in_progress');
+
+-- name: job_counts
+SELECT model, status, count(*) FROM jobs GROUP BY model, status;
+
+-- ======================================================================== nodes
+
+-- name: upsert_node
+INSERT INTO nodes ({node_columns}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+ON CONFLICT (id) DO UPDATE SET name = excluded.name, owner = excluded.owner,
+    models = excluded.models, capacity = excluded.capacity, hardware = excluded.hardware,
+    version = excluded.version, registered_at = excluded.registered_at,
+    last_seen = excluded.last_seen, stats = excluded.stats;
+
+-- name: touch_node
+UPDATE nodes SET last_seen = ?1 WHERE id = ?2;
+
+-- name: touch_node_stats
+UPDATE nodes SET last_seen = ?1, stats = ?3 WHERE id = ?2;
+
+-- name: get_node
+SELECT {node_columns} FROM nodes WHERE id = ?1;
+
+-- name: list_nodes
+SELECT {node_columns} FROM nodes WHERE last_seen >= ?1 ORDER BY registered_at;
+
+-- ======================================================================== keys
+
+-- name: insert_key
+INSERT INTO api_keys ({key_columns}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7);
+
+-- name: get_key_by_hash
+SELECT {key_columns} FROM api_keys WHERE key_hash = ?1;
+
+-- name: list_keys
+SELECT {key_columns} FROM api_keys ORDER BY created_at, id;
+
+-- name: revoke_key
+UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL;
+
+-- name: get_key
+SELECT {key_columns} FROM api_keys WHERE id = ?1;
+
+-- ======================================================================== files
+
+-- name: put_file_part
+INSERT INTO file_parts (file_id, idx, data) VALUES (?1, ?2, ?3)
+ON CONFLICT (file_id, idx) DO UPDATE SET data = excluded.data;
+
+-- name: insert_file
+INSERT INTO files (id, owner, purpose, filename, bytes, created_at, lines)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+RETURNING seq;
+
+-- name: get_file
+SELECT {file_columns} FROM files WHERE id = ?1;
+
+-- name: list_files
+SELECT {file_columns} FROM files WHERE {where} ORDER BY seq DESC LIMIT {limit};
+
+-- name: read_file_part
+SELECT data FROM file_parts WHERE file_id = ?1 AND idx = ?2;
+
+-- name: delete_file_parts
+DELETE FROM file_parts WHERE file_id = ?1;
+
+-- name: delete_file
+DELETE FROM files WHERE id = ?1;
+
+-- ======================================================================== batches
+
+-- name: insert_batch
+INSERT INTO batches ({batch_fields}) VALUES ({batch_marks}) RETURNING seq;
+
+-- name: save_batch
+-- Optimistic concurrency: written only if the stored version is still ?2.
+UPDATE batches SET {batch_sets} WHERE id = ?1 AND version = ?2;
+
+-- name: get_batch
+SELECT {batch_columns} FROM batches WHERE id = ?1;
+
+-- name: list_batches
+SELECT {batch_columns} FROM batches WHERE {where} ORDER BY seq DESC LIMIT {limit};
+
+-- name: open_batches
+SELECT {batch_columns} FROM batches
+WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling') ORDER BY seq;
+
+-- name: batch_counts
+SELECT status, count(*) FROM jobs WHERE batch_id = ?1 GROUP BY status;
+
+-- name: batch_jobs
+SELECT {job_columns} FROM jobs WHERE batch_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3;
+
+-- name: cancel_batch_jobs
+-- The batch's queued jobs are cancelled at ?2; running ones finish.
+UPDATE jobs SET status = 'cancelled', finished_at = ?2
+WHERE batch_id = ?1 AND status = 'queued'
+RETURNING id;
+
+-- ======================================================================== templates
+
+-- name: put_template
+INSERT INTO templates ({template_columns}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+ON CONFLICT (owner, name) DO UPDATE SET description = excluded.description,
+    streams = excluded.streams, updated_at = excluded.updated_at
+RETURNING {template_columns};
+
+-- name: get_template
+SELECT {template_columns} FROM templates WHERE owner = ?1 AND name = ?2;
+
+-- name: list_templates
+SELECT {template_columns} FROM templates WHERE {where} ORDER BY name, owner;
+
+-- name: delete_template
+DELETE FROM templates WHERE owner = ?1 AND name = ?2;
