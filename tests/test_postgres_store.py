@@ -14,11 +14,12 @@ import asyncpg
 import pytest
 
 from openbeepboop.server.core.deltas import DeltaHub
-from openbeepboop.server.core.notify import Notifier, job_topic, model_topic
+from openbeepboop.server.core.notify import Notifier
 from openbeepboop.server.models import NewJob
 from openbeepboop.server.store.migrations import latest_version
 from openbeepboop.server.store.pg_bridge import PAYLOAD_BYTES, encode
 from openbeepboop.server.store.postgres import PostgresStore
+from openbeepboop.server.topics import job_topic, model_topic
 from tests.pg import temp_database
 
 T0 = 1_000_000.0
