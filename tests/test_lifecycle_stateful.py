@@ -1,6 +1,7 @@
 """A Hypothesis state machine drives the SQLite store through random lifecycles and
 checks it against a small model: each job in exactly one state, at most one live lease,
-attempts never above max_attempts, nothing leaves a final state, stale leases never win.
+attempts never above max_attempts, nothing leaves a final state, stale leases never win,
+the writer's counters of queued jobs stay exact.
 """
 
 from __future__ import annotations
@@ -217,6 +218,24 @@ class Lifecycle(RuleBasedStateMachine):
         ]
         assert len({j.lease_id for j in live}) == len(live)
         assert all(j.lease_id for j in live)
+
+    @invariant()
+    def queued_counters_are_exact(self) -> None:
+        """The writer's counters of queued jobs (new jobs' positions come from them)
+        agree with the jobs, through every transition."""
+        counted: dict[int, int] = {}
+        for job in self.jobs.values():
+            if job.status is JobStatus.QUEUED:
+                counted[job.priority] = counted.get(job.priority, 0) + 1
+
+        async def kept() -> list[tuple[int, int]]:
+            sql = "SELECT priority, queued FROM temp.queued_counts WHERE queued != 0"
+            rows: list[tuple[int, int]] = await self.store._writer.run(
+                lambda c: c.execute(sql).fetchall()
+            )
+            return rows
+
+        assert dict(self.run(kept())) == counted
 
 
 TestLifecycle = Lifecycle.TestCase

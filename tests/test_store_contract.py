@@ -169,6 +169,39 @@ async def test_queue_position_follows_priority_then_age(store: Store) -> None:
     assert positions == {high: 0, low: 1, low2: 2}
 
 
+async def test_submit_positions_match_queue_position_through_the_lifecycle(store: Store) -> None:
+    """The position a submit reports for a new job is what `queue_position` says of it,
+    while jobs ahead are claimed, finished, released, retried, cancelled and expired."""
+
+    async def submit_one(**kw: Any) -> tuple[str, int | None]:
+        [outcome] = await store.submit_jobs([new_job(**kw)], T0, positions=True)
+        return outcome.job.id, outcome.position
+
+    async def check(job_id: str, reported: int | None) -> None:
+        job = await store.get_job(job_id)
+        assert job is not None
+        assert reported == await store.queue_position(job)
+
+    await check(*await submit_one())  # 0: an empty queue
+    await check(*await submit_one(priority=5))  # 0: ahead of the first
+    await check(*await submit_one(model="other"))  # 0: another model's queue
+    [a, b] = await fetch(store, n=2)  # the two of model m
+    await store.submit_results([NodeResult(a.id, str(a.lease_id), result=RESULT)], T0)
+    await store.submit_results([NodeResult(b.id, str(b.lease_id), released=True)], T0)
+    await check(*await submit_one())  # 1: behind the released job
+    [c] = await fetch(store, n=1)
+    failed = NodeResult(c.id, str(c.lease_id), error={"code": "x"}, retryable=True)
+    await store.submit_results([failed], T0)  # queued again
+    await check(*await submit_one(priority=-1))  # 2: behind both priority-0 jobs
+    expiring, _ = await submit_one(priority=9, expires_at=T0 + 1)
+    await store.reap(T0 + 2)  # expires it
+    cancelled, _ = await submit_one(priority=9)
+    await store.cancel_job(cancelled, T0)
+    await check(*await submit_one(priority=9))  # 0: the priority-9 jobs are gone
+    await check(*await submit_one())  # 3: the two priority-0 jobs and the priority-9 one
+    assert expiring != cancelled
+
+
 # -- fetch (claim) ---------------------------------------------------------------------
 
 

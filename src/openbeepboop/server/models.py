@@ -116,10 +116,12 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class SubmitOutcome:
-    """The job a submit produced, and whether it was an idempotent replay."""
+    """The job a submit produced, whether it was an idempotent replay, and (when asked
+    for) how many queued jobs of its model run before it."""
 
     job: Job
     created: bool
+    position: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,24 +130,32 @@ class Queue:
     # -- clients ----------------------------------------------------------------
 
     async def submit(
-        self, key: ApiKey, requests: Sequence[JobRequest], durable: bool = True
+        self,
+        key: ApiKey,
+        requests: Sequence[JobRequest],
+        durable: bool = True,
+        positions: bool = False,
     ) -> list[SubmitOutcome]:
         """Queue jobs for `key` (all or none); idempotent replays return the first job.
         `durable=False` only where the caller is told nothing before the result (see
-        `Store.submit_jobs`)."""
+        `Store.submit_jobs`); `positions`: the outcomes say where new jobs stand."""
         if not requests:
             raise InvalidRequest("no jobs to submit", param="jobs")
         await self._check_active_limit(key, len(requests))
-        return await self.enqueue(key.id, requests, durable)
+        return await self.enqueue(key.id, requests, durable, positions)
 
     async def enqueue(
-        self, owner: str, requests: Sequence[JobRequest], durable: bool = True
+        self,
+        owner: str,
+        requests: Sequence[JobRequest],
+        durable: bool = True,
+        positions: bool = False,
     ) -> list[SubmitOutcome]:
         """Queue jobs for `owner` past the per-key limits (batch lines use this: a batch
         was accepted whole, its lines wait their turn)."""
         now = self._clock()
         new = [self._new_job(owner, r, now) for r in requests]
-        outcomes = await self.store.submit_jobs(new, now, durable)
+        outcomes = await self.store.submit_jobs(new, now, durable, positions)
         created = [o.job for o in outcomes if o.created]
         self._count_active(owner, len(created))
         self.notifier.publish({model_topic(j.model) for j in created})
@@ -216,9 +224,16 @@ class Queue:
         )
 
     async def queue_position(self, job: Job) -> int | None:
+        """How many queued jobs of its model run before `job` (None unless queued)."""
         if job.status is not JobStatus.QUEUED:
             return None
         return await self.store.queue_position(job)
+
+    async def submitted_position(self, outcome: SubmitOutcome) -> int | None:
+        """The queue position of a job as submitted (known already for a new job)."""
+        if outcome.position is not None:
+            return outcome.position
+        return await self.queue_position(outcome.job)
 
     async def cancel(self, key: ApiKey, job_id: str) -> Job:
         """Cancel a job that is not final; its node hears of it in the heartbeat reply."""

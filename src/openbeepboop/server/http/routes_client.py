@@ -60,8 +60,8 @@ async def _openai_call(
 ) -> Response:
     queue = app_state(request).queue
     if _wants_async(prefer):
-        outcome = (await queue.submit(key, [req]))[0]
-        position = await queue.queue_position(outcome.job)
+        outcome = (await queue.submit(key, [req], positions=True))[0]
+        position = await queue.submitted_position(outcome)
         return JSONResponse(
             job_json(outcome.job, position),
             status_code=202 if outcome.created else 200,
@@ -197,8 +197,9 @@ async def create_jobs(
             {"object": "list", "data": [job_json(o.job) for o in outcomes]}, status_code=202
         )
     [spec] = await _render_templates(request, key, [_validate(JobSpec, raw, ("body",))])
-    outcome = (await queue.submit(key, [_spec_request(spec, idempotency_key, ("body",))]))[0]
-    position = await queue.queue_position(outcome.job)
+    req = _spec_request(spec, idempotency_key, ("body",))
+    outcome = (await queue.submit(key, [req], positions=True))[0]
+    position = await queue.submitted_position(outcome)
     return JSONResponse(
         job_json(outcome.job, position),
         status_code=202 if outcome.created else 200,

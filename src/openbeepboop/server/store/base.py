@@ -39,10 +39,11 @@ class Store(Protocol):
     # -- jobs -----------------------------------------------------------------
 
     async def submit_jobs(
-        self, jobs: Sequence[NewJob], now: float, durable: bool = True
+        self, jobs: Sequence[NewJob], now: float, durable: bool = True, positions: bool = False
     ) -> list[SubmitOutcome]:
         """Insert jobs as `queued`, all or none. A job whose (owner, idempotency_key) exists
         returns the existing job (`created=False`); the caller compares request hashes.
+        `positions`: each created job's outcome also says its `queue_position` then.
         `durable=False`: nobody is told of these jobs yet (a synchronous call answers only
         with the result), so the commit need not wait for the disk; a later durable
         commit makes them durable too."""

@@ -96,7 +96,7 @@ class PostgresStore:
     # -- jobs -------------------------------------------------------------------
 
     async def submit_jobs(
-        self, jobs: Sequence[NewJob], now: float, durable: bool = True
+        self, jobs: Sequence[NewJob], now: float, durable: bool = True, positions: bool = False
     ) -> list[SubmitOutcome]:
         # `durable` is not used: every commit here waits for its WAL flush (the server's
         # `synchronous_commit`), which the single-statement writes would need a
@@ -107,9 +107,16 @@ class PostgresStore:
         values = [rows.new_job_values(j) for j in jobs]
         columns = [ids, *(list(column) for column in zip(*values, strict=True))]
         insert, find = self._q["insert_jobs"], self._q["find_jobs_by_idempotency_keys"]
+        ahead = self._q["queued_ahead"]
 
         async def op(conn: Conn) -> list[SubmitOutcome]:
             seqs = {r["id"]: r["seq"] for r in await conn.fetch(insert, *columns, float(now))}
+            places = {}
+            if positions:
+                for job_id, nj in zip(ids, jobs, strict=True):
+                    if job_id in seqs:
+                        args = (nj.model, nj.priority, seqs[job_id])
+                        places[job_id] = int(await conn.fetchval(ahead, *args))
             replays = [j for i, j in zip(ids, jobs, strict=True) if i not in seqs]
             existing = {}
             if replays:
@@ -117,7 +124,7 @@ class PostgresStore:
                 found = [rows.job(r) for r in await conn.fetch(find, *keys)]
                 existing = {(j.owner, j.idempotency_key): j for j in found}
             return [
-                SubmitOutcome(nj.queued(job_id, seqs[job_id], now), created=True)
+                SubmitOutcome(nj.queued(job_id, seqs[job_id], now), True, places.get(job_id))
                 if job_id in seqs
                 else SubmitOutcome(
                     outcomes.replayed(existing[(nj.owner, nj.idempotency_key)], nj),

@@ -47,7 +47,8 @@ class SqliteStore:
     def __init__(self, path: Path, readers: int = 2, synchronous: str = "FULL") -> None:
         self.path = path
         self._q = Queries("sqlite")
-        self._writer = GroupCommitWriter(path, synchronous)
+        track = self._q["track_queued"]
+        self._writer = GroupCommitWriter(path, synchronous, lambda c: c.executescript(track))
         self._readers = ReaderPool(path, size=readers)
 
     # -- lifecycle --------------------------------------------------------------
@@ -101,12 +102,14 @@ class SqliteStore:
     # -- jobs -------------------------------------------------------------------
 
     async def submit_jobs(
-        self, jobs: Sequence[NewJob], now: float, durable: bool = True
+        self, jobs: Sequence[NewJob], now: float, durable: bool = True, positions: bool = False
     ) -> list[SubmitOutcome]:
-        return await self._writer.run(lambda conn: self._submit(conn, jobs, now), durable)
+        return await self._writer.run(
+            lambda conn: self._submit(conn, jobs, now, positions), durable
+        )
 
     def _submit(
-        self, conn: sqlite3.Connection, jobs: Sequence[NewJob], now: float
+        self, conn: sqlite3.Connection, jobs: Sequence[NewJob], now: float, positions: bool
     ) -> list[SubmitOutcome]:
         out = []
         for nj in jobs:
@@ -121,7 +124,11 @@ class SqliteStore:
             job_id = rows.new_job_id()
             args = (job_id, *rows.new_job_values(nj), now)
             seq = conn.execute(self._q["insert_job"], args).lastrowid or 0
-            out.append(SubmitOutcome(nj.queued(job_id, seq, now), created=True))
+            position = None
+            if positions:
+                ahead = (nj.model, nj.priority)
+                position = int(conn.execute(self._q["queued_ahead"], ahead).fetchone()[0])
+            out.append(SubmitOutcome(nj.queued(job_id, seq, now), True, position))
         return out
 
     async def get_job(self, job_id: str) -> Job | None:

@@ -52,9 +52,15 @@ def connect(path: Path, *, readonly: bool = False, synchronous: str = "FULL") ->
 class GroupCommitWriter:
     """The single writer thread (see the module docstring)."""
 
-    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
+    def __init__(
+        self,
+        path: Path,
+        synchronous: str = "FULL",
+        prepare: Callable[[sqlite3.Connection], object] | None = None,
+    ) -> None:
         self._path = path
         self._synchronous = synchronous
+        self._prepare = prepare  # run once on the new connection, before any operation
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -89,6 +95,8 @@ class GroupCommitWriter:
     def _run(self) -> None:
         try:
             conn = connect(self._path, synchronous=self._synchronous)
+            if self._prepare is not None:
+                self._prepare(conn)
         except BaseException as exc:
             self._error = exc
             self._started.set()

@@ -47,6 +47,13 @@ SELECT {job_columns} FROM jobs WHERE {where} ORDER BY seq DESC LIMIT {limit};
 SELECT count(*) FROM jobs
 WHERE status = 'queued' AND model = $1 AND (priority > $2 OR (priority = $2 AND seq < $3));
 
+-- name: queued_ahead
+-- queue_position of a job just queued: counted. (SQLite sums counters its writer keeps;
+-- here a counter row, updated by every submit and claim of its model on every replica,
+-- would serialize them on its lock.)
+SELECT count(*) FROM jobs
+WHERE status = 'queued' AND model = $1 AND (priority > $2 OR (priority = $2 AND seq < $3));
+
 -- name: claim_jobs
 -- Lease up to $3 queued jobs of the models $1, highest priority first, then oldest; each
 -- gets a fresh lease id, the lease's expiry $4 and one more attempt; $2 now, $5 the node.
