@@ -8,6 +8,9 @@ import json
 import time
 from typing import Any
 
+import pytest
+
+from openbeepboop.server.http.fastlane import parse_json
 from tests.conftest import Api
 
 MSGS = [{"role": "user", "content": "hi"}]
@@ -618,3 +621,34 @@ async def test_a_model_no_node_ever_served_is_404_at_once_while_nodes_are_live(a
         assert (error["code"], error["param"]) == ("model_not_found", "model")
         assert "echo" in error["message"]  # says what is served
     assert await list_ids(api) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"seed": 123456789012345678901234567890}',
+        b'{"seed": -9223372036854775809}',
+        b'{"seed": 18446744073709551616}',
+        b'{"seed": 9223372036854775807, "x": -9223372036854775808}',
+        b'{"t": 1e400, "u": -1e400}',
+        b'{"t": NaN, "u": Infinity}',
+        b'{"s": "\\ud800"}',
+        b'{"a": 1, "a": 2}',
+        b'{"f": 1.0000000000000002, "g": -0.0, "h": 1E2, "i": 5e-324}',
+        '{"s": "é ☃ 𝄞"}'.encode(),
+        '{"s": "utf-16"}'.encode("utf-16"),
+        b"[1, 2, 3]",
+        b"not json",
+        b"\xff",
+    ],
+)
+def test_the_fast_lane_reads_a_body_as_starlette_does(body: bytes) -> None:
+    """Same values, same types, same refusals as `json.loads` (what FastAPI uses)."""
+    try:
+        expected: Any = json.loads(body)
+    except ValueError as exc:
+        with pytest.raises(type(exc)):
+            parse_json(body)
+        return
+    got = parse_json(body)
+    assert repr(got) == repr(expected)

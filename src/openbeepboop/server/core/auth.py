@@ -43,13 +43,13 @@ class KeyRing:
             raise AuthenticationFailed(
                 "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key"
             )
-        if not looks_like_key(secret):
-            raise AuthenticationFailed("invalid API key")
         digest = hash_key(secret)
         now = self._clock()
         cached = self._cache.get(digest)
         if cached is not None and now - cached[1] < CACHE_SECONDS:
             key = cached[0]
+        elif not looks_like_key(secret):  # not worth a lookup
+            raise AuthenticationFailed("invalid API key")
         else:
             key = await self._store.get_key_by_hash(digest)
             if len(self._cache) > 10_000:

@@ -30,7 +30,7 @@ from openbeepboop.server.http.guards import BodyLimit
 from openbeepboop.server.http.inbound import JobBatch, JobSpec
 from openbeepboop.server.http.metrics import Metrics, MetricsMiddleware
 from openbeepboop.server.http.ratelimit import KeyRateLimiter
-from openbeepboop.server.http.state import AppState
+from openbeepboop.server.http.state import AppState, app_state
 from openbeepboop.server.settings import ServerSettings
 from openbeepboop.server.store import factory
 from openbeepboop.server.store.base import SharedStore, Store
@@ -109,7 +109,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     app.include_router(routes_ops.router)
     if settings.fast_lane:  # innermost: serves the hottest calls past FastAPI
         lanes = fastlane.lanes([routes_client.router, routes_node.router])
-        app.add_middleware(FastLane, lanes=lanes)
+        app.add_middleware(FastLane, lanes=lanes, state=app_state(app))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(
         BodyLimit,

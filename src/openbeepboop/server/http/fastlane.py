@@ -20,8 +20,8 @@ Anything it is not sure about (another content type, a body that is not JSON or 
 validation, a missing, bad or wrong-role key) goes on untouched, body and all, to FastAPI,
 which answers it exactly as before; nothing has happened by then (validation and a
 refused key have no side effects: the rate limiter counts a key only once it is known
-good). The body is parsed with the standard `json` module, as Starlette does (orjson
-reads some inputs differently, e.g. integers beyond 64 bits). An error raised while
+good). The body is parsed as Starlette parses it (`json.loads`; orjson where the two
+agree, see `parse_json`). An error raised while
 serving is answered by the app's own exception handler for it; anything without one
 propagates to the server-error handler, as from a route.
 """
@@ -29,10 +29,12 @@ propagates to the server-error handler, as from a route.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from fastapi import APIRouter
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
@@ -42,7 +44,7 @@ from starlette.responses import Response
 
 from openbeepboop.server.errors import AuthenticationFailed, PermissionDenied
 from openbeepboop.server.http.guards import authenticate, bearer, client_key, node_key
-from openbeepboop.server.http.state import app_state
+from openbeepboop.server.http.state import AppState
 from openbeepboop.server.models import Role
 
 ASGIApp = Callable[..., Awaitable[None]]
@@ -151,9 +153,10 @@ def _json_object(data: Any) -> dict[str, Any]:
 class FastLane:
     """See the module docstring."""
 
-    def __init__(self, app: ASGIApp, lanes: dict[str, Lane]) -> None:
+    def __init__(self, app: ASGIApp, lanes: dict[str, Lane], state: AppState) -> None:
         self.app = app
         self.lanes = lanes
+        self.state = state
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         lane = None
@@ -168,12 +171,12 @@ class FastLane:
 
     async def _serve(self, lane: Lane, request: Request, body: bytes, send: Any) -> bool:
         try:
-            parsed = lane.parse(json.loads(body))  # as Starlette does: orjson differs
+            parsed = lane.parse(parse_json(body))
         except (ValidationError, ValueError):
             return False  # FastAPI gives the canonical answer
         secret = bearer(request.headers.get("authorization"))
         try:
-            key = await authenticate(app_state(request), secret, lane.role)
+            key = await authenticate(self.state, secret, lane.role)
         except (AuthenticationFailed, PermissionDenied):
             return False  # as for a bad body: nothing was counted or done
         except Exception as exc:
@@ -194,6 +197,20 @@ class FastLane:
         response = await handler(request, exc)
         await response(request.scope, request.receive, send)
         return True
+
+
+def parse_json(body: bytes) -> Any:
+    """The body exactly as Starlette's `json.loads` reads it, with orjson (4x faster)
+    where the two agree. orjson refuses most of what they read differently (NaN and
+    Infinity, lone surrogates, UTF-16 bodies, overflowing floats); the one thing it reads
+    differently, an integer beyond 64 bits (as a float), needs 19 digits in a row, and a
+    body with such a run goes to `json.loads`."""
+    if _LONG_DIGITS.search(body) is None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body)
 
 
 def _handler(request: Request, exc: Exception) -> Any:
@@ -223,6 +240,7 @@ def _json_only(scope: dict[str, Any], lane: Lane) -> bool:
 
 
 _JSON_TYPES = (b"application/json", b"application/json; charset=utf-8")
+_LONG_DIGITS = re.compile(rb"\d{19}")
 
 
 async def _read_body(receive: Any) -> tuple[list[dict[str, Any]], bytes | None]:

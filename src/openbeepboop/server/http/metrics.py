@@ -38,6 +38,21 @@ class Metrics:
             registry=self.registry,
         )
         self.nodes = Gauge("openbeepboop_live_nodes", "Live nodes.", registry=self.registry)
+        # the labelled children, found once: `labels()` validates and locks on every call
+        self._counted: dict[tuple[str, str, str], Any] = {}
+        self._timed: dict[str, Any] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one request and its latency."""
+        counted = self._counted.get((method, route, str(status)))
+        if counted is None:
+            counted = self.requests.labels(method, route, str(status))
+            self._counted[(method, route, str(status))] = counted
+        timed = self._timed.get(route)
+        if timed is None:
+            timed = self._timed[route] = self.latency.labels(route)
+        counted.inc()
+        timed.observe(seconds)
 
     def render(self, stats: dict[str, Any]) -> bytes:
         self.jobs.clear()
@@ -73,5 +88,4 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(scope["method"], path, str(status)).inc()
-            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+            self.metrics.observe(scope["method"], path, status, time.perf_counter() - start)
