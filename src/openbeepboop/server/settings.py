@@ -84,6 +84,11 @@ class ServerSettings(BaseSettings):
         "FULL", description="FULL: every acknowledged write survives power loss."
     )
     metrics_public: bool = Field(True, description="Serve /metrics without a key.")
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's OpenTelemetry spans and metrics for every request, once an "
+        "OpenTelemetry SDK is set up in the process (off: its check costs ~5 % CPU per call).",
+    )
     fast_lane: bool = Field(
         True,
         description="Serve the hottest calls past FastAPI's routing (same answers, less CPU).",

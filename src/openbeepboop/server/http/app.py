@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -89,6 +90,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         version=__version__,
         summary="A durable LLM job queue with an OpenAI-compatible API and pull-based nodes.",
         lifespan=lifespan,
+        **_telemetry(settings.opentelemetry),
     )
     app.state.obb = AppState(
         settings=settings,
@@ -119,6 +121,14 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     )
     _document_job_schemas(app)
     return app
+
+
+def _telemetry(enabled: bool) -> dict[str, Any]:
+    """FastAPI's own OpenTelemetry (in FastAPI 0.16x and later) asks the global providers
+    on every request whether an SDK was set up; off unless the setting asks for it."""
+    if enabled or "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
 def _document_job_schemas(app: FastAPI) -> None:
