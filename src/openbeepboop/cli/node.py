@@ -51,6 +51,7 @@ class BackendChoice(click.Choice[str]):
 
     @property  # type: ignore[override]
     def choices(self) -> Sequence[str]:
+        """The installed backends' names, sorted."""
         return installed_backends()
 
     @choices.setter
