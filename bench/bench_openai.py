@@ -326,8 +326,7 @@ def helper_main(mock_url: str) -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import openai
 
-    from openbeepboop.node.backends.litellm import LiteLLMBackend
-    from openbeepboop.node.config import LiteLLMModel
+    from openbeepboop.node.backends.litellm import LiteLLMBackend, LiteLLMModel
 
     config = LiteLLMModel(
         name=MODEL,

@@ -46,10 +46,9 @@ from yarl import URL
 from openbeepboop.node.backends import build_backend
 from openbeepboop.node.backends.base import BackendError, Chunk
 from openbeepboop.node.backends.litellm import _retry_after as litellm_retry_after
-from openbeepboop.node.backends.openai_compat import OpenAIBackend, StreamAssembler
+from openbeepboop.node.backends.openai_compat import OpenAIBackend, OpenAIModel, StreamAssembler
 from openbeepboop.node.backends.ratelimit_headers import duration, retry_after
 from openbeepboop.node.backends.sse import ServerSentEvent, aiter_sse
-from openbeepboop.node.config import OpenAIModel
 from openbeepboop.node.http_env import env_proxy
 from tests.conftest import ServerProcess, free_port
 from tests.nodes import (

@@ -310,7 +310,8 @@ def setup_node(tmp_path: Path, server: ServerProcess, config: Path, delay_ms: in
 
 
 def test_setup_writes_an_openai_backend_model_and_requires_its_base_url(tmp_path: Path) -> None:
-    from openbeepboop.node.config import OpenAIModel, load_node_config
+    from openbeepboop.node.backends.openai_compat import OpenAIModel
+    from openbeepboop.node.config import load_node_config
 
     def setup(*flags: str) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "openbeepboop.cli.node", "setup", "--non-interactive"]

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 import httpx
+from pydantic import ValidationError
 
 from openbeepboop.cli.loop import run as run_loop
+from openbeepboop.node.backends import PluginError, backend_class, installed_backends
 from openbeepboop.node.config import (
     NodeConfig,
     NodeConfigError,
     default_config_path,
+    describe,
     load_node_config,
     write_node_config,
 )
@@ -29,7 +33,30 @@ CONFIG = click.option(
     show_default="node_config.toml",
     help="The node's TOML config.",
 )
-BACKENDS = ("echo", "llama_cpp", "openai", "litellm")
+# the model name each built-in backend suggests; a plugin's suggests its own name
+DEFAULT_NAMES = {
+    "llama_cpp": "gemma-3-270m",
+    "echo": "echo",
+    "openai": "llama3",
+    "litellm": "gpt-4o-mini",
+}
+
+
+class BackendChoice(click.Choice[str]):
+    """The installed backends (the `openbeepboop.backends` entry points), looked up when
+    a command uses them, not when this module is imported."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> Sequence[str]:
+        """The installed backends' names, sorted."""
+        return installed_backends()
+
+    @choices.setter
+    def choices(self, value: Sequence[str]) -> None:
+        """Ignored: the entry points decide."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,13 +105,8 @@ def _model_from_flags(
 
 
 def _ask_model() -> dict[str, Any]:
-    backend = click.prompt("Backend", type=click.Choice(BACKENDS), default="llama_cpp", err=True)
-    default_name = {
-        "llama_cpp": "gemma-3-270m",
-        "echo": "echo",
-        "openai": "llama3",
-        "litellm": "gpt-4o-mini",
-    }[backend]
+    backend = click.prompt("Backend", type=BackendChoice(), default="llama_cpp", err=True)
+    default_name = DEFAULT_NAMES.get(backend, backend)
     name = click.prompt("Model name clients will ask for", default=default_name, err=True)
     path = model = api_base = key_env = None
     if backend == "llama_cpp":
@@ -120,8 +142,31 @@ def _ask_model() -> dict[str, Any]:
             )
             or None
         )
-    concurrency = click.prompt("Concurrent jobs", default=1, type=int, err=True)
-    return _model_from_flags(name, backend, path, model, api_base, None, key_env, concurrency, None)
+    entry = _model_from_flags(name, backend, path, model, api_base, None, key_env, None, None)
+    _ask_required_keys(entry)
+    if concurrency := click.prompt("Concurrent jobs", default=1, type=int, err=True):
+        entry["concurrency"] = concurrency
+    return entry
+
+
+def _ask_required_keys(entry: dict[str, Any]) -> None:
+    """Ask for the keys the backend's own model requires that no question above set (a
+    plugin's, whose descriptions are the prompts); pydantic converts the answers."""
+    try:
+        config_model = backend_class(entry["backend"]).Config
+    except PluginError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for key, field in config_model.model_fields.items():
+        if field.is_required() and key not in entry:
+            entry[key] = click.prompt(f"{field.description or key} ({key})", err=True)
+
+
+def _flag_default_name(backend: str, upstream: str | None) -> str:
+    """What --model-name defaults to: the upstream name for openai and litellm, else the
+    backend's suggestion (a plugin's own name)."""
+    if backend in ("openai", "litellm"):
+        return upstream or "model"
+    return DEFAULT_NAMES.get(backend, backend)
 
 
 def check_server(url: str, key: str) -> str | None:
@@ -147,7 +192,7 @@ def check_server(url: str, key: str) -> str | None:
 @click.option("--api-key", help="A node key (obb_node_...).")
 @click.option("--name", help="This node's name [default: hostname-pid].")
 @click.option("--model-name", help="The model name clients ask for.")
-@click.option("--backend", type=click.Choice(BACKENDS), help="How the model runs.")
+@click.option("--backend", type=BackendChoice(), help="How the model runs.")
 @click.option("--path", help="llama_cpp: a GGUF path or hf:org/repo/file.gguf.")
 @click.option("--litellm-model", help="litellm: the LiteLLM model string.")
 @click.option("--upstream-model", help="openai: the model's name at the endpoint [--model-name].")
@@ -196,12 +241,9 @@ def setup(
         )
     if backend or model_name:
         backend = backend or "llama_cpp"
-        default_name = {"llama_cpp": "gemma-3-270m", "echo": "echo"}.get(
-            backend, litellm_model or upstream_model
-        )
         models = [
             _model_from_flags(
-                model_name or default_name or "model",
+                model_name or _flag_default_name(backend, litellm_model or upstream_model),
                 backend,
                 path,
                 upstream_model if backend == "openai" else litellm_model,
@@ -223,8 +265,8 @@ def setup(
         data["node"] = {"name": name}
     try:
         config = NodeConfig.model_validate(data)
-    except Exception as exc:
-        raise click.UsageError(str(exc)) from exc
+    except ValidationError as exc:
+        raise click.UsageError(describe(exc)) from exc
     problem = None if no_check else check_server(str(server_url), str(api_key))
     if problem:
         raise click.ClickException(problem + " (use --no-check to write the config anyway)")

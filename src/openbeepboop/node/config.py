@@ -1,4 +1,8 @@
-"""Node configuration: `node_config.toml` (CONTRACT.md), validated with pydantic.
+"""Node configuration: `node_config.toml` (docs/configuration.md), validated with pydantic.
+
+Each `[[models]]` entry belongs to a backend, which owns the model of its keys
+(`node/backends`): the entry's `backend` names the entry point, whose `Config` validates
+the rest.
 
 Environment variables override the file: `OPENBEEPBOOP_SERVER_URL`,
 `OPENBEEPBOOP_NODE_KEY` (or `OPENBEEPBOOP_API_KEY`), `OPENBEEPBOOP_NODE_NAME`.
@@ -10,19 +14,23 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any
 
 import platformdirs
 import tomli_w
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    SerializeAsAny,
     ValidationError,
-    field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from openbeepboop.node.backends import PluginError, backend_class
+from openbeepboop.node.backends.base import ModelConfig
 
 DEFAULT_CONFIG = "node_config.toml"
 
@@ -51,100 +59,48 @@ class NodeSection(_Strict):
     log_prompts: bool = Field(False, description="Include prompt text in logs.")
 
 
-class _ModelBase(_Strict):
-    name: str = Field(min_length=1, description="The model name clients ask for.")
-    concurrency: int = Field(1, ge=1, le=1024, description="Jobs run at once.")
-    timeout_seconds: float = Field(600.0, gt=0, description="Longest single generation.")
-    max_attempts: int = Field(5, ge=1, le=50, description="Tries on transient provider errors.")
-    rpm: float | None = Field(None, gt=0, description="Requests per minute to pace to.")
-    tpm: float | None = Field(None, gt=0, description="Tokens per minute (informational).")
+class _BackendName(BaseModel):
+    backend: str = Field(min_length=1)
 
 
-class EchoModel(_ModelBase):
-    """Built in: answers with the last user message after `delay_ms`."""
-
-    backend: Literal["echo"]
-    delay_ms: float = Field(0, ge=0)
-    token_delay_ms: float = Field(0, ge=0, description="Pause between streamed words.")
-
-
-class LlamaCppModel(_ModelBase):
-    """A local GGUF on llama-cpp-python; no path = the bundled Gemma 3 270M."""
-
-    backend: Literal["llama_cpp"]
-    path: str | None = Field(None, description="A .gguf path or hf:org/repo/file.gguf.")
-    chat_format: str | None = Field(
-        None, description="llama.cpp chat format; default: the GGUF's template, else chatml."
-    )
-    n_ctx: int = Field(4096, ge=256)
-    n_threads: int | None = Field(None, ge=1)
-    n_gpu_layers: int = Field(0, ge=-1)
-    max_tokens: int = Field(512, ge=1, description="Default when a request sets none.")
+def _relocated(exc: ValidationError, *prefix: str) -> ValidationError:
+    """`exc` with its locations under `prefix` (messages kept as they are)."""
+    details: list[InitErrorDetails] = [
+        {
+            "type": PydanticCustomError(err["type"], err["msg"]),
+            "loc": (*prefix, *err["loc"]),
+            "input": err["input"],
+        }
+        for err in exc.errors()
+    ]
+    return ValidationError.from_exception_data(exc.title, details)
 
 
-class _ProviderModel(_ModelBase):
-    """A model reached over the network with an optional API key."""
+def read_model_entry(entry: Any) -> Any:
+    """One `[[models]]` entry, read in two steps: its `backend` names an installed
+    backend (entry point), whose own `Config` model then validates the whole entry.
 
-    api_key: str | None = None
-    api_key_env: str | None = Field(None, description="Read the API key from this variable.")
-
-    def resolved_api_key(self) -> str | None:
-        """`api_key`, else the value of `api_key_env` (which must then be set), else None."""
-        if self.api_key:
-            return self.api_key
-        if self.api_key_env:
-            value = os.environ.get(self.api_key_env)
-            if not value:
-                raise NodeConfigError(
-                    f"model {self.name!r}: api_key_env {self.api_key_env!r} is not set"
-                )
-            return value
-        return None
-
-
-class LiteLLMModel(_ProviderModel):
-    """Anything LiteLLM reaches: Ollama, LM Studio, vLLM, OpenAI, Anthropic, ..."""
-
-    backend: Literal["litellm"]
-    model: str = Field(min_length=1, description="A LiteLLM model string, e.g. ollama/llama3.")
-    api_base: str | None = None
-    extra: dict[str, Any] = Field(default_factory=dict, description="Passed to LiteLLM as is.")
+    Errors come as a ValidationError located within the entry: `backend` when the name is
+    missing or unknown (the message lists the installed ones), `<backend>.<key>` for the
+    backend's own keys, as a tagged union would put them."""
+    if not isinstance(entry, dict):
+        return entry  # already a ModelConfig, or not a table: pydantic says which
+    name = _BackendName.model_validate(entry).backend
+    try:
+        config_model = backend_class(name).Config
+    except PluginError as exc:
+        error = PydanticCustomError("unknown_backend", str(exc))
+        raise ValidationError.from_exception_data(
+            "ModelConfig", [{"type": error, "loc": ("backend",), "input": name}]
+        ) from exc
+    try:
+        return config_model.model_validate(entry)
+    except ValidationError as exc:
+        raise _relocated(exc, name) from exc
 
 
-class OpenAIModel(_ProviderModel):
-    """Any OpenAI-compatible HTTP endpoint (OpenAI, vLLM, llama.cpp's server, Ollama's
-    /v1, LM Studio, ...), called directly; request fields pass through untouched."""
-
-    backend: Literal["openai"]
-    api_base: str = Field(
-        description="The base URL the OpenAI paths follow, e.g. http://127.0.0.1:11434/v1."
-    )
-    model: str | None = Field(
-        None, min_length=1, description="The upstream model name; default: `name`."
-    )
-    headers: dict[str, str] = Field(
-        default_factory=dict, description="Extra HTTP headers sent with every request."
-    )
-    extra: dict[str, Any] = Field(
-        default_factory=dict, description="Merged into every request body."
-    )
-
-    @field_validator("api_base")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:11434/v1")
-        return value
-
-    def upstream_model(self) -> str:
-        """The model name sent upstream."""
-        return self.model or self.name
-
-
-ModelConfig = Annotated[
-    EchoModel | LlamaCppModel | LiteLLMModel | OpenAIModel, Field(discriminator="backend")
-]
+# A `[[models]]` entry: validated by its backend's own model, written back in full.
+ModelEntry = Annotated[ModelConfig, BeforeValidator(read_model_entry), SerializeAsAny()]
 
 
 class NodeConfig(_Strict):
@@ -152,7 +108,7 @@ class NodeConfig(_Strict):
 
     server: ServerSection
     node: NodeSection = Field(default_factory=NodeSection)
-    models: list[ModelConfig] = Field(min_length=1)
+    models: list[ModelEntry] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _unique_names(self) -> NodeConfig:
@@ -203,11 +159,16 @@ def load_node_config(path: Path) -> NodeConfig:
     try:
         return NodeConfig.model_validate(_env_overrides(data))
     except ValidationError as exc:
-        lines = [f"{path}: invalid node config:"]
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-            lines.append(f"  {where or '(file)'}: {err['msg']}")
-        raise NodeConfigError("\n".join(lines)) from exc
+        raise NodeConfigError(f"{path}: {describe(exc)}") from exc
+
+
+def describe(exc: ValidationError) -> str:
+    """`invalid node config:` and one `  where: message` line per error."""
+    lines = ["invalid node config:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        lines.append(f"  {where or '(file)'}: {err['msg']}")
+    return "\n".join(lines)
 
 
 def write_node_config(config: NodeConfig, path: Path) -> None:

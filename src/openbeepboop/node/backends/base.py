@@ -1,16 +1,22 @@
 """The backend contract: one async method that yields chunks of text.
 
-A backend is built from its model config, loaded once (`load`), then asked to
+A backend is a class named by an entry point of the `openbeepboop.backends` group. Its
+`Config` (a `ModelConfig` subclass) holds the keys of its `[[models]]` entries; the node
+builds it as `cls(config, models_dir)`, loads it once (`load`), then asks it to
 `execute` requests concurrently up to the model's `concurrency`. Built-in backends are
-registered through the `openbeepboop.backends` entry point group, the same way a
-third-party one would be.
+registered the same way a third-party one is (docs/configuration.md, "Writing a
+backend").
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
 
 JSON = dict[str, Any]
 Progress = Callable[[str, float], None]  # (state, fraction 0..1)
@@ -48,6 +54,44 @@ class BackendError(Exception):
         self.status = status
 
 
+class ModelConfig(BaseModel):
+    """The keys every `[[models]]` entry takes. A backend's `Config` subclasses it with
+    its own keys; an unknown key is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="The model name clients ask for.")
+    backend: str = Field(min_length=1, description="The backend's entry point name.")
+    concurrency: int = Field(1, ge=1, le=1024, description="Jobs run at once.")
+    timeout_seconds: float = Field(600.0, gt=0, description="Longest single generation.")
+    max_attempts: int = Field(5, ge=1, le=50, description="Tries on transient provider errors.")
+    rpm: float | None = Field(None, gt=0, description="Requests per minute to pace to.")
+    tpm: float | None = Field(None, gt=0, description="Tokens per minute (informational).")
+
+
+class ProviderConfig(ModelConfig):
+    """For a model reached over the network with an optional API key (the `openai` and
+    `litellm` backends; a plugin may reuse it)."""
+
+    api_key: str | None = None
+    api_key_env: str | None = Field(None, description="Read the API key from this variable.")
+
+    def resolved_api_key(self) -> str | None:
+        """`api_key`, else the value of `api_key_env` (which must then be set), else None."""
+        if self.api_key:
+            return self.api_key
+        if self.api_key_env:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise BackendError(
+                    f"model {self.name!r}: api_key_env {self.api_key_env!r} is not set",
+                    code="invalid_config",
+                    retryable=False,
+                )
+            return value
+        return None
+
+
 class Backend(Protocol):
     """What the node needs from a backend."""
 
@@ -61,6 +105,17 @@ class Backend(Protocol):
 
     async def close(self) -> None:
         """Release what `load` took."""
+
+
+class BackendClass(Protocol):
+    """What an `openbeepboop.backends` entry point names: a callable (usually the backend
+    class) with a `Config` model, which the node calls with a validated entry of that
+    model and its models directory (where downloads go)."""
+
+    Config: ClassVar[type[ModelConfig]]
+
+    def __call__(self, config: Any, models_dir: Path) -> Backend:
+        """A backend for one `[[models]]` entry, not loaded yet."""
 
 
 def last_user_text(request: JSON) -> str:

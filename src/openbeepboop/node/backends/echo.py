@@ -5,15 +5,26 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
-from openbeepboop.node.backends.base import JSON, Chunk, Progress, last_user_text
-from openbeepboop.node.config import EchoModel
+from pydantic import Field
+
+from openbeepboop.node.backends.base import JSON, Chunk, ModelConfig, Progress, last_user_text
+
+
+class EchoModel(ModelConfig):
+    """Built in: answers with the last user message after `delay_ms`."""
+
+    delay_ms: float = Field(0, ge=0)
+    token_delay_ms: float = Field(0, ge=0, description="Pause between streamed words.")
 
 
 class EchoBackend:
     """Waits `delay_ms`, then streams the last user message back word by word."""
 
-    def __init__(self, config: EchoModel) -> None:
+    Config = EchoModel
+
+    def __init__(self, config: EchoModel, models_dir: Path | None = None) -> None:
         self.config = config
         self.state = "loading"
 

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
-from openbeepboop.node.backends.base import JSON, BackendError, Chunk, Progress, whole_answer
+from pydantic import Field
+
+from openbeepboop.node.backends.base import (
+    JSON,
+    BackendError,
+    Chunk,
+    Progress,
+    ProviderConfig,
+    whole_answer,
+)
 from openbeepboop.node.backends.ratelimit_headers import TRANSIENT_STATUSES, retry_after
-from openbeepboop.node.config import LiteLLMModel
 
 PASSTHROUGH = (
     "temperature",
@@ -40,6 +49,14 @@ PASSTHROUGH = (
 )
 
 
+class LiteLLMModel(ProviderConfig):
+    """Anything LiteLLM reaches: Ollama, LM Studio, vLLM, OpenAI, Anthropic, ..."""
+
+    model: str = Field(min_length=1, description="A LiteLLM model string, e.g. ollama/llama3.")
+    api_base: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict, description="Passed to LiteLLM as is.")
+
+
 def _import_litellm() -> Any:
     # offline-safe: no fetch of the remote price map, no telemetry
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -55,7 +72,9 @@ class LiteLLMBackend:
     come) unless the request says `"stream": false` (a synchronous caller that takes the
     answer whole); text completions come whole."""
 
-    def __init__(self, config: LiteLLMModel) -> None:
+    Config = LiteLLMModel
+
+    def __init__(self, config: LiteLLMModel, models_dir: Path | None = None) -> None:
         self.config = config
         self.state = "loading"
         self._litellm: Any = None

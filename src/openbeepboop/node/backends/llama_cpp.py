@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from openbeepboop.node.backends.base import JSON, BackendError, Chunk, Progress
-from openbeepboop.node.config import LlamaCppModel
+from pydantic import Field
+
+from openbeepboop.node.backends.base import JSON, BackendError, Chunk, ModelConfig, Progress
 
 SAMPLING = (
     "temperature",
@@ -32,6 +33,19 @@ SAMPLING = (
     "logit_bias",
 )
 _END = object()
+
+
+class LlamaCppModel(ModelConfig):
+    """A local GGUF on llama-cpp-python; no path = the bundled Gemma 3 270M."""
+
+    path: str | None = Field(None, description="A .gguf path or hf:org/repo/file.gguf.")
+    chat_format: str | None = Field(
+        None, description="llama.cpp chat format; default: the GGUF's template, else chatml."
+    )
+    n_ctx: int = Field(4096, ge=256)
+    n_threads: int | None = Field(None, ge=1)
+    n_gpu_layers: int = Field(0, ge=-1)
+    max_tokens: int = Field(512, ge=1, description="Default when a request sets none.")
 
 
 def bundled_gemma(target_dir: Path) -> Path:
@@ -84,6 +98,8 @@ class _Instance:
 
 class LlamaCppBackend:
     """Serves one GGUF with `concurrency` llama.cpp contexts."""
+
+    Config = LlamaCppModel
 
     def __init__(self, config: LlamaCppModel, models_dir: Path) -> None:
         self.config = config

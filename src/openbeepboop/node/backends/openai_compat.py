@@ -23,17 +23,26 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 from multidict import CIMultiDict
+from pydantic import Field, field_validator
 from yarl import URL
 
-from openbeepboop.node.backends.base import JSON, BackendError, Chunk, Progress, whole_answer
+from openbeepboop.node.backends.base import (
+    JSON,
+    BackendError,
+    Chunk,
+    Progress,
+    ProviderConfig,
+    whole_answer,
+)
 from openbeepboop.node.backends.ratelimit_headers import TRANSIENT_STATUSES, retry_after
 from openbeepboop.node.backends.sse import aiter_sse
-from openbeepboop.node.config import OpenAIModel
 from openbeepboop.node.http_env import proxy_arguments, tls_context
 
 CONNECT_TIMEOUT = 10.0
@@ -49,10 +58,42 @@ CONTEXT_CODES = {"context_length_exceeded", "exceed_context_size_error"}
 _REPLACED_KEYS = {"index", "type", "id", "role"}
 
 
+class OpenAIModel(ProviderConfig):
+    """Any OpenAI-compatible HTTP endpoint (OpenAI, vLLM, llama.cpp's server, Ollama's
+    /v1, LM Studio, ...), called directly; request fields pass through untouched."""
+
+    api_base: str = Field(
+        description="The base URL the OpenAI paths follow, e.g. http://127.0.0.1:11434/v1."
+    )
+    model: str | None = Field(
+        None, min_length=1, description="The upstream model name; default: `name`."
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra HTTP headers sent with every request."
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Merged into every request body."
+    )
+
+    @field_validator("api_base")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:11434/v1")
+        return value
+
+    def upstream_model(self) -> str:
+        """The model name sent upstream."""
+        return self.model or self.name
+
+
 class OpenAIBackend:
     """Calls an OpenAI-compatible endpoint with one pooled, keep-alive aiohttp session."""
 
-    def __init__(self, config: OpenAIModel) -> None:
+    Config = OpenAIModel
+
+    def __init__(self, config: OpenAIModel, models_dir: Path | None = None) -> None:
         self.config = config
         self.state = "loading"
         self._base = config.api_base.rstrip("/") + "/"
