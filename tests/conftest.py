@@ -73,19 +73,29 @@ async def serve_in_process(data_dir: Path, **overrides: Any) -> AsyncIterator[Ap
             yield Api(app, http, keys[0], keys[1], keys[2], node)
 
 
+@pytest.fixture(params=[True, False], ids=["lane", "no-lane"])
+def fast_lane(request: pytest.FixtureRequest) -> bool:
+    """Every in-process HTTP test runs with the fast lane on and off: both paths must
+    answer alike."""
+    return bool(request.param)
+
+
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Api]:
+async def api(tmp_path: Path, fast_lane: bool) -> AsyncIterator[Api]:
     """An in-process server with default settings (rate limits off for speed)."""
-    async with serve_in_process(tmp_path, rate_limit="", model_wait_seconds=0.5) as a:
+    async with serve_in_process(
+        tmp_path, rate_limit="", model_wait_seconds=0.5, fast_lane=fast_lane
+    ) as a:
         yield a
 
 
 @pytest.fixture
-def make_api(tmp_path: Path) -> Callable[..., Any]:
+def make_api(tmp_path: Path, fast_lane: bool) -> Callable[..., Any]:
     """`async with make_api(**settings) as api:` for tests that need other settings."""
     counter = iter(range(1000))
 
     def factory(**overrides: Any) -> Any:
+        overrides.setdefault("fast_lane", fast_lane)
         return serve_in_process(tmp_path / f"api{next(counter)}", **overrides)
 
     return factory

@@ -419,14 +419,22 @@ def bodies(draw: Any, route: str) -> Any:
     return body
 
 
-def test_random_bodies_never_500() -> None:
-    """Random JSON at the main POST routes: a 2xx, or a 4xx in OpenAI's shape."""
+def test_random_bodies_never_500_and_both_paths_agree() -> None:
+    """Random JSON at the main POST routes: a 2xx, or a 4xx in OpenAI's shape, and the
+    same answer with the fast lane on and off (status, and the whole error)."""
     loop = asyncio.new_event_loop()
     with tempfile.TemporaryDirectory() as tmp:
-        server = serve_in_process(
-            Path(tmp), rate_limit="", max_poll_wait_seconds=0.01, model_wait_seconds=0
-        )
-        api: Api = loop.run_until_complete(server.__aenter__())
+        servers = [
+            serve_in_process(
+                Path(tmp) / str(lane),
+                rate_limit="",
+                max_poll_wait_seconds=0.01,
+                model_wait_seconds=0,
+                fast_lane=lane,
+            )
+            for lane in (True, False)
+        ]
+        apis: list[Api] = [loop.run_until_complete(s.__aenter__()) for s in servers]
         try:
 
             @settings(
@@ -437,18 +445,24 @@ def test_random_bodies_never_500() -> None:
             @given(data=st.data())
             def check(data: Any) -> None:
                 route = data.draw(st.sampled_from(sorted(TEMPLATES)), label="route")
-                body = data.draw(bodies(route), label="body")
-                key = api.node if route.startswith("/internal") else api.client
-                headers = api.h(key, Prefer="respond-async", **{"content-type": "application/json"})
-                post = api.http.post(route, content=json.dumps(body).encode(), headers=headers)
-                r = loop.run_until_complete(post)
-                assert r.status_code < 500, r.text
-                if r.status_code >= 400:
-                    assert_openai_error(r, r.status_code)
+                body = json.dumps(data.draw(bodies(route), label="body")).encode()
+                answers = []
+                for api in apis:
+                    key = api.node if route.startswith("/internal") else api.client
+                    headers = api.h(
+                        key, Prefer="respond-async", **{"content-type": "application/json"}
+                    )
+                    r = loop.run_until_complete(api.http.post(route, content=body, headers=headers))
+                    assert r.status_code < 500, r.text
+                    if r.status_code >= 400:
+                        assert_openai_error(r, r.status_code)
+                    answers.append((r.status_code, r.json() if r.status_code >= 400 else None))
+                assert answers[0] == answers[1]
 
             check()
         finally:
-            loop.run_until_complete(server.__aexit__(None, None, None))
+            for server in servers:
+                loop.run_until_complete(server.__aexit__(None, None, None))
             loop.close()
 
 
