@@ -1,4 +1,5 @@
-"""Wire models: what the HTTP API accepts, validated with pydantic.
+"""Inbound: the request bodies the HTTP API accepts, validated with pydantic (what
+comes in; outbound.py is what goes out).
 
 OpenAI request bodies keep every field the client sent (extra fields are allowed and
 passed to the node untouched); only the fields we act on are checked.

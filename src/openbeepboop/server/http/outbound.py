@@ -1,4 +1,5 @@
-"""Domain objects as JSON on the wire."""
+"""Outbound: domain objects as the JSON the HTTP API answers with (what goes out;
+inbound.py is what comes in)."""
 
 from __future__ import annotations
 
