@@ -444,22 +444,28 @@ class Queue:
         await self._touch(node_id)
         wait = min(max(wait, 0.0), self.config.max_poll_wait_seconds)
         deadline = self._clock() + wait
+        jobs = await self._claim(node_id, models, max_jobs)
+        if jobs or wait <= 0 or self.closing:  # the usual case: no need to listen
+            return jobs
         with self.notifier.listen(model_topic(m) for m in models) as event:
-            while True:
+            while True:  # listening first, then claiming again: no wake-up is missed
                 event.clear()
-                jobs = await self.store.fetch_jobs(
-                    node_id, models, max_jobs, self.config.lease_seconds, self._clock()
-                )
+                jobs = await self._claim(node_id, models, max_jobs)
                 remaining = deadline - self._clock()
-                if jobs:
-                    self.notifier.publish(job_topic(j.id) for j in jobs)  # started
-                    return jobs
-                if remaining <= 0 or self.closing:
+                if jobs or remaining <= 0 or self.closing:
                     return jobs
                 try:
                     await asyncio.wait_for(event.wait(), remaining)
                 except TimeoutError:
                     return []
+
+    async def _claim(self, node_id: str, models: Sequence[str], max_jobs: int) -> list[Job]:
+        jobs = await self.store.fetch_jobs(
+            node_id, models, max_jobs, self.config.lease_seconds, self._clock()
+        )
+        if jobs:
+            self.notifier.publish([job_topic(j.id) for j in jobs])  # started
+        return jobs
 
     async def heartbeat(
         self, key: ApiKey, node_id: str, lease_ids: Sequence[str], stats: JSON | None
