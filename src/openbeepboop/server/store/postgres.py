@@ -2,7 +2,8 @@
 
 The same contract and rows as `SqliteStore` (tests/test_store_contract.py runs on both),
 over an asyncpg pool (pg_pool.py, which also says when a verb is retried after a lost
-connection: each verb below declares its `Kind`). The SQL is in sql/postgres.sql. Claims
+connection: each verb declares its `Kind`). The verbs that are one query are
+`SqlStore`'s (sql_store.py); the SQL is in sql/postgres.sql. Claims
 are `FOR UPDATE SKIP LOCKED`, so replicas never hand out the same job and never wait
 for each other's claims. Migrations run at open under an advisory lock
 (migrations.py). Wake-ups and token deltas cross replicas through LISTEN/NOTIFY
@@ -12,29 +13,24 @@ for each other's claims. Migrations run at open under an advisory lock
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from openbeepboop.server.models import (
     ApiKey,
-    Batch,
     HeartbeatOutcome,
     Job,
-    JobFilter,
     NewJob,
-    Node,
     NodeResult,
     ReapOutcome,
     ResultOutcome,
-    StoredFile,
     SubmitOutcome,
-    Template,
 )
 from openbeepboop.server.store import outcomes, rows
 from openbeepboop.server.store.base import DeltaRelay, TopicRelay
 from openbeepboop.server.store.pg_bridge import PgBridge
 from openbeepboop.server.store.pg_pool import Kind, PgPool, migrate
-from openbeepboop.server.store.queries import Queries
+from openbeepboop.server.store.rows import Row
+from openbeepboop.server.store.sql_store import SqlStore
 
 if TYPE_CHECKING:
     import asyncpg
@@ -43,12 +39,12 @@ if TYPE_CHECKING:
     Conn = PoolConnectionProxy[asyncpg.Record]
 
 
-class PostgresStore:
+class PostgresStore(SqlStore):
     """The `Store` contract on a PostgreSQL database shared by several servers."""
 
     def __init__(self, url: str, pool_size: int = 10) -> None:
+        super().__init__("postgres")
         self.url = url
-        self._q = Queries("postgres")
         self._db = PgPool(url, pool_size)
         self._bridge: PgBridge | None = None
 
@@ -75,23 +71,25 @@ class PostgresStore:
         self._bridge = PgBridge(self.url, self, notifier, deltas)
         self._bridge.start()
 
-    async def _rows(self, name: str, *args: Any) -> list[Any]:
-        sql = self._q[name]
+    # -- how a query runs (SqlStore) -----------------------------------------------
+
+    async def _read(self, sql: str, args: Sequence[Any]) -> Sequence[Row]:
         return await self._db.read(lambda c: c.fetch(sql, *args))
 
-    async def _row(self, name: str, *args: Any) -> Any:
-        sql = self._q[name]
-        return await self._db.read(lambda c: c.fetchrow(sql, *args))
+    async def _returning(
+        self, sql: str, args: Sequence[Any], *, idempotent: bool = False, durable: bool = True
+    ) -> Sequence[Row]:
+        kind = Kind.IDEMPOTENT if idempotent else Kind.ONCE
+        return await self._db.write(lambda c: c.fetch(sql, *args), kind)
 
-    async def _execute(self, name: str, *args: Any, kind: Kind = Kind.ONCE) -> int:
-        """One write statement without rows; how many rows it changed."""
-        sql = self._q[name]
+    async def _change(
+        self, sql: str, args: Sequence[Any], *, idempotent: bool = False, durable: bool = True
+    ) -> int:
+        kind = Kind.IDEMPOTENT if idempotent else Kind.ONCE
         return _rowcount(await self._db.write(lambda c: c.execute(sql, *args), kind))
 
-    async def _fetch(self, name: str, *args: Any, kind: Kind = Kind.ONCE) -> list[Any]:
-        """One write statement; the rows it returns."""
-        sql = self._q[name]
-        return await self._db.write(lambda c: c.fetch(sql, *args), kind)
+    def _array(self, values: Sequence[str]) -> list[str]:
+        return list(values)
 
     # -- jobs -------------------------------------------------------------------
 
@@ -139,28 +137,6 @@ class PostgresStore:
         single = len(jobs) == 1 or all(j.idempotency_key is None for j in jobs)
         return await self._db.write(op, Kind.IDEMPOTENT if keyed else Kind.ONCE, single)
 
-    async def get_job(self, job_id: str) -> Job | None:
-        row = await self._row("get_job", job_id)
-        return None if row is None else rows.job(row)
-
-    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
-        return [rows.job(r) for r in await self._rows("get_jobs", list(dict.fromkeys(job_ids)))]
-
-    async def list_jobs(self, flt: JobFilter) -> list[Job]:
-        status = None if flt.status is None else flt.status.value
-        sql, args = self._q.listing(
-            "list_jobs",
-            flt.limit,
-            owner=flt.owner,
-            model=flt.model,
-            status=status,
-            before_seq=flt.after_seq,
-        )
-        return [rows.job(r) for r in await self._db.read(lambda c: c.fetch(sql, *args))]
-
-    async def queue_position(self, job: Job) -> int:
-        return int((await self._row("queue_position", job.model, job.priority, job.seq))[0])
-
     async def fetch_jobs(
         self, node_id: str, models: Sequence[str], max_jobs: int, lease_seconds: float, now: float
     ) -> list[Job]:
@@ -168,7 +144,8 @@ class PostgresStore:
         if not wanted or max_jobs <= 0:
             return []
         expires = float(now + lease_seconds)
-        found = await self._fetch("claim_jobs", wanted, float(now), max_jobs, expires, node_id)
+        args = (wanted, float(now), max_jobs, expires, node_id)
+        found = await self._returning(self._q["claim_jobs"], args)
         jobs = [rows.job(r) for r in found]
         jobs.sort(key=lambda j: (-j.priority, j.seq))
         return jobs
@@ -265,56 +242,15 @@ class PostgresStore:
 
         return await self._db.write(op, single=False)
 
-    async def count_active(self, owner: str) -> int:
-        return int((await self._row("count_active", owner))[0])
-
-    async def stats(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for model, status, count in await self._rows("job_counts"):
-            out.setdefault(model, {})[status] = int(count)
-        return out
-
     # -- for the bridge's polling fallback ----------------------------------------
 
     async def models_with_queued_jobs(self, models: Sequence[str]) -> list[str]:
         """Which of `models` have at least one queued job (an index probe each)."""
-        return [r[0] for r in await self._rows("models_with_queued_jobs", list(models))]
+        return [r[0] for r in await self._read(self._q["models_with_queued_jobs"], [models])]
 
     async def final_job_ids(self, job_ids: Sequence[str]) -> list[str]:
         """Which of `job_ids` are in a final state."""
-        return [r[0] for r in await self._rows("final_job_ids", list(job_ids))]
-
-    # -- nodes ------------------------------------------------------------------
-
-    async def register_node(self, node: Node) -> None:
-        await self._execute("upsert_node", *rows.node_values(node), kind=Kind.IDEMPOTENT)
-
-    async def touch_node(self, node_id: str, now: float, stats: dict[str, object] | None) -> bool:
-        if stats is None:
-            changed = await self._execute("touch_node", float(now), node_id, kind=Kind.IDEMPOTENT)
-        else:
-            args = (float(now), node_id, rows.json_text(stats))
-            changed = await self._execute("touch_node_stats", *args, kind=Kind.IDEMPOTENT)
-        return changed > 0
-
-    async def get_node(self, node_id: str) -> Node | None:
-        row = await self._row("get_node", node_id)
-        return None if row is None else rows.node(row)
-
-    async def list_nodes(self, seen_since: float) -> list[Node]:
-        return [rows.node(r) for r in await self._rows("list_nodes", float(seen_since))]
-
-    # -- keys -------------------------------------------------------------------
-
-    async def create_key(self, key: ApiKey) -> None:
-        await self._execute("insert_key", *rows.api_key_values(key))
-
-    async def get_key_by_hash(self, key_hash: str) -> ApiKey | None:
-        row = await self._row("get_key_by_hash", key_hash)
-        return None if row is None else rows.api_key(row)
-
-    async def list_keys(self) -> list[ApiKey]:
-        return [rows.api_key(r) for r in await self._rows("list_keys")]
+        return [r[0] for r in await self._read(self._q["final_job_ids"], [job_ids])]
 
     async def revoke_key(self, key_id: str, now: float) -> ApiKey | None:
         revoke, get = self._q["revoke_key"], self._q["get_key"]
@@ -326,31 +262,6 @@ class PostgresStore:
 
         return await self._db.write(op, Kind.IDEMPOTENT)
 
-    # -- files ------------------------------------------------------------------
-
-    async def put_file_part(self, file_id: str, index: int, data: bytes) -> None:
-        await self._execute("put_file_part", file_id, index, bytes(data), kind=Kind.IDEMPOTENT)
-
-    async def create_file(self, file: StoredFile) -> StoredFile:
-        [row] = await self._fetch("insert_file", *rows.file_values(file))
-        return replace(file, seq=int(row[0]))
-
-    async def get_file(self, file_id: str) -> StoredFile | None:
-        row = await self._row("get_file", file_id)
-        return None if row is None else rows.stored_file(row)
-
-    async def list_files(
-        self, owner: str | None, purpose: str | None, limit: int, before_seq: int | None
-    ) -> list[StoredFile]:
-        sql, args = self._q.listing(
-            "list_files", limit, owner=owner, purpose=purpose, before_seq=before_seq
-        )
-        return [rows.stored_file(r) for r in await self._db.read(lambda c: c.fetch(sql, *args))]
-
-    async def read_file_part(self, file_id: str, index: int) -> bytes | None:
-        row = await self._row("read_file_part", file_id, index)
-        return None if row is None else bytes(row[0])
-
     async def delete_file(self, file_id: str) -> bool:
         parts, record = self._q["delete_file_parts"], self._q["delete_file"]
 
@@ -359,57 +270,6 @@ class PostgresStore:
             return _rowcount(await conn.execute(record, file_id)) > 0
 
         return await self._db.write(op, single=False)
-
-    # -- batches ----------------------------------------------------------------
-
-    async def create_batch(self, batch: Batch) -> Batch:
-        [row] = await self._fetch("insert_batch", *rows.batch_values(batch))
-        return replace(batch, seq=int(row[0]))
-
-    async def get_batch(self, batch_id: str) -> Batch | None:
-        row = await self._row("get_batch", batch_id)
-        return None if row is None else rows.batch(row)
-
-    async def list_batches(
-        self, owner: str | None, limit: int, before_seq: int | None
-    ) -> list[Batch]:
-        sql, args = self._q.listing("list_batches", limit, owner=owner, before_seq=before_seq)
-        return [rows.batch(r) for r in await self._db.read(lambda c: c.fetch(sql, *args))]
-
-    async def open_batches(self) -> list[Batch]:
-        return [rows.batch(r) for r in await self._rows("open_batches")]
-
-    async def save_batch(self, batch: Batch) -> Batch | None:
-        saved = replace(batch, version=batch.version + 1)
-        args = (batch.id, batch.version, *rows.batch_values(saved)[1:])
-        return saved if await self._execute("save_batch", *args) else None
-
-    async def batch_counts(self, batch_id: str) -> dict[str, int]:
-        return {status: int(n) for status, n in await self._rows("batch_counts", batch_id)}
-
-    async def batch_jobs(self, batch_id: str, after_seq: int, limit: int) -> list[Job]:
-        return [rows.job(r) for r in await self._rows("batch_jobs", batch_id, after_seq, limit)]
-
-    async def cancel_batch_jobs(self, batch_id: str, now: float) -> list[str]:
-        return [r[0] for r in await self._fetch("cancel_batch_jobs", batch_id, float(now))]
-
-    # -- assistant templates ----------------------------------------------------
-
-    async def put_template(self, template: Template) -> Template:
-        values = rows.template_values(template)
-        [row] = await self._fetch("put_template", *values, kind=Kind.IDEMPOTENT)
-        return rows.template(row)
-
-    async def get_template(self, owner: str, name: str) -> Template | None:
-        row = await self._row("get_template", owner, name)
-        return None if row is None else rows.template(row)
-
-    async def list_templates(self, owner: str | None) -> list[Template]:
-        sql, args = self._q.listing("list_templates", owner=owner)
-        return [rows.template(r) for r in await self._db.read(lambda c: c.fetch(sql, *args))]
-
-    async def delete_template(self, owner: str, name: str) -> bool:
-        return await self._execute("delete_template", owner, name) > 0
 
 
 def _rowcount(status: str) -> int:

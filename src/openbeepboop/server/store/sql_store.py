@@ -1,0 +1,202 @@
+"""`SqlStore`: the verbs that are one query in every SQL dialect, written once.
+
+A verb here runs a named query (sql/<dialect>.sql) and maps its rows (rows.py). How a
+query runs is the subclass's: `SqliteStore` on its reader threads and its one writer,
+`PostgresStore` on its pool. The verbs that need a transaction of their own (submitting
+jobs, the claim, heartbeats, results, cancelling, reaping) are written per dialect in
+those subclasses.
+
+A write declares what its dialect may need to know: `idempotent` (PostgreSQL may retry
+it after a lost connection, pg_pool.py) and `durable` (SQLite's commit must reach the
+disk before the caller hears of it, sqlite_io.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from openbeepboop.server.models import ApiKey, Batch, Job, JobFilter, Node, StoredFile, Template
+from openbeepboop.server.store import rows
+from openbeepboop.server.store.queries import Queries
+from openbeepboop.server.store.rows import Row
+
+
+class SqlStore(ABC):
+    """The `Store` verbs common to the SQL stores (see the module docstring)."""
+
+    def __init__(self, dialect: str) -> None:
+        self._q = Queries(dialect)
+
+    @abstractmethod
+    async def _read(self, sql: str, args: Sequence[Any]) -> Sequence[Row]:
+        """The rows of a read."""
+
+    @abstractmethod
+    async def _returning(
+        self, sql: str, args: Sequence[Any], *, idempotent: bool = False, durable: bool = True
+    ) -> Sequence[Row]:
+        """The rows a write returns (RETURNING)."""
+
+    @abstractmethod
+    async def _change(
+        self, sql: str, args: Sequence[Any], *, idempotent: bool = False, durable: bool = True
+    ) -> int:
+        """How many rows a write changed."""
+
+    @abstractmethod
+    def _array(self, values: Sequence[str]) -> Any:
+        """`values` as the dialect takes a list parameter."""
+
+    async def _first(self, name: str, *args: Any) -> Row | None:
+        found = await self._read(self._q[name], args)
+        return found[0] if found else None
+
+    # -- jobs -------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job | None:
+        row = await self._first("get_job", job_id)
+        return None if row is None else rows.job(row)
+
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        ids = self._array(list(dict.fromkeys(job_ids)))
+        return [rows.job(r) for r in await self._read(self._q["get_jobs"], (ids,))]
+
+    async def list_jobs(self, flt: JobFilter) -> list[Job]:
+        status = None if flt.status is None else flt.status.value
+        sql, args = self._q.listing(
+            "list_jobs",
+            flt.limit,
+            owner=flt.owner,
+            model=flt.model,
+            status=status,
+            before_seq=flt.after_seq,
+        )
+        return [rows.job(r) for r in await self._read(sql, args)]
+
+    async def queue_position(self, job: Job) -> int:
+        row = await self._first("queue_position", job.model, job.priority, job.seq)
+        return 0 if row is None else int(row[0])
+
+    async def count_active(self, owner: str) -> int:
+        row = await self._first("count_active", owner)
+        return 0 if row is None else int(row[0])
+
+    async def stats(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for model, status, count in await self._read(self._q["job_counts"], ()):
+            out.setdefault(model, {})[status] = int(count)
+        return out
+
+    # -- nodes ------------------------------------------------------------------
+
+    async def register_node(self, node: Node) -> None:
+        await self._change(self._q["upsert_node"], rows.node_values(node), idempotent=True)
+
+    async def touch_node(self, node_id: str, now: float, stats: dict[str, object] | None) -> bool:
+        args: tuple[Any, ...] = (float(now), node_id)
+        name = "touch_node"
+        if stats is not None:
+            name, args = "touch_node_stats", (*args, rows.json_text(stats))
+        return await self._change(self._q[name], args, idempotent=True, durable=False) > 0
+
+    async def get_node(self, node_id: str) -> Node | None:
+        row = await self._first("get_node", node_id)
+        return None if row is None else rows.node(row)
+
+    async def list_nodes(self, seen_since: float) -> list[Node]:
+        return [rows.node(r) for r in await self._read(self._q["list_nodes"], (float(seen_since),))]
+
+    # -- keys -------------------------------------------------------------------
+
+    async def create_key(self, key: ApiKey) -> None:
+        await self._change(self._q["insert_key"], rows.api_key_values(key))
+
+    async def get_key_by_hash(self, key_hash: str) -> ApiKey | None:
+        row = await self._first("get_key_by_hash", key_hash)
+        return None if row is None else rows.api_key(row)
+
+    async def list_keys(self) -> list[ApiKey]:
+        return [rows.api_key(r) for r in await self._read(self._q["list_keys"], ())]
+
+    # -- files ------------------------------------------------------------------
+
+    async def put_file_part(self, file_id: str, index: int, data: bytes) -> None:
+        args = (file_id, index, bytes(data))
+        await self._change(self._q["put_file_part"], args, idempotent=True)
+
+    async def create_file(self, file: StoredFile) -> StoredFile:
+        [row] = await self._returning(self._q["insert_file"], rows.file_values(file))
+        return replace(file, seq=int(row[0]))
+
+    async def get_file(self, file_id: str) -> StoredFile | None:
+        row = await self._first("get_file", file_id)
+        return None if row is None else rows.stored_file(row)
+
+    async def list_files(
+        self, owner: str | None, purpose: str | None, limit: int, before_seq: int | None
+    ) -> list[StoredFile]:
+        sql, args = self._q.listing(
+            "list_files", limit, owner=owner, purpose=purpose, before_seq=before_seq
+        )
+        return [rows.stored_file(r) for r in await self._read(sql, args)]
+
+    async def read_file_part(self, file_id: str, index: int) -> bytes | None:
+        row = await self._first("read_file_part", file_id, index)
+        return None if row is None else bytes(row[0])
+
+    # -- batches ----------------------------------------------------------------
+
+    async def create_batch(self, batch: Batch) -> Batch:
+        [row] = await self._returning(self._q["insert_batch"], rows.batch_values(batch))
+        return replace(batch, seq=int(row[0]))
+
+    async def get_batch(self, batch_id: str) -> Batch | None:
+        row = await self._first("get_batch", batch_id)
+        return None if row is None else rows.batch(row)
+
+    async def list_batches(
+        self, owner: str | None, limit: int, before_seq: int | None
+    ) -> list[Batch]:
+        sql, args = self._q.listing("list_batches", limit, owner=owner, before_seq=before_seq)
+        return [rows.batch(r) for r in await self._read(sql, args)]
+
+    async def open_batches(self) -> list[Batch]:
+        return [rows.batch(r) for r in await self._read(self._q["open_batches"], ())]
+
+    async def save_batch(self, batch: Batch) -> Batch | None:
+        saved = replace(batch, version=batch.version + 1)
+        args = (batch.id, batch.version, *rows.batch_values(saved)[1:])
+        return saved if await self._change(self._q["save_batch"], args) else None
+
+    async def batch_counts(self, batch_id: str) -> dict[str, int]:
+        found = await self._read(self._q["batch_counts"], (batch_id,))
+        return {status: int(n) for status, n in found}
+
+    async def batch_jobs(self, batch_id: str, after_seq: int, limit: int) -> list[Job]:
+        found = await self._read(self._q["batch_jobs"], (batch_id, after_seq, limit))
+        return [rows.job(r) for r in found]
+
+    async def cancel_batch_jobs(self, batch_id: str, now: float) -> list[str]:
+        cancelled = await self._returning(self._q["cancel_batch_jobs"], (batch_id, float(now)))
+        return [r[0] for r in cancelled]
+
+    # -- assistant templates ----------------------------------------------------
+
+    async def put_template(self, template: Template) -> Template:
+        values = rows.template_values(template)
+        [row] = await self._returning(self._q["put_template"], values, idempotent=True)
+        return rows.template(row)
+
+    async def get_template(self, owner: str, name: str) -> Template | None:
+        row = await self._first("get_template", owner, name)
+        return None if row is None else rows.template(row)
+
+    async def list_templates(self, owner: str | None) -> list[Template]:
+        sql, args = self._q.listing("list_templates", owner=owner)
+        return [rows.template(r) for r in await self._read(sql, args)]
+
+    async def delete_template(self, owner: str, name: str) -> bool:
+        return await self._change(self._q["delete_template"], (owner, name)) > 0
