@@ -185,6 +185,13 @@ class Lifecycle(RuleBasedStateMachine):
             elif job.status is JobStatus.QUEUED and expired:
                 job.status = JobStatus.EXPIRED
 
+    @rule()
+    def restart(self) -> None:
+        """The server restarts: nothing is lost, the writer's counters are rebuilt."""
+        self.run(self.store.close())
+        self.store = SqliteStore(self.dir / "q.db")
+        self.run(self.store.open())
+
     # -- invariants ----------------------------------------------------------------
 
     @invariant()

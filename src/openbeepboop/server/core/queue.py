@@ -142,17 +142,16 @@ class Queue:
         if not requests:
             raise InvalidRequest("no jobs to submit", param="jobs")
         await self._check_active_limit(key, len(requests))
-        return await self.enqueue(key.id, requests, durable, positions)
+        return await self._queue_jobs(key.id, requests, durable, positions)
 
-    async def enqueue(
-        self,
-        owner: str,
-        requests: Sequence[JobRequest],
-        durable: bool = True,
-        positions: bool = False,
-    ) -> list[SubmitOutcome]:
+    async def enqueue(self, owner: str, requests: Sequence[JobRequest]) -> list[SubmitOutcome]:
         """Queue jobs for `owner` past the per-key limits (batch lines use this: a batch
         was accepted whole, its lines wait their turn)."""
+        return await self._queue_jobs(owner, requests, durable=True, positions=False)
+
+    async def _queue_jobs(
+        self, owner: str, requests: Sequence[JobRequest], durable: bool, positions: bool
+    ) -> list[SubmitOutcome]:
         now = self._clock()
         new = [self._new_job(owner, r, now) for r in requests]
         outcomes = await self.store.submit_jobs(new, now, durable, positions)

@@ -16,12 +16,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from openbeepboop.server.models import (
-    ApiKey,
-    HeartbeatOutcome,
     Job,
     NewJob,
     NodeResult,
-    ReapOutcome,
     ResultOutcome,
     SubmitOutcome,
 )
@@ -88,6 +85,19 @@ class PostgresStore(SqlStore):
         kind = Kind.IDEMPOTENT if idempotent else Kind.ONCE
         return _rowcount(await self._db.write(lambda c: c.execute(sql, *args), kind))
 
+    async def _transaction(
+        self,
+        steps: Sequence[tuple[str, Sequence[Any]]],
+        *,
+        idempotent: bool = False,
+        durable: bool = True,
+    ) -> list[Sequence[Row]]:
+        async def op(conn: Conn) -> list[Sequence[Row]]:
+            return [await conn.fetch(sql, *args) for sql, args in steps]
+
+        kind = Kind.IDEMPOTENT if idempotent else Kind.ONCE
+        return await self._db.write(op, kind, single=False)
+
     def _array(self, values: Sequence[str]) -> list[str]:
         return list(values)
 
@@ -150,20 +160,6 @@ class PostgresStore(SqlStore):
         jobs.sort(key=lambda j: (-j.priority, j.seq))
         return jobs
 
-    async def heartbeat(
-        self, node_id: str, lease_ids: Sequence[str], lease_seconds: float, now: float
-    ) -> HeartbeatOutcome:
-        leases = list(dict.fromkeys(lease_ids))
-        expires = float(now + lease_seconds)
-        extend, cancelled = self._q["extend_leases"], self._q["cancelled_leases"]
-
-        async def op(conn: Conn) -> HeartbeatOutcome:
-            live = {r["lease_id"] for r in await conn.fetch(extend, leases, expires)}
-            gone = {r["lease_id"]: r["id"] for r in await conn.fetch(cancelled, leases)}
-            return outcomes.heartbeat(leases, live, gone, expires)
-
-        return await self._db.write(op, Kind.IDEMPOTENT)
-
     async def submit_results(
         self, results: Sequence[NodeResult], now: float
     ) -> list[ResultOutcome]:
@@ -221,27 +217,6 @@ class PostgresStore(SqlStore):
         status: dict[str, str] = {r[0]: r[1] for r in found}
         return {job_id: outcomes.refusal(job_id, status.get(job_id)) for job_id in job_ids}
 
-    async def cancel_job(self, job_id: str, now: float) -> Job | None:
-        cancel, get = self._q["cancel_job"], self._q["get_job"]
-
-        async def op(conn: Conn) -> Job | None:
-            row = await conn.fetchrow(cancel, job_id, float(now))
-            if row is None:
-                row = await conn.fetchrow(get, job_id)
-            return None if row is None else rows.job(row)
-
-        return await self._db.write(op, Kind.IDEMPOTENT)
-
-    async def reap(self, now: float) -> ReapOutcome:
-        leases, queued = self._q["reap_leases"], self._q["reap_queued"]
-
-        async def op(conn: Conn) -> ReapOutcome:
-            reaped = await conn.fetch(leases, float(now))
-            expired = [r["id"] for r in await conn.fetch(queued, float(now))]
-            return outcomes.reaped(reaped, expired)
-
-        return await self._db.write(op, single=False)
-
     # -- for the bridge's polling fallback ----------------------------------------
 
     async def models_with_queued_jobs(self, models: Sequence[str]) -> list[str]:
@@ -251,25 +226,6 @@ class PostgresStore(SqlStore):
     async def final_job_ids(self, job_ids: Sequence[str]) -> list[str]:
         """Which of `job_ids` are in a final state."""
         return [r[0] for r in await self._read(self._q["final_job_ids"], [job_ids])]
-
-    async def revoke_key(self, key_id: str, now: float) -> ApiKey | None:
-        revoke, get = self._q["revoke_key"], self._q["get_key"]
-
-        async def op(conn: Conn) -> ApiKey | None:
-            await conn.execute(revoke, key_id, float(now))
-            row = await conn.fetchrow(get, key_id)
-            return None if row is None else rows.api_key(row)
-
-        return await self._db.write(op, Kind.IDEMPOTENT)
-
-    async def delete_file(self, file_id: str) -> bool:
-        parts, record = self._q["delete_file_parts"], self._q["delete_file"]
-
-        async def op(conn: Conn) -> bool:
-            await conn.execute(parts, file_id)
-            return _rowcount(await conn.execute(record, file_id)) > 0
-
-        return await self._db.write(op, single=False)
 
 
 def _rowcount(status: str) -> int:

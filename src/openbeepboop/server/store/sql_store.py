@@ -1,10 +1,10 @@
 """`SqlStore`: the verbs that are one query in every SQL dialect, written once.
 
-A verb here runs a named query (sql/<dialect>.sql) and maps its rows (rows.py). How a
-query runs is the subclass's: `SqliteStore` on its reader threads and its one writer,
-`PostgresStore` on its pool. The verbs that need a transaction of their own (submitting
-jobs, the claim, heartbeats, results, cancelling, reaping) are written per dialect in
-those subclasses.
+A verb here runs named queries (sql/<dialect>.sql), alone or several in one
+transaction, and maps their rows (rows.py). How a query runs is the subclass's:
+`SqliteStore` on its reader threads and its one writer, `PostgresStore` on its pool.
+The verbs whose shape differs between the dialects (submitting jobs, the claim, results)
+are written in those subclasses.
 
 A write declares what its dialect may need to know: `idempotent` (PostgreSQL may retry
 it after a lost connection, pg_pool.py) and `durable` (SQLite's commit must reach the
@@ -18,8 +18,18 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from openbeepboop.server.models import ApiKey, Batch, Job, JobFilter, Node, StoredFile, Template
-from openbeepboop.server.store import rows
+from openbeepboop.server.models import (
+    ApiKey,
+    Batch,
+    HeartbeatOutcome,
+    Job,
+    JobFilter,
+    Node,
+    ReapOutcome,
+    StoredFile,
+    Template,
+)
+from openbeepboop.server.store import outcomes, rows
 from openbeepboop.server.store.queries import Queries
 from openbeepboop.server.store.rows import Row
 
@@ -45,6 +55,16 @@ class SqlStore(ABC):
         self, sql: str, args: Sequence[Any], *, idempotent: bool = False, durable: bool = True
     ) -> int:
         """How many rows a write changed."""
+
+    @abstractmethod
+    async def _transaction(
+        self,
+        steps: Sequence[tuple[str, Sequence[Any]]],
+        *,
+        idempotent: bool = False,
+        durable: bool = True,
+    ) -> list[Sequence[Row]]:
+        """Run the statements in order, all or none; the rows of each."""
 
     @abstractmethod
     def _array(self, values: Sequence[str]) -> Any:
@@ -79,6 +99,29 @@ class SqlStore(ABC):
     async def queue_position(self, job: Job) -> int:
         row = await self._first("queue_position", job.model, job.priority, job.seq)
         return 0 if row is None else int(row[0])
+
+    async def heartbeat(
+        self, node_id: str, lease_ids: Sequence[str], lease_seconds: float, now: float
+    ) -> HeartbeatOutcome:
+        leases = list(dict.fromkeys(lease_ids))
+        expires = float(now + lease_seconds)
+        ids = self._array(leases)
+        steps = [(self._q["extend_leases"], (ids, expires)), (self._q["cancelled_leases"], (ids,))]
+        extended, cancelled = await self._transaction(steps, idempotent=True, durable=False)
+        live = {r[0] for r in extended}
+        return outcomes.heartbeat(leases, live, {r[0]: r[1] for r in cancelled}, expires)
+
+    async def cancel_job(self, job_id: str, now: float) -> Job | None:
+        steps = [(self._q["cancel_job"], (job_id, float(now))), (self._q["get_job"], (job_id,))]
+        cancelled, found = await self._transaction(steps, idempotent=True)
+        row = next(iter([*cancelled, *found]), None)
+        return None if row is None else rows.job(row)
+
+    async def reap(self, now: float) -> ReapOutcome:
+        args = (float(now),)
+        steps = [(self._q["reap_leases"], args), (self._q["reap_queued"], args)]
+        leases, queued = await self._transaction(steps)
+        return outcomes.reaped(leases, [r[0] for r in queued])
 
     async def count_active(self, owner: str) -> int:
         row = await self._first("count_active", owner)
@@ -121,6 +164,11 @@ class SqlStore(ABC):
     async def list_keys(self) -> list[ApiKey]:
         return [rows.api_key(r) for r in await self._read(self._q["list_keys"], ())]
 
+    async def revoke_key(self, key_id: str, now: float) -> ApiKey | None:
+        steps = [(self._q["revoke_key"], (key_id, float(now))), (self._q["get_key"], (key_id,))]
+        _, found = await self._transaction(steps, idempotent=True)
+        return rows.api_key(found[0]) if found else None
+
     # -- files ------------------------------------------------------------------
 
     async def put_file_part(self, file_id: str, index: int, data: bytes) -> None:
@@ -146,6 +194,11 @@ class SqlStore(ABC):
     async def read_file_part(self, file_id: str, index: int) -> bytes | None:
         row = await self._first("read_file_part", file_id, index)
         return None if row is None else bytes(row[0])
+
+    async def delete_file(self, file_id: str) -> bool:
+        steps = [(self._q["delete_file_parts"], (file_id,)), (self._q["delete_file"], (file_id,))]
+        _, deleted = await self._transaction(steps)
+        return bool(deleted)
 
     # -- batches ----------------------------------------------------------------
 

@@ -16,12 +16,9 @@ from typing import Any
 import orjson
 
 from openbeepboop.server.models import (
-    ApiKey,
-    HeartbeatOutcome,
     Job,
     NewJob,
     NodeResult,
-    ReapOutcome,
     ResultOutcome,
     SubmitOutcome,
 )
@@ -91,6 +88,19 @@ class SqliteStore(SqlStore):
         changed: int = await self._writer.run(lambda c: c.execute(sql, args).rowcount, durable)
         return changed
 
+    async def _transaction(
+        self,
+        steps: Sequence[tuple[str, Sequence[Any]]],
+        *,
+        idempotent: bool = False,
+        durable: bool = True,
+    ) -> list[Sequence[Row]]:
+        def op(conn: sqlite3.Connection) -> list[Sequence[Row]]:
+            return [conn.execute(sql, args).fetchall() for sql, args in steps]
+
+        found: list[Sequence[Row]] = await self._writer.run(op, durable)
+        return found
+
     def _array(self, values: Sequence[str]) -> str:
         return orjson.dumps(list(values)).decode()  # for json_each(?)
 
@@ -144,21 +154,6 @@ class SqliteStore(SqlStore):
 
         return await self._writer.run(op, durable=False)  # a lost lease: the job runs again
 
-    async def heartbeat(
-        self, node_id: str, lease_ids: Sequence[str], lease_seconds: float, now: float
-    ) -> HeartbeatOutcome:
-        leases = list(dict.fromkeys(lease_ids))
-        expires = now + lease_seconds
-        extend, cancelled = self._q["extend_leases"], self._q["cancelled_leases"]
-
-        def op(conn: sqlite3.Connection) -> HeartbeatOutcome:
-            ids = self._array(leases)
-            live = {r[0] for r in conn.execute(extend, (ids, expires))}
-            gone = dict(conn.execute(cancelled, (ids,)).fetchall())
-            return outcomes.heartbeat(leases, live, gone, expires)
-
-        return await self._writer.run(op, durable=False)
-
     async def submit_results(
         self, results: Sequence[NodeResult], now: float
     ) -> list[ResultOutcome]:
@@ -179,43 +174,3 @@ class SqliteStore(SqlStore):
             return ResultOutcome(r.job_id, accepted=True, job=rows.job(row))
         found = conn.execute(self._q["job_statuses"], (self._array([r.job_id]),)).fetchone()
         return outcomes.refusal(r.job_id, None if found is None else found[1])
-
-    async def cancel_job(self, job_id: str, now: float) -> Job | None:
-        cancel, get = self._q["cancel_job"], self._q["get_job"]
-
-        def op(conn: sqlite3.Connection) -> Job | None:
-            row = conn.execute(cancel, (job_id, now)).fetchone()
-            if row is None:
-                row = conn.execute(get, (job_id,)).fetchone()
-            return None if row is None else rows.job(row)
-
-        return await self._writer.run(op)
-
-    async def reap(self, now: float) -> ReapOutcome:
-        leases, queued = self._q["reap_leases"], self._q["reap_queued"]
-
-        def op(conn: sqlite3.Connection) -> ReapOutcome:
-            reaped = conn.execute(leases, (now,)).fetchall()
-            expired = [job_id for (job_id,) in conn.execute(queued, (now,))]
-            return outcomes.reaped(reaped, expired)
-
-        return await self._writer.run(op)
-
-    async def revoke_key(self, key_id: str, now: float) -> ApiKey | None:
-        revoke, get = self._q["revoke_key"], self._q["get_key"]
-
-        def op(conn: sqlite3.Connection) -> ApiKey | None:
-            conn.execute(revoke, (key_id, now))
-            row = conn.execute(get, (key_id,)).fetchone()
-            return None if row is None else rows.api_key(row)
-
-        return await self._writer.run(op)
-
-    async def delete_file(self, file_id: str) -> bool:
-        parts, record = self._q["delete_file_parts"], self._q["delete_file"]
-
-        def op(conn: sqlite3.Connection) -> bool:
-            conn.execute(parts, (file_id,))
-            return conn.execute(record, (file_id,)).rowcount > 0
-
-        return await self._writer.run(op)

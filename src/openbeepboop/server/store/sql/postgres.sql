@@ -239,7 +239,7 @@ SELECT data FROM file_parts WHERE file_id = $1 AND idx = $2;
 DELETE FROM file_parts WHERE file_id = $1;
 
 -- name: delete_file
-DELETE FROM files WHERE id = $1;
+DELETE FROM files WHERE id = $1 RETURNING id;
 
 -- ======================================================================== batches
 

@@ -141,7 +141,8 @@ SELECT model, status, count(*) FROM jobs GROUP BY model, status;
 -- name: track_queued
 -- Run once on the writer's connection (a script): counters of queued jobs per model and
 -- priority, in a TEMP table that its TEMP triggers keep exact through every change of a
--- job's status. The writer is the only connection that changes jobs.
+-- job's status. The writer is the only connection that changes jobs. Each job that can
+-- still be queued has its (model, priority) row: made by its insert, or here.
 CREATE TEMP TABLE queued_counts (
     model    TEXT    NOT NULL,
     priority INTEGER NOT NULL,
@@ -149,23 +150,18 @@ CREATE TEMP TABLE queued_counts (
     PRIMARY KEY (model, priority)
 ) WITHOUT ROWID;
 INSERT INTO temp.queued_counts (model, priority, queued)
-SELECT model, priority, count(*) FROM jobs WHERE status = 'queued' GROUP BY model, priority;
+SELECT model, priority, sum(status = 'queued') FROM jobs
+WHERE status IN ('queued', 'in_progress') GROUP BY model, priority;
 CREATE TEMP TRIGGER jobs_queued_insert AFTER INSERT ON main.jobs WHEN new.status = 'queued'
 BEGIN
     INSERT INTO queued_counts (model, priority, queued) VALUES (new.model, new.priority, 1)
     ON CONFLICT (model, priority) DO UPDATE SET queued = queued + 1;
 END;
-CREATE TEMP TRIGGER jobs_queued_enter AFTER UPDATE OF status ON main.jobs
-WHEN new.status = 'queued' AND old.status != 'queued'
+CREATE TEMP TRIGGER jobs_queued_move AFTER UPDATE OF status ON main.jobs
+WHEN (old.status = 'queued') != (new.status = 'queued')
 BEGIN
-    INSERT INTO queued_counts (model, priority, queued) VALUES (new.model, new.priority, 1)
-    ON CONFLICT (model, priority) DO UPDATE SET queued = queued + 1;
-END;
-CREATE TEMP TRIGGER jobs_queued_leave AFTER UPDATE OF status ON main.jobs
-WHEN old.status = 'queued' AND new.status != 'queued'
-BEGIN
-    UPDATE queued_counts SET queued = queued - 1
-    WHERE model = old.model AND priority = old.priority;
+    UPDATE queued_counts SET queued = queued + (new.status = 'queued') - (old.status = 'queued')
+    WHERE model = new.model AND priority = new.priority;
 END;
 CREATE TEMP TRIGGER jobs_queued_delete AFTER DELETE ON main.jobs WHEN old.status = 'queued'
 BEGIN
@@ -235,7 +231,7 @@ SELECT data FROM file_parts WHERE file_id = ?1 AND idx = ?2;
 DELETE FROM file_parts WHERE file_id = ?1;
 
 -- name: delete_file
-DELETE FROM files WHERE id = ?1;
+DELETE FROM files WHERE id = ?1 RETURNING id;
 
 -- ======================================================================== batches
 
