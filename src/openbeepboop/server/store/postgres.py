@@ -27,7 +27,7 @@ from openbeepboop.server.store.base import DeltaRelay, TopicRelay
 from openbeepboop.server.store.pg_bridge import PgBridge
 from openbeepboop.server.store.pg_pool import Kind, PgPool, migrate
 from openbeepboop.server.store.rows import Row
-from openbeepboop.server.store.sql_store import SqlStore
+from openbeepboop.server.store.sql_store import ONCE, SqlStore, Steps, Write
 
 if TYPE_CHECKING:
     import asyncpg
@@ -73,29 +73,19 @@ class PostgresStore(SqlStore):
     async def _read(self, sql: str, args: Sequence[Any]) -> Sequence[Row]:
         return await self._db.read(lambda c: c.fetch(sql, *args))
 
-    async def _returning(
-        self, sql: str, args: Sequence[Any], *, idempotent: bool = False, durable: bool = True
-    ) -> Sequence[Row]:
-        kind = Kind.IDEMPOTENT if idempotent else Kind.ONCE
+    async def _returning(self, sql: str, args: Sequence[Any], how: Write = ONCE) -> Sequence[Row]:
+        kind = Kind.IDEMPOTENT if how.idempotent else Kind.ONCE
         return await self._db.write(lambda c: c.fetch(sql, *args), kind)
 
-    async def _change(
-        self, sql: str, args: Sequence[Any], *, idempotent: bool = False, durable: bool = True
-    ) -> int:
-        kind = Kind.IDEMPOTENT if idempotent else Kind.ONCE
+    async def _change(self, sql: str, args: Sequence[Any], how: Write = ONCE) -> int:
+        kind = Kind.IDEMPOTENT if how.idempotent else Kind.ONCE
         return _rowcount(await self._db.write(lambda c: c.execute(sql, *args), kind))
 
-    async def _transaction(
-        self,
-        steps: Sequence[tuple[str, Sequence[Any]]],
-        *,
-        idempotent: bool = False,
-        durable: bool = True,
-    ) -> list[Sequence[Row]]:
+    async def _transaction(self, steps: Steps, how: Write = ONCE) -> list[Sequence[Row]]:
         async def op(conn: Conn) -> list[Sequence[Row]]:
             return [await conn.fetch(sql, *args) for sql, args in steps]
 
-        kind = Kind.IDEMPOTENT if idempotent else Kind.ONCE
+        kind = Kind.IDEMPOTENT if how.idempotent else Kind.ONCE
         return await self._db.write(op, kind, single=False)
 
     def _array(self, values: Sequence[str]) -> list[str]:

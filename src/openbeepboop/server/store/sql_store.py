@@ -14,9 +14,9 @@ disk before the caller hears of it, sqlite_io.py).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import replace
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from openbeepboop.server.models import (
     ApiKey,
@@ -34,6 +34,21 @@ from openbeepboop.server.store.queries import Queries
 from openbeepboop.server.store.rows import Row
 
 
+@dataclass(frozen=True, slots=True)
+class Write:
+    """What a dialect may need to know of a write (module docstring)."""
+
+    idempotent: bool = False  # PostgreSQL may apply it again after a lost connection
+    durable: bool = True  # SQLite's commit reaches the disk before the caller hears
+
+
+T = TypeVar("T")
+ONCE = Write()
+IDEMPOTENT = Write(idempotent=True)
+UNSYNCED = Write(idempotent=True, durable=False)  # leases and contact: lost, they renew
+Steps = Sequence[tuple[str, Sequence[Any]]]
+
+
 class SqlStore(ABC):
     """The `Store` verbs common to the SQL stores (see the module docstring)."""
 
@@ -45,25 +60,15 @@ class SqlStore(ABC):
         """The rows of a read."""
 
     @abstractmethod
-    async def _returning(
-        self, sql: str, args: Sequence[Any], *, idempotent: bool = False, durable: bool = True
-    ) -> Sequence[Row]:
+    async def _returning(self, sql: str, args: Sequence[Any], how: Write = ONCE) -> Sequence[Row]:
         """The rows a write returns (RETURNING)."""
 
     @abstractmethod
-    async def _change(
-        self, sql: str, args: Sequence[Any], *, idempotent: bool = False, durable: bool = True
-    ) -> int:
+    async def _change(self, sql: str, args: Sequence[Any], how: Write = ONCE) -> int:
         """How many rows a write changed."""
 
     @abstractmethod
-    async def _transaction(
-        self,
-        steps: Sequence[tuple[str, Sequence[Any]]],
-        *,
-        idempotent: bool = False,
-        durable: bool = True,
-    ) -> list[Sequence[Row]]:
+    async def _transaction(self, steps: Steps, how: Write = ONCE) -> list[Sequence[Row]]:
         """Run the statements in order, all or none; the rows of each."""
 
     @abstractmethod
@@ -73,6 +78,13 @@ class SqlStore(ABC):
     async def _first(self, name: str, *args: Any) -> Row | None:
         found = await self._read(self._q[name], args)
         return found[0] if found else None
+
+    async def _listing(
+        self, name: str, to: Callable[[Row], T], limit: int | None = None, **filters: Any
+    ) -> list[T]:
+        """A listing query, its `{where}` made of the filters given (Queries.listing)."""
+        sql, args = self._q.listing(name, limit, **filters)
+        return [to(r) for r in await self._read(sql, args)]
 
     # -- jobs -------------------------------------------------------------------
 
@@ -86,15 +98,15 @@ class SqlStore(ABC):
 
     async def list_jobs(self, flt: JobFilter) -> list[Job]:
         status = None if flt.status is None else flt.status.value
-        sql, args = self._q.listing(
+        return await self._listing(
             "list_jobs",
+            rows.job,
             flt.limit,
             owner=flt.owner,
             model=flt.model,
             status=status,
             before_seq=flt.after_seq,
         )
-        return [rows.job(r) for r in await self._read(sql, args)]
 
     async def queue_position(self, job: Job) -> int:
         row = await self._first("queue_position", job.model, job.priority, job.seq)
@@ -107,13 +119,13 @@ class SqlStore(ABC):
         expires = float(now + lease_seconds)
         ids = self._array(leases)
         steps = [(self._q["extend_leases"], (ids, expires)), (self._q["cancelled_leases"], (ids,))]
-        extended, cancelled = await self._transaction(steps, idempotent=True, durable=False)
+        extended, cancelled = await self._transaction(steps, UNSYNCED)
         live = {r[0] for r in extended}
         return outcomes.heartbeat(leases, live, {r[0]: r[1] for r in cancelled}, expires)
 
     async def cancel_job(self, job_id: str, now: float) -> Job | None:
         steps = [(self._q["cancel_job"], (job_id, float(now))), (self._q["get_job"], (job_id,))]
-        cancelled, found = await self._transaction(steps, idempotent=True)
+        cancelled, found = await self._transaction(steps, IDEMPOTENT)
         row = next(iter([*cancelled, *found]), None)
         return None if row is None else rows.job(row)
 
@@ -136,14 +148,14 @@ class SqlStore(ABC):
     # -- nodes ------------------------------------------------------------------
 
     async def register_node(self, node: Node) -> None:
-        await self._change(self._q["upsert_node"], rows.node_values(node), idempotent=True)
+        await self._change(self._q["upsert_node"], rows.node_values(node), IDEMPOTENT)
 
     async def touch_node(self, node_id: str, now: float, stats: dict[str, object] | None) -> bool:
         args: tuple[Any, ...] = (float(now), node_id)
         name = "touch_node"
         if stats is not None:
             name, args = "touch_node_stats", (*args, rows.json_text(stats))
-        return await self._change(self._q[name], args, idempotent=True, durable=False) > 0
+        return await self._change(self._q[name], args, UNSYNCED) > 0
 
     async def get_node(self, node_id: str) -> Node | None:
         row = await self._first("get_node", node_id)
@@ -166,14 +178,14 @@ class SqlStore(ABC):
 
     async def revoke_key(self, key_id: str, now: float) -> ApiKey | None:
         steps = [(self._q["revoke_key"], (key_id, float(now))), (self._q["get_key"], (key_id,))]
-        _, found = await self._transaction(steps, idempotent=True)
+        _, found = await self._transaction(steps, IDEMPOTENT)
         return rows.api_key(found[0]) if found else None
 
     # -- files ------------------------------------------------------------------
 
     async def put_file_part(self, file_id: str, index: int, data: bytes) -> None:
         args = (file_id, index, bytes(data))
-        await self._change(self._q["put_file_part"], args, idempotent=True)
+        await self._change(self._q["put_file_part"], args, IDEMPOTENT)
 
     async def create_file(self, file: StoredFile) -> StoredFile:
         [row] = await self._returning(self._q["insert_file"], rows.file_values(file))
@@ -186,10 +198,14 @@ class SqlStore(ABC):
     async def list_files(
         self, owner: str | None, purpose: str | None, limit: int, before_seq: int | None
     ) -> list[StoredFile]:
-        sql, args = self._q.listing(
-            "list_files", limit, owner=owner, purpose=purpose, before_seq=before_seq
+        return await self._listing(
+            "list_files",
+            rows.stored_file,
+            limit,
+            owner=owner,
+            purpose=purpose,
+            before_seq=before_seq,
         )
-        return [rows.stored_file(r) for r in await self._read(sql, args)]
 
     async def read_file_part(self, file_id: str, index: int) -> bytes | None:
         row = await self._first("read_file_part", file_id, index)
@@ -213,8 +229,9 @@ class SqlStore(ABC):
     async def list_batches(
         self, owner: str | None, limit: int, before_seq: int | None
     ) -> list[Batch]:
-        sql, args = self._q.listing("list_batches", limit, owner=owner, before_seq=before_seq)
-        return [rows.batch(r) for r in await self._read(sql, args)]
+        return await self._listing(
+            "list_batches", rows.batch, limit, owner=owner, before_seq=before_seq
+        )
 
     async def open_batches(self) -> list[Batch]:
         return [rows.batch(r) for r in await self._read(self._q["open_batches"], ())]
@@ -240,7 +257,7 @@ class SqlStore(ABC):
 
     async def put_template(self, template: Template) -> Template:
         values = rows.template_values(template)
-        [row] = await self._returning(self._q["put_template"], values, idempotent=True)
+        [row] = await self._returning(self._q["put_template"], values, IDEMPOTENT)
         return rows.template(row)
 
     async def get_template(self, owner: str, name: str) -> Template | None:
@@ -248,8 +265,7 @@ class SqlStore(ABC):
         return None if row is None else rows.template(row)
 
     async def list_templates(self, owner: str | None) -> list[Template]:
-        sql, args = self._q.listing("list_templates", owner=owner)
-        return [rows.template(r) for r in await self._read(sql, args)]
+        return await self._listing("list_templates", rows.template, owner=owner)
 
     async def delete_template(self, owner: str, name: str) -> bool:
         return await self._change(self._q["delete_template"], (owner, name)) > 0

@@ -25,7 +25,7 @@ from openbeepboop.server.models import (
 from openbeepboop.server.store import outcomes, rows
 from openbeepboop.server.store.migrations import migrate_sqlite
 from openbeepboop.server.store.rows import Row
-from openbeepboop.server.store.sql_store import SqlStore
+from openbeepboop.server.store.sql_store import ONCE, SqlStore, Steps, Write
 from openbeepboop.server.store.sqlite_io import GroupCommitWriter, ReaderPool, connect
 
 
@@ -74,31 +74,21 @@ class SqliteStore(SqlStore):
         found: Sequence[Row] = await self._readers.run(lambda c: c.execute(sql, args).fetchall())
         return found
 
-    async def _returning(
-        self, sql: str, args: Sequence[Any], *, idempotent: bool = False, durable: bool = True
-    ) -> Sequence[Row]:
+    async def _returning(self, sql: str, args: Sequence[Any], how: Write = ONCE) -> Sequence[Row]:
         found: Sequence[Row] = await self._writer.run(
-            lambda c: c.execute(sql, args).fetchall(), durable
+            lambda c: c.execute(sql, args).fetchall(), how.durable
         )
         return found
 
-    async def _change(
-        self, sql: str, args: Sequence[Any], *, idempotent: bool = False, durable: bool = True
-    ) -> int:
-        changed: int = await self._writer.run(lambda c: c.execute(sql, args).rowcount, durable)
+    async def _change(self, sql: str, args: Sequence[Any], how: Write = ONCE) -> int:
+        changed: int = await self._writer.run(lambda c: c.execute(sql, args).rowcount, how.durable)
         return changed
 
-    async def _transaction(
-        self,
-        steps: Sequence[tuple[str, Sequence[Any]]],
-        *,
-        idempotent: bool = False,
-        durable: bool = True,
-    ) -> list[Sequence[Row]]:
+    async def _transaction(self, steps: Steps, how: Write = ONCE) -> list[Sequence[Row]]:
         def op(conn: sqlite3.Connection) -> list[Sequence[Row]]:
             return [conn.execute(sql, args).fetchall() for sql, args in steps]
 
-        found: list[Sequence[Row]] = await self._writer.run(op, durable)
+        found: list[Sequence[Row]] = await self._writer.run(op, how.durable)
         return found
 
     def _array(self, values: Sequence[str]) -> str:
