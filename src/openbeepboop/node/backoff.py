@@ -1,0 +1,82 @@
+"""One backoff for every wait on the server (registering, fetching, uploading results):
+0.5 s doubling to 30 s, plus up to 1 s of jitter so that nodes that lost the server
+together do not come back together. Provider retries (a backend's transient errors)
+follow their own policy, in the executor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from openbeepboop.node.client import ServerUnreachable
+
+log = logging.getLogger("openbeepboop.node")
+T = TypeVar("T")
+WAIT = wait_exponential_jitter(multiplier=0.5, max=30)
+
+
+class Backoff:
+    """The delays of one loop that calls the server: each failure in a row waits
+    longer (`WAIT`), a success starts over.
+
+    >>> backoff = Backoff()
+    >>> 0.5 <= backoff.next_delay() <= 1.5
+    True
+    """
+
+    def __init__(self) -> None:
+        # tenacity's strategies read where a sequence of attempts is from its call state
+        self._state = RetryCallState(AsyncRetrying(), None, (), {})
+
+    def next_delay(self) -> float:
+        """Seconds to wait after one more failure."""
+        delay = float(WAIT(self._state))
+        self._state.attempt_number += 1
+        return delay
+
+    def reset(self) -> None:
+        """A call went through: the next failure waits the shortest time again."""
+        self._state.attempt_number = 1
+
+
+async def pause(seconds: float, unless: asyncio.Event) -> None:
+    """Sleep `seconds`, or less if `unless` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(unless.wait(), seconds)
+
+
+async def until_reachable(
+    call: Callable[[], Awaitable[T]], stopping: asyncio.Event, attempts: int | None = None
+) -> T:
+    """Retry `call` while the server is unreachable, `attempts` times at most (without
+    it: until `stopping` is set). The last ServerUnreachable is raised."""
+    stop = stop_after_attempt(attempts) if attempts else (lambda _: stopping.is_set())
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(ServerUnreachable),
+        wait=WAIT,
+        stop=stop,
+        before_sleep=_log_retry,
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return await call()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _log_retry(state: RetryCallState) -> None:
+    why = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "server unreachable; retrying", extra={"attempt": state.attempt_number, "why": str(why)}
+    )
