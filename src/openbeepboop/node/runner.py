@@ -81,9 +81,9 @@ class NodeRunner:
         self.totals = Totals()
         self._stopping = asyncio.Event()
         self._release_now = asyncio.Event()
-        capacity = sum(m.concurrency for m in config.models)
+        self.capacity = sum(m.concurrency for m in config.models)
         self.session = Session(
-            self.client, config.node.name, self._model_states, capacity, self._stopping
+            self.client, config.node.name, self._model_states, self.capacity, self._stopping
         )
         self.deltas = DeltaPusher(self.session)
         models_dir = config.models_dir()
@@ -196,7 +196,7 @@ class NodeRunner:
     def _start(self, job: LeasedJob) -> None:
         self.heartbeat.learn(job)
         slot = self.slots.get(job.model)
-        if slot is None or slot.executor.state != "ready":  # a model we never asked for
+        if slot is None or slot.executor.state != "ready":  # not asked for, or not loaded
             message = f"model {job.model} not served here"
             self.uploader.put(
                 job.id, job.lease_id, Outcome.failed(message, "model_not_served", True)
@@ -255,9 +255,8 @@ class NodeRunner:
 
     def stats(self) -> JSON:
         """What heartbeats report: load, counts, speed and the models' states."""
-        capacity = sum(slot.executor.config.concurrency for slot in self.slots.values()) or 1
         return {
-            "load": round(len(self.running) / capacity, 3),
+            "load": round(len(self.running) / (self.capacity or 1), 3),
             "running": len(self.running),
             "tokens_per_second": self.totals.tokens_per_second(),
             "completed": self.totals.completed,
