@@ -1,7 +1,7 @@
-"""One backoff for every wait on the server (registering, fetching, uploading results):
-0.5 s doubling to 30 s, plus up to 1 s of jitter so that nodes that lost the server
-together do not come back together. Provider retries (a backend's transient errors)
-follow their own policy, in the executor."""
+"""Backoff: one for every wait on the server (registering, fetching, uploading results),
+`WAIT`: 0.5 s doubling to 30 s, plus up to 1 s of jitter so that nodes that lost the
+server together do not come back together. The executor's retries of a provider's
+transient errors count their delays with the same `Backoff`, on their own strategy."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tenacity import (
     stop_after_attempt,
     wait_exponential_jitter,
 )
+from tenacity.wait import wait_base
 
 from openbeepboop.node.client import ServerUnreachable
 
@@ -28,20 +29,22 @@ WAIT = wait_exponential_jitter(multiplier=0.5, max=30)
 
 class Backoff:
     """The delays of one loop that calls the server: each failure in a row waits
-    longer (`WAIT`), a success starts over.
+    longer, a success starts over. `wait` is a tenacity wait strategy (default: `WAIT`,
+    read when the backoff is made).
 
     >>> backoff = Backoff()
     >>> 0.5 <= backoff.next_delay() <= 1.5
     True
     """
 
-    def __init__(self) -> None:
+    def __init__(self, wait: wait_base | None = None) -> None:
+        self._wait = wait or WAIT
         # tenacity's strategies read where a sequence of attempts is from its call state
         self._state = RetryCallState(AsyncRetrying(), None, (), {})
 
     def next_delay(self) -> float:
         """Seconds to wait after one more failure."""
-        delay = float(WAIT(self._state))
+        delay = float(self._wait(self._state))
         self._state.attempt_number += 1
         return delay
 

@@ -16,22 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from tenacity import wait_exponential_jitter
 
 from openbeepboop.node.backends.base import JSON, Backend, BackendError, Chunk
+from openbeepboop.node.backoff import Backoff
 from openbeepboop.node.jobs import LeasedJob, Outcome
 from openbeepboop.node.pacing import Pacer
 from openbeepboop.node.results import build_response
 
 log = logging.getLogger("openbeepboop.node")
 BackendFactory = Callable[[Any, Path], Backend]  # (model config, models_dir) -> Backend
-_BACKOFF = wait_exponential_jitter(multiplier=1, max=30)  # between provider retries
+PROVIDER_WAIT = wait_exponential_jitter(multiplier=1, max=30)  # 1 s doubling, + <= 1 s
 
 
 class ModelSettings(Protocol):
@@ -151,25 +146,29 @@ class BackendExecutor:
                 )
 
     async def _with_retries(self, job: LeasedJob) -> JSON:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(_transient),
-            stop=stop_after_attempt(self.config.max_attempts),
-            wait=self._retry_wait,
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                await self._pacer.ready()
+        """Attempts until one answers, one fails for good, or `max_attempts` are spent.
+        A plain loop: tenacity's AsyncRetrying costs tens of microseconds a job even
+        when nothing fails, and every job pays it; only its wait strategy is used."""
+        backoff: Backoff | None = None
+        attempt = 1
+        while True:
+            await self._pacer.ready()
+            try:
                 return await self._generate(job)
-        raise AssertionError("unreachable")  # pragma: no cover
+            except BackendError as exc:
+                if not exc.retryable or attempt >= self.config.max_attempts:
+                    raise
+                backoff = backoff or Backoff(PROVIDER_WAIT)
+                await asyncio.sleep(self._retry_delay(exc, backoff))
+            attempt += 1
 
-    def _retry_wait(self, state: RetryCallState) -> float:
+    def _retry_delay(self, exc: BackendError, backoff: Backoff) -> float:
         """The provider's Retry-After when it gave one, else backoff; a rate limit holds
         every job of the model, not only this one."""
-        exc = state.outcome.exception() if state.outcome else None
-        after = getattr(exc, "retry_after", None)
-        delay = float(after if after is not None else _BACKOFF(state))
-        if getattr(exc, "code", "") == "rate_limited":
+        delay = backoff.next_delay()
+        if exc.retry_after is not None:
+            delay = exc.retry_after
+        if exc.code == "rate_limited":
             self._pacer.pause(delay)
         return delay
 
@@ -199,7 +198,3 @@ class BackendExecutor:
             return last.response
         finish = last.finish_reason or "stop"
         return build_response(job.endpoint, job.id, job.request, "".join(parts), finish, last.usage)
-
-
-def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, BackendError) and exc.retryable
