@@ -300,6 +300,30 @@ async def test_transient_errors_fail_the_job_after_max_attempts(
     assert flaky.calls == 2
 
 
+async def test_a_generation_cut_at_timeout_seconds_fails_with_timeout(
+    server: FakeServer, make_runner: Make
+) -> None:
+    hang = ScriptedBackend("hang")
+    job = server.add("x", model="slow")
+    model = {"name": "slow", "backend": "echo", "timeout_seconds": 0.05, "max_attempts": 1}
+    assert await make_runner([model], {"slow": hang}).run(batch=True, install_signals=False) == 0
+    error = server.results[job]["error"]
+    assert (error["code"], error["retryable"]) == ("timeout", True)
+
+
+async def test_a_crashing_backend_fails_the_job_not_the_node(
+    server: FakeServer, make_runner: Make
+) -> None:
+    buggy = ScriptedBackend(RuntimeError("a bug"), "fine again")
+    first, second = server.add("x", model="buggy"), server.add("y", model="buggy")
+    runner = make_runner([{"name": "buggy", "backend": "echo"}], {"buggy": buggy})
+    assert await runner.run(batch=True, install_signals=False) == 0
+    error = server.results[first]["error"]
+    assert error["code"] == "backend_error" and error["retryable"] is False
+    assert "RuntimeError: a bug" in error["message"]
+    assert answer(server.results[second]) == "fine again"
+
+
 async def test_a_streamed_job_pushes_its_text_in_order(
     server: FakeServer, make_runner: Make, serving: Any
 ) -> None:
@@ -417,7 +441,7 @@ async def test_stop_releases_what_does_not_finish(
     took = time.monotonic() - stopped
     assert server.results[job]["error"]["code"] == "released"
     assert server.results[job]["error"]["retryable"] is True
-    assert (0.3 <= took < 1.5) if signals == 1 else took < 0.5
+    assert (0.3 <= took < 2) if signals == 1 else took < 1
 
 
 async def test_batch_exits_once_the_queue_is_empty(server: FakeServer, make_runner: Make) -> None:
