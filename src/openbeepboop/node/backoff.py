@@ -28,7 +28,7 @@ WAIT = wait_exponential_jitter(multiplier=0.5, max=30)
 
 
 class Backoff:
-    """The delays of one loop that calls the server: each failure in a row waits
+    """The delays of one sequence of retries: each failure in a row waits
     longer, a success starts over. `wait` is a tenacity wait strategy (default: `WAIT`,
     read when the backoff is made).
 
@@ -39,18 +39,19 @@ class Backoff:
 
     def __init__(self, wait: wait_base | None = None) -> None:
         self._wait = wait or WAIT
-        # tenacity's strategies read where a sequence of attempts is from its call state
-        self._state = RetryCallState(AsyncRetrying(), None, (), {})
+        self._failures = 0
 
     def next_delay(self) -> float:
         """Seconds to wait after one more failure."""
-        delay = float(self._wait(self._state))
-        self._state.attempt_number += 1
-        return delay
+        self._failures += 1
+        # tenacity's strategies read how far a sequence of attempts is from its call state
+        state = RetryCallState(AsyncRetrying(), None, (), {})
+        state.attempt_number = self._failures
+        return float(self._wait(state))
 
     def reset(self) -> None:
         """A call went through: the next failure waits the shortest time again."""
-        self._state.attempt_number = 1
+        self._failures = 0
 
 
 async def pause(seconds: float, unless: asyncio.Event) -> None:
