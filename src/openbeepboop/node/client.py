@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -24,6 +24,27 @@ class ServerRefused(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+class ServerClient(Protocol):
+    """The node protocol's calls, as a node makes them (docs/node-protocol.md).
+    `NodeClient` makes them over HTTP; a test may answer them in memory."""
+
+    async def register(
+        self, name: str, models: list[JSON], capacity: int, hardware: JSON
+    ) -> str: ...
+
+    async def fetch(
+        self, node_id: str, models: list[str], max_jobs: int, wait: float
+    ) -> list[JSON]: ...
+
+    async def heartbeat(self, node_id: str, lease_ids: list[str], stats: JSON) -> JSON: ...
+
+    async def events(self, node_id: str, events: list[JSON]) -> int: ...
+
+    async def submit(self, node_id: str, results: list[JSON]) -> list[JSON]: ...
+
+    async def close(self) -> None: ...
 
 
 class NodeClient:

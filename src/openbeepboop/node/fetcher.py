@@ -1,0 +1,131 @@
+"""Fetching: one long-poll loop per ready model, each asking for as many jobs as its
+model has free slots, so that a busy model never keeps another model's free slots
+waiting. Jobs are parsed here, once, into `LeasedJob`s."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from openbeepboop.node.backends.base import JSON
+from openbeepboop.node.backoff import Backoff, pause
+from openbeepboop.node.client import ServerRefused, ServerUnreachable
+from openbeepboop.node.executor import Executor
+from openbeepboop.node.jobs import LeasedJob, MalformedJob
+from openbeepboop.node.session import Session
+
+log = logging.getLogger("openbeepboop.node")
+REFUSED_PAUSE = 5.0  # after a fetch the server refused for another reason than ours
+
+
+@dataclass(eq=False)
+class Slot:
+    """One configured model: its executor and how many of its jobs run now."""
+
+    executor: Executor
+    running: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # a job ended, or stop
+
+    @property
+    def name(self) -> str:
+        return self.executor.config.name
+
+    def free(self) -> int:
+        """How many more jobs the model takes now (none unless it is ready)."""
+        if self.executor.state != "ready":
+            return 0
+        return self.executor.config.concurrency - self.running
+
+
+class Fetcher:
+    """Leases jobs for free slots and hands each to `start` (or to `reject` when the
+    server sent something that is not a job). `stop` ends the loops at once, long-polls
+    in flight included; `stopping` is set by then."""
+
+    def __init__(
+        self,
+        session: Session,
+        slots: list[Slot],
+        start: Callable[[LeasedJob], None],
+        reject: Callable[[MalformedJob], None],
+        poll_seconds: float,
+        stopping: asyncio.Event,
+    ) -> None:
+        self._session = session
+        self._slots = slots
+        self._start = start
+        self._reject = reject
+        self._poll_seconds = poll_seconds
+        self._stopping = stopping
+        self._fetching: set[asyncio.Task[list[JSON]]] = set()
+
+    async def run(self, batch: bool = False) -> None:
+        """Fetch until `stop`; in `batch` mode, until no model finds anything more."""
+        ready = [slot for slot in self._slots if slot.executor.state == "ready"]
+        await asyncio.gather(*(self._model_loop(slot, batch) for slot in ready))
+
+    def stop(self) -> None:
+        """Interrupt the loops (call after setting `stopping`)."""
+        for task in self._fetching:
+            task.cancel()
+        for slot in self._slots:
+            slot.changed.set()
+
+    async def _model_loop(self, slot: Slot, batch: bool) -> None:
+        models, backoff = [slot.name], Backoff()
+        wait = 0.0 if batch else self._poll_seconds
+        while not self._stopping.is_set():
+            free = slot.free()
+            if free <= 0:
+                await self._wait_change(slot)
+                continue
+            jobs = await self._fetch(models, free, wait, backoff)
+            if jobs is None:
+                continue
+            if not jobs and batch:
+                if slot.running == 0:
+                    return
+                await self._wait_change(slot)
+            for raw in jobs:
+                self._take(raw)
+
+    async def _fetch(
+        self, models: list[str], max_jobs: int, wait: float, backoff: Backoff
+    ) -> list[JSON] | None:
+        """The jobs leased, or None after a failure (and its pause) or a stop."""
+        task = asyncio.create_task(self._session.fetch(models, max_jobs, wait))
+        self._fetching.add(task)
+        try:
+            jobs = await task
+        except asyncio.CancelledError:
+            if self._stopping.is_set():
+                return None
+            raise
+        except ServerUnreachable as exc:
+            log.warning("fetch failed; backing off", extra={"why": str(exc)})
+            await pause(backoff.next_delay(), self._stopping)
+            return None
+        except ServerRefused as exc:
+            log.error("fetch refused", extra={"status": exc.status, "why": exc.message})
+            await pause(REFUSED_PAUSE, self._stopping)
+            return None
+        finally:
+            self._fetching.discard(task)
+        backoff.reset()
+        return jobs
+
+    def _take(self, raw: JSON) -> None:
+        try:
+            job = LeasedJob.parse(raw)
+        except MalformedJob as exc:
+            self._reject(exc)
+            return
+        self._start(job)
+
+    async def _wait_change(self, slot: Slot) -> None:
+        """Until one of the slot's jobs ends, or the node stops."""
+        slot.changed.clear()
+        if not self._stopping.is_set():
+            await slot.changed.wait()

@@ -1,0 +1,69 @@
+"""Heartbeats: the leases of running jobs renewed in time, the node's stats reported, and
+the jobs the server no longer wants from us (cancelled by their owner, or whose lease is
+lost) stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from openbeepboop.node.backends.base import JSON
+from openbeepboop.node.client import ServerRefused, ServerUnreachable
+from openbeepboop.node.jobs import LeasedJob, Running
+from openbeepboop.node.session import Session
+
+log = logging.getLogger("openbeepboop.node")
+MIN_SECONDS = 0.05
+
+
+class Heartbeat:
+    """Beats every `heartbeat_seconds`, or every third of the lease when that is shorter
+    (the lease length comes with the first job, in server time: a skewed clock does not
+    matter)."""
+
+    def __init__(
+        self,
+        session: Session,
+        running: Running,
+        stats: Callable[[], JSON],
+        heartbeat_seconds: float,
+    ) -> None:
+        self._session = session
+        self._running = running
+        self._stats = stats
+        self._heartbeat_seconds = heartbeat_seconds
+        self.lease_seconds: float | None = None
+
+    def learn(self, job: LeasedJob) -> None:
+        """Take the lease length from the first job that carries one."""
+        if self.lease_seconds is None and job.lease_seconds:
+            self.lease_seconds = max(0.1, job.lease_seconds)
+
+    def every(self) -> float:
+        """Seconds between two beats."""
+        every = self._heartbeat_seconds
+        if self.lease_seconds:
+            every = min(every, self.lease_seconds / 3)
+        return max(every, MIN_SECONDS)
+
+    async def run(self) -> None:
+        """Beat until cancelled."""
+        while True:
+            await asyncio.sleep(self.every())
+            await self.beat()
+
+    async def beat(self) -> None:
+        """One heartbeat; a failed one is only logged (the next may go through)."""
+        try:
+            reply = await self._session.heartbeat(self._running.lease_ids(), self._stats())
+        except ServerUnreachable as exc:
+            log.warning("heartbeat failed", extra={"why": str(exc)})
+            return
+        except ServerRefused as exc:
+            log.warning("heartbeat refused", extra={"status": exc.status, "why": exc.message})
+            return
+        for job_id in reply.get("cancelled", []):
+            self._running.stop(job_id, "cancelled")
+        if lost := reply.get("lost"):
+            self._running.stop_leases(set(lost), "lost")
