@@ -31,13 +31,13 @@ from openbeepboop.server.core.files import (
     new_file_id,
     parse_batch_line,
 )
+from openbeepboop.server.core.passes import one_pass
 from openbeepboop.server.core.queue import JobRequest, Queue
 from openbeepboop.server.errors import (
     Conflict,
     DomainError,
     InvalidRequest,
     NotFound,
-    Unavailable,
 )
 from openbeepboop.server.models import (
     ENDPOINTS,
@@ -194,12 +194,7 @@ class Batches:
         with self.queue.notifier.listen([BATCHES_TOPIC]) as event:
             while True:
                 event.clear()
-                try:
-                    await self.drive_once()
-                except Unavailable as exc:  # the database is away for a moment: one line
-                    log.warning("batch driver pass skipped: %s", exc.message)
-                except Exception:  # keep driving: one bad pass must not stop the next
-                    log.exception("batch driver pass failed")
+                await one_pass("batch driver", self.drive_once, log)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), self.config.interval_seconds)
 

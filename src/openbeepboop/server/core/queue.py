@@ -20,6 +20,7 @@ import orjson
 
 from openbeepboop.server.core.deltas import DeltaHub
 from openbeepboop.server.core.notify import Notifier
+from openbeepboop.server.core.passes import one_pass
 from openbeepboop.server.errors import (
     InvalidRequest,
     JobFailed,
@@ -572,12 +573,7 @@ class Queue:
     async def run_reaper(self, interval: float) -> None:
         """Reap forever, every `interval` seconds (a background task of the server)."""
         while True:
-            try:
-                await self.reap()
-            except Unavailable as exc:  # the database is away for a moment: one line
-                log.warning("reaper pass skipped: %s", exc.message)
-            except Exception:  # keep reaping: one bad pass must not stop the next
-                log.exception("reaper pass failed")
+            await one_pass("reaper", self.reap, log)
             await asyncio.sleep(interval)
 
 

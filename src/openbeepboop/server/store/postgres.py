@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from openbeepboop.server.models import (
-    Job,
     NewJob,
     NodeResult,
     ResultOutcome,
@@ -27,7 +26,7 @@ from openbeepboop.server.store.base import DeltaRelay, TopicRelay
 from openbeepboop.server.store.pg_bridge import PgBridge
 from openbeepboop.server.store.pg_pool import Kind, PgPool, migrate
 from openbeepboop.server.store.rows import Row
-from openbeepboop.server.store.sql_store import ONCE, SqlStore, Steps, Write
+from openbeepboop.server.store.sql_store import CLAIM, ONCE, SqlStore, Steps, Write
 
 if TYPE_CHECKING:
     import asyncpg
@@ -137,18 +136,11 @@ class PostgresStore(SqlStore):
         single = len(jobs) == 1 or all(j.idempotency_key is None for j in jobs)
         return await self._db.write(op, Kind.IDEMPOTENT if keyed else Kind.ONCE, single)
 
-    async def fetch_jobs(
-        self, node_id: str, models: Sequence[str], max_jobs: int, lease_seconds: float, now: float
-    ) -> list[Job]:
-        wanted = list(dict.fromkeys(models))
-        if not wanted or max_jobs <= 0:
-            return []
-        expires = float(now + lease_seconds)
-        args = (wanted, float(now), max_jobs, expires, node_id)
-        found = await self._returning(self._q["claim_jobs"], args)
-        jobs = [rows.job(r) for r in found]
-        jobs.sort(key=lambda j: (-j.priority, j.seq))
-        return jobs
+    async def _claim(
+        self, node_id: str, models: list[str], max_jobs: int, expires: float, now: float
+    ) -> Sequence[Row]:
+        args = (models, float(now), max_jobs, expires, node_id)
+        return await self._returning(self._q["claim_jobs"], args, CLAIM)
 
     async def submit_results(
         self, results: Sequence[NodeResult], now: float

@@ -45,7 +45,8 @@ class Write:
 T = TypeVar("T")
 ONCE = Write()
 IDEMPOTENT = Write(idempotent=True)
-UNSYNCED = Write(idempotent=True, durable=False)  # leases and contact: lost, they renew
+UNSYNCED = Write(idempotent=True, durable=False)  # lease renewals, contact: lost, they renew
+CLAIM = Write(durable=False)  # applied once; lost to a power cut, the job only runs again
 Steps = Sequence[tuple[str, Sequence[Any]]]
 
 
@@ -70,6 +71,12 @@ class SqlStore(ABC):
     @abstractmethod
     async def _transaction(self, steps: Steps, how: Write = ONCE) -> list[Sequence[Row]]:
         """Run the statements in order, all or none; the rows of each."""
+
+    @abstractmethod
+    async def _claim(
+        self, node_id: str, models: list[str], max_jobs: int, expires: float, now: float
+    ) -> Sequence[Row]:
+        """Run the dialect's claim (`claim_jobs`) and return the leased rows."""
 
     @abstractmethod
     def _array(self, values: Sequence[str]) -> Any:
@@ -111,6 +118,17 @@ class SqlStore(ABC):
     async def queue_position(self, job: Job) -> int:
         row = await self._first("queue_position", job.model, job.priority, job.seq)
         return 0 if row is None else int(row[0])
+
+    async def fetch_jobs(
+        self, node_id: str, models: Sequence[str], max_jobs: int, lease_seconds: float, now: float
+    ) -> list[Job]:
+        wanted = list(dict.fromkeys(models))
+        if not wanted or max_jobs <= 0:
+            return []
+        found = await self._claim(node_id, wanted, max_jobs, float(now + lease_seconds), now)
+        jobs = [rows.job(r) for r in found]
+        jobs.sort(key=lambda j: (-j.priority, j.seq))
+        return jobs
 
     async def heartbeat(
         self, node_id: str, lease_ids: Sequence[str], lease_seconds: float, now: float

@@ -16,7 +16,6 @@ from typing import Any
 import orjson
 
 from openbeepboop.server.models import (
-    Job,
     NewJob,
     NodeResult,
     ResultOutcome,
@@ -25,7 +24,7 @@ from openbeepboop.server.models import (
 from openbeepboop.server.store import outcomes, rows
 from openbeepboop.server.store.migrations import migrate_sqlite
 from openbeepboop.server.store.rows import Row
-from openbeepboop.server.store.sql_store import ONCE, SqlStore, Steps, Write
+from openbeepboop.server.store.sql_store import CLAIM, ONCE, SqlStore, Steps, Write
 from openbeepboop.server.store.sqlite_io import GroupCommitWriter, ReaderPool, connect
 
 
@@ -126,23 +125,13 @@ class SqliteStore(SqlStore):
             out.append(SubmitOutcome(nj.queued(job_id, seq, now), True, position))
         return out
 
-    async def fetch_jobs(
-        self, node_id: str, models: Sequence[str], max_jobs: int, lease_seconds: float, now: float
-    ) -> list[Job]:
-        wanted = list(dict.fromkeys(models))
-        if not wanted or max_jobs <= 0:
-            return []
+    async def _claim(
+        self, node_id: str, models: list[str], max_jobs: int, expires: float, now: float
+    ) -> Sequence[Row]:
         arm = self._q["claim_candidates"]
-        arms = " UNION ALL ".join(arm.replace("{model}", f"?{5 + i}") for i in range(len(wanted)))
+        arms = " UNION ALL ".join(arm.replace("{model}", f"?{5 + i}") for i in range(len(models)))
         sql = self._q["claim_jobs"].replace("{candidates}", arms)
-        args = (now, max_jobs, now + lease_seconds, node_id, *wanted)
-
-        def op(conn: sqlite3.Connection) -> list[Job]:
-            jobs = [rows.job(r) for r in conn.execute(sql, args)]
-            jobs.sort(key=lambda j: (-j.priority, j.seq))
-            return jobs
-
-        return await self._writer.run(op, durable=False)  # a lost lease: the job runs again
+        return await self._returning(sql, (now, max_jobs, expires, node_id, *models), CLAIM)
 
     async def submit_results(
         self, results: Sequence[NodeResult], now: float
