@@ -2,7 +2,7 @@
 
 The same contract and rows as `SqliteStore` (tests/test_store_contract.py runs on both),
 over an asyncpg pool (pg_pool.py, which also says when a verb is retried after a lost
-connection: each verb declares its `Kind`). The verbs that are one query are
+connection: each write says how it may be applied). The verbs common to both stores are
 `SqlStore`'s (sql_store.py); the SQL is in sql/postgres.sql. Claims
 are `FOR UPDATE SKIP LOCKED`, so replicas never hand out the same job and never wait
 for each other's claims. Migrations run at open under an advisory lock

@@ -1,10 +1,10 @@
-"""`SqlStore`: the verbs that are one query in every SQL dialect, written once.
+"""`SqlStore`: the store's verbs, written once for every SQL dialect.
 
 A verb here runs named queries (sql/<dialect>.sql), alone or several in one
 transaction, and maps their rows (rows.py). How a query runs is the subclass's:
 `SqliteStore` on its reader threads and its one writer, `PostgresStore` on its pool.
-The verbs whose shape differs between the dialects (submitting jobs, the claim, results)
-are written in those subclasses.
+What differs in shape between the dialects is theirs too: submitting jobs (a row at a
+time, or one bulk statement), the claim's statement, recording results.
 
 A write declares what its dialect may need to know: `idempotent` (PostgreSQL may retry
 it after a lost connection, pg_pool.py) and `durable` (SQLite's commit must reach the

@@ -2,7 +2,7 @@
 
 WAL mode, `synchronous=FULL`, one writer thread with group commit (sqlite_io.py), claims
 as a single `UPDATE ... RETURNING`. An acknowledged submit or result survives `kill -9`.
-The verbs that are one query are `SqlStore`'s (sql_store.py); the SQL is in
+The verbs common to both stores are `SqlStore`'s (sql_store.py); the SQL is in
 sql/sqlite.sql, the row mapping in rows.py.
 """
 
