@@ -51,7 +51,7 @@ from openbeepboop.server.models import (
 )
 from openbeepboop.server.store.base import Store
 
-log = logging.getLogger("openbeepboop.server.core.batches")
+log = logging.getLogger("openbeepboop.batches")
 
 BATCHES_TOPIC = "batches"
 CHUNK = 500  # lines queued per store transaction

@@ -47,7 +47,7 @@ from openbeepboop.server.models import (
 from openbeepboop.server.store.base import Store
 from openbeepboop.server.topics import NODES_TOPIC, job_topic, model_topic
 
-log = logging.getLogger("openbeepboop.server.core.queue")
+log = logging.getLogger("openbeepboop.queue")
 
 NODE_TOUCH_SECONDS = 5.0
 ACTIVE_COUNT_SECONDS = 1.0
@@ -102,7 +102,8 @@ def request_hash(req: JobRequest) -> str:
 
 
 class Queue:
-    """The job lifecycle of ARCHITECTURE.md section 3, over a `Store`."""
+    """The job lifecycle (queued, in_progress, then final; README "How it keeps your
+    work"), over a `Store`."""
 
     def __init__(
         self,

@@ -50,7 +50,7 @@ class Probe(Protocol):
         """Which of `job_ids` are final."""
 
 
-log = logging.getLogger("openbeepboop.server.store.pg_bridge")
+log = logging.getLogger("openbeepboop.store.pg_bridge")
 
 WAKE = "openbeepboop_wake"
 DELTA = "openbeepboop_delta"
