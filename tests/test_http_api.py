@@ -585,6 +585,31 @@ async def test_health_ready_metrics_openapi(api: Api) -> None:
     assert {"/internal/queue/submit", "/internal/queue/heartbeat"} <= set(paths)
 
 
+async def test_metrics_count_every_call_by_route_and_status(api: Api) -> None:
+    """The same counts whichever path served the calls (the fast lane counts its own)."""
+    for _ in range(3):
+        await api.submit()
+    bad = await api.http.post(
+        "/v1/chat/completions", json={"model": "echo"}, headers=api.h(api.client)
+    )
+    assert bad.status_code == 400
+    node_id = await api.register(["echo"])
+    fetched = await api.http.post(
+        "/internal/queue/fetch",
+        json={"node_id": node_id, "models": ["echo"], "max_jobs": 2},
+        headers=api.h(api.node),
+    )
+    assert len(fetched.json()["jobs"]) == 2
+    text = (await api.http.get("/metrics")).text
+    lines = [
+        line for line in text.splitlines() if line.startswith("openbeepboop_http_requests_total")
+    ]
+    assert 'method="POST",route="/v1/chat/completions",status="202"} 3.0' in "\n".join(lines)
+    assert 'method="POST",route="/v1/chat/completions",status="400"} 1.0' in "\n".join(lines)
+    assert 'method="POST",route="/internal/queue/fetch",status="200"} 1.0' in "\n".join(lines)
+    assert 'openbeepboop_http_request_seconds_count{route="/v1/chat/completions"} 4.0' in text
+
+
 async def test_admin_creates_and_revokes_keys(api: Api) -> None:
     r = await api.http.post(
         "/v1/admin/keys", json={"role": "client", "name": "alice"}, headers=api.h(api.admin)

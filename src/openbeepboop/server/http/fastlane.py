@@ -1,7 +1,7 @@
 """A fast lane for the hottest calls, in front of FastAPI's per-request machinery.
 
-Routing, dependency solving and body parsing in FastAPI cost more CPU than the queue work
-behind a one-job call. `FastLane` (the innermost ASGI middleware) serves the plain, valid
+Routing, dependency solving, middleware and body parsing in FastAPI cost more CPU than the
+queue work behind a one-job call. `FastLane` serves the plain, valid
 case of these calls itself, by calling the same route functions with what FastAPI would
 have given them:
 
@@ -21,15 +21,19 @@ validation, a missing, bad or wrong-role key) goes on untouched, body and all, t
 which answers it exactly as before; nothing has happened by then (validation and a
 refused key have no side effects: the rate limiter counts a key only once it is known
 good). The body is parsed as Starlette parses it (`json.loads`; orjson where the two
-agree, see `parse_json`). An error raised while
-serving is answered by the app's own exception handler for it; anything without one
-propagates to the server-error handler, as from a route.
+agree, see `parse_json`).
+
+It sits in front of the app's whole middleware stack (`QueueApp`), and does for the calls
+it serves what that stack would: counts them in the app's metrics, leaves a body over
+`max_body_bytes` to the stack (which refuses it), answers an error with the app's own
+exception handler for it, and an unexpected one with the catch-all's 500, re-raised.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +45,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from openbeepboop.server.errors import AuthenticationFailed, PermissionDenied
 from openbeepboop.server.http.guards import authenticate, bearer, client_key, node_key
@@ -157,46 +162,65 @@ class FastLane:
         self.app = app
         self.lanes = lanes
         self.state = state
+        self.max_bytes = state.settings.max_body_bytes
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         lane = None
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
             lane = self.lanes.get(scope["path"])
-        if lane is None or not _json_only(scope, lane):
+        if lane is None or not _plain(scope, lane, self.max_bytes):
             await self.app(scope, receive, send)
             return
-        messages, body = await _read_body(receive)
-        if body is None or not await self._serve(lane, Request(scope, receive), body, send):
+        start = time.perf_counter()
+        messages, body = await _read_body(receive, self.max_bytes)
+        status: int | None = 500  # if serving raises, as the metrics middleware counts it
+        try:
+            if body is None:
+                status = None
+            else:
+                status = await self._serve(lane, Request(scope, receive), body, send)
+        finally:
+            if status is not None:
+                elapsed = time.perf_counter() - start
+                self.state.metrics.observe("POST", lane.route.path, status, elapsed)
+        if status is None:
             await self.app(scope, _replay(messages, receive), send)
 
-    async def _serve(self, lane: Lane, request: Request, body: bytes, send: Any) -> bool:
+    async def _serve(self, lane: Lane, request: Request, body: bytes, send: Any) -> int | None:
+        """The status answered, or None when FastAPI is to answer instead."""
         try:
             parsed = lane.parse(parse_json(body))
         except (ValidationError, ValueError):
-            return False  # FastAPI gives the canonical answer
+            return None  # FastAPI gives the canonical answer
         secret = bearer(request.headers.get("authorization"))
         try:
             key = await authenticate(self.state, secret, lane.role)
         except (AuthenticationFailed, PermissionDenied):
-            return False  # as for a bad body: nothing was counted or done
+            return None  # as for a bad body: nothing was counted or done
         except Exception as exc:
-            return await self._answer(request, exc, send)
-        request.scope["route"] = lane.route
-        try:
-            response = await lane.serve(request, parsed, key)
-        except Exception as exc:
-            return await self._answer(request, exc, send)
+            response = await self._on_error(request, exc, send)
+        else:
+            request.scope["route"] = lane.route
+            try:
+                response = await lane.serve(request, parsed, key)
+            except Exception as exc:
+                response = await self._on_error(request, exc, send)
         await response(request.scope, request.receive, send)
-        return True
+        return response.status_code
 
-    async def _answer(self, request: Request, exc: Exception, send: Any) -> bool:
-        """Answer `exc` as the app's exception handler for it would."""
-        handler = _handler(request, exc)
-        if handler is None:
+    async def _on_error(self, request: Request, exc: Exception, send: Any) -> Response:
+        """The response of the app's exception handler for `exc`. With none but the
+        catch-all, that one's answer is sent and `exc` raised, as Starlette's
+        ServerErrorMiddleware does (the server then logs it)."""
+        handlers = request.app.exception_handlers
+        handler = next((handlers[c] for c in type(exc).__mro__ if c in handlers), None)
+        if handler is None or handler is handlers.get(Exception):
+            if handler is not None:
+                crashed: Response = await handler(request, exc)
+                await crashed(request.scope, request.receive, send)
             raise exc
-        response = await handler(request, exc)
-        await response(request.scope, request.receive, send)
-        return True
+        response: Response = await handler(request, exc)
+        return response
 
 
 def parse_json(body: bytes) -> Any:
@@ -213,28 +237,19 @@ def parse_json(body: bytes) -> Any:
     return json.loads(body)
 
 
-def _handler(request: Request, exc: Exception) -> Any:
-    """The app's exception handler for `exc` (by class, nearest first), short of the
-    catch-all for `Exception`, which answers from the outermost middleware."""
-    handlers = request.app.exception_handlers
-    for cls in type(exc).__mro__:
-        if cls is Exception:
-            return None
-        if cls in handlers:
-            return handlers[cls]
-    return None
-
-
-def _json_only(scope: dict[str, Any], lane: Lane) -> bool:
-    """Exactly one Content-Type, and it is plain JSON (what FastAPI parses as JSON); and
-    no Idempotency-Key where the route would read one."""
+def _plain(scope: Scope, lane: Lane, max_bytes: int) -> bool:
+    """Exactly one Content-Type, and it is plain JSON (what FastAPI parses as JSON); no
+    Idempotency-Key where the route would read one; no declared length over the limit."""
     content_types = 0
     json_type = False
     for name, value in scope["headers"]:
         if name == b"content-type":
             content_types += 1
             json_type = value.lower() in _JSON_TYPES
-        elif name == b"idempotency-key" and "idempotency_key" in lane.headers:
+        elif name == b"idempotency-key":
+            if "idempotency_key" in lane.headers:
+                return False
+        elif name == b"content-length" and not (value.isdigit() and int(value) <= max_bytes):
             return False
     return content_types == 1 and json_type
 
@@ -243,13 +258,18 @@ _JSON_TYPES = (b"application/json", b"application/json; charset=utf-8")
 _LONG_DIGITS = re.compile(rb"\d{19}")
 
 
-async def _read_body(receive: Any) -> tuple[list[dict[str, Any]], bytes | None]:
-    """The messages received and the whole body (None if the stream did not end well)."""
+async def _read_body(receive: Any, max_bytes: int) -> tuple[list[dict[str, Any]], bytes | None]:
+    """The messages received and the whole body (None if the stream did not end well, or
+    went past `max_bytes`: the app's own body limit then answers)."""
     messages: list[dict[str, Any]] = []
+    size = 0
     while True:
         message = await receive()
         messages.append(message)
         if message["type"] != "http.request":
+            return messages, None
+        size += len(message.get("body", b""))
+        if size > max_bytes:
             return messages, None
         if not message.get("more_body", False):
             return messages, b"".join(m.get("body", b"") for m in messages)
