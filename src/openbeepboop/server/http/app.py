@@ -41,6 +41,7 @@ from openbeepboop.server.store.base import SharedStore, Store
 class QueueApp(FastAPI):
     """FastAPI, with the fast lane (when on) in front of its whole middleware stack."""
 
+    obb: AppState  # the server's services (state.py: app_state)
     lanes: dict[str, fastlane.Lane] | None = None
 
     def build_middleware_stack(self) -> ASGIApp:
@@ -105,7 +106,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         lifespan=lifespan,
         **_telemetry(settings.opentelemetry),
     )
-    app.state.obb = AppState(
+    app.obb = AppState(
         settings=settings,
         queue=queue,
         files=files,

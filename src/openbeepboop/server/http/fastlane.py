@@ -272,6 +272,8 @@ async def _read_body(receive: Any, max_bytes: int) -> tuple[list[dict[str, Any]]
         if size > max_bytes:
             return messages, None
         if not message.get("more_body", False):
+            if len(messages) == 1:
+                return messages, message.get("body", b"")
             return messages, b"".join(m.get("body", b"") for m in messages)
 
 

@@ -37,6 +37,8 @@ def _wants_async(prefer: str | None) -> bool:
     """RFC 7240: `Prefer: respond-async` (possibly among other preferences)."""
     if not prefer:
         return False
+    if prefer == "respond-async":  # what the client library and CLI send
+        return True
     return any(p.split("=")[0].strip().lower() == "respond-async" for p in prefer.split(","))
 
 

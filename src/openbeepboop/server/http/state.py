@@ -1,9 +1,10 @@
 """`AppState`: what the routes of one app work with, built once by `create_app` and
-found with `app_state(request)` (the app keeps it as `app.state.obb`)."""
+found with `app_state(request)` (the app keeps it as its attribute `obb`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
@@ -34,6 +35,6 @@ class AppState:
 
 def app_state(conn: HTTPConnection | Starlette) -> AppState:
     """The state of the app serving `conn` (a request or a WebSocket), or of an app."""
-    app = conn if isinstance(conn, Starlette) else conn.app
-    state: AppState = app.state.obb
+    app: Any = conn if isinstance(conn, Starlette) else conn.app
+    state: AppState = app.obb
     return state
