@@ -6,12 +6,15 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum
 export PATH := $(BIN):$(PATH)
 # llama.cpp for any x86-64 with AVX2, without AVX-512/AMX: a native build can use AMX
 # tiles that some VMs do not grant, and then crashes at the first token.
-# LLAVA_BUILD=OFF: no multimodal library (mtmd), which OpenBeepBoop never loads (text only).
-# pip caches the wheel it builds under the sdist's name, whatever these flags: to rebuild
-# with other flags, `pip cache remove llama_cpp_python` first.
+# Only what OpenBeepBoop loads (text models): LLAVA_BUILD=OFF leaves out the multimodal
+# library (mtmd, 19 % of the compile), cmake/llama-cpp-text-only.cmake llama.cpp's common
+# library (42 %; see that file). llama.cpp's tests, tools, examples and server are already
+# off when it is built inside llama-cpp-python. pip caches the wheel it builds under the
+# sdist's name, whatever these flags: to rebuild with other flags, first run
+# `pip cache remove llama_cpp_python`.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
 	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
-	-DLLAVA_BUILD=OFF
+	-DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/cmake/llama-cpp-text-only.cmake
 
 .PHONY: help install test lint format run bench lock clean
 
