@@ -6,8 +6,15 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum
 export PATH := $(BIN):$(PATH)
 # llama.cpp for any x86-64 with AVX2, without AVX-512/AMX: a native build can use AMX
 # tiles that some VMs do not grant, and then crashes at the first token.
+# Only what OpenBeepBoop loads (text models): LLAVA_BUILD=OFF leaves out the multimodal
+# library (mtmd, 19 % of the compile), cmake/llama-cpp-text-only.cmake llama.cpp's common
+# library (42 %; see that file). llama.cpp's tests, tools, examples and server are already
+# off when it is built inside llama-cpp-python. pip caches the wheel it builds under the
+# sdist's name, whatever these flags: to rebuild with other flags, first run
+# `pip cache remove llama_cpp_python`.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+	-DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/cmake/llama-cpp-text-only.cmake
 
 .PHONY: help install test lint format run bench lock clean
 
@@ -15,14 +22,19 @@ help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 $(BIN)/python:
-	@# --system-site-packages: reuse what the machine already has (llama-cpp-python takes
-	@# minutes to compile); pip installs into the venv only what is missing or differs.
-	$(PYTHON) -m venv --system-site-packages $(VENV) || { \
+	@# an isolated venv: the project's environment does not depend on what the machine's
+	@# Python holds (pip reuses the llama-cpp-python wheel it cached on a first install)
+	$(PYTHON) -m venv $(VENV) || { \
 	  echo "venv failed; installing python3-venv" >&2; \
 	  apt-get update -qq && apt-get install -y -qq python3-venv python3-dev build-essential && \
-	  $(PYTHON) -m venv --system-site-packages $(VENV); }
+	  $(PYTHON) -m venv $(VENV); }
 
 $(STAMP): pyproject.toml requirements.lock | $(BIN)/python
+	@# a .venv made by an older Makefile saw the system's packages: isolate it in place
+	@if grep -qs '^include-system-site-packages = true' $(VENV)/pyvenv.cfg; then \
+	  echo "isolating $(VENV) from the system's site-packages" >&2; \
+	  sed -i 's/^include-system-site-packages = true/include-system-site-packages = false/' \
+	    $(VENV)/pyvenv.cfg; fi
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q --disable-pip-version-check \
 	  -c requirements.lock -e ".[all]"
 	rm -f $(VENV)/.installed-*
