@@ -56,5 +56,6 @@ def make_server(
         log_level=settings.log_level,
         access_log=access_log,
         timeout_graceful_shutdown=10,
+        server_header=False,  # `server: uvicorn` tells a client nothing it needs
     )
     return QueueServer(config, app, on_signal)
