@@ -75,8 +75,11 @@ class Lifecycle(RuleBasedStateMachine):
         priorities=st.lists(st.integers(-2, 2), min_size=1, max_size=4),
         max_attempts=st.integers(1, 3),
         ttl=st.none() | st.floats(1, 40),
+        positions=st.booleans(),
     )
-    def submit(self, priorities: list[int], max_attempts: int, ttl: float | None) -> None:
+    def submit(
+        self, priorities: list[int], max_attempts: int, ttl: float | None, positions: bool
+    ) -> None:
         expires = None if ttl is None else self.now + ttl
         new = [
             NewJob(
@@ -91,9 +94,11 @@ class Lifecycle(RuleBasedStateMachine):
             )
             for p in priorities
         ]
-        for outcome in self.run(self.store.submit_jobs(new, self.now)):
+        for outcome in self.run(self.store.submit_jobs(new, self.now, positions=positions)):
             j = outcome.job
             self.jobs[j.id] = Expected(j.id, j.seq, j.priority, j.max_attempts, expires)
+            if positions and len(new) == 1:  # where it stands: what queue_position says
+                assert outcome.position == self.run(self.store.queue_position(j))
 
     @rule(n=st.integers(1, 4))
     def fetch(self, n: int) -> None:

@@ -140,6 +140,11 @@ def new_job_values(nj: NewJob) -> tuple[Any, ...]:
     )
 
 
+def queue_of(row: Row) -> tuple[str, int]:
+    """The (model, priority) of a `jobs` row selected as JOB_COLUMNS: the queue it is in."""
+    return row[4], row[8]
+
+
 def node(row: Row) -> Node:
     """A `nodes` row selected as NODE_COLUMNS."""
     return Node(

@@ -9,6 +9,7 @@ sql/sqlite.sql, the row mapping in rows.py.
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ class SqliteStore(SqlStore):
         self, conn: sqlite3.Connection, jobs: Sequence[NewJob], now: float, positions: bool
     ) -> list[SubmitOutcome]:
         out = []
+        queued: Counter[tuple[str, int]] = Counter()
         for nj in jobs:
             if nj.idempotency_key is not None:
                 found = conn.execute(
@@ -119,10 +121,14 @@ class SqliteStore(SqlStore):
             args = (job_id, *rows.new_job_values(nj), now)
             seq = conn.execute(self._q["insert_job"], args).lastrowid or 0
             position = None
-            if positions:
+            if positions:  # counted now, so that the next one counts it
+                conn.execute(self._q["count_queued"], (nj.model, nj.priority, 1))
                 ahead = (nj.model, nj.priority)
                 position = int(conn.execute(self._q["queued_ahead"], ahead).fetchone()[0])
+            else:
+                queued[(nj.model, nj.priority)] += 1
             out.append(SubmitOutcome(nj.queued(job_id, seq, now), True, position))
+        self._count_queued(conn, queued)
         return out
 
     async def _claim(
@@ -131,7 +137,23 @@ class SqliteStore(SqlStore):
         arm = self._q["claim_candidates"]
         arms = " UNION ALL ".join(arm.replace("{model}", f"?{5 + i}") for i in range(len(models)))
         sql = self._q["claim_jobs"].replace("{candidates}", arms)
-        return await self._returning(sql, (now, max_jobs, expires, node_id, *models), CLAIM)
+        args = (now, max_jobs, expires, node_id, *models)
+
+        def op(conn: sqlite3.Connection) -> list[Row]:
+            leased: list[Row] = conn.execute(sql, args).fetchall()
+            self._count_queued(conn, Counter(map(rows.queue_of, leased)), -1)
+            return leased
+
+        found: list[Row] = await self._writer.run(op, CLAIM.durable)
+        return found
+
+    def _count_queued(
+        self, conn: sqlite3.Connection, counts: Counter[tuple[str, int]], sign: int = 1
+    ) -> None:
+        """Update the writer's counters (sql/sqlite.sql: track_queued) by job counts per
+        (model, priority): once per group, not once per row."""
+        for (model, priority), n in counts.items():
+            conn.execute(self._q["count_queued"], (model, priority, sign * n))
 
     async def submit_results(
         self, results: Sequence[NodeResult], now: float
