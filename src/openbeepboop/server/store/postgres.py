@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from openbeepboop.server.models import (
+    Job,
     NewJob,
     NodeResult,
     ResultOutcome,
@@ -138,9 +139,9 @@ class PostgresStore(SqlStore):
 
     async def _claim(
         self, node_id: str, models: list[str], max_jobs: int, expires: float, now: float
-    ) -> Sequence[Row]:
+    ) -> list[Job]:
         args = (models, float(now), max_jobs, expires, node_id)
-        return await self._returning(self._q["claim_jobs"], args, CLAIM)
+        return [rows.job(r) for r in await self._returning(self._q["claim_jobs"], args, CLAIM)]
 
     async def submit_results(
         self, results: Sequence[NodeResult], now: float

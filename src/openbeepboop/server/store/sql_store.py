@@ -75,8 +75,8 @@ class SqlStore(ABC):
     @abstractmethod
     async def _claim(
         self, node_id: str, models: list[str], max_jobs: int, expires: float, now: float
-    ) -> Sequence[Row]:
-        """Run the dialect's claim (`claim_jobs`) and return the leased rows."""
+    ) -> list[Job]:
+        """Run the dialect's claim (`claim_jobs`): the jobs it leased."""
 
     @abstractmethod
     def _array(self, values: Sequence[str]) -> Any:
@@ -125,8 +125,7 @@ class SqlStore(ABC):
         wanted = list(dict.fromkeys(models))
         if not wanted or max_jobs <= 0:
             return []
-        found = await self._claim(node_id, wanted, max_jobs, float(now + lease_seconds), now)
-        jobs = [rows.job(r) for r in found]
+        jobs = await self._claim(node_id, wanted, max_jobs, float(now + lease_seconds), now)
         jobs.sort(key=lambda j: (-j.priority, j.seq))
         return jobs
 

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from openbeepboop.server.models import (
+    Job,
     NewJob,
     NodeResult,
     ResultOutcome,
@@ -133,19 +134,18 @@ class SqliteStore(SqlStore):
 
     async def _claim(
         self, node_id: str, models: list[str], max_jobs: int, expires: float, now: float
-    ) -> Sequence[Row]:
+    ) -> list[Job]:
         arm = self._q["claim_candidates"]
         arms = " UNION ALL ".join(arm.replace("{model}", f"?{5 + i}") for i in range(len(models)))
         sql = self._q["claim_jobs"].replace("{candidates}", arms)
         args = (now, max_jobs, expires, node_id, *models)
 
-        def op(conn: sqlite3.Connection) -> list[Row]:
-            leased: list[Row] = conn.execute(sql, args).fetchall()
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            leased = conn.execute(sql, args).fetchall()
             self._count_queued(conn, Counter(map(rows.queue_of, leased)), -1)
-            return leased
+            return [rows.job(r) for r in leased]  # here: the event loop has enough to do
 
-        found: list[Row] = await self._writer.run(op, CLAIM.durable)
-        return found
+        return await self._writer.run(op, CLAIM.durable)
 
     def _count_queued(
         self, conn: sqlite3.Connection, counts: Counter[tuple[str, int]], sign: int = 1
