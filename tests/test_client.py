@@ -411,3 +411,23 @@ async def test_async_client_waiting_cancelling_and_errors(serve: AllInOne) -> No
             await down.jobs.list()
     assert url in str(caught.value) and "\n" not in str(caught.value)
     assert isinstance(caught.value, OpenBeepBoopError)
+
+
+def test_the_readme_errors_import_from_the_package_root_without_loading_the_client() -> None:
+    import subprocess
+    import sys
+
+    import openbeepboop
+    import openbeepboop.client as client_module
+
+    for name in client_module.__all__:
+        assert getattr(openbeepboop, name) is getattr(client_module, name), name
+    # the server and the node import `openbeepboop` and must not pay for the client
+    code = (
+        "import sys, openbeepboop; assert 'openbeepboop.client' not in sys.modules;"
+        "from openbeepboop import JobFailedError, RateLimitError, AuthenticationError;"
+        "assert 'openbeepboop.client' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        openbeepboop.Nope  # noqa: B018

@@ -9,16 +9,52 @@ print(job.get(wait=True).choices[0].message.content)
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["AsyncClient", "Client", "__version__"]
+
+# what `openbeepboop.client` exports, reachable from the package root: the client and its
+# typed errors (`from openbeepboop import Client, JobFailedError`)
+_CLIENT_NAMES = (
+    "APIConnectionError",
+    "APIStatusError",
+    "AsyncClient",
+    "AsyncJob",
+    "AuthenticationError",
+    "BadRequestError",
+    "Client",
+    "Job",
+    "JobFailedError",
+    "JobTimeoutError",
+    "NotFoundError",
+    "OpenBeepBoopError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "ServerError",
+)
+__all__ = [*_CLIENT_NAMES, "__version__"]
 
 if TYPE_CHECKING:
-    from openbeepboop.client import AsyncClient, Client
+    from openbeepboop.client import (
+        APIConnectionError,
+        APIStatusError,
+        AsyncClient,
+        AsyncJob,
+        AuthenticationError,
+        BadRequestError,
+        Client,
+        Job,
+        JobFailedError,
+        JobTimeoutError,
+        NotFoundError,
+        OpenBeepBoopError,
+        PermissionDeniedError,
+        RateLimitError,
+        ServerError,
+    )
 
 
 def __getattr__(name: str) -> Any:
     # the client loads only when asked for: the server and node never import it
-    if name in ("Client", "AsyncClient"):
+    if name in _CLIENT_NAMES:
         from openbeepboop import client
 
         return getattr(client, name)
-    raise AttributeError(name)
+    raise AttributeError(f"module 'openbeepboop' has no attribute {name!r}")
