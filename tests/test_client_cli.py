@@ -184,6 +184,29 @@ def test_exit_4_for_a_bad_key_and_no_key(serve: AllInOne, tmp_path: Path) -> Non
     assert "OPENBEEPBOOP_API_KEY" in line
 
 
+def test_common_options_before_the_command_and_after_it(serve: AllInOne) -> None:
+    bad = env_for(serve, OPENBEEPBOOP_API_KEY="obb_client_not-a-real-key")
+    bad.pop("OPENBEEPBOOP_BASE_URL")
+    # before the command: they beat the environment
+    models = one_json(
+        run(serve, "--base-url", serve.url, "--api-key", serve.key, "--json", "models", env=bad)
+    )
+    assert "echo" in {m["id"] for m in models}
+    # after the command they win over those given before it
+    out = run(
+        serve,
+        "--api-key",
+        serve.key,
+        "list",
+        "--api-key",
+        "obb_client_nope",
+        "--base-url",
+        serve.url,
+        env=bad,
+    )
+    assert "invalid" in one_line_error(out, 4).lower()
+
+
 def test_exit_5_for_an_unknown_job(serve: AllInOne) -> None:
     for command in ("poll", "get", "cancel"):
         line = one_line_error(run(serve, command, "job_nope"), 5)

@@ -64,6 +64,10 @@ def _connected(fn: F) -> F:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
     @functools.wraps(fn)
     def wrapper(base_url: str | None, api_key: str | None, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        base_url = _before_command(ctx, "base_url", base_url)
+        api_key = _before_command(ctx, "api_key", api_key)
+        kwargs["as_json"] = _before_command(ctx, "as_json", kwargs["as_json"])
         client = Client(base_url, api_key)
         try:
             return fn(client, **kwargs)
@@ -73,6 +77,15 @@ def _connected(fn: F) -> F:
             client.close()
 
     return wrapper  # type: ignore[return-value]
+
+
+def _before_command(ctx: click.Context, name: str, value: Any) -> Any:
+    """The common option `name` as given after the command, else as given before it
+    (`openbeepboop-client --api-key K models`), else from the environment or default."""
+    given_before = ctx.find_root().params.get(name)
+    if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+        return value
+    return given_before if given_before not in (None, False) else value
 
 
 def _print_json(data: Any) -> None:
@@ -89,7 +102,11 @@ def _answer_text(job: Job) -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="openbeepboop")
-def main() -> None:
+# the common options may come before the command too; after it they win
+@click.option("--base-url", help="Server URL (also accepted after the command).")
+@click.option("--api-key", help="A client key (also accepted after the command).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+def main(base_url: str | None, api_key: str | None, as_json: bool) -> None:
     """Submit jobs to an OpenBeepBoop server and collect their results."""
 
 
