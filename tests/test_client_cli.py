@@ -352,6 +352,39 @@ def test_submit_file_writes_openai_batch_output_and_resumes(
     assert serve.job_count() == jobs_before + 8  # the same jobs, found again by idempotency
 
 
+def test_submit_file_elsewhere_says_it_reuses_and_fresh_runs_again(
+    serve: AllInOne, tmp_path: Path
+) -> None:
+    first_dir, second_dir = tmp_path / "a", tmp_path / "b"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    content = "\n".join(MIXED) + "\n"
+    (first_dir / "r.jsonl").write_text(content)
+    (second_dir / "r.jsonl").write_text(content)
+    ok(run(serve, "submit", "--file", "r.jsonl", "--model", "echo", cwd=first_dir))
+    first = {x["custom_id"]: x["id"] for x in read_output(first_dir / "r.results.jsonl")}
+    jobs_before = serve.job_count()
+
+    # the same content from another directory: the earlier jobs, and a note saying so
+    out = run(serve, "submit", "--file", "r.jsonl", "--model", "echo", "--json", cwd=second_dir)
+    assert one_json(out)["reused"] == 8
+    assert "note: 8 of 8 requests were submitted by an earlier run" in out.stderr
+    again = {x["custom_id"]: x["id"] for x in read_output(second_dir / "r.results.jsonl")}
+    assert again == first and serve.job_count() == jobs_before
+
+    # --fresh: new jobs, and a fresh run repeated with --fresh resumes instead of re-running
+    (second_dir / "r.results.jsonl").unlink()
+    out = run(serve, "submit", "--file", "r.jsonl", "--model", "echo", "--fresh", cwd=second_dir)
+    assert "note:" not in ok(out) + out.stderr
+    fresh = check_output(read_output(second_dir / "r.results.jsonl"))
+    assert {k: v["id"] for k, v in fresh.items()}.keys() == first.keys()
+    assert not {v["id"] for v in fresh.values()} & set(first.values())
+    assert serve.job_count() == jobs_before + 8
+    (second_dir / "r.results.jsonl").unlink()
+    ok(run(serve, "submit", "--file", "r.jsonl", "--model", "echo", "--fresh", cwd=second_dir))
+    assert serve.job_count() == jobs_before + 8
+
+
 def test_submit_file_to_a_named_output(serve: AllInOne, tmp_path: Path) -> None:
     requests = tmp_path / "in.jsonl"
     requests.write_text("".join(f"prompt number {i}\n" for i in range(30)))
@@ -365,6 +398,7 @@ def test_submit_file_to_a_named_output(serve: AllInOne, tmp_path: Path) -> None:
         "failed": 0,
         "skipped": 0,
         "submitted": 30,
+        "reused": 0,
         "output": str(output),
     }
     lines = read_output(output)

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# what `openbeepboop.client` exports, reachable from the package root: the client and its
-# typed errors (`from openbeepboop import Client, JobFailedError`)
-_CLIENT_NAMES = (
+# the client and its typed errors, reachable from the package root
+# (`from openbeepboop import Client, JobFailedError`): what `openbeepboop.client` exports
+__all__ = [
     "APIConnectionError",
     "APIStatusError",
     "AsyncClient",
@@ -28,8 +28,8 @@ _CLIENT_NAMES = (
     "PermissionDeniedError",
     "RateLimitError",
     "ServerError",
-)
-__all__ = [*_CLIENT_NAMES, "__version__"]
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from openbeepboop.client import (
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     # the client loads only when asked for: the server and node never import it
-    if name in _CLIENT_NAMES:
+    if name in __all__:
         from openbeepboop import client
 
         return getattr(client, name)

@@ -10,13 +10,16 @@ Results are appended as they finish, in OpenAI's batch output format
 (`{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`).
 Re-running the same command skips lines whose result is already in the output, and jobs
 that were submitted but not yet written are found again (idempotency keys are derived
-from the file's content and each line's custom_id), so nothing runs twice.
+from the file's content and each line's custom_id), so nothing runs twice; that holds for
+the same content run from elsewhere too, and the run says so. `--fresh` runs such lines
+again: its keys also derive from the output's path, so a fresh run resumes as well.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from openbeepboop.client import Client, Job
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+FINAL = ("completed", "failed", "cancelled", "expired")
+# a job created this much before the run began (by this machine's clock) is an earlier run's
+EARLIER_S = 5.0
 
 
 def parse_line(text: str, number: int, model: str) -> dict[str, Any]:
@@ -104,16 +110,34 @@ def _output_line(job: Job, custom_id: str) -> dict[str, Any]:
     }
 
 
+def _from_earlier_run(job: Job, began: float) -> bool:
+    """A job the server replayed for a key an earlier run used: already final when
+    submitted, or created well before this run began."""
+    created = job.data.get("created_at")
+    old = isinstance(created, int | float) and created < began - EARLIER_S
+    return job.data.get("status") in FINAL or old
+
+
 def run_file(
-    client: Client, path: Path, output: Path | None, *, model: str, timeout: float | None
+    client: Client,
+    path: Path,
+    output: Path | None,
+    *,
+    model: str,
+    timeout: float | None,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Submit what is not done yet, wait, write results; returns a summary."""
+    began = time.time()
     output = output or path.with_suffix(".results.jsonl")
     items = _read(path, model)
     _drop_torn_tail(output)
     done = _done_ids(output)
     todo = [i for i in items if i["custom_id"] not in done]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    if fresh:  # new keys, still stable for this output: a fresh run resumes too
+        where = hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:8]
+        digest = f"{digest}-{where}"
     jobs: list[Job] = []
     by_job: dict[str, str] = {}
     for url, resource in (
@@ -132,6 +156,13 @@ def run_file(
         for job, item in zip(resource.create_many(requests), group, strict=True):
             jobs.append(job)
             by_job[job.id] = item["custom_id"]
+    earlier = sum(_from_earlier_run(job, began) for job in jobs)
+    if earlier and not fresh:
+        click.echo(
+            f"note: {earlier} of {len(jobs)} requests were submitted by an earlier run of this "
+            "file's content; their jobs are reused, not run again (--fresh runs them again)",
+            err=True,
+        )
     counts = {"completed": 0, "failed": 0}
     columns = (
         TextColumn("{task.description}"),
@@ -152,4 +183,10 @@ def run_file(
         f"{len(done)} already done; results in {output}",
         err=True,
     )
-    return {**counts, "skipped": len(done), "submitted": len(jobs), "output": str(output)}
+    return {
+        **counts,
+        "skipped": len(done),
+        "submitted": len(jobs),
+        "reused": earlier,
+        "output": str(output),
+    }

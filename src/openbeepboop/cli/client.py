@@ -141,6 +141,11 @@ def main(base_url: str | None, api_key: str | None, as_json: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="With --file: results JSONL [FILE.results.jsonl].",
 )
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="With --file: run lines again that an earlier run of the same content submitted.",
+)
 @_connected
 def submit(
     client: Client,
@@ -155,13 +160,14 @@ def submit(
     timeout: float | None,
     file: Path | None,
     output: Path | None,
+    fresh: bool,
     as_json: bool,
 ) -> None:
     """Queue PROMPT (prints the job id), or with --wait print the answer."""
     if file is not None:
         from openbeepboop.cli.batch_file import run_file
 
-        summary = run_file(client, file, output, model=model, timeout=timeout)
+        summary = run_file(client, file, output, model=model, timeout=timeout, fresh=fresh)
         if as_json:
             _print_json(summary)
         sys.exit(1 if summary["failed"] else 0)
