@@ -194,14 +194,25 @@ def test_cancel_over_the_socket(ws_server: ServerProcess) -> None:
 
 
 def test_without_a_key_the_socket_is_refused(ws_server: ServerProcess) -> None:
+    def refusal(exc: pytest.ExceptionInfo[InvalidStatus]) -> tuple[int, str | None]:
+        # the handshake is answered as HTTP would answer: status and OpenAI's error body
+        response = exc.value.response
+        return response.status_code, json.loads(response.body or b"{}")["error"]["code"]
+
     async def main() -> None:
-        with pytest.raises(InvalidStatus):
+        with pytest.raises(InvalidStatus) as none:
             async with connect(ws_url(ws_server)):
                 pass
+        assert refusal(none) == (401, "missing_api_key")
+        with pytest.raises(InvalidStatus) as bad:
+            async with connect(ws_url(ws_server) + "?api_key=obb_client_nope"):
+                pass
+        assert refusal(bad)[0] == 401
         node_key = auth(ws_server.keys["node_key"])
-        with pytest.raises(InvalidStatus):
+        with pytest.raises(InvalidStatus) as wrong_role:
             async with connect(ws_url(ws_server), additional_headers=node_key):
                 pass
+        assert refusal(wrong_role)[0] == 403
         # browsers cannot set headers: ?api_key= works too
         url = ws_url(ws_server) + "?api_key=" + ws_server.keys["client_key"]
         async with connect(url) as ws:

@@ -28,6 +28,7 @@ from openbeepboop.server.core.assistants import Assistants
 from openbeepboop.server.core.events import job_events
 from openbeepboop.server.core.queue import JobRequest, Queue
 from openbeepboop.server.errors import DomainError
+from openbeepboop.server.http.errors import domain_error_response
 from openbeepboop.server.http.guards import authenticate, bearer
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import JSON, ApiKey, Role
@@ -183,7 +184,11 @@ async def websocket_jobs(ws: WebSocket) -> None:
     try:
         key = await authenticate(state, _token(ws), Role.CLIENT)
     except DomainError as exc:
-        await ws.close(code=1008, reason=str(exc)[:120])
+        if "websocket.http.response" in ws.scope.get("extensions", {}):
+            # the handshake answered as HTTP would: 401 (or 403) with OpenAI's error body
+            await ws.send_denial_response(domain_error_response(exc))
+        else:
+            await ws.close(code=1008, reason=str(exc)[:120])
         return
     await ws.accept()
     session = _Session(ws, key, state.queue, state.assistants)
