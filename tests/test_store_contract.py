@@ -620,3 +620,20 @@ async def test_templates_put_replace_list_delete(store: Store) -> None:
     assert await store.delete_template("alice", "helper") is True
     assert await store.delete_template("alice", "helper") is False
     assert (await store.get_template("bob", "helper")) is not None
+
+
+# -- rate limits -------------------------------------------------------------------------
+
+
+async def test_hit_counter_counts_per_window(store: Store) -> None:
+    assert await store.hit_counter("k1/50/1/second", T0) == (1, T0)
+    assert await store.hit_counter("k1/50/1/second", T0) == (2, T0)
+    assert await store.hit_counter("k2/50/1/second", T0) == (1, T0)
+    # a late hit stamped with an earlier window counts in the current one
+    assert await store.hit_counter("k1/50/1/second", T0 - 1) == (3, T0)
+    assert await store.hit_counter("k1/50/1/second", T0 + 1) == (1, T0 + 1)
+
+
+async def test_hit_counter_is_atomic_under_concurrency(store: Store) -> None:
+    counts = await asyncio.gather(*(store.hit_counter("k", T0) for _ in range(40)))
+    assert sorted(n for n, _ in counts) == list(range(1, 41))

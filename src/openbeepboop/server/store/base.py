@@ -188,6 +188,14 @@ class Store(Protocol):
     async def delete_template(self, owner: str, name: str) -> bool:
         """Delete one template; False when there was none."""
 
+    # -- rate limits ------------------------------------------------------------
+
+    async def hit_counter(self, name: str, window_start: float) -> tuple[int, float]:
+        """Count one hit of the fixed-window counter `name` in the window that starts at
+        `window_start`: the hits of the counter's current window, this one included, and
+        that window's start. A later window starts the count over; a hit stamped with an
+        earlier window (another server's clock) counts in the current one."""
+
 
 class DatabaseUnreachable(Exception):
     """The database cannot be reached or refused us; the message (one line, no

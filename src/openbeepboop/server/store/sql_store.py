@@ -47,6 +47,7 @@ ONCE = Write()
 IDEMPOTENT = Write(idempotent=True)
 UNSYNCED = Write(idempotent=True, durable=False)  # lease renewals, contact: lost, they renew
 CLAIM = Write(durable=False)  # applied once; lost to a power cut, the job only runs again
+COUNT = Write(durable=False)  # a request counter: lost to a power cut, a window starts over
 Steps = Sequence[tuple[str, Sequence[Any]]]
 
 
@@ -286,3 +287,9 @@ class SqlStore(ABC):
 
     async def delete_template(self, owner: str, name: str) -> bool:
         return await self._change(self._q["delete_template"], (owner, name)) > 0
+
+    # -- rate limits --------------------------------------------------------------
+
+    async def hit_counter(self, name: str, window_start: float) -> tuple[int, float]:
+        [row] = await self._returning(self._q["hit_counter"], (name, float(window_start)), COUNT)
+        return int(row[0]), float(row[1])

@@ -284,3 +284,15 @@ SELECT {template_columns} FROM templates WHERE {where} ORDER BY name, owner;
 
 -- name: delete_template
 DELETE FROM templates WHERE owner = ?1 AND name = ?2;
+
+-- ======================================================================== rate limits
+
+-- name: hit_counter
+-- One hit of counter ?1 in the window starting at ?2; the window's hits so far. A later
+-- window starts over; a hit stamped with an earlier window counts in the current one.
+INSERT INTO rate_counters (name, window_start, hits) VALUES (?1, ?2, 1)
+ON CONFLICT (name) DO UPDATE SET
+    hits = CASE WHEN excluded.window_start > rate_counters.window_start THEN 1
+                ELSE rate_counters.hits + 1 END,
+    window_start = max(rate_counters.window_start, excluded.window_start)
+RETURNING hits, window_start;
