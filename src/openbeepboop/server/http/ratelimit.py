@@ -1,9 +1,16 @@
-"""Per-key request limits (sliding window, the `limits` notation), in memory on each
-server."""
+"""Per-key request limits (the `limits` notation, e.g. `200/second;6000/minute`).
+
+One server (SQLite): sliding windows in memory. Several servers on one database
+(PostgreSQL): fixed windows counted in the database (the store's `hit_counter`, one
+round trip per request), so the deployment grants a key its limit once, not once per
+server. A server that has seen a window full refuses the rest of that window's
+requests without asking the database.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage
@@ -12,24 +19,55 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 from openbeepboop.server.errors import RateLimited
 from openbeepboop.server.models import ApiKey, Role
 
+# (counter name, window start) -> (hits of the current window, its start)
+SharedCounter = Callable[[str, float], Awaitable[tuple[int, float]]]
+MAX_FULL = 10_000  # windows remembered as full
+
 
 class KeyRateLimiter:
-    """Counts each key's requests against the limits of its role."""
+    """Counts each key's requests against the limits of its role, in memory or, given
+    `shared` (the store's `hit_counter`), in the database."""
 
-    def __init__(self, client_limit: str, node_limit: str) -> None:
+    def __init__(
+        self,
+        client_limit: str,
+        node_limit: str,
+        shared: SharedCounter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
         self._limits: dict[Role, list[RateLimitItem]] = {
             Role.CLIENT: parse_many(client_limit) if client_limit else [],
             Role.NODE: parse_many(node_limit) if node_limit else [],
             Role.ADMIN: [],
         }
+        self._shared = shared
+        self._clock = clock
+        self._full: dict[str, float] = {}  # counter name -> end of its window seen full
 
-    def hit(self, key: ApiKey) -> None:
+    async def hit(self, key: ApiKey) -> None:
         """Count one request of `key`; RateLimited (with Retry-After) over a limit."""
         for item in self._limits[key.role]:
-            if not self._limiter.hit(item, key.id):
+            if self._shared is not None:
+                await self._hit_shared(self._shared, item, key.id)
+            elif not self._limiter.hit(item, key.id):
                 stats = self._limiter.get_window_stats(item, key.id)
-                raise RateLimited(
-                    f"rate limit of {item} for this key exceeded",
-                    retry_after=max(1.0, stats.reset_time - time.time()),
-                )
+                raise _limited(item, stats.reset_time - time.time())
+
+    async def _hit_shared(self, shared: SharedCounter, item: RateLimitItem, key_id: str) -> None:
+        name = item.key_for(key_id)
+        now = self._clock()
+        full_until = self._full.get(name, 0.0)
+        if now < full_until:
+            raise _limited(item, full_until - now)
+        period = float(item.get_expiry())
+        hits, start = await shared(name, now - now % period)
+        if hits > item.amount:
+            if len(self._full) >= MAX_FULL:
+                self._full.clear()
+            self._full[name] = start + period
+            raise _limited(item, start + period - now)
+
+
+def _limited(item: RateLimitItem, wait: float) -> RateLimited:
+    return RateLimited(f"rate limit of {item} for this key exceeded", retry_after=max(1.0, wait))
