@@ -135,8 +135,9 @@ async def replies(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
 def test_websocket_adds_count_against_the_keys_limits(
     server_process: Callable[..., ServerProcess],
 ) -> None:
+    # a minute's window: the burst falls inside it however busy the machine is
     server = server_process(
-        OPENBEEPBOOP_RATE_LIMIT="20/second", OPENBEEPBOOP_MAX_ACTIVE_JOBS_PER_KEY="30"
+        OPENBEEPBOOP_RATE_LIMIT="20/minute", OPENBEEPBOOP_MAX_ACTIVE_JOBS_PER_KEY="10"
     )
     key = server.keys["client_key"]
 
@@ -144,32 +145,27 @@ def test_websocket_adds_count_against_the_keys_limits(
         return json.dumps({"type": "add", "id": f"a{i}", "query": "hi", "assistant": ASSISTANT})
 
     async def main() -> None:
-        async with ws_url(server, key) as ws:
-            started = time.monotonic()
+        async with ws_url(server, key) as ws:  # the handshake is the key's first request
             for i in range(200):
                 await ws.send(add(i))
             got = await replies(ws, 200)
-            took = time.monotonic() - started
-            accepted = [m for m in got if m["type"] == "resp_add"]
-            refused = [m for m in got if m["type"] == "error"]
-            assert took < 1.0  # the whole burst fell inside one window
-            assert 10 <= len(accepted) <= 20, (len(accepted), took)
-            assert {m["code"] for m in refused} == {"rate_limit_exceeded"}
-            assert all(m["retry_after"] > 0 and m["id"].startswith("a") for m in refused)
+            assert [m["id"] for m in got] == [f"a{i}" for i in range(200)]
+            codes = [m.get("code", m["type"]) for m in got]
+            # 10 jobs (the active-job limit), then refusals up to the 19 frames the rate
+            # limit lets through, then the rate limit
+            assert codes[:10] == ["resp_add"] * 10
+            allowed = 10 + codes.count("too_many_active_jobs")
+            assert 15 <= allowed <= 20, codes
+            assert codes[10:allowed] == ["too_many_active_jobs"] * (allowed - 10)
+            assert codes[allowed:] == ["rate_limit_exceeded"] * (200 - allowed)
+            assert all(m["retry_after"] > 0 for m in got[allowed:])
             # the same limiter as HTTP: the key is out of requests there too
             async with httpx.AsyncClient() as http:
                 r = await http.get(server.url + "/v1/jobs", headers=auth(key))
             assert r.status_code == 429
-
-            await asyncio.sleep(2.0)  # a fresh window; now the active-job limit bites
-            room = 30 - len(accepted)
-            for i in range(200, 215):
-                await ws.send(add(i))
-            later = await replies(ws, 15)
-            assert [m["type"] for m in later] == ["resp_add"] * room + ["error"] * (15 - room)
-            assert {m["code"] for m in later[room:]} == {"too_many_active_jobs"}
-            # the connection is still usable
-            await ws.send(json.dumps({"type": "listen", "job_id": later[0]["job_id"]}))
+            # the connection stays open
+            await ws.send("{not json")
+            assert (await recv(ws))["message"].startswith("not valid JSON")
 
     asyncio.run(main())
 

@@ -625,15 +625,25 @@ async def test_templates_put_replace_list_delete(store: Store) -> None:
 # -- rate limits -------------------------------------------------------------------------
 
 
-async def test_hit_counter_counts_per_window(store: Store) -> None:
-    assert await store.hit_counter("k1/50/1/second", T0) == (1, T0)
-    assert await store.hit_counter("k1/50/1/second", T0) == (2, T0)
-    assert await store.hit_counter("k2/50/1/second", T0) == (1, T0)
+async def test_hit_counters_count_per_window(store: Store) -> None:
+    second, minute = "k1/50/1/second", "k1/600/1/minute"
+    assert await store.hit_counters({second: T0, minute: T0 - 40}) == {
+        second: (1, T0),
+        minute: (1, T0 - 40),
+    }
+    assert await store.hit_counters({second: T0}) == {second: (2, T0)}
+    assert await store.hit_counters({"k2/50/1/second": T0}) == {"k2/50/1/second": (1, T0)}
     # a late hit stamped with an earlier window counts in the current one
-    assert await store.hit_counter("k1/50/1/second", T0 - 1) == (3, T0)
-    assert await store.hit_counter("k1/50/1/second", T0 + 1) == (1, T0 + 1)
+    assert await store.hit_counters({second: T0 - 1}) == {second: (3, T0)}
+    assert await store.hit_counters({second: T0 + 1, minute: T0 - 40}) == {
+        second: (1, T0 + 1),
+        minute: (2, T0 - 40),
+    }
+    assert await store.hit_counters({}) == {}
 
 
-async def test_hit_counter_is_atomic_under_concurrency(store: Store) -> None:
-    counts = await asyncio.gather(*(store.hit_counter("k", T0) for _ in range(40)))
-    assert sorted(n for n, _ in counts) == list(range(1, 41))
+async def test_hit_counters_are_atomic_under_concurrency(store: Store) -> None:
+    names = {"k/a": T0, "k/b": T0}
+    counts = await asyncio.gather(*(store.hit_counters(names) for _ in range(40)))
+    for name in names:
+        assert sorted(c[name][0] for c in counts) == list(range(1, 41))

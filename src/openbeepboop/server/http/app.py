@@ -119,7 +119,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
             settings.rate_limit,
             settings.node_rate_limit,
             # several servers on one database count each key's requests there
-            shared=store.hit_counter if isinstance(store, SharedStore) else None,
+            shared=store.hit_counters if isinstance(store, SharedStore) else None,
         ),
         metrics=metrics,
     )

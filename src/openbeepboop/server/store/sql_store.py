@@ -14,7 +14,7 @@ disk before the caller hears of it, sqlite_io.py).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -80,7 +80,7 @@ class SqlStore(ABC):
         """Run the dialect's claim (`claim_jobs`): the jobs it leased."""
 
     @abstractmethod
-    def _array(self, values: Sequence[str]) -> Any:
+    def _array(self, values: Sequence[str] | Sequence[float]) -> Any:
         """`values` as the dialect takes a list parameter."""
 
     async def _first(self, name: str, *args: Any) -> Row | None:
@@ -290,6 +290,10 @@ class SqlStore(ABC):
 
     # -- rate limits --------------------------------------------------------------
 
-    async def hit_counter(self, name: str, window_start: float) -> tuple[int, float]:
-        [row] = await self._returning(self._q["hit_counter"], (name, float(window_start)), COUNT)
-        return int(row[0]), float(row[1])
+    async def hit_counters(self, windows: Mapping[str, float]) -> dict[str, tuple[int, float]]:
+        if not windows:
+            return {}
+        names = sorted(windows)  # one lock order for every server
+        args = (self._array(names), self._array([float(windows[n]) for n in names]))
+        found = await self._returning(self._q["hit_counters"], args, COUNT)
+        return {str(name): (int(hits), float(start)) for name, hits, start in found}
