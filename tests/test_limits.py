@@ -155,7 +155,7 @@ def test_websocket_adds_count_against_the_keys_limits(
             # limit lets through, then the rate limit
             assert codes[:10] == ["resp_add"] * 10
             allowed = 10 + codes.count("too_many_active_jobs")
-            assert 15 <= allowed <= 20, codes
+            assert 15 <= allowed <= 21, codes  # 21: a burst across a window boundary
             assert codes[10:allowed] == ["too_many_active_jobs"] * (allowed - 10)
             assert codes[allowed:] == ["rate_limit_exceeded"] * (200 - allowed)
             assert all(m["retry_after"] > 0 for m in got[allowed:])
@@ -268,7 +268,7 @@ def test_revocation_closes_the_keys_websockets_and_event_streams(
                     headers=auth(server.keys["admin_key"]),
                 )
                 assert r.status_code == 200
-                assert await closed_within(*opened) < 1.0
+                assert await closed_within(*opened) < 1.5
                 # the revoked key opens nothing new
                 r = await http.get(f"{server.url}/v1/jobs", headers=auth(key))
                 assert r.status_code == 401
