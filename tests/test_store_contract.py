@@ -620,3 +620,30 @@ async def test_templates_put_replace_list_delete(store: Store) -> None:
     assert await store.delete_template("alice", "helper") is True
     assert await store.delete_template("alice", "helper") is False
     assert (await store.get_template("bob", "helper")) is not None
+
+
+# -- rate limits -------------------------------------------------------------------------
+
+
+async def test_hit_counters_count_per_window(store: Store) -> None:
+    second, minute = "k1/50/1/second", "k1/600/1/minute"
+    assert await store.hit_counters({second: T0, minute: T0 - 40}) == {
+        second: (1, T0),
+        minute: (1, T0 - 40),
+    }
+    assert await store.hit_counters({second: T0}) == {second: (2, T0)}
+    assert await store.hit_counters({"k2/50/1/second": T0}) == {"k2/50/1/second": (1, T0)}
+    # a late hit stamped with an earlier window counts in the current one
+    assert await store.hit_counters({second: T0 - 1}) == {second: (3, T0)}
+    assert await store.hit_counters({second: T0 + 1, minute: T0 - 40}) == {
+        second: (1, T0 + 1),
+        minute: (2, T0 - 40),
+    }
+    assert await store.hit_counters({}) == {}
+
+
+async def test_hit_counters_are_atomic_under_concurrency(store: Store) -> None:
+    names = {"k/a": T0, "k/b": T0}
+    counts = await asyncio.gather(*(store.hit_counters(names) for _ in range(40)))
+    for name in names:
+        assert sorted(c[name][0] for c in counts) == list(range(1, 41))

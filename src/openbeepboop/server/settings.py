@@ -75,6 +75,12 @@ class ServerSettings(BaseSettings):
     max_active_jobs_per_key: int = Field(
         100_000, gt=0, description="Queued plus running jobs one client key may have."
     )
+    key_recheck_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How often open WebSockets and event streams check that their key "
+        "was not revoked (by another server or the CLI).",
+    )
     sync_timeout_seconds: float = Field(600.0, gt=0, description="Longest synchronous wait.")
     model_wait_seconds: float = Field(
         10.0, ge=0, description="Sync requests wait this long for a node serving the model."

@@ -7,6 +7,12 @@ idempotency keys so a restart resumes without duplicates) → `in_progress` → 
 (files written) → `completed` / `expired`, or `cancelling` → `cancelled`. Each step claims
 the batch with a short lease and saves it with a version check, so several servers on
 one database never drive one batch twice.
+
+A batch's lines count against its key's active-job limit (`max_active_jobs_per_key`)
+from its creation: a batch whose lines, with the key's queued and running jobs and the
+lines of its batches still being queued, would pass the limit is refused at create
+(429 `too_many_active_jobs`; 400 `batch_too_large` when the file alone is over it).
+Once accepted, its lines are queued whole.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from openbeepboop.server.errors import (
     DomainError,
     InvalidRequest,
     NotFound,
+    RateLimited,
 )
 from openbeepboop.server.models import (
     ENDPOINTS,
@@ -127,6 +134,7 @@ class Batches:
                 f"file {input_file_id} has purpose {source.purpose!r}; a batch needs 'batch'",
                 param="input_file_id",
             )
+        await self._check_room(key, source.lines)
         now = self._clock()
         batch = Batch(
             id=new_batch_id(),
@@ -143,6 +151,34 @@ class Batches:
         created = await self.store.create_batch(batch)
         self.queue.notifier.publish([BATCHES_TOPIC])
         return created
+
+    async def _check_room(self, key: ApiKey, lines: int) -> None:
+        """Refuse a batch of `lines` that would take the key past its active-job limit
+        (see the module docstring); admin keys, as for submits, have none."""
+        if key.role is not Role.CLIENT:
+            return
+        limit = self.queue.config.max_active_jobs_per_key
+        if lines > limit:
+            raise InvalidRequest(
+                f"the input file has {lines} requests; this key may have at most {limit} "
+                "queued or running jobs: split the file into smaller batches",
+                param="input_file_id",
+                code="batch_too_large",
+            )
+        waiting = sum(
+            (b.request_counts or {}).get("total", 0) - b.lines_queued
+            for b in await self.store.open_batches()
+            if b.owner == key.id and b.status is BatchStatus.VALIDATING
+        )
+        taken = await self.store.count_active(key.id) + waiting
+        if taken + lines > limit:
+            raise RateLimited(
+                f"this key has {taken} queued or running jobs (with the lines of its batches "
+                f"not yet queued); this batch's {lines} requests would pass the limit of "
+                f"{limit}",
+                retry_after=5,
+                code="too_many_active_jobs",
+            )
 
     async def get(self, key: ApiKey, batch_id: str) -> Batch:
         batch = await self.store.get_batch(batch_id)

@@ -147,8 +147,8 @@ class Queue:
         return await self._queue_jobs(key.id, requests, durable, positions)
 
     async def enqueue(self, owner: str, requests: Sequence[JobRequest]) -> list[SubmitOutcome]:
-        """Queue jobs for `owner` past the per-key limits (batch lines use this: a batch
-        was accepted whole, its lines wait their turn)."""
+        """Queue jobs for `owner` without the active-job check: batch lines, which were
+        counted against it when their batch was created (core/batches.py)."""
         return await self._queue_jobs(owner, requests, durable=True, positions=False)
 
     async def _queue_jobs(

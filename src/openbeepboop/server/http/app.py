@@ -79,6 +79,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         store, queue, files, assistants, BatchConfig(priority=settings.batch_priority)
     )
     metrics = Metrics()
+    keyring = KeyRing(store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,6 +89,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         tasks = [
             asyncio.create_task(queue.run_reaper(settings.reaper_interval_seconds)),
             asyncio.create_task(batches.run()),
+            asyncio.create_task(keyring.run_recheck(settings.key_recheck_seconds)),
         ]
         try:
             yield
@@ -112,8 +114,13 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         files=files,
         batches=batches,
         assistants=assistants,
-        keyring=KeyRing(store),
-        rate_limiter=KeyRateLimiter(settings.rate_limit, settings.node_rate_limit),
+        keyring=keyring,
+        rate_limiter=KeyRateLimiter(
+            settings.rate_limit,
+            settings.node_rate_limit,
+            # several servers on one database count each key's requests there
+            shared=store.hit_counters if isinstance(store, SharedStore) else None,
+        ),
         metrics=metrics,
     )
     errors.install(app)

@@ -109,7 +109,7 @@ async def authenticate(state: AppState, secret: str | None, *roles: Role) -> Api
     RateLimited after it."""
     key = await state.keyring.authenticate(secret)
     require_role(key, *roles)
-    state.rate_limiter.hit(key)
+    await state.rate_limiter.hit(key)
     return key
 
 

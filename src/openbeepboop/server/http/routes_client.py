@@ -25,7 +25,7 @@ from openbeepboop.server.http.inbound import (
 )
 from openbeepboop.server.http.outbound import JSONResponse, job_json, page
 from openbeepboop.server.http.state import app_state
-from openbeepboop.server.http.streaming import stream_events, stream_job
+from openbeepboop.server.http.streaming import stream_events, stream_job, while_key_active
 from openbeepboop.server.models import ApiKey, JobFilter, JobStatus
 
 router = APIRouter(tags=["jobs"])
@@ -60,7 +60,8 @@ def _job_request(endpoint: str, body: Knobs, idempotency_key: str | None) -> Job
 async def _openai_call(
     request: Request, key: ApiKey, req: JobRequest, prefer: str | None
 ) -> Response:
-    queue = app_state(request).queue
+    state = app_state(request)
+    queue = state.queue
     if _wants_async(prefer):
         outcome = (await queue.submit(key, [req], positions=True))[0]
         position = await queue.submitted_position(outcome)
@@ -77,7 +78,7 @@ async def _openai_call(
         options = req.body.get("stream_options")
         usage = isinstance(options, dict) and bool(options.get("include_usage"))
         return StreamingResponse(
-            stream_job(queue, job, usage),
+            while_key_active(state.keyring, key.id, stream_job(queue, job, usage)),
             media_type="text/event-stream",
             headers={"x-openbeepboop-job-id": job.id, "Cache-Control": "no-cache"},
         )
@@ -234,9 +235,10 @@ async def job_events(
                 f"Last-Event-ID must be an event id from this stream, not {last_event_id!r}",
                 param="Last-Event-ID",
             ) from exc
-    job = await app_state(request).queue.get(key, job_id)
+    state = app_state(request)
+    job = await state.queue.get(key, job_id)
     return StreamingResponse(
-        stream_events(app_state(request).queue, job, after),
+        while_key_active(state.keyring, key.id, stream_events(state.queue, job, after)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

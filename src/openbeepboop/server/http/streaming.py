@@ -5,6 +5,9 @@ content chunk, a usage chunk when `stream_options.include_usage` is set, then
 
 The job is an ordinary job: a client that disconnects does not cancel it; it completes
 and stays retrievable (its id is in the `x-openbeepboop-job-id` header).
+
+A stream whose key is revoked ends (`while_key_active`) with `data: {"error": {...,
+"code": "api_key_revoked"}}` and no `[DONE]`.
 """
 
 from __future__ import annotations
@@ -17,11 +20,20 @@ from typing import Any
 
 import orjson
 
+from openbeepboop.server.core.auth import KeyRing
 from openbeepboop.server.core.events import JobEvent, job_events, result_text
 from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.models import JSON, Job, JobStatus
 
 KEEPALIVE_SECONDS = 15.0
+REVOKED: JSON = {
+    "error": {
+        "message": "the API key of this stream was revoked",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "api_key_revoked",
+    }
+}
 
 
 def _sse(data: Any) -> bytes:
@@ -115,3 +127,35 @@ async def stream_events(
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                 await pending
         await events.aclose()
+
+
+async def while_key_active(
+    keyring: KeyRing, key_id: str, body: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    """`body` as long as the key `key_id` is active; once it is revoked (here, elsewhere
+    or by the CLI: `KeyRing.watch`), an error event, and the stream ends."""
+    with keyring.watch(key_id) as revoked:
+        gone = asyncio.ensure_future(revoked.wait())
+        pending: asyncio.Future[bytes] | None = None
+        try:
+            while True:
+                pending = asyncio.ensure_future(anext(body))
+                await asyncio.wait({pending, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not pending.done():
+                    yield _sse(REVOKED)
+                    return
+                try:
+                    chunk = pending.result()
+                except StopAsyncIteration:
+                    return
+                pending = None
+                yield chunk
+        finally:
+            gone.cancel()
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await pending
+            close = getattr(body, "aclose", None)  # an async generator's own finally
+            if close is not None:
+                await close()

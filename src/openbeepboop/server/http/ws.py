@@ -12,6 +12,11 @@ its assistant has another stream, the next stream is submitted: a new `resp_add`
 job_id, fallback: n} follows, then that job's updates.
 A malformed or unknown message gets `error` {message, id?}; the connection stays open.
 Authentication: `Authorization: Bearer <key>` or, for browsers, `?api_key=<key>`.
+
+Limits: each `add`, `listen` and `cancel` counts against the key's rate limit like an
+HTTP request (over it: `error` {code: "rate_limit_exceeded", retry_after}), and an
+`add` against its active-job limit (`too_many_active_jobs`). When the key is revoked,
+the server sends `error` {code: "api_key_revoked"} and closes with 1008.
 """
 
 from __future__ import annotations
@@ -27,31 +32,44 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from openbeepboop.server.core.assistants import Assistants
 from openbeepboop.server.core.events import job_events
 from openbeepboop.server.core.queue import JobRequest, Queue
-from openbeepboop.server.errors import DomainError
+from openbeepboop.server.errors import DomainError, RateLimited
 from openbeepboop.server.http.errors import domain_error_response
 from openbeepboop.server.http.guards import authenticate, bearer
-from openbeepboop.server.http.state import app_state
+from openbeepboop.server.http.state import AppState, app_state
 from openbeepboop.server.models import JSON, ApiKey, Role
 
 log = logging.getLogger("openbeepboop.ws")
 router = APIRouter()
 MAX_FRAME = 1 << 20
+REVOKED = "the API key of this connection was revoked"
 
 
 class _Session:
     """One connection: its key, the jobs it follows, one writer at a time."""
 
-    def __init__(self, ws: WebSocket, key: ApiKey, queue: Queue, assistants: Assistants):
+    def __init__(self, ws: WebSocket, key: ApiKey, state: AppState):
         self.ws = ws
         self.key = key
-        self.queue = queue
-        self.assistants = assistants
+        self.queue: Queue = state.queue
+        self.assistants: Assistants = state.assistants
+        self.state = state
         self.following: dict[str, asyncio.Task[None]] = {}
         self._send_lock = asyncio.Lock()
+        self.closed = False
 
     async def send(self, message: JSON) -> None:
         async with self._send_lock:
-            await self.ws.send_text(orjson.dumps(message).decode())
+            if not self.closed:
+                await self.ws.send_text(orjson.dumps(message).decode())
+
+    async def close_when(self, revoked: asyncio.Event) -> None:
+        """Once the key is revoked: say so, and close (1008, policy violation)."""
+        await revoked.wait()
+        await self.send({"type": "error", "message": REVOKED, "code": "api_key_revoked"})
+        async with self._send_lock:
+            self.closed = True
+            with contextlib.suppress(RuntimeError):  # the client closed first
+                await self.ws.close(code=1008, reason=REVOKED)
 
     async def handle(self, raw: str) -> None:
         try:
@@ -69,11 +87,14 @@ class _Session:
         try:
             if handler is None:
                 raise _Bad(f"unknown message type {kind!r}; expected add, listen or cancel")
+            await self.state.rate_limiter.hit(self.key)  # the key's limit, as for HTTP
             await handler(message)
         except (_Bad, DomainError) as exc:
             reply: JSON = {"type": "error", "message": str(exc)}
             if isinstance(exc, DomainError):
                 reply["code"] = exc.code
+            if isinstance(exc, RateLimited):
+                reply["retry_after"] = exc.retry_after
             for field in ("id", "job_id"):
                 if isinstance(message.get(field), str):
                     reply[field] = message[field]
@@ -191,20 +212,25 @@ async def websocket_jobs(ws: WebSocket) -> None:
             await ws.close(code=1008, reason=str(exc)[:120])
         return
     await ws.accept()
-    session = _Session(ws, key, state.queue, state.assistants)
-    try:
-        while True:
-            frame: Any = await ws.receive()
-            if frame["type"] == "websocket.disconnect":
-                break
-            raw = frame.get("text")
-            if raw is None:
-                raw = (frame.get("bytes") or b"").decode("utf-8", errors="replace")
-            if len(raw) > MAX_FRAME:
-                await session.send({"type": "error", "message": "message larger than 1 MiB"})
-                continue
-            await session.handle(raw)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        await session.close()
+    session = _Session(ws, key, state)
+    with state.keyring.watch(key.id) as revoked:
+        closer = asyncio.create_task(session.close_when(revoked))
+        try:
+            while True:
+                frame: Any = await ws.receive()
+                if frame["type"] == "websocket.disconnect" or session.closed:
+                    break
+                raw = frame.get("text")
+                if raw is None:
+                    raw = (frame.get("bytes") or b"").decode("utf-8", errors="replace")
+                if len(raw) > MAX_FRAME:
+                    await session.send({"type": "error", "message": "message larger than 1 MiB"})
+                    continue
+                await session.handle(raw)
+        except (WebSocketDisconnect, RuntimeError):  # RuntimeError: closed on revocation
+            pass
+        finally:
+            closer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closer
+            await session.close()

@@ -7,7 +7,7 @@ runs against every implementation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from openbeepboop.server.models import (
@@ -187,6 +187,15 @@ class Store(Protocol):
 
     async def delete_template(self, owner: str, name: str) -> bool:
         """Delete one template; False when there was none."""
+
+    # -- rate limits ------------------------------------------------------------
+
+    async def hit_counters(self, windows: Mapping[str, float]) -> dict[str, tuple[int, float]]:
+        """Count one hit of each fixed-window counter named in `windows`, in the window
+        that starts at the time given for it, in one transaction: for each counter, the
+        hits of its current window (this one included) and that window's start. A later
+        window starts the count over; a hit stamped with an earlier window (another
+        server's clock) counts in the current one."""
 
 
 class DatabaseUnreachable(Exception):

@@ -88,7 +88,7 @@ class PostgresStore(SqlStore):
         kind = Kind.IDEMPOTENT if how.idempotent else Kind.ONCE
         return await self._db.write(op, kind, single=False)
 
-    def _array(self, values: Sequence[str]) -> list[str]:
+    def _array(self, values: Sequence[str] | Sequence[float]) -> list[Any]:
         return list(values)
 
     # -- jobs -------------------------------------------------------------------

@@ -14,7 +14,7 @@ disk before the caller hears of it, sqlite_io.py).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -47,6 +47,7 @@ ONCE = Write()
 IDEMPOTENT = Write(idempotent=True)
 UNSYNCED = Write(idempotent=True, durable=False)  # lease renewals, contact: lost, they renew
 CLAIM = Write(durable=False)  # applied once; lost to a power cut, the job only runs again
+COUNT = Write(durable=False)  # a request counter: lost to a power cut, a window starts over
 Steps = Sequence[tuple[str, Sequence[Any]]]
 
 
@@ -79,7 +80,7 @@ class SqlStore(ABC):
         """Run the dialect's claim (`claim_jobs`): the jobs it leased."""
 
     @abstractmethod
-    def _array(self, values: Sequence[str]) -> Any:
+    def _array(self, values: Sequence[str] | Sequence[float]) -> Any:
         """`values` as the dialect takes a list parameter."""
 
     async def _first(self, name: str, *args: Any) -> Row | None:
@@ -286,3 +287,13 @@ class SqlStore(ABC):
 
     async def delete_template(self, owner: str, name: str) -> bool:
         return await self._change(self._q["delete_template"], (owner, name)) > 0
+
+    # -- rate limits --------------------------------------------------------------
+
+    async def hit_counters(self, windows: Mapping[str, float]) -> dict[str, tuple[int, float]]:
+        if not windows:
+            return {}
+        names = sorted(windows)  # one lock order for every server
+        args = (self._array(names), self._array([float(windows[n]) for n in names]))
+        found = await self._returning(self._q["hit_counters"], args, COUNT)
+        return {str(name): (int(hits), float(start)) for name, hits, start in found}

@@ -92,7 +92,7 @@ class SqliteStore(SqlStore):
         found: list[Sequence[Row]] = await self._writer.run(op, how.durable)
         return found
 
-    def _array(self, values: Sequence[str]) -> str:
+    def _array(self, values: Sequence[str] | Sequence[float]) -> str:
         return orjson.dumps(list(values)).decode()  # for json_each(?)
 
     # -- jobs -------------------------------------------------------------------

@@ -288,3 +288,18 @@ SELECT {template_columns} FROM templates WHERE {where} ORDER BY name, owner;
 
 -- name: delete_template
 DELETE FROM templates WHERE owner = $1 AND name = $2;
+
+-- ======================================================================== rate limits
+
+-- name: hit_counters
+-- One hit of each counter named in $1, in the window starting at the same place in $2:
+-- each counter's hits so far in its current window, and that window's start. A later
+-- window starts over; a hit stamped with an earlier window (another server's clock)
+-- counts in the current one.
+INSERT INTO rate_counters (name, window_start, hits)
+SELECT n, w, 1 FROM unnest($1::text[], $2::float8[]) AS t(n, w)
+ON CONFLICT (name) DO UPDATE SET
+    hits = CASE WHEN excluded.window_start > rate_counters.window_start THEN 1
+                ELSE rate_counters.hits + 1 END,
+    window_start = greatest(rate_counters.window_start, excluded.window_start)
+RETURNING name, hits, window_start;

@@ -284,3 +284,19 @@ SELECT {template_columns} FROM templates WHERE {where} ORDER BY name, owner;
 
 -- name: delete_template
 DELETE FROM templates WHERE owner = ?1 AND name = ?2;
+
+-- ======================================================================== rate limits
+
+-- name: hit_counters
+-- One hit of each counter named in ?1 (a JSON array), in the window starting at the
+-- same place in ?2: each counter's hits so far in its current window, and that window's
+-- start. A later window starts over; a hit stamped with an earlier window (another
+-- server's clock) counts in the current one.
+INSERT INTO rate_counters (name, window_start, hits)
+SELECT n.value, w.value, 1 FROM json_each(?1) AS n JOIN json_each(?2) AS w ON w.key = n.key
+WHERE true
+ON CONFLICT (name) DO UPDATE SET
+    hits = CASE WHEN excluded.window_start > rate_counters.window_start THEN 1
+                ELSE rate_counters.hits + 1 END,
+    window_start = max(rate_counters.window_start, excluded.window_start)
+RETURNING name, hits, window_start;
