@@ -24,16 +24,18 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from openbeepboop.server.core import json_input
 from openbeepboop.server.core.assistants import Assistants
 from openbeepboop.server.core.events import job_events
 from openbeepboop.server.core.queue import JobRequest, Queue
-from openbeepboop.server.errors import DomainError
+from openbeepboop.server.errors import DomainError, InvalidRequest
+from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import authenticate, bearer
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import JSON, ApiKey, Role
 
 log = logging.getLogger("openbeepboop.ws")
-router = APIRouter()
+router = APIRouter(route_class=CheckedRoute)
 MAX_FRAME = 1 << 20
 
 
@@ -55,8 +57,14 @@ class _Session:
     async def handle(self, raw: str) -> None:
         try:
             message = orjson.loads(raw)
+            json_input.check(message, raw)
         except orjson.JSONDecodeError as exc:
             await self.send({"type": "error", "message": f"not valid JSON: {exc}"})
+            return
+        except InvalidRequest as exc:
+            await self.send(
+                {"type": "error", "message": exc.message, "code": exc.code, "param": exc.param}
+            )
             return
         if not isinstance(message, dict):
             await self.send({"type": "error", "message": "a message is a JSON object"})
