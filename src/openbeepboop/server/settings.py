@@ -22,6 +22,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from openbeepboop.private_paths import private_dir, write_private
+
 CONFIG_NAME = "server.toml"
 DB_NAME = "openbeepboop.db"
 
@@ -216,7 +218,7 @@ def write_settings(data_dir: Path, changes: dict[str, Any]) -> Path:
             if name != "data_dir"
         }
     values.update({k: v for k, v in changes.items() if v is not None})
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent, tighten=True)  # the data directory: ours alone
     text = "# OpenBeepBoop server settings; OPENBEEPBOOP_<NAME> variables override them.\n"
-    path.write_text(text + tomli_w.dumps(values))
+    write_private(path, text + tomli_w.dumps(values))  # it may hold a database password
     return path

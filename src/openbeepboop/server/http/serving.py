@@ -12,6 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from openbeepboop.server.http.connections import ConnectionLimits, guarded_protocol
+from openbeepboop.server.http.log_redaction import redact_logs
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.settings import ServerSettings
 
@@ -83,4 +84,5 @@ def make_server(
         timeout_graceful_shutdown=10,
         server_header=False,  # `server: uvicorn` tells a client nothing it needs
     )
+    redact_logs()  # uvicorn has set up its log handlers by now
     return QueueServer(config, app, on_signal)
