@@ -50,9 +50,8 @@ def parse_batch_line(raw: bytes, number: int, check_body: BodyCheck | None = Non
         return InvalidRequest(f"line {number}: {message}", param="file", code="invalid_line")
 
     try:
-        value = orjson.loads(raw)
-        json_input.check(value, raw)
-    except orjson.JSONDecodeError as exc:
+        value = json_input.loads(raw)
+    except ValueError as exc:
         raise bad(f"not valid JSON ({exc})") from exc
     except InvalidRequest as exc:
         raise bad(exc.message) from None

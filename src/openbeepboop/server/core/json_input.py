@@ -11,8 +11,11 @@ byte scans.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
+
+import orjson
 
 from openbeepboop.server.errors import InvalidRequest
 
@@ -66,6 +69,21 @@ def could_be_bad(raw: bytes | str, max_depth: int = MAX_DEPTH) -> bool:
         or b"\x00" in raw
         or b"\xed" in raw
     )
+
+
+def loads(raw: bytes | str, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse JSON text (orjson; `json.loads` for what orjson refuses, such as an escaped
+    lone surrogate, so that it is refused here with its field named) and `check` it.
+    ValueError when it is not JSON."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            value = json.loads(raw)
+        except RecursionError:
+            raise too_deep(max_depth) from None
+    check(value, raw, max_depth)
+    return value
 
 
 def check(value: Any, raw: bytes | str | None = None, max_depth: int = MAX_DEPTH) -> None:

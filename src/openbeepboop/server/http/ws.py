@@ -56,9 +56,8 @@ class _Session:
 
     async def handle(self, raw: str) -> None:
         try:
-            message = orjson.loads(raw)
-            json_input.check(message, raw)
-        except orjson.JSONDecodeError as exc:
+            message = json_input.loads(raw)
+        except ValueError as exc:
             await self.send({"type": "error", "message": f"not valid JSON: {exc}"})
             return
         except InvalidRequest as exc:
