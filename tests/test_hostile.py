@@ -254,7 +254,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CommandServer]:
     its log is read for key material at the end."""
     old = os.umask(0o022)
     try:
-        server = start_server(AccessLogServer, tmp_path_factory.mktemp("served") / "data")
+        server = start_server(
+            AccessLogServer,
+            tmp_path_factory.mktemp("served") / "data",
+            OPENBEEPBOOP_HEADER_TIMEOUT_SECONDS="2",
+            OPENBEEPBOOP_BODY_TIMEOUT_SECONDS="1",
+            OPENBEEPBOOP_MAX_CONNECTIONS_PER_CLIENT="20",
+        )
     finally:
         os.umask(old)
     yield server
@@ -291,6 +297,49 @@ def test_a_200_kb_header_is_refused_and_a_60_kb_one_served(served: CommandServer
     r = httpx.get(served.url + "/health", headers={"x-big": "a" * 200_000})
     assert r.status_code == 431
     assert httpx.get(served.url + "/health", headers={"x-big": "a" * 60_000}).status_code == 200
+
+
+def read_all(sock: socket.socket, limit: float) -> bytes:
+    """What the server sends until it closes the connection (or `limit` seconds pass)."""
+    sock.settimeout(limit)
+    got = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            got += chunk
+    return got
+
+
+def test_slow_headers_slow_bodies_and_too_many_connections_are_cut_off(
+    served: CommandServer,
+) -> None:
+    address = ("127.0.0.1", served.port)
+    t0 = time.monotonic()
+    with socket.create_connection(address) as silent, socket.create_connection(address) as slow:
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        assert read_all(silent, 10).startswith(b"HTTP/1.1 408 ")
+        assert read_all(slow, 10).startswith(b"HTTP/1.1 408 ")
+    assert 1.5 < time.monotonic() - t0 < 6
+    with socket.create_connection(address) as stalled:
+        stalled.sendall(
+            b"POST /v1/results/poll HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"ids": '
+        )
+        t0 = time.monotonic()
+        read_all(stalled, 10)  # closed, the body never finished
+        assert time.monotonic() - t0 < 5
+    held = [socket.create_connection(address) for _ in range(20)]
+    try:
+        time.sleep(0.2)
+        with socket.create_connection(address) as extra:
+            assert read_all(extra, 5).startswith(b"HTTP/1.1 429 ")
+        other = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(transport=other) as client:  # another address is not held back
+            assert client.get(served.url + "/health").status_code == 200
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)
+    assert httpx.get(served.url + "/health").status_code == 200  # the count went down
 
 
 def test_data_files_are_private_whatever_the_umask(served: CommandServer, tmp_path: Path) -> None:
