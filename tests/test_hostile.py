@@ -471,9 +471,9 @@ def test_1100_slow_connections_under_a_1024_file_limit_do_not_starve_others(
     transport = httpx.HTTPTransport(local_address="127.0.0.2")  # another client address
     latencies = []
     try:
-        time.sleep(3)  # the flood is in place, and the first slow ones timed out
+        time.sleep(2.5)  # the flood is in place, and the first slow ones timed out
         with httpx.Client(base_url=server.url, transport=transport, timeout=10) as client:
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 4
             while time.monotonic() < deadline:
                 t0 = time.perf_counter()
                 r = client.post(

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 from tests.conftest import ServerProcess, cli, free_port
 
-EXAMPLES = 25  # per operation
+EXAMPLES = 20  # per operation
 # 5xx answers the API documents (docs/http-api.md): a synchronous request's job failed
 # (502), no node serves its model (503), it outlived its wait (504)
 DOCUMENTED_5XX = {502, 503, 504}

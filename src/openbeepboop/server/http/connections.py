@@ -70,6 +70,7 @@ class _GuardedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._address: str | None = None  # counted against open_from while set
         self._in_headers = True
+        self._awaiting_body = False
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
@@ -105,13 +106,15 @@ class _GuardedProtocol(HttpToolsProtocol):
         super().handle_websocket_upgrade()
 
     def data_received(self, data: bytes) -> None:
+        """Timers are armed only for a request still incomplete after a read: one that
+        arrives whole in one read (most do) costs none."""
         if self._refused:
             return
-        if self._body_timer is not None:
-            self._cancel_body_timer()
-            self._arm_body_timer()
+        self._cancel_body_timer()  # a byte came: the pause starts again
         super().data_received(data)
-        if self._in_headers and not self._refused:
+        if self._refused or self.transport.is_closing():
+            return
+        if self._in_headers:
             self._header_bytes += len(data)
             if self._header_bytes > self.limits.max_header_bytes:
                 self._refuse(
@@ -119,22 +122,24 @@ class _GuardedProtocol(HttpToolsProtocol):
                     "Request Header Fields Too Large",
                     f"the request line and headers are over {self.limits.max_header_bytes} bytes",
                 )
+            elif self._header_timer is None:
+                self._arm_header_timer()
+        elif self._awaiting_body:
+            self._arm_body_timer()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
         self._header_bytes = 0
-        if self._header_timer is None:
-            self._arm_header_timer()
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._cancel_header_timer()
         super().on_headers_complete()
-        if self.cycle is not None and self.cycle.scope is self.scope:
-            self._arm_body_timer()
+        self._awaiting_body = self.cycle is not None and self.cycle.scope is self.scope
 
     def on_message_complete(self) -> None:
+        self._awaiting_body = False
         self._cancel_body_timer()
         super().on_message_complete()
 
