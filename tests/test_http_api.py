@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from openbeepboop.server.http.fastlane import parse_json
+from openbeepboop.server.http.bodies import parse_json
 from tests.conftest import Api
 
 MSGS = [{"role": "user", "content": "hi"}]

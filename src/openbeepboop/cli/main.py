@@ -14,6 +14,7 @@ from openbeepboop.cli.client import main as client_group
 from openbeepboop.cli.loop import run as run_loop
 from openbeepboop.cli.node import main as node_group
 from openbeepboop.cli.server import main as server_group
+from openbeepboop.private_paths import write_private
 from openbeepboop.server.settings import (
     ConfigError,
     ServerSettings,
@@ -39,8 +40,7 @@ main.add_command(client_group, "client")
 
 
 def _write_secret(path: Path, value: str) -> None:
-    path.touch(mode=0o600)
-    path.write_text(value + "\n")
+    write_private(path, value + "\n")
 
 
 async def _first_setup(settings: ServerSettings) -> dict[str, str]:

@@ -31,6 +31,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from openbeepboop.node.backends import PluginError, backend_class
 from openbeepboop.node.backends.base import ModelConfig
+from openbeepboop.private_paths import private_dir, write_private
 
 DEFAULT_CONFIG = "node_config.toml"
 
@@ -174,7 +175,6 @@ def describe(exc: ValidationError) -> str:
 def write_node_config(config: NodeConfig, path: Path) -> None:
     """Write `config` as TOML (the key is written too: keep the file private)."""
     data = config.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     header = "# OpenBeepBoop node config (openbeepboop-node setup). Holds a key: keep private.\n"
-    path.write_text(header + tomli_w.dumps(data))
-    path.chmod(0o600)
+    write_private(path, header + tomli_w.dumps(data))

@@ -17,6 +17,7 @@ from pathlib import Path
 import orjson
 
 from openbeepboop.node.backends.base import JSON
+from openbeepboop.private_paths import private_sqlite
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +33,7 @@ class Outbox:
     """A small SQLite file; calls are quick and made from the event loop."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(path)  # results of other people's prompts
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode = WAL")

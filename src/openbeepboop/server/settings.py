@@ -22,6 +22,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from openbeepboop.private_paths import private_dir, write_private
+
 CONFIG_NAME = "server.toml"
 DB_NAME = "openbeepboop.db"
 
@@ -59,6 +61,18 @@ class ServerSettings(BaseSettings):
         60.0, gt=0, description="A node is live this long after contact."
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest request body.")
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest request line plus headers (431 above)."
+    )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="A request's line and headers must arrive within this (408)."
+    )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest pause while a request body arrives."
+    )
+    max_connections_per_client: int = Field(
+        256, ge=0, description="Open connections one client address may hold; 0: no cap."
+    )
     max_jobs_per_request: int = Field(10_000, gt=0, description="Largest bulk submit.")
     max_file_bytes: int = Field(
         200 * 1024 * 1024, gt=0, description="Largest file upload (POST /v1/files)."
@@ -210,7 +224,7 @@ def write_settings(data_dir: Path, changes: dict[str, Any]) -> Path:
             if name != "data_dir"
         }
     values.update({k: v for k, v in changes.items() if v is not None})
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent, tighten=True)  # the data directory: ours alone
     text = "# OpenBeepBoop server settings; OPENBEEPBOOP_<NAME> variables override them.\n"
-    path.write_text(text + tomli_w.dumps(values))
+    write_private(path, text + tomli_w.dumps(values))  # it may hold a database password
     return path

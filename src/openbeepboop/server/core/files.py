@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from openbeepboop.server.core import json_input
 from openbeepboop.server.errors import InvalidRequest, NotFound, PayloadTooLarge
 from openbeepboop.server.models import ENDPOINTS, JSON, ApiKey, Role, StoredFile
 from openbeepboop.server.store.base import Store
@@ -49,9 +50,11 @@ def parse_batch_line(raw: bytes, number: int, check_body: BodyCheck | None = Non
         return InvalidRequest(f"line {number}: {message}", param="file", code="invalid_line")
 
     try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        value = json_input.loads(raw)
+    except ValueError as exc:
         raise bad(f"not valid JSON ({exc})") from exc
+    except InvalidRequest as exc:
+        raise bad(exc.message) from None
     if not isinstance(value, dict):
         raise bad("expected a JSON object with custom_id, method, url and body")
     custom_id = value.get("custom_id")

@@ -28,7 +28,7 @@ from openbeepboop.server.http import (
     ws,
 )
 from openbeepboop.server.http.fastlane import FastLane
-from openbeepboop.server.http.guards import BodyLimit
+from openbeepboop.server.http.guards import BodyLimit, StorableUrl
 from openbeepboop.server.http.inbound import JobBatch, JobSpec
 from openbeepboop.server.http.metrics import Metrics, MetricsMiddleware
 from openbeepboop.server.http.ratelimit import KeyRateLimiter
@@ -139,6 +139,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         # a file upload carries the file plus a little multipart framing
         per_path={"/v1/files": settings.max_file_bytes + 64 * 1024},
     )
+    app.add_middleware(StorableUrl)
     _document_job_schemas(app)
     return app
 

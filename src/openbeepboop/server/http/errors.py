@@ -31,6 +31,15 @@ STATUS: dict[type[e.DomainError], tuple[int, str]] = {
     e.Timeout: (504, "timeout_error"),
 }
 
+
+class BodyRefused(StarletteHTTPException):
+    """A domain error met while FastAPI reads a body (it passes only HTTP errors on)."""
+
+    def __init__(self, error: e.DomainError) -> None:
+        super().__init__(STATUS.get(type(error), (400, ""))[0], error.message)
+        self.error = error
+
+
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
@@ -124,6 +133,8 @@ def install(app: FastAPI) -> None:
 
     async def on_http(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc, BodyRefused):
+            return domain_error_response(exc.error)
         status = exc.status_code
         message = str(exc.detail) if exc.detail else "error"
         if status == 404:

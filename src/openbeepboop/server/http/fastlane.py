@@ -21,7 +21,7 @@ validation, a missing, bad or wrong-role key) goes on untouched, body and all, t
 which answers it exactly as before; nothing has happened by then (validation and a
 refused key have no side effects: the rate limiter counts a key only once it is known
 good). The body is parsed as Starlette parses it (`json.loads`; orjson where the two
-agree, see `parse_json`).
+agree, see `parse_json`), and held to the same limits (bodies.py: `read_json`).
 
 It sits in front of the app's whole middleware stack (`QueueApp`), and does for the calls
 it serves what that stack would: counts them in the app's metrics, leaves a body over
@@ -31,14 +31,11 @@ exception handler for it, and an unexpected one with the catch-all's 500, re-rai
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from fastapi import APIRouter
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
@@ -47,7 +44,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from openbeepboop.server.errors import AuthenticationFailed, PermissionDenied
+from openbeepboop.server.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
+from openbeepboop.server.http.bodies import read_json
 from openbeepboop.server.http.guards import authenticate, bearer, client_key, node_key
 from openbeepboop.server.http.state import AppState
 from openbeepboop.server.models import Role
@@ -189,8 +187,8 @@ class FastLane:
     async def _serve(self, lane: Lane, request: Request, body: bytes, send: Any) -> int | None:
         """The status answered, or None when FastAPI is to answer instead."""
         try:
-            parsed = lane.parse(parse_json(body))
-        except (ValidationError, ValueError):
+            parsed = lane.parse(read_json(body))
+        except (ValidationError, ValueError, InvalidRequest):
             return None  # FastAPI gives the canonical answer
         secret = bearer(request.headers.get("authorization"))
         try:
@@ -223,20 +221,6 @@ class FastLane:
         return response
 
 
-def parse_json(body: bytes) -> Any:
-    """The body exactly as Starlette's `json.loads` reads it, with orjson (4x faster)
-    where the two agree. orjson refuses most of what they read differently (NaN and
-    Infinity, lone surrogates, UTF-16 bodies, overflowing floats); the one thing it reads
-    differently, an integer beyond 64 bits (as a float), needs 19 digits in a row, and a
-    body with such a run goes to `json.loads`."""
-    if _LONG_DIGITS.search(body) is None:
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(body)
-
-
 def _plain(scope: Scope, lane: Lane, max_bytes: int) -> bool:
     """Exactly one Content-Type, and it is plain JSON (what FastAPI parses as JSON); no
     Idempotency-Key where the route would read one; no declared length over the limit."""
@@ -255,7 +239,6 @@ def _plain(scope: Scope, lane: Lane, max_bytes: int) -> bool:
 
 
 _JSON_TYPES = (b"application/json", b"application/json; charset=utf-8")
-_LONG_DIGITS = re.compile(rb"\d{19}")
 
 
 async def _read_body(receive: Any, max_bytes: int) -> tuple[list[dict[str, Any]], bytes | None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import Request
 from starlette.exceptions import HTTPException
@@ -84,6 +85,56 @@ class BodyLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class StorableUrl:
+    """Refuse a URL whose path or query holds a NUL (`%00`): no store can keep or look up
+    such an id (the other unstorable strings, lone surrogates, cannot come out of a URL:
+    it is read as UTF-8 with replacement characters)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            param = _nul_in_url(scope)
+            if param is not None:
+                await _refuse_url(scope, send, param)
+                return
+        await self.app(scope, receive, send)
+
+
+def _nul_in_url(scope: dict[str, Any]) -> str | None:
+    """Where a NUL sits in the URL: `path`, a query parameter's name, or None."""
+    if "\x00" in scope["path"]:
+        return "path"
+    query: bytes = scope.get("query_string", b"")
+    if b"%00" not in query:
+        return None
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if "\x00" in name or "\x00" in value:
+            return name.replace("\x00", "") or "query"
+    return "query"
+
+
+async def _refuse_url(scope: dict[str, Any], send: Any, param: str) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = error_body(
+        f"invalid value for '{param}': the URL holds a NUL character (%00), which cannot be stored",
+        "invalid_request_error",
+        "invalid_string",
+        param,
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 class _TooLarge(HTTPException):

@@ -10,15 +10,17 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.responses import Response, StreamingResponse
 
+from openbeepboop.server.core import json_input
 from openbeepboop.server.core.files import PART_BYTES
 from openbeepboop.server.errors import InvalidRequest, NotFound
+from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import client_key
 from openbeepboop.server.http.inbound import ChatCompletionBody, CompletionBody, Knobs
 from openbeepboop.server.http.outbound import JSONResponse, batch_json, file_json, page
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import JSON, ApiKey
 
-router = APIRouter(tags=["batches"])
+router = APIRouter(tags=["batches"], route_class=CheckedRoute)
 Key = Annotated[ApiKey, Depends(client_key)]
 Limit = Annotated[int, Query(ge=1, le=10_000)]
 
@@ -57,6 +59,9 @@ async def upload_file(request: Request, key: Key) -> Response:
             raise InvalidRequest("a multipart field 'file' with the file is required", param="file")
         if not isinstance(purpose, str) or not purpose:
             raise InvalidRequest("a multipart field 'purpose' is required", param="purpose")
+        if upload.filename:
+            json_input.check_text(upload.filename, "file")
+        json_input.check_text(purpose, "purpose")
         stored = await app_state(request).files.upload(
             key, upload.filename or "upload.jsonl", purpose, _chunks(upload), check_body
         )

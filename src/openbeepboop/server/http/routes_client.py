@@ -13,6 +13,7 @@ from starlette.responses import Response, StreamingResponse
 
 from openbeepboop.server.core.queue import JobRequest
 from openbeepboop.server.errors import InvalidRequest, NotFound
+from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import client_key
 from openbeepboop.server.http.inbound import (
     OUR_FIELDS,
@@ -28,7 +29,7 @@ from openbeepboop.server.http.state import app_state
 from openbeepboop.server.http.streaming import stream_events, stream_job, while_key_active
 from openbeepboop.server.models import ApiKey, JobFilter, JobStatus
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], route_class=CheckedRoute)
 Key = Annotated[ApiKey, Depends(client_key)]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import node_key
 from openbeepboop.server.http.inbound import (
     EventsBody,
@@ -19,7 +20,7 @@ from openbeepboop.server.http.outbound import JSONResponse, leased_job_json
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import ApiKey, NodeResult
 
-router = APIRouter(prefix="/internal", tags=["node protocol"])
+router = APIRouter(prefix="/internal", tags=["node protocol"], route_class=CheckedRoute)
 Key = Annotated[ApiKey, Depends(node_key)]
 
 

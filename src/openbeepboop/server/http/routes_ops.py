@@ -9,12 +9,13 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from openbeepboop.server.errors import NotFound
+from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import admin_key, any_key
 from openbeepboop.server.http.outbound import JSONResponse, key_json, node_json
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import ApiKey, Node, Role
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=CheckedRoute)
 AnyKey = Annotated[ApiKey, Depends(any_key)]
 AdminKey = Annotated[ApiKey, Depends(admin_key)]
 

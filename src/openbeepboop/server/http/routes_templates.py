@@ -8,12 +8,13 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
+from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import client_key
 from openbeepboop.server.http.outbound import JSONResponse, page, template_json
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import ApiKey
 
-router = APIRouter(tags=["templates"])
+router = APIRouter(tags=["templates"], route_class=CheckedRoute)
 Key = Annotated[ApiKey, Depends(client_key)]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import resource
 import signal
 from collections.abc import Callable
 from types import FrameType
@@ -9,6 +11,8 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from openbeepboop.server.http.connections import ConnectionLimits, guarded_protocol
+from openbeepboop.server.http.log_redaction import redact_logs
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.settings import ServerSettings
 
@@ -43,14 +47,36 @@ class QueueServer(uvicorn.Server):
         return should_exit
 
 
+log = logging.getLogger("openbeepboop.server")
+# the soft limit raised to at most this when the hard limit is unlimited
+OPEN_FILES_WANTED = 1 << 20
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (each connection
+    holds one; the default soft limit of 1,024 is soon reached). The limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open files limit from %d: %s", soft, exc)
+            return soft
+        return wanted
+    return soft
+
+
 def make_server(
     app: FastAPI,
     settings: ServerSettings,
     access_log: bool = False,
     on_signal: Callable[[], None] | None = None,
 ) -> QueueServer:
+    raise_open_file_limit()
     config = uvicorn.Config(
         app,
+        http=guarded_protocol(ConnectionLimits.of(settings)),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -58,4 +84,5 @@ def make_server(
         timeout_graceful_shutdown=10,
         server_header=False,  # `server: uvicorn` tells a client nothing it needs
     )
+    redact_logs()  # uvicorn has set up its log handlers by now
     return QueueServer(config, app, on_signal)

@@ -29,17 +29,19 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from openbeepboop.server.core import json_input
 from openbeepboop.server.core.assistants import Assistants
 from openbeepboop.server.core.events import job_events
 from openbeepboop.server.core.queue import JobRequest, Queue
-from openbeepboop.server.errors import DomainError, RateLimited
+from openbeepboop.server.errors import DomainError, InvalidRequest, RateLimited
+from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.errors import domain_error_response
 from openbeepboop.server.http.guards import authenticate, bearer
 from openbeepboop.server.http.state import AppState, app_state
 from openbeepboop.server.models import JSON, ApiKey, Role
 
 log = logging.getLogger("openbeepboop.ws")
-router = APIRouter()
+router = APIRouter(route_class=CheckedRoute)
 MAX_FRAME = 1 << 20
 REVOKED = "the API key of this connection was revoked"
 
@@ -73,9 +75,14 @@ class _Session:
 
     async def handle(self, raw: str) -> None:
         try:
-            message = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
+            message = json_input.loads(raw)
+        except ValueError as exc:
             await self.send({"type": "error", "message": f"not valid JSON: {exc}"})
+            return
+        except InvalidRequest as exc:
+            await self.send(
+                {"type": "error", "message": exc.message, "code": exc.code, "param": exc.param}
+            )
             return
         if not isinstance(message, dict):
             await self.send({"type": "error", "message": "a message is a JSON object"})

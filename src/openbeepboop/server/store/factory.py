@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from openbeepboop.private_paths import private_dir
 from openbeepboop.server.settings import ConfigError, ServerSettings
 from openbeepboop.server.store.base import Store
 
@@ -36,5 +37,5 @@ def prepare_database(settings: ServerSettings) -> tuple[bool, list[int]]:
     from openbeepboop.server.store.sqlite import SqliteStore
 
     existed = settings.sqlite_path.exists()
-    settings.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.sqlite_path.parent)
     return not existed, SqliteStore(settings.sqlite_path).migrate()

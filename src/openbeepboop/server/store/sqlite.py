@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from openbeepboop.private_paths import private_sqlite
 from openbeepboop.server.models import (
     Job,
     NewJob,
@@ -43,12 +44,12 @@ class SqliteStore(SqlStore):
     # -- lifecycle --------------------------------------------------------------
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.migrate()
         self._writer.start()
 
     def migrate(self) -> list[int]:
         """Apply pending migrations (synchronously; used by `setup` too)."""
+        private_sqlite(self.path)  # tenants' prompts and results: 0600, -wal and -shm too
         conn = connect(self.path)
         try:
             return migrate_sqlite(conn)
