@@ -340,7 +340,7 @@ WHERE f.id = $1
       SELECT 1 FROM batches AS b
       WHERE b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')
         AND f.id IN (b.input_file_id, b.output_file_id, b.error_file_id))
-RETURNING f.id;
+RETURNING id;
 
 -- name: prune_file_parts
 -- The parts of file $1 once its record is gone.
