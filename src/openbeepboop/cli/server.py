@@ -306,13 +306,14 @@ def prune(data_dir: Path | None, dry_run: bool, as_json: bool) -> None:
 def backup(data_dir: Path | None, dest: Path, force: bool, as_json: bool) -> None:
     """Copy the SQLite database to DEST while the server runs (a consistent snapshot,
     mode 0600). Uploaded files are inside the database, so DEST holds everything but
-    server.toml. For PostgreSQL use pg_dump (docs/operations.md)."""
+    server.toml. For PostgreSQL use pg_dump (docs/configuration.md#backups)."""
     from openbeepboop.server.store.backup import BackupError, backup_sqlite
 
     settings = _settings(data_dir)
     if settings.uses_postgres:
         raise click.ClickException(
-            "database_url is PostgreSQL: back it up with pg_dump (see docs/operations.md)"
+            "database_url is PostgreSQL: back it up with pg_dump "
+            "(see docs/configuration.md#backups)"
         )
     _require_setup(settings)
     try:
@@ -336,7 +337,8 @@ def restore(data_dir: Path | None, src: Path, as_json: bool) -> None:
     settings = _settings(data_dir)
     if settings.uses_postgres:
         raise click.ClickException(
-            "database_url is PostgreSQL: restore it with pg_restore (see docs/operations.md)"
+            "database_url is PostgreSQL: restore it with pg_restore "
+            "(see docs/configuration.md#backups)"
         )
     try:
         report = restore_sqlite(src.expanduser(), settings.sqlite_path)
