@@ -92,7 +92,7 @@ def open_store(settings: ServerSettings) -> Store:
 
 def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     """Build the server. The store is opened and closed with the app's lifespan, and the
-    lease reaper runs while the app does."""
+    lease reaper and the pruner (core/retention.py) run while the app does."""
     store = store or open_store(settings)
     queue = Queue(store, queue_config(settings))
     files = files_of(store, settings)
