@@ -101,7 +101,7 @@ class Watcher:
     """Counts the old jobs left, every `every` seconds, on a read-only connection; keeps
     when the count first fell and when it reached zero."""
 
-    def __init__(self, path: Path, every: float = 0.25) -> None:
+    def __init__(self, path: Path, every: float = 0.5) -> None:
         self.path, self.every = path, every
         self.first: int | None = None
         self.began: float | None = None
@@ -112,7 +112,8 @@ class Watcher:
 
     def _run(self) -> None:
         db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
-        sql = "SELECT count(*) FROM jobs WHERE model = 'old-model'"
+        cutoff = time.time() - 30 * DAY  # an index range (jobs_finished), not a scan
+        sql = f"SELECT count(*) FROM jobs WHERE status = 'completed' AND finished_at < {cutoff}"
         try:
             while not self._stop.is_set():
                 left = db.execute(sql).fetchone()[0]

@@ -353,7 +353,7 @@ async def fill_and_prune(store: SqliteStore, retention: Retention, text: str) ->
 
 
 async def test_sqlite_gives_pruned_space_back(tmp_path: Path) -> None:
-    config = RetentionConfig(DAY, DAY, DAY, DAY, batch_rows=300, pause_seconds=0)
+    config = RetentionConfig(DAY, DAY, DAY, DAY, batch_rows=300, share=1.0, pause_seconds=0)
     store = SqliteStore(tmp_path / "new.db")
     await store.open()
     try:
@@ -376,7 +376,7 @@ async def test_sqlite_made_before_incremental_vacuum_reuses_its_free_pages(
     with contextlib.closing(sqlite3.connect(path)) as db:  # as older versions made them
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("CREATE TABLE legacy (x)")
-    config = RetentionConfig(DAY, DAY, DAY, DAY, batch_rows=300, pause_seconds=0)
+    config = RetentionConfig(DAY, DAY, DAY, DAY, batch_rows=300, share=1.0, pause_seconds=0)
     store = SqliteStore(path)
     await store.open()
     try:
