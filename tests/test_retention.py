@@ -129,6 +129,20 @@ def test_prune_dry_run_counts_and_prune_deletes_only_old_final_jobs(data_dir: Pa
     assert again == {"dry_run": True, **dict.fromkeys(expected, 0), "batches": 0, "files": 0}
 
 
+async def test_the_server_prunes_in_the_background(make_api: Callable[..., Any]) -> None:
+    async with make_api(rate_limit="", prune_interval_seconds=0.2) as api:
+        store = app_state(api.app).files.store
+        await make_history(store, time.time() - 40 * DAY, 6)
+        fresh = await api.submit()
+        for _ in range(100):  # the pruner's first pass is 0.2 s after start
+            await asyncio.sleep(0.1)
+            if not (await store.stats())["echo"].get("completed"):
+                break
+        assert (await store.stats())["echo"] == {"queued": 2, "in_progress": 1}
+        r = await api.http.get(f"/v1/jobs/{fresh['id']}", headers=api.h(api.client))
+        assert r.status_code == 200
+
+
 # -- files: expiry, quota, long lines ---------------------------------------------------
 
 

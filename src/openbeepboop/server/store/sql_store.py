@@ -47,6 +47,7 @@ T = TypeVar("T")
 ONCE = Write()
 IDEMPOTENT = Write(idempotent=True)
 UNSYNCED = Write(idempotent=True, durable=False)  # lease renewals, contact: lost, they renew
+# (pruning too: nobody is told of it; lost to a power cut, the next pass deletes again)
 CLAIM = Write(durable=False)  # applied once; lost to a power cut, the job only runs again
 Steps = Sequence[tuple[str, Sequence[Any]]]
 
@@ -275,7 +276,7 @@ class SqlStore(ABC):
 
     async def prune_jobs(self, status: JobStatus, finished_before: float, limit: int) -> int:
         args = (status.value, float(finished_before), limit)
-        return await self._change(self._q["prune_jobs"], args, IDEMPOTENT)
+        return await self._change(self._q["prune_jobs"], args, UNSYNCED)
 
     async def count_prunable_jobs(self, status: JobStatus, finished_before: float) -> int:
         row = await self._first("count_prunable_jobs", status.value, float(finished_before))
@@ -283,7 +284,7 @@ class SqlStore(ABC):
 
     async def prune_batches(self, finished_before: float, limit: int) -> int:
         args = (float(finished_before), limit)
-        return await self._change(self._q["prune_batches"], args, IDEMPOTENT)
+        return await self._change(self._q["prune_batches"], args, UNSYNCED)
 
     async def count_prunable_batches(self, finished_before: float) -> int:
         row = await self._first("count_prunable_batches", float(finished_before))
@@ -300,7 +301,7 @@ class SqlStore(ABC):
             (self._q["prune_file"], (file_id, float(now), float(unused_before))),
             (self._q["prune_file_parts"], (file_id,)),
         ]
-        deleted, _ = await self._transaction(steps, IDEMPOTENT)
+        deleted, _ = await self._transaction(steps, UNSYNCED)
         return bool(deleted)
 
     async def owner_file_bytes(self, owner: str) -> int:
