@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds before pruning")
     parser.add_argument("--prune-after", type=float, default=4.0, help="first pass, s")
     parser.add_argument("--batch-rows", type=int, default=500, help="prune_batch_rows")
+    parser.add_argument("--share", type=float, default=0.1, help="prune_share")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
     args = parser.parse_args(argv)
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="obb-bench-prune-"))
     server = bq.Server(root / "data", bq._free_port())
     report: dict[str, Any] = {"history": args.history, "round_jobs": args.round_jobs}
+    report.update(share=args.share, batch_rows=args.batch_rows)
     try:
         server.setup()
         db = server.data_dir / "openbeepboop.db"
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         server.env = {
             "OPENBEEPBOOP_PRUNE_INTERVAL_SECONDS": str(args.prune_after),
             "OPENBEEPBOOP_PRUNE_BATCH_ROWS": str(args.batch_rows),
+            "OPENBEEPBOOP_PRUNE_SHARE": str(args.share),
         }
         server.start()
         node_id = asyncio.run(bq.register_node(server.url, server.keys["node_key"], "bench"))

@@ -100,6 +100,13 @@ class ServerSettings(BaseSettings):
     prune_batch_rows: int = Field(
         500, ge=1, le=100_000, description="Rows deleted per pruning transaction."
     )
+    prune_share: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="The share of the time the pruner may take: after a transaction that "
+        "took t seconds it pauses t * (1 - share) / share.",
+    )
     batch_priority: int = Field(
         -10, ge=-1000, le=1000, description="Priority of batch lines (interactive: 0)."
     )

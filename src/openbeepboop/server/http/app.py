@@ -71,6 +71,7 @@ def retention_config(settings: ServerSettings) -> RetentionConfig:
         cancelled_seconds=settings.keep_cancelled_jobs_seconds,
         batches_seconds=settings.keep_batches_seconds,
         batch_rows=settings.prune_batch_rows,
+        share=settings.prune_share,
     )
 
 
