@@ -37,6 +37,8 @@ SHIPPED = [m.version for m in load_migrations("postgres")]
 
 T0 = 1_000_000.0
 
+SHIPPED = [m.version for m in load_migrations("postgres")]
+
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

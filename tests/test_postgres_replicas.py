@@ -46,6 +46,8 @@ from tests.pg import (
 pytestmark = pytest.mark.slow
 WORDS = "one two three four five six seven eight nine ten"
 
+SHIPPED = [m.version for m in load_migrations("postgres")]
+
 
 @dataclass
 class Replicas:
@@ -70,9 +72,7 @@ def replicas(tmp_path: Path, admin: str, count: int = 2, **env: str) -> Iterator
         base_env = {"OPENBEEPBOOP_DATABASE_URL": url, "OPENBEEPBOOP_RATE_LIMIT": "", **env}
         first = tmp_path / "replica0"
         keys = cli("setup", "--non-interactive", "--data-dir", str(first), "--json", env=base_env)
-        assert keys["database"] == url and keys["migrations_applied"] == [
-            m.version for m in load_migrations("postgres")
-        ]
+        assert keys["database"] == url and keys["migrations_applied"] == SHIPPED
         servers = []
         procs = Procs()
         try:

@@ -11,6 +11,7 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -598,6 +599,110 @@ async def test_batch_jobs_counts_and_cancel(store: Store) -> None:
     assert sorted(await store.cancel_batch_jobs("batch_1", T0 + 1)) == sorted(ids[1:3])
     assert await store.batch_counts("batch_1") == {"in_progress": 1, "cancelled": 2}
     assert (await store.get_job(ids[3])).status is JobStatus.QUEUED  # type: ignore[union-attr]
+
+
+# -- retention -----------------------------------------------------------------------
+
+
+async def finished_jobs(store: Store) -> dict[str, str]:
+    """One job in each status (final ones finished at T0 + 10), by status."""
+    ids = await submit(store, *[new_job() for _ in range(6)])
+    leased = await fetch(store, n=4)
+    done, bad, _running, gone = leased
+    ok = NodeResult(done.id, done.lease_id, result=RESULT)
+    err = NodeResult(bad.id, bad.lease_id, error={"message": "x"}, retryable=False)
+    await store.submit_results([ok, err], T0 + 10)
+    await store.cancel_job(gone.id, T0 + 10)
+    queued = [i for i in ids if i not in {j.id for j in leased}]
+    await store.cancel_job(queued[0], T0 + 10)
+    statuses = {j.id: j.status.value for j in await store.get_jobs(ids)}
+    assert sorted(statuses.values()) == sorted(
+        ["completed", "failed", "in_progress", "cancelled", "cancelled", "queued"]
+    )
+    return statuses
+
+
+async def test_prune_jobs_takes_only_final_jobs_older_than_the_cutoff(store: Store) -> None:
+    statuses = await finished_jobs(store)
+    # finished at T0 + 10: a cutoff at that moment keeps them
+    assert await store.count_prunable_jobs(JobStatus.COMPLETED, T0 + 10) == 0
+    assert await store.prune_jobs(JobStatus.COMPLETED, T0 + 10, 100) == 0
+    assert await store.count_prunable_jobs(JobStatus.CANCELLED, T0 + 11) == 2
+    assert await store.prune_jobs(JobStatus.CANCELLED, T0 + 11, 1) == 1  # the limit holds
+    assert await store.prune_jobs(JobStatus.CANCELLED, T0 + 11, 100) == 1
+    for status in (JobStatus.COMPLETED, JobStatus.FAILED):
+        assert await store.prune_jobs(status, T0 + 11, 100) == 1
+    # whatever the cutoff, queued and running jobs stay
+    for status in (JobStatus.QUEUED, JobStatus.IN_PROGRESS):
+        assert await store.prune_jobs(status, T0 + 1e9, 100) == 0
+    left = await store.get_jobs(list(statuses))
+    assert sorted(j.status.value for j in left) == ["in_progress", "queued"]
+    assert await store.stats() == {"m": {"in_progress": 1, "queued": 1}}
+
+
+async def test_prune_keeps_jobs_of_a_running_batch(store: Store) -> None:
+    batch = await store.create_batch(new_batch("batch_r"))
+    [job_id] = await submit(store, new_job(batch_id="batch_r"))
+    await store.cancel_job(job_id, T0)
+    assert await store.count_prunable_jobs(JobStatus.CANCELLED, T0 + 1) == 0
+    assert await store.prune_jobs(JobStatus.CANCELLED, T0 + 1, 10) == 0
+    assert await store.prune_batches(T0 + 1e9, 10) == 0  # not final: kept
+    batch.status, batch.cancelled_at = BatchStatus.CANCELLED, T0 + 5
+    assert await store.save_batch(batch) is not None
+    assert await store.prune_jobs(JobStatus.CANCELLED, T0 + 1, 10) == 1
+    assert await store.count_prunable_batches(T0 + 5) == 0
+    assert await store.count_prunable_batches(T0 + 6) == 1
+    assert await store.prune_batches(T0 + 6, 10) == 1
+    assert await store.get_batch("batch_r") is None
+
+
+async def test_files_expire_and_batch_files_go_with_their_batches(store: Store) -> None:
+    async def put(file_id: str, purpose: str = "batch", expires: float | None = None) -> None:
+        await store.put_file_part(file_id, 0, b"abcdef")
+        await store.create_file(replace(stored_file(file_id, purpose=purpose), expires_at=expires))
+
+    await put("file-exp", "user_data", expires=T0 + 100)
+    await put("file-keep", "user_data")
+    await put("file-in")  # new_batch's input
+    await put("file-unused")
+    await put("file-out", "batch_output")
+    batch = await store.create_batch(replace(new_batch("batch_f"), output_file_id="file-out"))
+    await put("file-old-in", expires=T0 + 1)  # the input of a running batch: kept
+    await store.create_batch(replace(new_batch("batch_g"), input_file_id="file-old-in"))
+    assert await store.owner_file_bytes("alice") == 36
+    assert await store.owner_file_bytes("nobody") == 0
+
+    assert await store.prunable_files(T0 + 99, 0.0, 10) == []
+    assert await store.prunable_files(T0 + 100, 0.0, 10) == ["file-exp"]
+    assert await store.prunable_files(T0 + 100, T0 + 1, 10) == ["file-exp", "file-unused"]
+    assert await store.prune_file("file-exp", T0 + 100, 0.0) is True
+    assert await store.get_file("file-exp") is None
+    assert await store.read_file_part("file-exp", 0) is None
+    assert await store.prune_file("file-keep", T0 + 1e9, T0 + 1e9) is False  # stays
+    assert await store.read_file_part("file-keep", 0) == b"abcdef"
+
+    batch.status, batch.completed_at = BatchStatus.COMPLETED, T0 + 5
+    assert await store.save_batch(batch) is not None
+    assert await store.prunable_files(T0 + 10, T0 + 1, 10) == ["file-unused"]  # still used
+    assert await store.prune_batches(T0 + 10, 10) == 1
+    assert await store.prunable_files(T0 + 10, T0 + 1, 10) == [
+        "file-in",
+        "file-unused",
+        "file-out",
+    ]
+    for file_id in ("file-in", "file-unused", "file-out"):
+        assert await store.prune_file(file_id, T0 + 10, T0 + 1) is True
+    assert [f.id for f in await store.list_files(None, None, 10, None)] == [
+        "file-old-in",
+        "file-keep",
+    ]
+
+
+async def test_file_expiry_round_trips(store: Store) -> None:
+    await store.put_file_part("file-e", 0, b"x")
+    made = await store.create_file(replace(stored_file("file-e"), expires_at=T0 + 3600))
+    assert made.expires_at == T0 + 3600
+    assert await store.get_file("file-e") == made
 
 
 # -- assistant templates -----------------------------------------------------------------

@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from openbeepboop.server.core.auth import KeyRing
 from openbeepboop.server.models import Role
 from openbeepboop.server.settings import ConfigError, ServerSettings, load_settings, write_settings
-from openbeepboop.server.store.base import DatabaseUnreachable
+from openbeepboop.server.store.base import DatabaseUnreachable, Store
+
+if TYPE_CHECKING:
+    from openbeepboop.server.store.backup import BackupReport
 
 T = TypeVar("T")
 
@@ -46,6 +50,10 @@ def _require_setup(settings: ServerSettings) -> None:
 
 
 def _with_store(settings: ServerSettings, fn: Callable[[KeyRing], Awaitable[T]]) -> T:
+    return _on_store(settings, lambda store: fn(KeyRing(store)))
+
+
+def _on_store(settings: ServerSettings, fn: Callable[[Store], Awaitable[T]]) -> T:
     _require_setup(settings)  # rather than quietly making an empty database elsewhere
     from openbeepboop.server.store.factory import open_store
 
@@ -53,7 +61,7 @@ def _with_store(settings: ServerSettings, fn: Callable[[KeyRing], Awaitable[T]])
         store = open_store(settings)
         await store.open()
         try:
-            return await fn(KeyRing(store))
+            return await fn(store)
         finally:
             await store.close()
 
@@ -258,6 +266,102 @@ def migrate_db(
         "\nNow set database_url in server.toml (or OPENBEEPBOOP_DATABASE_URL) to that URL "
         "and start the servers."
     )
+
+
+@main.command()
+@DATA_DIR
+@click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
+@JSON_OUT
+def prune(data_dir: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Delete, now, the final jobs (and their results), finished batches and files that
+    have outlived their settings (keep_*_seconds, file expiry).
+
+    A running server does this by itself every prune_interval_seconds; this command is
+    safe while it runs. Queued and running jobs, and the jobs and files of batches that
+    are not finished, are never deleted.
+    """
+    from openbeepboop.server.core.retention import Retention
+    from openbeepboop.server.http.app import retention_config
+
+    settings = _settings(data_dir)
+
+    async def run(store: Store) -> dict[str, int]:
+        retention = Retention(store, retention_config(settings))
+        return await (retention.plan() if dry_run else retention.prune())
+
+    counts = _on_store(settings, run)
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, **counts}))
+        return
+    click.echo("Would delete:" if dry_run else "Deleted:")
+    for kind, n in counts.items():
+        click.echo(f"  {kind.replace('_', ' '):<16} {n}")
+
+
+@main.command()
+@DATA_DIR
+@click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace DEST when it exists.")
+@JSON_OUT
+def backup(data_dir: Path | None, dest: Path, force: bool, as_json: bool) -> None:
+    """Copy the SQLite database to DEST while the server runs (a consistent snapshot,
+    mode 0600). Uploaded files are inside the database, so DEST holds everything but
+    server.toml. For PostgreSQL use pg_dump (docs/configuration.md#backups)."""
+    from openbeepboop.server.store.backup import BackupError, backup_sqlite
+
+    settings = _settings(data_dir)
+    if settings.uses_postgres:
+        raise click.ClickException(
+            "database_url is PostgreSQL: back it up with pg_dump "
+            "(see docs/configuration.md#backups)"
+        )
+    _require_setup(settings)
+    try:
+        report = backup_sqlite(settings.sqlite_path, dest.expanduser(), replace=force)
+    except (BackupError, sqlite3.Error) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _report_copy(report, "Backed up", as_json)
+
+
+@main.command()
+@DATA_DIR
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@JSON_OUT
+def restore(data_dir: Path | None, src: Path, as_json: bool) -> None:
+    """Put a backup made by `backup` back as the SQLite database (replacing it).
+
+    Stop the server first: restore refuses while any process has the database open.
+    Migrations newer than the backup are applied when the server starts."""
+    from openbeepboop.server.store.backup import BackupError, restore_sqlite
+
+    settings = _settings(data_dir)
+    if settings.uses_postgres:
+        raise click.ClickException(
+            "database_url is PostgreSQL: restore it with pg_restore "
+            "(see docs/configuration.md#backups)"
+        )
+    try:
+        report = restore_sqlite(src.expanduser(), settings.sqlite_path)
+    except (BackupError, sqlite3.Error) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _report_copy(report, "Restored", as_json)
+
+
+def _report_copy(report: BackupReport, verb: str, as_json: bool) -> None:
+    out = {
+        "from": report.source,
+        "to": report.target,
+        "bytes": report.bytes,
+        "jobs": report.jobs,
+        "files": report.files,
+    }
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        click.echo(
+            f"{verb} {report.source} to {report.target}: {report.bytes} bytes, "
+            f"{report.jobs} jobs, {report.files} files."
+        )
 
 
 @main.group()

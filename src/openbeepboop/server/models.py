@@ -228,6 +228,7 @@ class StoredFile:
     created_at: float
     lines: int = 0
     seq: int = 0  # set by the store; orders listings
+    expires_at: float | None = None  # pruned after this (None: kept until deleted)
 
 
 class BatchStatus(enum.StrEnum):

@@ -25,6 +25,7 @@ from pydantic_settings import (
 from openbeepboop.private_paths import private_dir, write_private
 
 CONFIG_NAME = "server.toml"
+DAY = 86_400.0
 DB_NAME = "openbeepboop.db"
 
 
@@ -78,6 +79,48 @@ class ServerSettings(BaseSettings):
         200 * 1024 * 1024, gt=0, description="Largest file upload (POST /v1/files)."
     )
     max_batch_lines: int = Field(50_000, gt=0, description="Most requests in one batch file.")
+    max_batch_line_bytes: int = Field(
+        4 * 1024 * 1024, gt=0, description="Longest line of a batch input file, in bytes."
+    )
+    file_quota_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=0,
+        description="Bytes of files one key may keep (uploads and batch output); 0: no quota.",
+    )
+    file_expiry_seconds: float = Field(
+        30 * DAY,
+        ge=0,
+        description="Default lifetime of an uploaded file of a purpose other than `batch` "
+        "(when the upload gives no `expires_after`); 0: kept until deleted.",
+    )
+    keep_completed_jobs_seconds: float = Field(
+        30 * DAY, ge=0, description="Completed jobs (and results) are kept this long; 0: forever."
+    )
+    keep_failed_jobs_seconds: float = Field(
+        30 * DAY, ge=0, description="Failed and expired jobs are kept this long; 0: forever."
+    )
+    keep_cancelled_jobs_seconds: float = Field(
+        7 * DAY, ge=0, description="Cancelled jobs are kept this long; 0: forever."
+    )
+    keep_batches_seconds: float = Field(
+        30 * DAY,
+        ge=0,
+        description="Finished batches (and their files without an expiry) are kept this long; "
+        "0: forever.",
+    )
+    prune_interval_seconds: float = Field(
+        60.0, ge=0, description="How often old rows are pruned in the background; 0: never."
+    )
+    prune_batch_rows: int = Field(
+        500, ge=1, le=100_000, description="Rows deleted per pruning transaction."
+    )
+    prune_share: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="The share of the time the pruner may take: after a transaction that "
+        "took t seconds it pauses t * (1 - share) / share.",
+    )
     batch_priority: int = Field(
         -10, ge=-1000, le=1000, description="Priority of batch lines (interactive: 0)."
     )

@@ -11,6 +11,7 @@ import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import orjson
 
@@ -88,23 +89,70 @@ def _body_problem(url: str, body: JSON, check_body: BodyCheck | None) -> str | N
     return None if check_body is None else check_body(url, body)
 
 
-async def lines_of(parts: AsyncIterable[bytes]) -> AsyncIterator[tuple[int, bytes]]:
-    """(line number, bytes) of each non-blank line of a stream of byte chunks."""
+async def lines_of(
+    parts: AsyncIterable[bytes], max_line_bytes: int | None = None
+) -> AsyncIterator[tuple[int, bytes]]:
+    """(line number, bytes) of each non-blank line of a stream of byte chunks. A line
+    longer than `max_line_bytes` is refused as soon as that many bytes of it have
+    arrived: no more than one chunk and the limit are ever held."""
     number = 0
     rest = bytearray()  # the unfinished line: appended to, never re-split
     async for chunk in parts:
         *complete, tail = chunk.split(b"\n")
         if not complete:
             rest += tail
+            _check_length(len(rest), number + 1, max_line_bytes)
             continue
         complete[0] = bytes(rest) + complete[0]
         rest = bytearray(tail)
         for raw in complete:
             number += 1
+            _check_length(len(raw), number, max_line_bytes)
             if raw.strip():
                 yield number, raw
+        _check_length(len(rest), number + 1, max_line_bytes)
     if rest.strip():
         yield number + 1, bytes(rest)
+
+
+def _check_length(size: int, number: int, max_line_bytes: int | None) -> None:
+    if max_line_bytes is not None and size > max_line_bytes:
+        raise InvalidRequest(
+            f"line {number}: longer than the limit of {max_line_bytes} bytes",
+            param="file",
+            code="line_too_long",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiresAfter:
+    """OpenAI's `expires_after` of an upload: the file goes `seconds` after `anchor`."""
+
+    seconds: int
+    anchor: str = "created_at"
+
+    MIN: ClassVar[int] = 3600  # OpenAI's bounds: an hour to 30 days
+    MAX: ClassVar[int] = 30 * 86_400
+
+    @classmethod
+    def parse(cls, anchor: object, seconds: object) -> ExpiresAfter:
+        """From the form's `expires_after[anchor]` and `expires_after[seconds]`."""
+        if anchor != "created_at":
+            raise InvalidRequest(
+                f"expires_after.anchor must be 'created_at', not {anchor!r}",
+                param="expires_after.anchor",
+            )
+        try:
+            value = int(str(seconds))
+        except ValueError:
+            value = 0
+        if not cls.MIN <= value <= cls.MAX:
+            raise InvalidRequest(
+                f"expires_after.seconds must be a whole number from {cls.MIN} to {cls.MAX}, "
+                f"not {seconds!r}",
+                param="expires_after.seconds",
+            )
+        return cls(value, anchor)
 
 
 class PartWriter:
@@ -134,14 +182,28 @@ class PartWriter:
             self._parts += 1
             self._buffer.clear()
 
-    async def finish(self, owner: str, purpose: str, filename: str, now: float) -> StoredFile:
+    async def finish(
+        self,
+        owner: str,
+        purpose: str,
+        filename: str,
+        now: float,
+        expires_at: float | None = None,
+    ) -> StoredFile:
         await self._flush()
-        record = StoredFile(self.file_id, owner, purpose, filename, self.size, now, self.lines)
+        record = StoredFile(
+            self.file_id, owner, purpose, filename, self.size, now, self.lines, 0, expires_at
+        )
         return await self.store.create_file(record)
 
 
 class Files:
-    """The files a key may see, over a `Store`."""
+    """The files a key may see, over a `Store`.
+
+    Bounds on what a key may upload: `max_bytes` per file, `max_lines` and
+    `max_line_bytes` per batch file, `quota_bytes` for every file a key has (0: none).
+    An upload without `expires_after` whose purpose is not `batch` expires after
+    `default_expiry_seconds` (0: never); a batch file goes with its batches."""
 
     def __init__(
         self,
@@ -149,10 +211,17 @@ class Files:
         max_bytes: int,
         max_lines: int,
         clock: Callable[[], float] = time.time,
+        *,
+        max_line_bytes: int | None = None,
+        quota_bytes: int = 0,
+        default_expiry_seconds: float = 0.0,
     ) -> None:
         self.store = store
         self.max_bytes = max_bytes
         self.max_lines = max_lines
+        self.max_line_bytes = max_line_bytes
+        self.quota_bytes = quota_bytes
+        self.default_expiry_seconds = default_expiry_seconds
         self._clock = clock
 
     async def upload(
@@ -162,6 +231,7 @@ class Files:
         purpose: str,
         chunks: AsyncIterable[bytes],
         check_body: BodyCheck | None = None,
+        expires_after: ExpiresAfter | None = None,
     ) -> StoredFile:
         """Store an uploaded file. A `batch` file must be JSONL of batch lines with unique
         custom_ids, at most `max_lines`; the first wrong line is named in the error and
@@ -171,31 +241,54 @@ class Files:
                 f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}, not {purpose!r}",
                 param="purpose",
             )
+        limit = await self._room(key)
         writer = PartWriter(self.store, new_file_id())
         try:
             if purpose == BATCH_PURPOSE:
-                await self._copy_batch_lines(writer, chunks, check_body)
+                await self._copy_batch_lines(writer, chunks, check_body, limit)
             else:
                 async for chunk in chunks:
-                    await self._write_bounded(writer, chunk)
+                    await self._write_bounded(writer, chunk, limit)
             if writer.size == 0:
                 raise InvalidRequest("the file is empty", param="file")
-            return await writer.finish(key.id, purpose, filename, self._clock())
+            now = self._clock()
+            expires_at = self._expires_at(purpose, now, expires_after)
+            return await writer.finish(key.id, purpose, filename, now, expires_at)
         except BaseException:
             await self.store.delete_file(writer.file_id)
             raise
 
+    async def _room(self, key: ApiKey) -> tuple[int, str]:
+        """How many bytes this upload may have, and the limit's name for the error."""
+        if not self.quota_bytes:
+            return self.max_bytes, "size"
+        room = self.quota_bytes - await self.store.owner_file_bytes(key.id)
+        if room < self.max_bytes:
+            return max(room, 0), "quota"
+        return self.max_bytes, "size"
+
+    def _expires_at(self, purpose: str, now: float, given: ExpiresAfter | None) -> float | None:
+        if given is not None:
+            return now + given.seconds
+        if purpose != BATCH_PURPOSE and self.default_expiry_seconds > 0:
+            return now + self.default_expiry_seconds
+        return None
+
     async def _copy_batch_lines(
-        self, writer: PartWriter, chunks: AsyncIterable[bytes], check_body: BodyCheck | None
+        self,
+        writer: PartWriter,
+        chunks: AsyncIterable[bytes],
+        check_body: BodyCheck | None,
+        limit: tuple[int, str],
     ) -> None:
         seen: set[str] = set()
 
         async def counted() -> AsyncIterator[bytes]:
             async for chunk in chunks:
-                await self._write_bounded(writer, chunk)
+                await self._write_bounded(writer, chunk, limit)
                 yield chunk
 
-        async for number, raw in lines_of(counted()):
+        async for number, raw in lines_of(counted(), self.max_line_bytes):
             line = parse_batch_line(raw, number, check_body)
             if line.custom_id in seen:
                 raise InvalidRequest(
@@ -213,8 +306,18 @@ class Files:
                     code="too_many_lines",
                 )
 
-    async def _write_bounded(self, writer: PartWriter, chunk: bytes) -> None:
-        if writer.size + len(chunk) > self.max_bytes:
+    async def _write_bounded(
+        self, writer: PartWriter, chunk: bytes, limit: tuple[int, str]
+    ) -> None:
+        most, which = limit
+        if writer.size + len(chunk) > most:
+            if which == "quota":
+                raise PayloadTooLarge(
+                    f"this key's files would be larger than its quota of {self.quota_bytes} "
+                    "bytes; delete some files first",
+                    param="file",
+                    code="file_quota_exceeded",
+                )
             raise PayloadTooLarge(
                 f"the file is larger than the limit of {self.max_bytes} bytes", param="file"
             )

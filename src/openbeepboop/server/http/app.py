@@ -17,6 +17,7 @@ from openbeepboop.server.core.auth import KeyRing
 from openbeepboop.server.core.batches import BatchConfig, Batches
 from openbeepboop.server.core.files import Files
 from openbeepboop.server.core.queue import Queue, QueueConfig
+from openbeepboop.server.core.retention import Retention, RetentionConfig
 from openbeepboop.server.http import (
     errors,
     fastlane,
@@ -63,6 +64,28 @@ def queue_config(settings: ServerSettings) -> QueueConfig:
     )
 
 
+def retention_config(settings: ServerSettings) -> RetentionConfig:
+    return RetentionConfig(
+        completed_seconds=settings.keep_completed_jobs_seconds,
+        failed_seconds=settings.keep_failed_jobs_seconds,
+        cancelled_seconds=settings.keep_cancelled_jobs_seconds,
+        batches_seconds=settings.keep_batches_seconds,
+        batch_rows=settings.prune_batch_rows,
+        share=settings.prune_share,
+    )
+
+
+def files_of(store: Store, settings: ServerSettings) -> Files:
+    return Files(
+        store,
+        settings.max_file_bytes,
+        settings.max_batch_lines,
+        max_line_bytes=settings.max_batch_line_bytes,
+        quota_bytes=settings.file_quota_bytes,
+        default_expiry_seconds=settings.file_expiry_seconds,
+    )
+
+
 def open_store(settings: ServerSettings) -> Store:
     """The store `settings.database_url` names (SQLite by default)."""
     return factory.open_store(settings)
@@ -70,10 +93,11 @@ def open_store(settings: ServerSettings) -> Store:
 
 def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     """Build the server. The store is opened and closed with the app's lifespan, and the
-    lease reaper runs while the app does."""
+    lease reaper and the pruner (core/retention.py) run while the app does."""
     store = store or open_store(settings)
     queue = Queue(store, queue_config(settings))
-    files = Files(store, settings.max_file_bytes, settings.max_batch_lines)
+    files = files_of(store, settings)
+    retention = Retention(store, retention_config(settings))
     assistants = Assistants(store, queue)
     batches = Batches(
         store, queue, files, assistants, BatchConfig(priority=settings.batch_priority)
@@ -91,6 +115,8 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
             asyncio.create_task(batches.run()),
             asyncio.create_task(keyring.run_recheck(settings.key_recheck_seconds)),
         ]
+        if settings.prune_interval_seconds > 0:
+            tasks.append(asyncio.create_task(retention.run(settings.prune_interval_seconds)))
         try:
             yield
         finally:

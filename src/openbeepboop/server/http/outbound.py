@@ -101,7 +101,7 @@ def file_json(file: StoredFile) -> dict[str, Any]:
         "purpose": file.purpose,
         "status": "processed",
         "status_details": None,
-        "expires_at": None,
+        "expires_at": _ts(file.expires_at),
     }
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.responses import Response, StreamingResponse
 
 from openbeepboop.server.core import json_input
-from openbeepboop.server.core.files import PART_BYTES
+from openbeepboop.server.core.files import PART_BYTES, ExpiresAfter
 from openbeepboop.server.errors import InvalidRequest, NotFound
 from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import client_key
@@ -46,6 +47,27 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
         yield chunk
 
 
+def _expires_after(form: FormData) -> ExpiresAfter | None:
+    """OpenAI's `expires_after[anchor]` and `expires_after[seconds]` fields (or one
+    `expires_after` field holding that object as JSON), when given."""
+    anchor, seconds = form.get("expires_after[anchor]"), form.get("expires_after[seconds]")
+    whole = form.get("expires_after")
+    if isinstance(whole, str) and whole:
+        try:
+            value = orjson.loads(whole)
+        except orjson.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            raise InvalidRequest(
+                'expires_after must be {"anchor": "created_at", "seconds": N}',
+                param="expires_after",
+            )
+        anchor, seconds = value.get("anchor"), value.get("seconds")
+    if anchor is None and seconds is None:
+        return None
+    return ExpiresAfter.parse(anchor, seconds)
+
+
 # -- files ----------------------------------------------------------------------------
 
 
@@ -63,7 +85,12 @@ async def upload_file(request: Request, key: Key) -> Response:
             json_input.check_text(upload.filename, "file")
         json_input.check_text(purpose, "purpose")
         stored = await app_state(request).files.upload(
-            key, upload.filename or "upload.jsonl", purpose, _chunks(upload), check_body
+            key,
+            upload.filename or "upload.jsonl",
+            purpose,
+            _chunks(upload),
+            check_body,
+            _expires_after(form),
         )
     finally:
         await form.close()

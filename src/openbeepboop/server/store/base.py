@@ -16,6 +16,7 @@ from openbeepboop.server.models import (
     HeartbeatOutcome,
     Job,
     JobFilter,
+    JobStatus,
     NewJob,
     Node,
     NodeResult,
@@ -172,6 +173,39 @@ class Store(Protocol):
 
     async def cancel_batch_jobs(self, batch_id: str, now: float) -> list[str]:
         """Cancel the batch's queued jobs (running ones finish); returns their ids."""
+
+    # -- retention --------------------------------------------------------------
+
+    async def prune_jobs(self, status: JobStatus, finished_before: float, limit: int) -> int:
+        """Delete up to `limit` jobs of the final `status` that finished before
+        `finished_before`, oldest first; never a job of a batch that is not final. Returns
+        how many went."""
+
+    async def count_prunable_jobs(self, status: JobStatus, finished_before: float) -> int:
+        """How many jobs `prune_jobs` would delete, without a limit."""
+
+    async def prune_batches(self, finished_before: float, limit: int) -> int:
+        """Delete up to `limit` final batches that finished before `finished_before`
+        (their files are left to `prune_file`); returns how many went."""
+
+    async def count_prunable_batches(self, finished_before: float) -> int:
+        """How many batches `prune_batches` would delete, without a limit."""
+
+    async def prunable_files(self, now: float, unused_before: float, limit: int) -> list[str]:
+        """Ids of up to `limit` files that may go at `now`: expired ones, and batch files
+        without an expiry that no batch uses, made before `unused_before`. Never a file of
+        a batch that is not final."""
+
+    async def prune_file(self, file_id: str, now: float, unused_before: float) -> bool:
+        """Delete one file's record and parts if it still may go (as `prunable_files`);
+        False when it stays."""
+
+    async def owner_file_bytes(self, owner: str) -> int:
+        """The size of every file `owner` has, in bytes."""
+
+    async def reclaim_space(self, max_pages: int) -> int:
+        """Give space freed by deletes back to the file system, a little at a time: up
+        to `max_pages` pages; returns how many (0 where the database reuses it itself)."""
 
     # -- assistant templates ----------------------------------------------------
 

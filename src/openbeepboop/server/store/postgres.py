@@ -210,6 +210,12 @@ class PostgresStore(SqlStore):
         """Which of `job_ids` are in a final state."""
         return [r[0] for r in await self._read(self._q["final_job_ids"], [job_ids])]
 
+    # -- retention --------------------------------------------------------------
+
+    async def reclaim_space(self, max_pages: int) -> int:
+        """Nothing to do: autovacuum marks deleted rows' space for reuse."""
+        return 0
+
 
 def _rowcount(status: str) -> int:
     """The row count of a command tag such as `UPDATE 3`."""

@@ -38,7 +38,7 @@ NODE_COLUMNS = (
     "id, name, owner, models, capacity, hardware, version, registered_at, last_seen, stats"
 )
 KEY_COLUMNS = "id, role, key_hash, prefix, name, created_at, revoked_at"
-FILE_COLUMNS = "id, owner, purpose, filename, bytes, created_at, lines, seq"
+FILE_COLUMNS = "id, owner, purpose, filename, bytes, created_at, lines, seq, expires_at"
 TEMPLATE_COLUMNS = "owner, name, description, streams, created_at, updated_at"
 BATCH_FIELDS = tuple(field.name for field in fields(Batch) if field.name != "seq")
 BATCH_COLUMNS = ", ".join([*BATCH_FIELDS, "seq"])
@@ -211,7 +211,8 @@ def stored_file(row: Row) -> StoredFile:
 
 def file_values(f: StoredFile) -> tuple[Any, ...]:
     """A file record's values for `insert_file` (its seq is the store's)."""
-    return (f.id, f.owner, f.purpose, f.filename, f.bytes, float(f.created_at), f.lines)
+    expires = None if f.expires_at is None else float(f.expires_at)
+    return (f.id, f.owner, f.purpose, f.filename, f.bytes, float(f.created_at), f.lines, expires)
 
 
 def batch(row: Row) -> Batch:

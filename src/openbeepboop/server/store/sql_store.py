@@ -24,6 +24,7 @@ from openbeepboop.server.models import (
     HeartbeatOutcome,
     Job,
     JobFilter,
+    JobStatus,
     Node,
     ReapOutcome,
     StoredFile,
@@ -46,6 +47,7 @@ T = TypeVar("T")
 ONCE = Write()
 IDEMPOTENT = Write(idempotent=True)
 UNSYNCED = Write(idempotent=True, durable=False)  # lease renewals, contact: lost, they renew
+# (pruning too: nobody is told of it; lost to a power cut, the next pass deletes again)
 CLAIM = Write(durable=False)  # applied once; lost to a power cut, the job only runs again
 COUNT = Write(durable=False)  # a request counter: lost to a power cut, a window starts over
 Steps = Sequence[tuple[str, Sequence[Any]]]
@@ -270,6 +272,42 @@ class SqlStore(ABC):
     async def cancel_batch_jobs(self, batch_id: str, now: float) -> list[str]:
         cancelled = await self._returning(self._q["cancel_batch_jobs"], (batch_id, float(now)))
         return [r[0] for r in cancelled]
+
+    # -- retention --------------------------------------------------------------
+
+    async def prune_jobs(self, status: JobStatus, finished_before: float, limit: int) -> int:
+        args = (status.value, float(finished_before), limit)
+        return await self._change(self._q["prune_jobs"], args, UNSYNCED)
+
+    async def count_prunable_jobs(self, status: JobStatus, finished_before: float) -> int:
+        row = await self._first("count_prunable_jobs", status.value, float(finished_before))
+        return 0 if row is None else int(row[0])
+
+    async def prune_batches(self, finished_before: float, limit: int) -> int:
+        args = (float(finished_before), limit)
+        return await self._change(self._q["prune_batches"], args, UNSYNCED)
+
+    async def count_prunable_batches(self, finished_before: float) -> int:
+        row = await self._first("count_prunable_batches", float(finished_before))
+        return 0 if row is None else int(row[0])
+
+    async def prunable_files(self, now: float, unused_before: float, limit: int) -> list[str]:
+        found = await self._read(
+            self._q["prunable_files"], (float(now), float(unused_before), limit)
+        )
+        return [r[0] for r in found]
+
+    async def prune_file(self, file_id: str, now: float, unused_before: float) -> bool:
+        steps = [
+            (self._q["prune_file"], (file_id, float(now), float(unused_before))),
+            (self._q["prune_file_parts"], (file_id,)),
+        ]
+        deleted, _ = await self._transaction(steps, UNSYNCED)
+        return bool(deleted)
+
+    async def owner_file_bytes(self, owner: str) -> int:
+        row = await self._first("owner_file_bytes", owner)
+        return 0 if row is None else int(row[0])
 
     # -- assistant templates ----------------------------------------------------
 

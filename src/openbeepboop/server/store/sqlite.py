@@ -30,6 +30,8 @@ from openbeepboop.server.store.rows import Row
 from openbeepboop.server.store.sql_store import CLAIM, ONCE, SqlStore, Steps, Write
 from openbeepboop.server.store.sqlite_io import GroupCommitWriter, ReaderPool, connect
 
+INCREMENTAL = 2  # PRAGMA auto_vacuum
+
 
 class SqliteStore(SqlStore):
     """The `Store` contract on one SQLite file."""
@@ -176,3 +178,21 @@ class SqliteStore(SqlStore):
             return ResultOutcome(r.job_id, accepted=True, job=rows.job(row))
         found = conn.execute(self._q["job_statuses"], (self._array([r.job_id]),)).fetchone()
         return outcomes.refusal(r.job_id, None if found is None else found[1])
+
+    # -- retention --------------------------------------------------------------
+
+    async def reclaim_space(self, max_pages: int) -> int:
+        """Incremental vacuum (auto_vacuum=INCREMENTAL, set when the file is made): up to
+        `max_pages` free pages are moved off the end of the file, which shrinks at the
+        next checkpoint. A database made before that setting reuses its free pages."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
+                return 0
+            free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            pages = min(free, max_pages)
+            for _ in range(pages):  # each step of the pragma frees one page
+                conn.execute("PRAGMA incremental_vacuum(1)")
+            return pages
+
+        return await self._writer.run(op, durable=False)

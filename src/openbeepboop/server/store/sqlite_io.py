@@ -41,6 +41,9 @@ def connect(path: Path, *, readonly: bool = False, synchronous: str = "FULL") ->
     if readonly:
         conn.execute("PRAGMA query_only = ON")
     else:
+        # takes effect only on a file without tables yet (before WAL writes its header):
+        # space freed by pruning can then be given back (SqliteStore.reclaim_space)
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
     if synchronous not in ("FULL", "NORMAL"):
         raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")

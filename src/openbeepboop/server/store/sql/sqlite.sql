@@ -218,8 +218,8 @@ INSERT INTO file_parts (file_id, idx, data) VALUES (?1, ?2, ?3)
 ON CONFLICT (file_id, idx) DO UPDATE SET data = excluded.data;
 
 -- name: insert_file
-INSERT INTO files (id, owner, purpose, filename, bytes, created_at, lines)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+INSERT INTO files (id, owner, purpose, filename, bytes, created_at, lines, expires_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
 RETURNING seq;
 
 -- name: get_file
@@ -267,6 +267,83 @@ SELECT {job_columns} FROM jobs WHERE batch_id = ?1 AND seq > ?2 ORDER BY seq LIM
 UPDATE jobs SET status = 'cancelled', finished_at = ?2
 WHERE batch_id = ?1 AND status = 'queued'
 RETURNING id;
+
+-- ======================================================================== retention
+
+-- name: prune_jobs
+-- Up to ?3 jobs of the final status ?1 that finished before ?2, oldest first. Never a
+-- job that is not final, nor one of a batch still running (its output is not written).
+DELETE FROM jobs WHERE seq IN (
+    SELECT seq FROM jobs AS j
+    WHERE j.status = ?1 AND j.finished_at < ?2
+      AND j.status IN ('completed', 'failed', 'cancelled', 'expired')
+      AND (j.batch_id IS NULL OR NOT EXISTS (
+          SELECT 1 FROM batches AS b WHERE b.id = j.batch_id
+          AND b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')))
+    ORDER BY j.finished_at LIMIT ?3
+);
+
+-- name: count_prunable_jobs
+-- How many jobs prune_jobs would delete for status ?1 and cutoff ?2 (no limit).
+SELECT count(*) FROM jobs AS j
+WHERE j.status = ?1 AND j.finished_at < ?2
+  AND j.status IN ('completed', 'failed', 'cancelled', 'expired')
+  AND (j.batch_id IS NULL OR NOT EXISTS (
+      SELECT 1 FROM batches AS b WHERE b.id = j.batch_id
+      AND b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')));
+
+-- name: prune_batches
+-- Up to ?2 final batches that finished before ?1 (their files follow: prune_file).
+DELETE FROM batches WHERE seq IN (
+    SELECT seq FROM batches
+    WHERE status IN ('completed', 'failed', 'expired', 'cancelled')
+      AND coalesce(completed_at, failed_at, expired_at, cancelled_at, created_at) < ?1
+    ORDER BY seq LIMIT ?2
+);
+
+-- name: count_prunable_batches
+SELECT count(*) FROM batches
+WHERE status IN ('completed', 'failed', 'expired', 'cancelled')
+  AND coalesce(completed_at, failed_at, expired_at, cancelled_at, created_at) < ?1;
+
+-- name: prunable_files
+-- Up to ?3 files that may go at ?1: expired, or (without an expiry) a batch's file that
+-- no batch uses any more, made before ?2. Never a file of a batch still running.
+SELECT id FROM files AS f
+WHERE (f.expires_at <= ?1
+       OR (f.expires_at IS NULL AND f.purpose IN ('batch', 'batch_output') AND f.created_at < ?2
+           AND NOT EXISTS (SELECT 1 FROM batches AS b WHERE b.input_file_id = f.id)
+           AND NOT EXISTS (SELECT 1 FROM batches AS b WHERE b.output_file_id = f.id)
+           AND NOT EXISTS (SELECT 1 FROM batches AS b WHERE b.error_file_id = f.id)))
+  AND NOT EXISTS (
+      SELECT 1 FROM batches AS b
+      WHERE b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')
+        AND f.id IN (b.input_file_id, b.output_file_id, b.error_file_id))
+ORDER BY f.seq LIMIT ?3;
+
+-- name: prune_file
+-- The file ?1's record, if it still may go (as prunable_files, at ?2 and ?3).
+DELETE FROM files AS f
+WHERE f.id = ?1
+  AND (f.expires_at <= ?2
+       OR (f.expires_at IS NULL AND f.purpose IN ('batch', 'batch_output') AND f.created_at < ?3
+           AND NOT EXISTS (SELECT 1 FROM batches AS b WHERE b.input_file_id = f.id)
+           AND NOT EXISTS (SELECT 1 FROM batches AS b WHERE b.output_file_id = f.id)
+           AND NOT EXISTS (SELECT 1 FROM batches AS b WHERE b.error_file_id = f.id)))
+  AND NOT EXISTS (
+      SELECT 1 FROM batches AS b
+      WHERE b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')
+        AND f.id IN (b.input_file_id, b.output_file_id, b.error_file_id))
+RETURNING id;
+
+-- name: prune_file_parts
+-- The parts of file ?1 once its record is gone.
+DELETE FROM file_parts
+WHERE file_id = ?1 AND NOT EXISTS (SELECT 1 FROM files WHERE id = ?1);
+
+-- name: owner_file_bytes
+-- The bytes of every file key ?1 owns (its quota counts them).
+SELECT coalesce(sum(bytes), 0) FROM files WHERE owner = ?1;
 
 -- ======================================================================== templates
 
