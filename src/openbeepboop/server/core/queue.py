@@ -592,11 +592,13 @@ class Queue:
 
     async def run_reaper(self, interval: float) -> None:
         """Reap forever, every `interval` seconds, and forget long-gone nodes every
-        NODE_FORGET_SECONDS (a background task of the server)."""
-        forgot_at = -NODE_FORGET_SECONDS
+        NODE_FORGET_SECONDS (sooner with a short retention; a background task of the
+        server)."""
+        every = min(NODE_FORGET_SECONDS, self.config.node_retention_seconds / 4)
+        forgot_at = -every
         while True:
             await one_pass("reaper", self.reap, log)
-            if time.monotonic() - forgot_at >= NODE_FORGET_SECONDS:
+            if time.monotonic() - forgot_at >= every:
                 forgot_at = time.monotonic()
                 await one_pass("node expiry", self.forget_nodes, log)
             await asyncio.sleep(interval)
