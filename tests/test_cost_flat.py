@@ -166,7 +166,8 @@ def test_restarted_nodes_replace_their_rows_and_old_rows_expire(
 ) -> None:
     server = serve(
         OPENBEEPBOOP_NODE_TTL_SECONDS="1",
-        OPENBEEPBOOP_NODE_RETENTION_SECONDS="3",
+        OPENBEEPBOOP_NODE_RETENTION_SECONDS="2",
+        OPENBEEPBOOP_REAPER_INTERVAL_SECONDS="0.2",
         **store,
     )
     auth = {"Authorization": f"Bearer {server.keys['node_key']}"}
@@ -194,7 +195,7 @@ def test_restarted_nodes_replace_their_rows_and_old_rows_expire(
         assert codes[-1] == 404  # the replaced run hears it is not registered
         assert heartbeat(first).json()["error"]["code"] == "node_not_registered"
 
-        deadline = time.monotonic() + 10  # retention 3 s; forgotten on a reaper pass
+        deadline = time.monotonic() + 10  # retention 2 s; forgotten on a reaper pass
         while f"gone-box:{gone}" in node_rows(server) and time.monotonic() < deadline:
             assert heartbeat(restarted).status_code == 200
             time.sleep(0.3)
