@@ -47,7 +47,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import tomli_w
@@ -77,8 +76,10 @@ class Cluster:
         if database_url:
             self.env["OPENBEEPBOOP_DATABASE_URL"] = database_url
         out = subprocess.run(
-            [sys.executable, "-m", "openbeepboop.cli.server", "setup", "--non-interactive"]
-            + ["--data-dir", str(root / "server"), "--json"],
+            [
+                *(sys.executable, "-m", "openbeepboop.cli.server", "setup"),
+                *("--non-interactive", "--data-dir", str(root / "server"), "--json"),
+            ],
             capture_output=True,
             check=True,
             text=True,
@@ -87,8 +88,10 @@ class Cluster:
         self.setup = json.loads(out.stdout)
         self.keys = {k: v for k, v in self.setup.items() if k.endswith("_key")}
         self.server = self._spawn(
-            ["openbeepboop.cli.server", "start", "--data-dir", str(root / "server")]
-            + ["--port", str(self.port)],
+            [
+                *("openbeepboop.cli.server", "start", "--data-dir", str(root / "server")),
+                *("--port", str(self.port)),
+            ],
             "server.log",
         )
         self.nodes: list[subprocess.Popen[bytes]] = []

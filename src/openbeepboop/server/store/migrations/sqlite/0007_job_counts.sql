@@ -24,9 +24,12 @@ BEGIN
     ON CONFLICT (model, status) DO UPDATE SET n = n + 1;
 END;
 
+-- A delete (pruning history) also drops the pair it empties: models long gone leave
+-- no rows behind. (A status change leaves its zero: the pair fills again soon.)
 CREATE TRIGGER job_counts_delete AFTER DELETE ON jobs
 BEGIN
     UPDATE job_counts SET n = n - 1 WHERE model = old.model AND status = old.status;
+    DELETE FROM job_counts WHERE model = old.model AND status = old.status AND n <= 0;
 END;
 
 -- The jobs stored before this migration: counted once, here.
