@@ -16,7 +16,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
 	-DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/cmake/llama-cpp-text-only.cmake
 
-.PHONY: help install test lint format run bench lock clean
+.PHONY: help install test lint format run bench soak lock clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ run: install  ## start the all-in-one server (queue + a node on the bundled Gemm
 bench: install  ## queue throughput and latency, node speed (Gemma) and scaling (echo)
 	$(BIN)/python bench/bench_queue.py
 	$(BIN)/python bench/bench_nodes.py
+
+soak: install  ## 10 minutes at half capacity: RSS, open files, database size, p99 (bench/soak.py)
+	$(BIN)/python bench/soak.py
 
 lock:  ## re-resolve requirements.lock from pyproject.toml
 	uv pip compile pyproject.toml --extra all --python-version 3.11 -o requirements.lock

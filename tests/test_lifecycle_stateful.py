@@ -249,6 +249,15 @@ class Lifecycle(RuleBasedStateMachine):
 
         assert dict(self.run(kept())) == counted
 
+    @invariant()
+    def job_counters_are_exact(self) -> None:
+        """The counters /v1/stats and /metrics read (kept by triggers) agree with the
+        jobs, through every transition."""
+        counted: dict[str, int] = {}
+        for job in self.jobs.values():
+            counted[job.status.value] = counted.get(job.status.value, 0) + 1
+        assert self.run(self.store.stats()) == ({"m": counted} if counted else {})
+
 
 TestLifecycle = Lifecycle.TestCase
 TestLifecycle.settings = settings(

@@ -179,3 +179,13 @@ def test_migrate_db_copies_everything_and_keeps_ids(database: str, tmp_path: Pat
     assert "Traceback" not in refused.stderr
     again = cli("migrate-db", "--data-dir", str(tmp_path), "--to", database, "--replace", "--json")
     assert again["replaced"] is True and again["rows"] == out["rows"]
+
+    async def stats_now() -> dict[str, dict[str, int]]:
+        store = PostgresStore(database)
+        await store.open()
+        try:
+            return await store.stats()
+        finally:
+            await store.close()
+
+    assert asyncio.run(stats_now()) == want["stats"]  # the counters were replaced too

@@ -44,6 +44,7 @@ from tests.pg import (
 )
 
 pytestmark = pytest.mark.slow
+SHIPPED = [m.version for m in load_migrations("postgres")]
 WORDS = "one two three four five six seven eight nine ten"
 
 SHIPPED = [m.version for m in load_migrations("postgres")]

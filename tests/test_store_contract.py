@@ -428,6 +428,47 @@ async def test_count_active_and_stats(store: Store) -> None:
     assert stats == {"m": {"queued": 1, "in_progress": 1}, "x": {"queued": 1}}
 
 
+async def full_count(store: Store) -> dict[str, dict[str, int]]:
+    """Jobs per model and status, counted the slow way: row by row."""
+    out: dict[str, dict[str, int]] = {}
+    for model in ("m", "x"):
+        for job in await store.list_jobs(JobFilter(model=model, limit=1000)):
+            by_status = out.setdefault(model, {})
+            by_status[job.status.value] = by_status.get(job.status.value, 0) + 1
+    return out
+
+
+async def test_stats_counters_equal_a_full_count_after_a_mixed_lifecycle(store: Store) -> None:
+    """Every way a job changes status moves the counters /v1/stats and /metrics read."""
+    many = [new_job(model="m" if i % 3 else "x", max_attempts=2) for i in range(30)]
+    ids = await submit(store, *many)
+    await submit(store, new_job(expires_at=T0 + 5))  # expires queued
+    replay = new_job(idempotency_key="k1", request_hash="same")
+    await submit(store, replay)
+    await submit(store, replay)  # a replay adds nothing
+    assert await store.stats() == await full_count(store)
+    jobs = await fetch(store, ["m", "x"], n=12)
+    done = [NodeResult(j.id, j.lease_id, RESULT) for j in jobs[:4]]
+    failed = [NodeResult(j.id, j.lease_id, error={"m": "no"}, retryable=False) for j in jobs[4:6]]
+    retried = [
+        NodeResult(j.id, j.lease_id, error={"m": "again"}, retryable=True) for j in jobs[6:8]
+    ]
+    released = [NodeResult(j.id, j.lease_id, released=True) for j in jobs[8:9]]
+    await store.submit_results([*done, *failed, *retried, *released], T0 + 1)
+    await store.submit_results([NodeResult(jobs[0].id, jobs[0].lease_id, RESULT)], T0 + 1)
+    assert await store.stats() == await full_count(store)
+    await store.cancel_job(jobs[9].id, T0 + 2)  # running
+    await store.cancel_job(ids[-1], T0 + 2)  # queued
+    await store.reap(T0 + LEASE + 10)  # the two still leased: queued again; one expires
+    again = await fetch(store, ["m", "x"], n=3, now=T0 + LEASE + 11)
+    await store.reap(T0 + 3 * LEASE)  # second lease lost: attempts used up, failed
+    assert again and await store.stats() == await full_count(store)
+    stats = await store.stats()
+    assert sum(n for by in stats.values() for n in by.values()) == 32
+    assert stats["m"]["completed"] == sum(j.model == "m" for j in jobs[:4])
+    assert all(n > 0 for by in stats.values() for n in by.values())  # no empty statuses
+
+
 # -- nodes and keys --------------------------------------------------------------------
 
 
@@ -445,6 +486,24 @@ async def test_nodes_register_touch_and_list_by_liveness(store: Store) -> None:
     assert live[0].stats == {"tps": 5}
     got = await store.get_node("n1")
     assert got is not None and got.models == [{"name": "m"}]
+
+
+async def test_a_node_registering_again_replaces_its_stale_rows_only(store: Store) -> None:
+    await store.register_node(a_node("run1", seen=T0))
+    await store.register_node(a_node("twin", seen=T0 + 90))  # same name, still live
+    other = replace(a_node("other", seen=T0), name="other-box")
+    await store.register_node(other)
+    await store.register_node(a_node("run2", seen=T0 + 100), stale_before=T0 + 40)
+    assert await store.get_node("run1") is None
+    assert {n.id for n in await store.list_nodes(0.0)} == {"twin", "other", "run2"}
+
+
+async def test_forget_nodes_not_seen_since(store: Store) -> None:
+    for i in range(3):
+        await store.register_node(a_node(f"n{i}", seen=T0 + i))
+    assert await store.forget_nodes(T0 + 2) == 2
+    assert [n.id for n in await store.list_nodes(0.0)] == ["n2"]
+    assert await store.forget_nodes(T0 + 2) == 0
 
 
 async def test_keys_create_lookup_list_revoke(store: Store) -> None:

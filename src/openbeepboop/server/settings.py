@@ -61,6 +61,9 @@ class ServerSettings(BaseSettings):
     node_ttl_seconds: float = Field(
         60.0, gt=0, description="A node is live this long after contact."
     )
+    node_retention_seconds: float = Field(
+        7 * 86400.0, gt=0, description="A node's row is forgotten this long after contact."
+    )
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest request body.")
     max_header_bytes: int = Field(
         64 * 1024, ge=1024, description="Largest request line plus headers (431 above)."

@@ -52,6 +52,7 @@ log = logging.getLogger("openbeepboop.queue")
 NODE_TOUCH_SECONDS = 5.0
 ACTIVE_COUNT_SECONDS = 1.0
 SERVED_CACHE_SECONDS = 1.0
+NODE_FORGET_SECONDS = 60.0  # how often the reaper forgets long-gone nodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class QueueConfig:
     max_attempts: int = 3
     max_active_jobs_per_key: int = 100_000
     node_ttl_seconds: float = 60.0
+    node_retention_seconds: float = 7 * 86400.0
     max_poll_wait_seconds: float = 60.0
     sync_timeout_seconds: float = 600.0
     model_wait_seconds: float = 10.0
@@ -406,7 +408,8 @@ class Queue:
             registered_at=now,
             last_seen=now,
         )
-        await self.store.register_node(node)
+        # the rows of earlier runs of this node (same key and name, no longer live) go
+        await self.store.register_node(node, stale_before=now - self.config.node_ttl_seconds)
         self._node_owner[node.id] = key.id
         self._node_touched[node.id] = now
         self.notifier.publish([NODES_TOPIC])
@@ -433,7 +436,8 @@ class Queue:
         if stats is None and now - last < NODE_TOUCH_SECONDS:
             return
         self._node_touched[node_id] = now
-        await self.store.touch_node(node_id, now, stats)
+        if not await self.store.touch_node(node_id, now, stats):
+            self._node_owner.pop(node_id, None)  # forgotten: its next call registers again
         if now - last > self.config.node_ttl_seconds:
             self.notifier.publish([NODES_TOPIC])
 
@@ -571,10 +575,32 @@ class Queue:
             )
         return outcome
 
+    async def forget_nodes(self) -> int:
+        """Forget nodes not seen for `node_retention_seconds` (their rows), and drop
+        what this process remembers of nodes no longer live (read again if they call);
+        how many rows went."""
+        now = self._clock()
+        gone = await self.store.forget_nodes(now - self.config.node_retention_seconds)
+        quiet = now - self.config.node_ttl_seconds
+        for node_id, touched in list(self._node_touched.items()):
+            if touched < quiet:
+                del self._node_touched[node_id]
+                self._node_owner.pop(node_id, None)
+        if gone:
+            log.info("forgot nodes", extra={"nodes": gone})
+        return gone
+
     async def run_reaper(self, interval: float) -> None:
-        """Reap forever, every `interval` seconds (a background task of the server)."""
+        """Reap forever, every `interval` seconds, and forget long-gone nodes every
+        NODE_FORGET_SECONDS (sooner with a short retention; a background task of the
+        server)."""
+        every = min(NODE_FORGET_SECONDS, self.config.node_retention_seconds / 4)
+        forgot_at = -every
         while True:
             await one_pass("reaper", self.reap, log)
+            if time.monotonic() - forgot_at >= every:
+                forgot_at = time.monotonic()
+                await one_pass("node expiry", self.forget_nodes, log)
             await asyncio.sleep(interval)
 
 

@@ -58,6 +58,7 @@ def queue_config(settings: ServerSettings) -> QueueConfig:
         max_attempts=settings.max_attempts,
         max_active_jobs_per_key=settings.max_active_jobs_per_key,
         node_ttl_seconds=settings.node_ttl_seconds,
+        node_retention_seconds=settings.node_retention_seconds,
         max_poll_wait_seconds=settings.max_poll_wait_seconds,
         sync_timeout_seconds=settings.sync_timeout_seconds,
         model_wait_seconds=settings.model_wait_seconds,

@@ -91,12 +91,17 @@ class Store(Protocol):
         """Queued plus in-progress jobs of one owner."""
 
     async def stats(self) -> dict[str, dict[str, int]]:
-        """Job counts per model per status."""
+        """Job counts per model per status (counters kept as jobs change: a read of a few
+        rows however many jobs are stored); a status without jobs is left out."""
 
     # -- nodes ----------------------------------------------------------------
 
-    async def register_node(self, node: Node) -> None:
-        """Insert or replace a node."""
+    async def register_node(self, node: Node, stale_before: float | None = None) -> None:
+        """Insert or replace a node; with `stale_before`, first forget the nodes of the
+        same owner and name last seen before it (earlier runs of this node)."""
+
+    async def forget_nodes(self, seen_before: float) -> int:
+        """Forget the nodes last seen before `seen_before`; how many went."""
 
     async def touch_node(self, node_id: str, now: float, stats: dict[str, object] | None) -> bool:
         """Record contact (and stats) from a node; False when unknown."""

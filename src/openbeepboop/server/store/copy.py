@@ -4,7 +4,8 @@ Both schemas are brought to the newest migration first (they share migration num
 then every table the PostgreSQL schema has is copied row for row — jobs, keys, nodes,
 files and their parts, batches, and whatever later migrations add — keeping ids and
 `seq` numbers, so job ids, cursors and keys stay valid. Identity sequences then continue
-after the copied rows.
+after the copied rows. The job counters (`job_counts`) are not copied: the target's
+triggers count the jobs as they arrive.
 
 Streaming: the SQLite side is read in pages (by rowid, inside one read transaction, so
 the copy is one consistent snapshot even if a server is still writing) and each page is
@@ -30,6 +31,7 @@ from openbeepboop.server.store.pg_pool import connect, prepare_database
 from openbeepboop.server.store.sqlite_io import connect as sqlite_connect
 
 FIRST = ("api_keys", "nodes", "files", "file_parts", "batches", "jobs")  # the rest after
+DERIVED = ("schema_migrations", "job_counts")  # not copied: job_counts is kept by triggers
 PAGE_ROWS = 2000
 PAGE_BYTES = 32 << 20  # file parts are about 1 MiB each: fewer of them per page
 
@@ -104,7 +106,7 @@ async def _copy(
             "pass --replace to delete them first"
         )
     if busy:
-        await conn.execute(f"TRUNCATE {', '.join(tables)}")
+        await conn.execute(f"TRUNCATE {', '.join([*tables, 'job_counts'])}")  # no triggers
     report = CopyReport("", "", replaced=bool(busy))
     lite.execute("BEGIN")  # one snapshot of the source for the whole copy
     try:
@@ -139,8 +141,9 @@ async def _pg_tables(conn: Any) -> dict[str, dict[str, str]]:
     """Table -> {column: type} of the target schema, in copy order."""
     rows = await conn.fetch(
         "SELECT table_name, column_name, data_type FROM information_schema.columns "
-        "WHERE table_schema = current_schema() AND table_name <> 'schema_migrations' "
-        "ORDER BY table_name, ordinal_position"
+        "WHERE table_schema = current_schema() AND NOT table_name = ANY($1::text[]) "
+        "ORDER BY table_name, ordinal_position",
+        list(DERIVED),
     )
     tables: dict[str, dict[str, str]] = {}
     for r in rows:

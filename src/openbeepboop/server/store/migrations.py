@@ -101,6 +101,14 @@ def latest_version(dialect: str) -> int:
 
 
 def _statements(script: str) -> list[str]:
-    """Split a script into statements (our scripts hold no semicolons in literals)."""
+    """Split a script into statements (our scripts hold no semicolons in literals; a
+    trigger's body holds several, and ends where SQLite says its statement is complete)."""
     body = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
-    return [s.strip() for s in body.split(";") if s.strip()]
+    statements, part = [], ""
+    for piece in body.split(";"):
+        part += piece + ";"
+        if sqlite3.complete_statement(part):
+            if part.strip(" \t\n;"):
+                statements.append(part.strip())
+            part = ""
+    return statements

@@ -19,6 +19,7 @@ from openbeepboop.server.models import (
     Job,
     NewJob,
     NodeResult,
+    ReapOutcome,
     ResultOutcome,
     SubmitOutcome,
 )
@@ -27,7 +28,7 @@ from openbeepboop.server.store.base import DeltaRelay, TopicRelay
 from openbeepboop.server.store.pg_bridge import PgBridge
 from openbeepboop.server.store.pg_pool import Kind, PgPool, migrate
 from openbeepboop.server.store.rows import Row
-from openbeepboop.server.store.sql_store import CLAIM, ONCE, SqlStore, Steps, Write
+from openbeepboop.server.store.sql_store import CLAIM, IDEMPOTENT, ONCE, SqlStore, Steps, Write
 
 if TYPE_CHECKING:
     import asyncpg
@@ -199,6 +200,13 @@ class PostgresStore(SqlStore):
         found = await conn.fetch(self._q["job_statuses"], job_ids)
         status: dict[str, str] = {r[0]: r[1] for r in found}
         return {job_id: outcomes.refusal(job_id, status.get(job_id)) for job_id in job_ids}
+
+    async def reap(self, now: float) -> ReapOutcome:
+        """The reaper's pass (SqlStore), then the job counters' deltas folded
+        (sql/postgres.sql: fold_job_counts), so that reading them stays a short sum."""
+        outcome = await super().reap(now)
+        await self._change(self._q["fold_job_counts"], (), IDEMPOTENT)
+        return outcome
 
     # -- for the bridge's polling fallback ----------------------------------------
 

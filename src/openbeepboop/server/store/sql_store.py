@@ -167,8 +167,16 @@ class SqlStore(ABC):
 
     # -- nodes ------------------------------------------------------------------
 
-    async def register_node(self, node: Node) -> None:
-        await self._change(self._q["upsert_node"], rows.node_values(node), IDEMPOTENT)
+    async def register_node(self, node: Node, stale_before: float | None = None) -> None:
+        steps: list[tuple[str, Sequence[Any]]] = []
+        if stale_before is not None:
+            forget = (node.owner, node.name, float(stale_before))
+            steps.append((self._q["forget_stale_namesakes"], forget))
+        steps.append((self._q["upsert_node"], rows.node_values(node)))
+        await self._transaction(steps, IDEMPOTENT)
+
+    async def forget_nodes(self, seen_before: float) -> int:
+        return await self._change(self._q["forget_nodes"], (float(seen_before),), IDEMPOTENT)
 
     async def touch_node(self, node_id: str, now: float, stats: dict[str, object] | None) -> bool:
         args: tuple[Any, ...] = (float(now), node_id)

@@ -165,7 +165,16 @@ RETURNING id;
 SELECT count(*) FROM jobs WHERE owner = $1 AND status IN ('queued', 'in_progress');
 
 -- name: job_counts
-SELECT model, status, count(*) FROM jobs GROUP BY model, status;
+-- Jobs per model and status: the sums of the deltas the triggers of migration 0007 keep.
+SELECT model, status, sum(n) FROM job_counts GROUP BY model, status HAVING sum(n) > 0;
+
+-- name: fold_job_counts
+-- The deltas in job_counts folded into one row per (model, status), with each reaper
+-- pass. A delta committed meanwhile is not deleted (not in this snapshot) and stays; two
+-- folds at once leave the sums right too (the second skips rows the first deleted).
+WITH folded AS (DELETE FROM job_counts RETURNING model, status, n)
+INSERT INTO job_counts (model, status, n)
+SELECT model, status, sum(n) FROM folded GROUP BY model, status HAVING sum(n) <> 0;
 
 -- name: models_with_queued_jobs
 -- For the bridge's fallback: which of the models $1 have a queued job (an index probe).
@@ -185,6 +194,15 @@ ON CONFLICT (id) DO UPDATE SET name = excluded.name, owner = excluded.owner,
     models = excluded.models, capacity = excluded.capacity, hardware = excluded.hardware,
     version = excluded.version, registered_at = excluded.registered_at,
     last_seen = excluded.last_seen, stats = excluded.stats;
+
+-- name: forget_stale_namesakes
+-- A node registering: rows of earlier nodes of the same key ($1) and name ($2), not seen
+-- since $3 (restarts of this node), go.
+DELETE FROM nodes WHERE owner = $1 AND name = $2 AND last_seen < $3;
+
+-- name: forget_nodes
+-- Rows of nodes not seen since $1 go.
+DELETE FROM nodes WHERE last_seen < $1;
 
 -- name: touch_node
 UPDATE nodes SET last_seen = $1 WHERE id = $2;

@@ -136,7 +136,8 @@ RETURNING id;
 SELECT count(*) FROM jobs WHERE owner = ?1 AND status IN ('queued', 'in_progress');
 
 -- name: job_counts
-SELECT model, status, count(*) FROM jobs GROUP BY model, status;
+-- Jobs per model and status: the counters the triggers of migration 0007 keep.
+SELECT model, status, n FROM job_counts WHERE n > 0;
 
 -- name: track_queued
 -- Run once on the writer's connection (a script): counters of queued jobs per model and
@@ -181,6 +182,15 @@ ON CONFLICT (id) DO UPDATE SET name = excluded.name, owner = excluded.owner,
     models = excluded.models, capacity = excluded.capacity, hardware = excluded.hardware,
     version = excluded.version, registered_at = excluded.registered_at,
     last_seen = excluded.last_seen, stats = excluded.stats;
+
+-- name: forget_stale_namesakes
+-- A node registering: rows of earlier nodes of the same key (?1) and name (?2), not seen
+-- since ?3 (restarts of this node), go.
+DELETE FROM nodes WHERE owner = ?1 AND name = ?2 AND last_seen < ?3;
+
+-- name: forget_nodes
+-- Rows of nodes not seen since ?1 go.
+DELETE FROM nodes WHERE last_seen < ?1;
 
 -- name: touch_node
 UPDATE nodes SET last_seen = ?1 WHERE id = ?2;
