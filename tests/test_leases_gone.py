@@ -2,10 +2,10 @@
 
 Real servers (SQLite and PostgreSQL), real echo nodes, real signals:
 
-- a node killed (`kill -9`) or stopped (SIGTERM) while its long-poll is open: the next
-  job goes to another node at once, on its first attempt (before, it sat leased to the
-  dead connection until `lease_seconds` ran out, and ran on attempt 2);
-- a node draining after SIGTERM closes its long-poll first: new jobs go elsewhere;
+- nodes killed (`kill -9`) or stopped (SIGTERM, also while draining a running job)
+  with their long-polls open: the next jobs go to another node at once, on their first
+  attempt (before, each sat leased to a dead connection until `lease_seconds` ran out,
+  and ran on attempt 2);
 - the server stopped for longer than `lease_seconds` while a node runs a slow job: the
   node's result is accepted when the server is back, and the job ran once.
 """
@@ -66,7 +66,9 @@ def running_server(
 
             admin = request.getfixturevalue("postgres")
             full_env["OPENBEEPBOOP_DATABASE_URL"] = stack.enter_context(temp_database_sync(admin))
-        keys = cli("setup", "--non-interactive", "--data-dir", str(data_dir), "--json", env=full_env)
+        keys = cli(
+            "setup", "--non-interactive", "--data-dir", str(data_dir), "--json", env=full_env
+        )
         server = ServerProcess(data_dir, free_port(), keys, full_env)
         server.start()
         try:
@@ -77,8 +79,8 @@ def running_server(
 
 def start_echo_node(
     procs: Procs, server: ServerProcess, tmp_path: Path, name: str, **model: object
-) -> tuple[Proc, str]:
-    """An echo node holding a 30 s long-poll open (as by default), once registered."""
+) -> Proc:
+    """An echo node holding a 30 s long-poll open (as by default)."""
     config = write_config(
         tmp_path / name / "node.toml",
         server,
@@ -86,92 +88,92 @@ def start_echo_node(
         name=name,
         poll_seconds=30,
     )
-    node = start_node(procs, config, tag=name)
-    return node, node_id_of(node)
+    return start_node(procs, config, tag=name)
 
 
-def completed_promptly(server: ServerProcess, job_id: str) -> dict[str, object]:
-    start = time.monotonic()
-    (job,) = wait_jobs(server, [job_id], "completed", timeout=30)
-    took = time.monotonic() - start
-    assert took < PROMPTLY, f"the job took {took:.1f} s (a lease to a gone node ran out?)"
-    return job
-
-
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
-def test_a_gone_node_is_leased_nothing(
-    store: str, how: int, request: pytest.FixtureRequest, procs: Procs, tmp_path: Path
+def test_nodes_that_are_gone_are_leased_nothing(
+    store: str, request: pytest.FixtureRequest, procs: Procs, tmp_path: Path
 ) -> None:
+    """Three nodes leave while their long-polls are open: one is killed (`kill -9`), one
+    stops on SIGTERM (it exits 0), one stops on SIGTERM while it runs a slow job (it
+    drains, but closes its long-poll first). Jobs submitted then, while no other node is
+    there, are claimed for none of them; node B, started next, runs them all at once, on
+    their first attempt. (Before, each open long-poll took one job, which sat leased to
+    nobody for `lease_seconds` and then ran on attempt 2.)"""
     with running_server(
         store, request, tmp_path / "server", OPENBEEPBOOP_LEASE_SECONDS=LEASE_SECONDS
     ) as server:
-        node_a, a_id = start_echo_node(procs, server, tmp_path, "node-a")
-        time.sleep(1.5)  # its long-poll is open on the server
-        node_a.send(how)
-        code = node_a.wait(timeout=20)
-        assert code == (0 if how == signal.SIGTERM else -signal.SIGKILL), node_a.stderr()
-        # submitted while no node is there: a claim for the dead connection would be
-        # made now (before node B could race for it)
-        first = submit_chat(server, "while nobody is there")
-        time.sleep(0.5)
-        _, b_id = start_echo_node(procs, server, tmp_path, "node-b")
-        second = submit_chat(server, "for whoever is there")
+        draining = start_echo_node(
+            procs, server, tmp_path, "draining", delay_ms=3000, concurrency=2
+        )
+        node_id_of(draining)
+        slow = submit_chat(server, "a slow one")
+        killed = start_echo_node(procs, server, tmp_path, "killed")
+        stopped = start_echo_node(procs, server, tmp_path, "stopped")
+        gone_ids = {node_id_of(n) for n in (killed, stopped, draining)}
+        wait_until(lambda: log_events(draining, "job started"), 10, "the slow job to start")
+        time.sleep(1.0)  # every free slot's long-poll is open on the server
 
-        for job_id, text in ((first, "while nobody is there"), (second, "for whoever is there")):
-            job = completed_promptly(server, job_id)
-            assert (job["attempts"], job["node_id"], answer(job)) == (1, b_id, text)
-        assert a_id != b_id and not log_events(node_a, "job started")
+        killed.send(signal.SIGKILL)
+        stopped.send(signal.SIGTERM)
+        draining.send(signal.SIGTERM)
+        assert killed.wait(timeout=20) == -signal.SIGKILL
+        assert stopped.wait(timeout=20) == 0, stopped.stderr()
+        wait_until(lambda: log_events(draining, "stopping: draining running jobs"), 10, "a drain")
+        texts = [f"while nobody is there {i}" for i in range(3)]
+        ids = [submit_chat(server, t) for t in texts]
+        time.sleep(0.5)  # a claim for a gone caller would be made by now
+
+        node_b = start_echo_node(procs, server, tmp_path, "node-b", concurrency=3)
+        b_id = node_id_of(node_b)
+        registered = time.monotonic()
+        done = wait_jobs(server, ids, "completed", timeout=30)
+        took = time.monotonic() - registered
+        assert took < PROMPTLY, f"the jobs took {took:.1f} s (a lease to a gone node ran out?)"
+        assert [(j["attempts"], j["node_id"], answer(j)) for j in done] == [
+            (1, b_id, t) for t in texts
+        ]
+        assert b_id not in gone_ids
+        assert draining.wait(timeout=20) == 0, draining.stderr()
+        (finished,) = wait_jobs(server, [slow], "completed", timeout=10)
+        assert (finished["attempts"], answer(finished)) == (1, "a slow one")
+        assert [len(log_events(n, "job started")) for n in (killed, stopped, draining)] == [0, 0, 1]
 
 
-def test_a_draining_node_closes_its_long_poll_first(
+def test_jobs_run_once_across_a_server_outage_longer_than_their_lease(
     store: str, request: pytest.FixtureRequest, procs: Procs, tmp_path: Path
 ) -> None:
-    """SIGTERM: the node finishes its running job (it drains), but its free slot's
-    long-poll is closed at once, so a job submitted meanwhile goes to another node."""
-    with running_server(
-        store, request, tmp_path / "server", OPENBEEPBOOP_LEASE_SECONDS=LEASE_SECONDS
-    ) as server:
-        node_a, _ = start_echo_node(procs, server, tmp_path, "node-a", delay_ms=4000, concurrency=2)
-        busy = submit_chat(server, "a slow one")
-        wait_jobs(server, [busy], "in_progress", timeout=10)
-        time.sleep(0.5)  # its second slot long-polls again
-        node_a.send(signal.SIGTERM)
-        wait_until(lambda: log_events(node_a, "stopping: draining running jobs"), 10, "a drain")
-        _, b_id = start_echo_node(procs, server, tmp_path, "node-b")
-
-        job_id = submit_chat(server, "not for a node that is leaving")
-        job = completed_promptly(server, job_id)
-        assert (job["attempts"], job["node_id"]) == (1, b_id)
-        assert node_a.wait(timeout=20) == 0, node_a.stderr()
-        (slow,) = wait_jobs(server, [busy], "completed", timeout=10)
-        assert (slow["attempts"], answer(slow)) == (1, "a slow one")
-
-
-def test_a_job_runs_once_across_a_server_outage_longer_than_its_lease(
-    store: str, request: pytest.FixtureRequest, procs: Procs, tmp_path: Path
-) -> None:
-    """The node keeps working while the server is down for twice `lease_seconds`; when
-    the server is back, the lease is still the node's: its result is accepted and the
-    job ran once."""
+    """The node keeps working while the server is down for more than twice
+    `lease_seconds`: one job finishes during the outage (its result waits in the outbox,
+    the uploader backing off), the other is still running when the server is back. Both
+    leases are still the node's: both results are accepted, each job ran once."""
     with running_server(
         store,
         request,
         tmp_path / "server",
-        OPENBEEPBOOP_LEASE_SECONDS="2",
+        OPENBEEPBOOP_LEASE_SECONDS="1.5",
         OPENBEEPBOOP_REAPER_INTERVAL_SECONDS="0.2",
     ) as server:
-        node, node_id = start_echo_node(procs, server, tmp_path, "node", delay_ms=7000)
-        job_id = submit_chat(server, "through the outage")
-        wait_jobs(server, [job_id], "in_progress", timeout=10)
+        models = [echo_model(1500, name="echo-quick"), echo_model(7000, name="echo-slow")]
+        config = write_config(tmp_path / "node" / "node.toml", server, models, poll_seconds=30)
+        node = start_node(procs, config)
+        node_id = node_id_of(node)
+        quick = submit_chat(server, "done while the server is away", model="echo-quick")
+        slow = submit_chat(server, "still running when it is back", model="echo-slow")
+        wait_jobs(server, [quick, slow], "in_progress", timeout=10)
 
         server.kill(signal.SIGKILL)
         wait_until(lambda: log_events(node, "heartbeat failed"), 10, "a heartbeat to fail")
-        time.sleep(4.5)  # down for more than twice the lease
+        wait_until(lambda: log_events(node, "job completed", quick), 10, "the quick job")
+        time.sleep(3.0)  # down for more than twice the lease (and restarting takes more)
         server.start()
 
-        (job,) = wait_jobs(server, [job_id], "completed", timeout=30)
-        assert (job["attempts"], job["node_id"], answer(job)) == (1, node_id, "through the outage")
-        assert len(log_events(node, "job started")) == 1
+        done = wait_jobs(server, [quick, slow], "completed", timeout=30)
+        assert [(j["attempts"], j["node_id"], answer(j)) for j in done] == [
+            (1, node_id, "done while the server is away"),
+            (1, node_id, "still running when it is back"),
+        ]
+        assert len(log_events(node, "job started")) == 2
         assert not log_events(node, "job lost")
         log = (server.log or Path()).read_text()
-        assert "leases resumed after an outage: 1 extended by a grace of 2 s" in log
+        assert "leases resumed after an outage: 2 extended by a grace of 1.5 s" in log

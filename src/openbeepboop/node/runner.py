@@ -93,7 +93,11 @@ class NodeRunner:
         }
         self.uploader = Uploader(self.session, self.outbox, self._release_now)
         self.heartbeat = Heartbeat(
-            self.session, self.running, self.stats, config.node.heartbeat_seconds
+            self.session,
+            self.running,
+            self.stats,
+            config.node.heartbeat_seconds,
+            pending=self.outbox.lease_ids,
         )
         self.fetcher = Fetcher(
             self.session,

@@ -95,4 +95,3 @@ class LeasedJobs(JSONResponse):
             self.body = self.render({"jobs": []})
             self.init_headers()
             await self._release(jobs)
-
