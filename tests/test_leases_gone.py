@@ -8,19 +8,27 @@ Real servers (SQLite and PostgreSQL), real echo nodes, real signals:
   and ran on attempt 2);
 - the server stopped for longer than `lease_seconds` while a node runs a slow job: the
   node's result is accepted when the server is back, and the job ran once.
+
+And in-process, through the fast lane and without it, the two moments a caller can be
+found gone: while its long-poll waits, and as the answer with its jobs goes out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
-from tests.conftest import ServerProcess, cli, free_port
+from openbeepboop.server.http.state import app_state
+from openbeepboop.server.models import JobStatus
+from tests.conftest import Api, ServerProcess, cli, free_port
 from tests.nodes import (
     SERVER_LOG_WARNING,
     Proc,
@@ -177,3 +185,109 @@ def test_jobs_run_once_across_a_server_outage_longer_than_their_lease(
         assert not log_events(node, "job lost")
         log = (server.log or Path()).read_text()
         assert "leases resumed after an outage: 2 extended by a grace of 1.5 s" in log
+
+
+# -- in-process: the moments a caller is found gone ----------------------------------------
+
+
+async def fetch_as_asgi(api: Api, node_id: str, wait: float, left: asyncio.Event) -> Any:
+    """`POST /internal/queue/fetch` straight through the app (fast lane included) from a
+    caller whose connection closes when `left` is set; the answer, if one was sent."""
+    body = orjson.dumps({"node_id": node_id, "models": ["echo"], "max_jobs": 1, "wait": wait})
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        if messages:
+            return messages.pop()
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    headers = [
+        (b"host", b"test"),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"authorization", f"Bearer {api.node}".encode()),
+    ]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/internal/queue/fetch",
+        "raw_path": b"/internal/queue/fetch",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+    await api.app(scope, receive, send)
+    bodies = [m["body"] for m in sent if m["type"] == "http.response.body"]
+    return orjson.loads(b"".join(bodies)) if bodies else None
+
+
+async def job_state(api: Api, job_id: str) -> tuple[JobStatus, int]:
+    job = await app_state(api.app).queue.store.get_job(job_id)
+    assert job is not None
+    return job.status, job.attempts
+
+
+async def test_a_long_poll_whose_caller_left_claims_nothing(api: Api) -> None:
+    node_id = await api.register(["echo"])
+    left = asyncio.Event()
+    polling = asyncio.create_task(fetch_as_asgi(api, node_id, wait=30, left=left))
+    await asyncio.sleep(0.2)  # waiting now
+    left.set()
+    await asyncio.wait_for(polling, 2)  # it stops waiting at once
+    job = await api.submit("after the caller left")
+    await asyncio.sleep(0.1)
+    assert await job_state(api, job["id"]) == (JobStatus.QUEUED, 0)
+
+    again = await fetch_as_asgi(api, node_id, wait=0, left=asyncio.Event())
+    assert [(j["id"], j["attempt"]) for j in again["jobs"]] == [(job["id"], 1)]
+
+
+async def test_jobs_claimed_for_a_caller_gone_at_the_answer_go_back(api: Api) -> None:
+    node_id = await api.register(["echo"])
+    job = await api.submit("claimed as the caller left")
+    left = asyncio.Event()
+    left.set()  # the connection is closed by the time the answer goes out
+    answered = await fetch_as_asgi(api, node_id, wait=0, left=left)
+    assert answered == {"jobs": []}
+    assert await job_state(api, job["id"]) == (JobStatus.QUEUED, 0)
+
+    again = await fetch_as_asgi(api, node_id, wait=0, left=asyncio.Event())
+    assert [(j["id"], j["attempt"]) for j in again["jobs"]] == [(job["id"], 1)]
+
+
+class LeavingCaller:
+    """A caller that leaves while the claim made for it is in flight."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    @property
+    def gone(self) -> bool:
+        self.asked += 1
+        return self.asked > 1  # there for the check before the claim, gone after it
+
+    def watch(self, wake: asyncio.Event) -> None:
+        pass
+
+
+async def test_a_claim_made_as_the_long_poll_caller_leaves_is_released(api: Api) -> None:
+    node_id = await api.register(["echo"])
+    queue = app_state(api.app).queue
+    key = await app_state(api.app).keyring.authenticate(api.node)
+    caller = LeavingCaller()
+    polling = asyncio.create_task(queue.fetch(key, node_id, ["echo"], 1, 30, caller))
+    await asyncio.sleep(0.2)  # waiting now
+    job = await api.submit("claimed as the caller left")
+    assert await asyncio.wait_for(polling, 2) == []
+    assert caller.asked == 2
+    assert await job_state(api, job["id"]) == (JobStatus.QUEUED, 0)
