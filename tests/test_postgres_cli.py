@@ -27,6 +27,7 @@ from openbeepboop.server.models import (
     Template,
 )
 from openbeepboop.server.store.base import Store
+from openbeepboop.server.store.migrations import load_migrations
 from openbeepboop.server.store.postgres import PostgresStore
 from openbeepboop.server.store.sqlite import SqliteStore
 from tests.conftest import cli
@@ -57,7 +58,9 @@ def test_setup_creates_the_database_and_writes_the_url(postgres: str, tmp_path: 
     try:
         out = cli("setup", "--non-interactive", "--data-dir", str(tmp_path), "--json",
                   "--database-url", url)  # fmt: skip
-        assert out["database_created"] is True and out["migrations_applied"] == [1, 2, 3]
+        assert out["database_created"] is True and out["migrations_applied"] == [
+            m.version for m in load_migrations("postgres")
+        ]
         assert out["database"] == url and out["admin_key"].startswith("obb_admin_")
         assert tomllib.loads((tmp_path / "server.toml").read_text())["database_url"] == url
         again = cli("setup", "--non-interactive", "--data-dir", str(tmp_path), "--json")
