@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -34,7 +36,10 @@ from tests.nodes import (
     Proc,
     Procs,
     answer,
+    auth,
+    cancel_job,
     echo_model,
+    get_job,
     log_events,
     node_id_of,
     start_node,
@@ -83,6 +88,10 @@ def running_server(
             yield server
         finally:
             server.kill(signal.SIGTERM)
+
+
+def server_log(server: ServerProcess) -> str:
+    return (server.log or Path()).read_text(errors="replace")
 
 
 def start_echo_node(
@@ -148,6 +157,38 @@ def test_nodes_that_are_gone_are_leased_nothing(
         assert [len(log_events(n, "job started")) for n in (killed, stopped, draining)] == [0, 0, 1]
 
 
+def test_a_fetch_whose_caller_hung_up_leases_nothing(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A fetch sent whole on a socket closed at once: the job it claimed goes back, its
+    attempt not counted (before, it stayed leased to nobody for `lease_seconds`)."""
+    with running_server(
+        store, request, tmp_path / "server", OPENBEEPBOOP_LEASE_SECONDS=LEASE_SECONDS
+    ) as server:
+        node_auth = auth(server.keys["node_key"])
+        r = httpx.post(
+            server.url + "/internal/nodes/register",
+            json={"name": "hangs-up", "models": [{"name": "echo"}]},
+            headers=node_auth,
+        )
+        node_id = r.json()["node_id"]
+        body = orjson.dumps({"node_id": node_id, "models": ["echo"], "max_jobs": 1, "wait": 0})
+        head = (
+            "POST /internal/queue/fetch HTTP/1.1\r\nHost: test\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Authorization: {node_auth['Authorization']}\r\n\r\n"
+        )
+        for i in range(3):
+            job_id = submit_chat(server, f"hung up on {i}")
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(head.encode() + body)
+            released = f"leases released: node {node_id} left before it got {job_id}"
+            wait_until(lambda line=released: line in server_log(server), 5, "the release")
+            job = get_job(server, job_id)
+            assert (job["status"], job["attempts"], job["node_id"]) == ("queued", 0, None)
+            cancel_job(server, job_id)
+
+
 def test_jobs_run_once_across_a_server_outage_longer_than_their_lease(
     store: str, request: pytest.FixtureRequest, procs: Procs, tmp_path: Path
 ) -> None:
@@ -183,8 +224,8 @@ def test_jobs_run_once_across_a_server_outage_longer_than_their_lease(
         ]
         assert len(log_events(node, "job started")) == 2
         assert not log_events(node, "job lost")
-        log = (server.log or Path()).read_text()
-        assert "leases resumed after an outage: 2 extended by a grace of 1.5 s" in log
+        resumed = "leases resumed after an outage: 2 extended by a grace of 1.5 s"
+        assert resumed in server_log(server)
 
 
 # -- in-process: the moments a caller is found gone ----------------------------------------
