@@ -32,10 +32,13 @@ class Heartbeat:
         stats: Callable[[], JSON],
         heartbeat_seconds: float,
         pending: Callable[[int], list[str]] | None = None,
+        back: Callable[[], None] | None = None,
     ) -> None:
         self._session = session
         self._running = running
         self._pending = pending
+        self._back = back  # called when a beat goes through after failed ones
+        self._failing = False
         self._stats = stats
         self._heartbeat_seconds = heartbeat_seconds
         self.lease_seconds: float | None = None
@@ -67,10 +70,15 @@ class Heartbeat:
             reply = await self._session.heartbeat(leases, self._stats())
         except ServerUnreachable as exc:
             log.warning("heartbeat failed", extra={"why": str(exc)})
+            self._failing = True
             return
         except ServerRefused as exc:
             log.warning("heartbeat refused", extra={"status": exc.status, "why": exc.message})
             return
+        if self._failing:
+            self._failing = False
+            if self._back is not None:
+                self._back()
         for job_id in reply.get("cancelled", []):
             self._running.stop(job_id, "cancelled")
         if lost := reply.get("lost"):

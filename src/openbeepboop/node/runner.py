@@ -98,6 +98,7 @@ class NodeRunner:
             self.stats,
             config.node.heartbeat_seconds,
             pending=self.outbox.lease_ids,
+            back=self.uploader.server_back,
         )
         self.fetcher = Fetcher(
             self.session,
