@@ -334,9 +334,12 @@ def test_lease_held_at_kill9_expires_and_job_runs_again(
     server_process: ServerFactory, http_for: Callable[[ServerProcess], httpx.Client]
 ) -> None:
     """A job in progress when the server dies goes back to the queue once its lease
-    lapses (reaped by the new process), runs again with its attempts counted, and the
-    leases from before the crashes are fenced off."""
-    fast = {"OPENBEEPBOOP_REAPER_INTERVAL_SECONDS": "0.1"}
+    lapses (reaped by the new process, after the restart's grace), runs again with its
+    attempts counted, and the leases from before the crashes are fenced off."""
+    fast = {
+        "OPENBEEPBOOP_REAPER_INTERVAL_SECONDS": "0.1",
+        "OPENBEEPBOOP_LEASE_GRACE_SECONDS": "0.5",  # the node is gone for good here
+    }
     # A lease long enough to see the job in progress before the kill...
     server = server_process(OPENBEEPBOOP_LEASE_SECONDS="3", **fast)
     client_key, node_key = server.keys["client_key"], server.keys["node_key"]

@@ -360,6 +360,30 @@ async def test_release_requeues_without_using_an_attempt(store: Store) -> None:
     assert (after.status, after.attempts, after.lease_id) == (JobStatus.QUEUED, 0, None)
 
 
+async def test_release_lease_requeues_under_its_lease_only(store: Store) -> None:
+    """A claim whose answer never reached the node goes back as if never made; a lease
+    that is no longer the job's (a later claim, a result) releases nothing."""
+    [job_id] = await submit(store, new_job(max_attempts=1))
+    [job] = await fetch(store)
+    assert await store.release_lease(job_id, "not-the-lease") is None
+    released = await store.release_lease(job_id, job.lease_id or "")
+    assert released is not None
+    assert (released.status, released.attempts, released.lease_id, released.node_id) == (
+        JobStatus.QUEUED,
+        0,
+        None,
+        None,
+    )
+    assert await store.release_lease(job_id, job.lease_id or "") is None  # only once
+    assert await store.queue_position(released) == 0
+    [again] = await fetch(store)  # claimed anew, on its one attempt
+    assert (again.id, again.attempts) == (job_id, 1)
+    await store.submit_results([NodeResult(job_id, again.lease_id or "", RESULT)], T0)
+    assert await store.release_lease(job_id, again.lease_id or "") is None
+    done = await store.get_job(job_id)
+    assert done is not None and done.status is JobStatus.COMPLETED
+
+
 # -- cancel ----------------------------------------------------------------------------
 
 
@@ -415,6 +439,40 @@ async def test_reap_expires_queued_jobs_past_their_time(store: Store) -> None:
     assert out.expired == [job_id]
     job = await store.get_job(job_id)
     assert job is not None and job.status is JobStatus.EXPIRED
+
+
+async def test_resume_leases_extends_only_after_the_deployment_was_down(store: Store) -> None:
+    """Leases live when servers last watched them get the grace after an outage; leases
+    that had expired before stay expired; a start while leases are watched changes none."""
+    stale, live = await submit(store, new_job(priority=1), new_job(priority=0))
+    [old] = await fetch(store, now=T0 - LEASE - 5)  # expired at T0 - 5, before the watch
+    [young] = await fetch(store, now=T0)  # expires at T0 + LEASE
+    assert (old.id, young.id) == (stale, live)
+    await store.watch_leases(T0)
+    await store.watch_leases(T0 - 30)  # an older pass (a skewed replica) changes nothing
+
+    quick = await store.resume_leases(T0 + 3, grace=LEASE, down_after=5)
+    assert (quick.down, quick.watched_at, quick.extended) == (False, T0, [])
+
+    later = T0 + 3 + 600  # everything stopped for ten minutes
+    resumed = await store.resume_leases(later, grace=LEASE, down_after=5)
+    assert (resumed.down, resumed.watched_at, resumed.extended) == (True, T0 + 3, [live])
+    job = await store.get_job(live)
+    assert job is not None and job.lease_expires_at == later + LEASE
+    assert (await store.reap(later + 1)).requeued == [stale]
+    assert (await store.reap(later + LEASE + 1)).requeued == [live]
+
+    again = await store.resume_leases(later + 2, grace=LEASE, down_after=5)
+    assert (again.down, again.watched_at) == (False, later)
+
+
+async def test_resume_leases_without_a_record_extends_every_lease(store: Store) -> None:
+    [job_id] = await submit(store, new_job())
+    await fetch(store, now=T0)
+    resumed = await store.resume_leases(T0 + 600, grace=10, down_after=5)
+    assert (resumed.down, resumed.watched_at, resumed.extended) == (True, None, [job_id])
+    job = await store.get_job(job_id)
+    assert job is not None and job.lease_expires_at == T0 + 610
 
 
 # -- counts ----------------------------------------------------------------------------

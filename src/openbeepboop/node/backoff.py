@@ -54,10 +54,18 @@ class Backoff:
         self._failures = 0
 
 
-async def pause(seconds: float, unless: asyncio.Event) -> None:
-    """Sleep `seconds`, or less if `unless` is set meanwhile."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(unless.wait(), seconds)
+async def pause(seconds: float, unless: asyncio.Event, *or_: asyncio.Event) -> None:
+    """Sleep `seconds`, or less if `unless` (or one of `or_`) is set meanwhile."""
+    if not or_:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(unless.wait(), seconds)
+        return
+    waits = [asyncio.ensure_future(e.wait()) for e in (unless, *or_)]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 async def until_reachable(

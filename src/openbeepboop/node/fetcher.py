@@ -67,7 +67,9 @@ class Fetcher:
         await asyncio.gather(*(self._model_loop(slot, batch) for slot in ready))
 
     def stop(self) -> None:
-        """Interrupt the loops (call after setting `stopping`)."""
+        """Interrupt the loops (call after setting `stopping`). A cancelled long-poll
+        closes its connection (aiohttp drops a connection whose answer is unread), so
+        the server sees the node leave and leases it nothing more while it drains."""
         for task in self._fetching:
             task.cancel()
         for slot in self._slots:

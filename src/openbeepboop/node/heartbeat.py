@@ -1,6 +1,8 @@
 """Heartbeats: the leases of running jobs renewed in time, the node's stats reported, and
 the jobs the server no longer wants from us (cancelled by their owner, or whose lease is
-lost) stopped."""
+lost) stopped. The leases of results still waiting in the outbox are renewed too: after
+an outage the server may be back before the uploader's next try, and the result must
+still find its lease."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from openbeepboop.node.session import Session
 
 log = logging.getLogger("openbeepboop.node")
 MIN_SECONDS = 0.05
+MAX_PENDING = 10_000  # outbox leases renewed per beat (the oldest first)
 
 
 class Heartbeat:
@@ -28,9 +31,14 @@ class Heartbeat:
         running: Running,
         stats: Callable[[], JSON],
         heartbeat_seconds: float,
+        pending: Callable[[int], list[str]] | None = None,
+        back: Callable[[], None] | None = None,
     ) -> None:
         self._session = session
         self._running = running
+        self._pending = pending
+        self._back = back  # called when a beat goes through after failed ones
+        self._failing = False
         self._stats = stats
         self._heartbeat_seconds = heartbeat_seconds
         self.lease_seconds: float | None = None
@@ -56,13 +64,21 @@ class Heartbeat:
     async def beat(self) -> None:
         """One heartbeat; a failed one is only logged (the next may go through)."""
         try:
-            reply = await self._session.heartbeat(self._running.lease_ids(), self._stats())
+            leases = self._running.lease_ids()
+            if self._pending is not None:
+                leases += self._pending(MAX_PENDING)
+            reply = await self._session.heartbeat(leases, self._stats())
         except ServerUnreachable as exc:
             log.warning("heartbeat failed", extra={"why": str(exc)})
+            self._failing = True
             return
         except ServerRefused as exc:
             log.warning("heartbeat refused", extra={"status": exc.status, "why": exc.message})
             return
+        if self._failing:
+            self._failing = False
+            if self._back is not None:
+                self._back()
         for job_id in reply.get("cancelled", []):
             self._running.stop(job_id, "cancelled")
         if lost := reply.get("lost"):

@@ -55,6 +55,11 @@ class Outbox:
         )
         return [Pending(j, lease, orjson.loads(p)) for j, lease, p in rows]
 
+    def lease_ids(self, limit: int) -> list[str]:
+        """The leases of the oldest `limit` results waiting here."""
+        rows = self._db.execute("SELECT lease_id FROM outbox ORDER BY created_at LIMIT ?", (limit,))
+        return [lease for (lease,) in rows]
+
     def remove(self, job_ids: list[str]) -> None:
         """Forget acknowledged results, in one transaction. A delete lost in a crash only
         sends that result again, which the server refuses."""

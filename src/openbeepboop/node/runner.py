@@ -93,7 +93,12 @@ class NodeRunner:
         }
         self.uploader = Uploader(self.session, self.outbox, self._release_now)
         self.heartbeat = Heartbeat(
-            self.session, self.running, self.stats, config.node.heartbeat_seconds
+            self.session,
+            self.running,
+            self.stats,
+            config.node.heartbeat_seconds,
+            pending=self.outbox.lease_ids,
+            back=self.uploader.server_back,
         )
         self.fetcher = Fetcher(
             self.session,

@@ -31,11 +31,18 @@ class Uploader:
         self._outbox = outbox
         self._release_now = release_now
         self._ready = asyncio.Event()
+        self._retry_now = asyncio.Event()  # the server answers again: no more backing off
 
     def put(self, job_id: str, lease_id: str, outcome: Outcome) -> None:
         """Write the outcome to the outbox, then have it sent."""
         self._outbox.put(Pending(job_id, lease_id, outcome.payload))
         self._ready.set()
+
+    def server_back(self) -> None:
+        """The server answers again after an outage (a heartbeat went through): retry
+        now rather than at the end of the backoff, so results reach it while their
+        leases are fresh."""
+        self._retry_now.set()
 
     async def run(self) -> None:
         """Send the outbox each time something is put in it, until cancelled (results
@@ -70,7 +77,8 @@ class Uploader:
                 continue
             if self._give_up(deadline):
                 return
-            await pause(delay, self._release_now)
+            await pause(delay, self._release_now, self._retry_now)
+            self._retry_now.clear()
 
     def _give_up(self, deadline: float | None) -> bool:
         past = deadline is not None and time.monotonic() > deadline

@@ -169,6 +169,18 @@ class ReapOutcome:
         return len(self.requeued) + len(self.failed) + len(self.expired)
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseResume:
+    """What a server starting after an outage did to the leases (Store.resume_leases):
+    `watched_at`, when servers last watched them (None: never recorded); `extended`, the
+    jobs whose leases now run to the grace's end. `down` is False when another server
+    was watching them all along (nothing was extended)."""
+
+    down: bool
+    watched_at: float | None = None
+    extended: list[str] = field(default_factory=list)
+
+
 @dataclass(slots=True)
 class Node:
     """A machine that pulls jobs."""

@@ -56,6 +56,12 @@ class ServerSettings(BaseSettings):
         10, ge=1, le=1000, description="PostgreSQL connections per server process."
     )
     lease_seconds: float = Field(60.0, gt=0, description="Lease length without a heartbeat.")
+    lease_grace_seconds: float | None = Field(
+        None,
+        ge=0,
+        description="After an outage of the whole deployment: leases run at least this "
+        "long once a server is back (empty: lease_seconds; 0: no grace).",
+    )
     max_attempts: int = Field(3, ge=1, le=100, description="Default fetches before failing.")
     reaper_interval_seconds: float = Field(1.0, gt=0, description="How often leases are reaped.")
     node_ttl_seconds: float = Field(
@@ -264,11 +270,12 @@ def write_settings(data_dir: Path, changes: dict[str, Any]) -> Path:
     if path.exists():
         values = tomllib.loads(path.read_text())
     else:
-        values = {
+        defaults = {
             name: field.get_default(call_default_factory=True)
             for name, field in ServerSettings.model_fields.items()
             if name != "data_dir"
-        }
+        }  # but the empty ones (derived from others): TOML has no empty value
+        values = {name: value for name, value in defaults.items() if value is not None}
     values.update({k: v for k, v in changes.items() if v is not None})
     private_dir(path.parent, tighten=True)  # the data directory: ours alone
     text = "# OpenBeepBoop server settings; OPENBEEPBOOP_<NAME> variables override them.\n"

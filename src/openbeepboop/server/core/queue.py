@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -36,6 +36,7 @@ from openbeepboop.server.models import (
     Job,
     JobFilter,
     JobStatus,
+    LeaseResume,
     NewJob,
     Node,
     NodeResult,
@@ -67,6 +68,26 @@ class QueueConfig:
     max_poll_wait_seconds: float = 60.0
     sync_timeout_seconds: float = 600.0
     model_wait_seconds: float = 10.0
+    lease_grace_seconds: float | None = None  # after an outage; None: lease_seconds
+
+    @property
+    def lease_grace(self) -> float:
+        """How long leases run at least once servers are back after an outage."""
+        if self.lease_grace_seconds is None:
+            return self.lease_seconds
+        return self.lease_grace_seconds
+
+
+class Caller(Protocol):
+    """Whoever waits on a long-poll, as its transport sees them: a claim is made only for
+    a caller still there (a node that is gone must not be handed work)."""
+
+    @property
+    def gone(self) -> bool:
+        """Known to have left (its connection closed)."""
+
+    def watch(self, wake: asyncio.Event) -> None:
+        """From now on, set `gone` and then `wake` as soon as the caller leaves."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,9 +463,18 @@ class Queue:
             self.notifier.publish([NODES_TOPIC])
 
     async def fetch(
-        self, key: ApiKey, node_id: str, models: Sequence[str], max_jobs: int, wait: float
+        self,
+        key: ApiKey,
+        node_id: str,
+        models: Sequence[str],
+        max_jobs: int,
+        wait: float,
+        caller: Caller | None = None,
     ) -> list[Job]:
-        """Lease up to `max_jobs` jobs; with `wait`, long-poll until one arrives."""
+        """Lease up to `max_jobs` jobs; with `wait`, long-poll until one arrives. While it
+        waits, `caller` is watched: once gone, nothing more is claimed for it, and what a
+        claim got as it left is released (`release_unsent`). Delivering the jobs is the
+        transport's: what it cannot deliver, it releases the same way."""
         await self._check_node(key, node_id)
         await self._touch(node_id)
         wait = min(max(wait, 0.0), self.config.max_poll_wait_seconds)
@@ -453,9 +483,16 @@ class Queue:
         if jobs or wait <= 0 or self.closing:  # the usual case: no need to listen
             return jobs
         with self.notifier.listen(model_topic(m) for m in models) as event:
+            if caller is not None:
+                caller.watch(event)
             while True:  # listening first, then claiming again: no wake-up is missed
                 event.clear()
+                if caller is not None and caller.gone:
+                    return []
                 jobs = await self._claim(node_id, models, max_jobs)
+                if jobs and caller is not None and caller.gone:
+                    await self.release_unsent(jobs)
+                    return []
                 remaining = deadline - self._clock()
                 if jobs or remaining <= 0 or self.closing:
                     return jobs
@@ -471,6 +508,26 @@ class Queue:
         if jobs:
             self.notifier.publish([job_topic(j.id) for j in jobs])  # started
         return jobs
+
+    async def release_unsent(self, jobs: Sequence[Job]) -> int:
+        """Hand back jobs claimed for a caller that never got them (it left before the
+        answer went out): queued again, the attempt not counted, each only while its
+        lease is still the one claimed. Returns how many went back."""
+        released = [
+            job
+            for job in jobs
+            if job.lease_id is not None
+            and await self.store.release_lease(job.id, job.lease_id) is not None
+        ]
+        if released:
+            self.notifier.publish({model_topic(j.model) for j in released})
+            self.notifier.publish(job_topic(j.id) for j in released)
+            ids = ",".join(j.id for j in released)
+            log.info(
+                f"leases released: node {jobs[0].node_id} left before it got {ids}",
+                extra={"jobs": ids, "node_id": jobs[0].node_id},
+            )
+        return len(released)
 
     async def heartbeat(
         self, key: ApiKey, node_id: str, lease_ids: Sequence[str], stats: JSON | None
@@ -555,8 +612,11 @@ class Queue:
     # -- housekeeping -----------------------------------------------------------
 
     async def reap(self) -> ReapOutcome:
-        """One pass: re-queue expired leases, fail exhausted ones, expire late jobs."""
-        outcome = await self.store.reap(self._clock())
+        """One pass: re-queue expired leases, fail exhausted ones, expire late jobs; and
+        record that leases are watched (see `resume_leases`)."""
+        now = self._clock()
+        outcome = await self.store.reap(now)
+        await self.store.watch_leases(now)
         if outcome.requeued:
             self.notifier.publish_all_models()
         final = [*outcome.failed, *outcome.expired]
@@ -589,6 +649,25 @@ class Queue:
         if gone:
             log.info("forgot nodes", extra={"nodes": gone})
         return gone
+
+    async def resume_leases(self, reaper_interval: float) -> LeaseResume:
+        """At start, before the first reaper pass: when no server of the deployment has
+        watched the leases for a while (two reaper intervals and a second), the nodes
+        holding them could not heartbeat meanwhile; leases still live when they were
+        last watched then run at least `lease_grace` more seconds, so that nodes that
+        kept working through the outage can renew them and hand in their results."""
+        resumed = await self.store.resume_leases(
+            self._clock(), self.config.lease_grace, 2 * reaper_interval + 1.0
+        )
+        if resumed.extended:
+            since = resumed.watched_at
+            unwatched = "unknown" if since is None else f"{self._clock() - since:.1f} s"
+            log.warning(
+                f"leases resumed after an outage: {len(resumed.extended)} extended by a "
+                f"grace of {self.config.lease_grace:g} s (unwatched for {unwatched})",
+                extra={"extended": len(resumed.extended)},
+            )
+        return resumed
 
     async def run_reaper(self, interval: float) -> None:
         """Reap forever, every `interval` seconds, and forget long-gone nodes every

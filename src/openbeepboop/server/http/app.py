@@ -55,6 +55,7 @@ class QueueApp(FastAPI):
 def queue_config(settings: ServerSettings) -> QueueConfig:
     return QueueConfig(
         lease_seconds=settings.lease_seconds,
+        lease_grace_seconds=settings.lease_grace_seconds,
         max_attempts=settings.max_attempts,
         max_active_jobs_per_key=settings.max_active_jobs_per_key,
         node_ttl_seconds=settings.node_ttl_seconds,
@@ -111,6 +112,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         await store.open()
         if isinstance(store, SharedStore):  # several servers: wake-ups and deltas cross
             await store.bridge(queue.notifier, queue.deltas)
+        await queue.resume_leases(settings.reaper_interval_seconds)  # before the reaper
         tasks = [
             asyncio.create_task(queue.run_reaper(settings.reaper_interval_seconds)),
             asyncio.create_task(batches.run()),

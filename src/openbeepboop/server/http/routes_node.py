@@ -16,7 +16,8 @@ from openbeepboop.server.http.inbound import (
     RegisterBody,
     SubmitResultsBody,
 )
-from openbeepboop.server.http.outbound import JSONResponse, leased_job_json
+from openbeepboop.server.http.outbound import JSONResponse
+from openbeepboop.server.http.presence import ConnectionCaller, LeasedJobs
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import ApiKey, NodeResult
 
@@ -39,10 +40,14 @@ async def register(request: Request, body: RegisterBody, key: Key) -> Response:
 
 @router.post("/queue/fetch", summary="Lease jobs (long-poll up to `wait` seconds)")
 async def fetch(request: Request, body: FetchBody, key: Key) -> Response:
-    jobs = await app_state(request).queue.fetch(
-        key, body.node_id, body.models, body.max_jobs, body.wait
-    )
-    return JSONResponse({"jobs": [leased_job_json(j) for j in jobs]})
+    queue = app_state(request).queue
+    caller = ConnectionCaller(request)
+    try:
+        jobs = await queue.fetch(key, body.node_id, body.models, body.max_jobs, body.wait, caller)
+    except BaseException:
+        caller.close()
+        raise
+    return LeasedJobs(jobs, caller, queue.release_unsent)
 
 
 @router.post("/queue/heartbeat", summary="Extend leases; hear of cancelled jobs")

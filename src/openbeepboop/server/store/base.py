@@ -17,6 +17,7 @@ from openbeepboop.server.models import (
     Job,
     JobFilter,
     JobStatus,
+    LeaseResume,
     NewJob,
     Node,
     NodeResult,
@@ -83,9 +84,22 @@ class Store(Protocol):
     async def cancel_job(self, job_id: str, now: float) -> Job | None:
         """Move a non-final job to `cancelled` (a final job is returned unchanged)."""
 
+    async def release_lease(self, job_id: str, lease_id: str) -> Job | None:
+        """Queue the job again, its attempt not counted, if `lease_id` is still its lease
+        (a claim the node never received); None when it is not (fencing)."""
+
     async def reap(self, now: float) -> ReapOutcome:
         """Re-queue expired leases (or fail them when attempts are used up) and expire
         queued jobs past `expires_at`."""
+
+    async def watch_leases(self, now: float) -> None:
+        """Record that a server watches the leases at `now` (each reaper pass); the
+        latest time any server recorded is kept."""
+
+    async def resume_leases(self, now: float, grace: float, down_after: float) -> LeaseResume:
+        """At a server's start: if no server watched the leases for `down_after` seconds
+        (the deployment was down), leases still live when they were last watched expire
+        no sooner than `now + grace`. Records `now` as watched either way."""
 
     async def count_active(self, owner: str) -> int:
         """Queued plus in-progress jobs of one owner."""

@@ -25,6 +25,7 @@ from openbeepboop.server.models import (
     Job,
     JobFilter,
     JobStatus,
+    LeaseResume,
     Node,
     ReapOutcome,
     StoredFile,
@@ -149,11 +150,32 @@ class SqlStore(ABC):
         row = next(iter([*cancelled, *found]), None)
         return None if row is None else rows.job(row)
 
+    async def release_lease(self, job_id: str, lease_id: str) -> Job | None:
+        # not synced: lost to a power cut, the lease only expires as it would have
+        released = await self._returning(self._q["release_job"], (job_id, lease_id), UNSYNCED)
+        return rows.job(released[0]) if released else None
+
     async def reap(self, now: float) -> ReapOutcome:
         args = (float(now),)
         steps = [(self._q["reap_leases"], args), (self._q["reap_queued"], args)]
         leases, queued = await self._transaction(steps)
         return outcomes.reaped(leases, [r[0] for r in queued])
+
+    async def watch_leases(self, now: float) -> None:
+        await self._change(self._q["watch_leases"], (float(now),), UNSYNCED)
+
+    async def resume_leases(self, now: float, grace: float, down_after: float) -> LeaseResume:
+        row = await self._first("leases_watched_at")
+        watched_at = None if row is None else float(row[0])
+        if watched_at is not None and now - watched_at <= down_after:
+            await self.watch_leases(now)
+            return LeaseResume(down=False, watched_at=watched_at)
+        steps = [
+            (self._q["resume_leases"], (watched_at, float(now + grace))),
+            (self._q["watch_leases"], (float(now),)),
+        ]
+        extended, _ = await self._transaction(steps, IDEMPOTENT)
+        return LeaseResume(down=True, watched_at=watched_at, extended=[r[0] for r in extended])
 
     async def count_active(self, owner: str) -> int:
         row = await self._first("count_active", owner)

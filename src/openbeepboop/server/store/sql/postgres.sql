@@ -99,7 +99,8 @@ WHERE jobs.id = r.id AND jobs.lease_id = r.lease AND jobs.status = 'in_progress'
 RETURNING {jobs_qualified};
 
 -- name: release_job
--- Handed back unfinished by a draining node: queued again, the attempt not counted.
+-- Handed back unfinished by a draining node, or leased by a fetch whose answer could not
+-- be delivered (Store.release_lease): queued again, the attempt not counted.
 UPDATE jobs SET status = 'queued', attempts = greatest(attempts - 1, 0), lease_id = NULL,
     lease_expires_at = NULL, node_id = NULL
 WHERE id = $1 AND lease_id = $2 AND status = 'in_progress'
@@ -159,6 +160,22 @@ RETURNING id, status;
 UPDATE jobs SET status = 'expired', finished_at = $1
 WHERE seq IN (SELECT seq FROM jobs WHERE status = 'queued' AND expires_at <= $1
               FOR UPDATE SKIP LOCKED)
+RETURNING id;
+
+-- name: watch_leases
+-- A reaper pass at $1: leases are watched (the latest time of any server is kept).
+INSERT INTO lease_watch (id, watched_at) VALUES (1, $1)
+ON CONFLICT (id) DO UPDATE
+SET watched_at = greatest(lease_watch.watched_at, excluded.watched_at);
+
+-- name: leases_watched_at
+SELECT watched_at FROM lease_watch WHERE id = 1;
+
+-- name: resume_leases
+-- After an outage: leases still live when servers last watched them at $1 (every lease
+-- when $1 is NULL: never recorded) expire no sooner than $2.
+UPDATE jobs SET lease_expires_at = greatest(lease_expires_at, $2)
+WHERE status = 'in_progress' AND ($1::double precision IS NULL OR lease_expires_at > $1)
 RETURNING id;
 
 -- name: count_active

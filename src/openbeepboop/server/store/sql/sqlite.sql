@@ -77,7 +77,8 @@ WHERE id = ?1 AND lease_id = ?2 AND status = 'in_progress'
 RETURNING {job_columns};
 
 -- name: release_job
--- Handed back unfinished by a draining node: queued again, the attempt not counted.
+-- Handed back unfinished by a draining node, or leased by a fetch whose answer could not
+-- be delivered (Store.release_lease): queued again, the attempt not counted.
 UPDATE jobs SET status = 'queued', attempts = max(attempts - 1, 0), lease_id = NULL,
     lease_expires_at = NULL, node_id = NULL
 WHERE id = ?1 AND lease_id = ?2 AND status = 'in_progress'
@@ -130,6 +131,21 @@ RETURNING id, status;
 -- Queued jobs whose expires_at passed by ?1 expire.
 UPDATE jobs SET status = 'expired', finished_at = ?1
 WHERE status = 'queued' AND expires_at <= ?1
+RETURNING id;
+
+-- name: watch_leases
+-- A reaper pass at ?1: leases are watched (the latest time of any server is kept).
+INSERT INTO lease_watch (id, watched_at) VALUES (1, ?1)
+ON CONFLICT (id) DO UPDATE SET watched_at = max(watched_at, excluded.watched_at);
+
+-- name: leases_watched_at
+SELECT watched_at FROM lease_watch WHERE id = 1;
+
+-- name: resume_leases
+-- After an outage: leases still live when servers last watched them at ?1 (every lease
+-- when ?1 is NULL: never recorded) expire no sooner than ?2.
+UPDATE jobs SET lease_expires_at = max(lease_expires_at, ?2)
+WHERE status = 'in_progress' AND (?1 IS NULL OR lease_expires_at > ?1)
 RETURNING id;
 
 -- name: count_active

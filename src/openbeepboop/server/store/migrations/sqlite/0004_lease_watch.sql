@@ -1,0 +1,7 @@
+-- When a server last watched the leases (its reaper's last pass), so that a server
+-- starting after the whole deployment was down can tell how long leases went unwatched
+-- (Queue.resume_leases). One row, written by every reaper pass; none until the first.
+CREATE TABLE lease_watch (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    watched_at REAL NOT NULL
+);
