@@ -1,0 +1,199 @@
+"""One generation on a llama.cpp context, token by token: text released as it is made
+(held back while it may still become a stop string), the model's own token count, and
+each token's log-probability when asked.
+
+Log-probabilities come from a logits processor, which sees the model's raw logits for
+every sampled position (before penalties, grammar and temperature), so they need no
+`logits_all` buffer (n_ctx × vocabulary floats: gigabytes for Gemma's 262k tokens)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from openbeepboop.node.backends.base import JSON
+
+
+class _Recorder:
+    """Log-softmax of the logits at each sampled position; the latest one is kept whole
+    until the sampled token is known."""
+
+    def __init__(self, top: int, bias: dict[int, float]) -> None:
+        self.top = top
+        self.bias = bias
+        self.latest: Any = None
+
+    def __call__(self, _ids: Any, logits: Any) -> Any:
+        import numpy as np
+
+        if self.top >= 0:
+            shifted = logits - logits.max()
+            self.latest = shifted - np.log(np.exp(shifted).sum())
+        if self.bias:
+            logits = logits.copy()
+            for token, value in self.bias.items():
+                if 0 <= token < len(logits):
+                    logits[token] += value
+        return logits
+
+    def entry(self, token: int, piece: bytes, llm: Any, before: list[int]) -> JSON:
+        lp = self.latest
+        entry: JSON = {
+            "token": piece.decode("utf-8", errors="replace"),
+            "logprob": float(lp[token]),
+            "bytes": list(piece),
+            "top_logprobs": [],
+        }
+        if self.top:
+            import numpy as np
+
+            best = np.argpartition(-lp, self.top)[: self.top]
+            for alt in sorted(best.tolist(), key=lambda t: -float(lp[t])):
+                alt_piece = llm.detokenize([alt], prev_tokens=before)
+                entry["top_logprobs"].append(
+                    {
+                        "token": alt_piece.decode("utf-8", errors="replace"),
+                        "logprob": float(lp[alt]),
+                        "bytes": list(alt_piece),
+                    }
+                )
+        return entry
+
+
+@dataclass
+class Generation:
+    """What one generation made, filled in as it runs."""
+
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str = "length"
+    logprobs: list[JSON] = field(default_factory=list)
+
+
+@dataclass
+class Settings:
+    """How to generate: llama.cpp's sampling keys and the request's limits."""
+
+    max_tokens: int
+    sampling: JSON
+    seed: int | None
+    stop: list[str]
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None
+
+
+def generate(
+    llm: Any, prompt: list[int], settings: Settings, out: Generation, cancel: threading.Event
+) -> Iterator[str]:
+    """Run one generation from `prompt`, yielding text as it becomes final; `out` holds
+    the whole of it when the iterator ends."""
+    import llama_cpp
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    recorder = None
+    if settings.logprobs or settings.logit_bias:
+        recorder = _Recorder(
+            settings.top_logprobs if settings.logprobs else -1, settings.logit_bias
+        )
+    grammar = LlamaGrammar.from_string(settings.grammar) if settings.grammar else None
+    room = llm.n_ctx() - len(prompt)
+    if room <= 0:
+        raise ValueError(
+            f"the prompt has {len(prompt)} tokens; the context window holds {llm.n_ctx()}"
+        )
+    limit = min(settings.max_tokens, room)
+    sampling = dict(settings.sampling)
+    sampling["temp"] = sampling.pop("temperature", 0.8)
+    llm.set_seed(settings.seed if settings.seed is not None else _random_seed())
+    vocab = llm._model.vocab
+    done: list[int] = []
+    pending = b""  # bytes of an unfinished UTF-8 character
+    held = ""  # text that may be the start of a stop string
+    tokens = llm.generate(
+        prompt,
+        logits_processor=[recorder] if recorder is not None else None,
+        grammar=grammar,
+        **sampling,
+    )
+    try:
+        for token in tokens:
+            if cancel.is_set():
+                out.finish_reason = "cancelled"
+                break
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                out.finish_reason = "stop"
+                break
+            before = prompt + done
+            piece = llm.detokenize([token], prev_tokens=before)
+            done.append(token)
+            out.completion_tokens += 1
+            if recorder is not None and settings.logprobs:
+                out.logprobs.append(recorder.entry(token, piece, llm, before))
+            pending += piece
+            try:
+                held += pending.decode("utf-8")
+                pending = b""
+            except UnicodeDecodeError:
+                if len(pending) < 4:
+                    if out.completion_tokens >= limit:
+                        break
+                    continue
+                held += pending.decode("utf-8", errors="replace")
+                pending = b""
+            cut = _first_stop(held, settings.stop)
+            if cut is not None:
+                held = held[:cut]
+                out.finish_reason = "stop"
+                break
+            keep = _stop_prefix(held, settings.stop)
+            ready, held = held[: len(held) - keep], held[len(held) - keep :]
+            if ready:
+                out.text += ready
+                yield ready
+            if out.completion_tokens >= limit:
+                break
+    finally:
+        tokens.close()
+    rest = held + pending.decode("utf-8", errors="replace")
+    if rest:
+        out.text += rest
+        yield rest
+    if out.logprobs and out.finish_reason == "stop" and settings.stop:
+        _trim_logprobs(out)
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    found = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(found) if found else None
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """How many trailing characters of `text` could begin a stop string."""
+    keep = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), keep, -1):
+            if text.endswith(stop[:k]):
+                keep = k
+                break
+    return keep
+
+
+def _trim_logprobs(out: Generation) -> None:
+    """Drop the entries of tokens that fell inside a stop string."""
+    kept, length = [], 0
+    for entry in out.logprobs:
+        if length >= len(out.text):
+            break
+        kept.append(entry)
+        length += len(entry["token"])
+    out.logprobs = kept
+
+
+def _random_seed() -> int:
+    import secrets
+
+    return secrets.randbits(32)
