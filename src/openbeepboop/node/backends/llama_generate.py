@@ -4,7 +4,7 @@ each token's log-probability when asked.
 
 Log-probabilities come from a logits processor, which sees the model's raw logits for
 every sampled position (before penalties, grammar and temperature), so they need no
-`logits_all` buffer (n_ctx × vocabulary floats: gigabytes for Gemma's 262k tokens)."""
+`logits_all` buffer (n_ctx times vocabulary floats: gigabytes for Gemma's 262k tokens)."""
 
 from __future__ import annotations
 
@@ -86,6 +86,39 @@ class Settings:
     grammar: str | None = None
 
 
+class _Gate:
+    """Decodes token bytes into text and holds back what may still become a stop
+    string; `stopped` once one appears (the text before it is released)."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.pending = b""  # bytes of an unfinished UTF-8 character
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, piece: bytes) -> str:
+        self.pending += piece
+        try:
+            self.held += self.pending.decode("utf-8")
+        except UnicodeDecodeError:
+            if len(self.pending) < 4:
+                return ""
+            self.held += self.pending.decode("utf-8", errors="replace")
+        self.pending = b""
+        cut = _first_stop(self.held, self.stops)
+        if cut is not None:
+            ready, self.held, self.stopped = self.held[:cut], "", True
+            return ready
+        keep = _stop_prefix(self.held, self.stops)
+        ready, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return ready
+
+    def rest(self) -> str:
+        rest = self.held + self.pending.decode("utf-8", errors="replace")
+        self.held, self.pending = "", b""
+        return rest
+
+
 def generate(
     llm: Any, prompt: list[int], settings: Settings, out: Generation, cancel: threading.Event
 ) -> Iterator[str]:
@@ -96,10 +129,8 @@ def generate(
 
     recorder = None
     if settings.logprobs or settings.logit_bias:
-        recorder = _Recorder(
-            settings.top_logprobs if settings.logprobs else -1, settings.logit_bias
-        )
-    grammar = LlamaGrammar.from_string(settings.grammar) if settings.grammar else None
+        top = settings.top_logprobs if settings.logprobs else -1
+        recorder = _Recorder(top, settings.logit_bias)
     room = llm.n_ctx() - len(prompt)
     if room <= 0:
         raise ValueError(
@@ -111,12 +142,11 @@ def generate(
     llm.set_seed(settings.seed if settings.seed is not None else _random_seed())
     vocab = llm._model.vocab
     done: list[int] = []
-    pending = b""  # bytes of an unfinished UTF-8 character
-    held = ""  # text that may be the start of a stop string
+    gate = _Gate(settings.stop)
     tokens = llm.generate(
         prompt,
         logits_processor=[recorder] if recorder is not None else None,
-        grammar=grammar,
+        grammar=LlamaGrammar.from_string(settings.grammar) if settings.grammar else None,
         **sampling,
     )
     try:
@@ -133,36 +163,22 @@ def generate(
             out.completion_tokens += 1
             if recorder is not None and settings.logprobs:
                 out.logprobs.append(recorder.entry(token, piece, llm, before))
-            pending += piece
-            try:
-                held += pending.decode("utf-8")
-                pending = b""
-            except UnicodeDecodeError:
-                if len(pending) < 4:
-                    if out.completion_tokens >= limit:
-                        break
-                    continue
-                held += pending.decode("utf-8", errors="replace")
-                pending = b""
-            cut = _first_stop(held, settings.stop)
-            if cut is not None:
-                held = held[:cut]
-                out.finish_reason = "stop"
-                break
-            keep = _stop_prefix(held, settings.stop)
-            ready, held = held[: len(held) - keep], held[len(held) - keep :]
+            ready = gate.feed(piece)
             if ready:
                 out.text += ready
                 yield ready
+            if gate.stopped:
+                out.finish_reason = "stop"
+                break
             if out.completion_tokens >= limit:
                 break
     finally:
         tokens.close()
-    rest = held + pending.decode("utf-8", errors="replace")
+    rest = gate.rest()
     if rest:
         out.text += rest
         yield rest
-    if out.logprobs and out.finish_reason == "stop" and settings.stop:
+    if out.logprobs and gate.stopped:
         _trim_logprobs(out)
 
 

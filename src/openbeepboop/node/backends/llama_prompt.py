@@ -87,7 +87,7 @@ def handler_prompt(llm: Any, messages: list[JSON]) -> Prompt:
     `chat_format`) builds for `messages`."""
     from llama_cpp import llama_chat_format
 
-    handler = (
+    handler: Any = (
         llm.chat_handler
         or llm._chat_handlers.get(llm.chat_format)
         or llama_chat_format.get_chat_completion_handler(llm.chat_format)

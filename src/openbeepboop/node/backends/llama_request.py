@@ -13,6 +13,7 @@ from typing import Any
 
 from openbeepboop.node.backends.base import JSON, BackendError, content_text
 
+BAD = "invalid_value"
 MAX_N = 128  # OpenAI's own limit
 MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit); completions allow 5
 # what llama.cpp's sampler takes by the same name as OpenAI
@@ -211,42 +212,19 @@ def _tools(request: JSON, plan: Plan) -> None:
         choice = {"type": "function", "function": legacy} if isinstance(legacy, dict) else legacy
     if not tools:
         if choice not in (None, "none"):
-            raise refuse(
-                "'tool_choice' is set but 'tools' is empty", "tool_choice", "invalid_value"
-            )
+            raise refuse("'tool_choice' is set but 'tools' is empty", "tool_choice", BAD)
         return
-    if not isinstance(tools, list):
-        raise refuse("'tools' must be a list", "tools", "invalid_value")
-    for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            raise refuse(f"tools of type {kind!r} are not available here", f"tools[{i}].type")
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise refuse("a tool needs function.name", f"tools[{i}].function.name", "invalid_value")
-    plan.tools = tools
-    if choice in (None, "auto"):
-        plan.tool_mode = "auto"
-    elif choice == "none":
-        plan.tool_mode = "none"
-    elif choice == "required":
-        plan.tool_mode = "required"
-    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+    plan.tools = _checked_tools(tools)
+    plan.tool_mode = _tool_mode(choice)
+    if plan.tool_mode == "named" and isinstance(choice, dict):
         name = choice["function"].get("name")
-        plan.tools = [t for t in tools if t["function"]["name"] == name]
+        plan.tools = [t for t in plan.tools if t["function"]["name"] == name]
         if not plan.tools:
             raise refuse(
                 f"tool_choice names {name!r}, which is not in 'tools'",
                 "tool_choice",
                 "invalid_value",
             )
-        plan.tool_mode = "named"
-    else:
-        raise refuse(
-            "'tool_choice' must be 'none', 'auto', 'required' or a named function",
-            "tool_choice",
-            "invalid_value",
-        )
     if plan.tool_mode != "none" and plan.schema is not None:
         raise refuse(
             "'response_format' and a tool call cannot both shape one answer here",
@@ -258,6 +236,31 @@ def _tools(request: JSON, plan: Plan) -> None:
             "name the tool or use tool_choice 'required'",
             "logprobs",
         )
+
+
+def _checked_tools(tools: Any) -> list[JSON]:
+    if not isinstance(tools, list):
+        raise refuse("'tools' must be a list", "tools", "invalid_value")
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise refuse(f"tools of type {kind!r} are not available here", f"tools[{i}].type")
+        function = tool.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise refuse("a tool needs function.name", f"tools[{i}].function.name", BAD)
+    return tools
+
+
+def _tool_mode(choice: Any) -> str:
+    if choice in (None, "auto", "none", "required"):
+        return "auto" if choice is None else str(choice)
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        return "named"
+    raise refuse(
+        "'tool_choice' must be 'none', 'auto', 'required' or a named function",
+        "tool_choice",
+        "invalid_value",
+    )
 
 
 def _prompts(request: JSON) -> list[str | list[int]]:
