@@ -215,3 +215,76 @@ def test_completion_logprobs_and_echo(http: httpx.Client) -> None:
 
     r = http.post("/v1/completions", json={**body, "echo": True, "stop": ["\n"]})
     assert r.json()["choices"][0]["text"].startswith("The capital of France is")
+
+
+# -- without the model: what the request reader refuses, and stop strings across tokens --
+
+
+def test_stop_strings_are_held_back_across_tokens() -> None:
+    from openbeepboop.node.backends.llama_generate import _Gate
+
+    gate = _Gate(["<end>", "\n\n"])
+    pieces = [b"Red", b", blue", b" <e", b"n", b"d> more"]
+    out = [gate.feed(p) for p in pieces]
+    assert out == ["Red", ", blue", " ", "", ""]
+    assert gate.stopped and gate.rest() == ""
+
+    gate = _Gate(["<end>"])
+    assert gate.feed(b"caf\xc3") == "caf"  # half a character waits for its other byte
+    assert gate.feed(b"\xa9 <e") == "\u00e9 "
+    assert gate.rest() == "<e" and not gate.stopped
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"n": 0}, "n"),
+        ({"n": 129}, "n"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "logprobs": True},
+            "logprobs",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {}}},
+            "response_format.json_schema.schema",
+        ),
+        ({"reasoning_effort": "high"}, "reasoning_effort"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"stop": [1]}, "stop"),
+    ],
+)
+def test_the_request_reader_names_what_it_refuses(body: dict[str, Any], param: str) -> None:
+    from openbeepboop.node.backends.base import BackendError
+    from openbeepboop.node.backends.llama_request import read_request
+
+    with pytest.raises(BackendError) as refused:
+        read_request("/v1/chat/completions", {"messages": ASK, **body}, 16)
+    assert refused.value.param == param
+    assert refused.value.status == 400 and not refused.value.retryable
+
+
+def test_completion_refusals_and_prompt_lists() -> None:
+    from openbeepboop.node.backends.base import BackendError
+    from openbeepboop.node.backends.llama_request import read_request
+
+    plan = read_request("/v1/completions", {"prompt": ["a", "b"], "n": 2, "logprobs": 0}, 16)
+    assert plan.prompts == ["a", "b"] and plan.n == 2 and plan.logprobs
+    for body, param in [
+        ({"suffix": "x"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"logprobs": 6}, "logprobs"),
+    ]:
+        with pytest.raises(BackendError) as refused:
+            read_request("/v1/completions", {"prompt": "hi", **body}, 16)
+        assert refused.value.param == param

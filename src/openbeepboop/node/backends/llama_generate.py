@@ -8,6 +8,7 @@ every sampled position (before penalties, grammar and temperature), so they need
 
 from __future__ import annotations
 
+import codecs
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -92,19 +93,12 @@ class _Gate:
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = stops
-        self.pending = b""  # bytes of an unfinished UTF-8 character
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.held = ""
         self.stopped = False
 
     def feed(self, piece: bytes) -> str:
-        self.pending += piece
-        try:
-            self.held += self.pending.decode("utf-8")
-        except UnicodeDecodeError:
-            if len(self.pending) < 4:
-                return ""
-            self.held += self.pending.decode("utf-8", errors="replace")
-        self.pending = b""
+        self.held += self.decoder.decode(piece)  # half a character waits for the rest
         cut = _first_stop(self.held, self.stops)
         if cut is not None:
             ready, self.held, self.stopped = self.held[:cut], "", True
@@ -114,8 +108,7 @@ class _Gate:
         return ready
 
     def rest(self) -> str:
-        rest = self.held + self.pending.decode("utf-8", errors="replace")
-        self.held, self.pending = "", b""
+        rest, self.held = self.held + self.decoder.decode(b"", final=True), ""
         return rest
 
 
