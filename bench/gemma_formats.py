@@ -8,10 +8,14 @@ cuts each answer at the format's stop strings (as the backend does), and counts 
 answers that are *empty or echo*:
 
 - empty: nothing but whitespace is left;
-- echo: after normalising both (lower case, punctuation dropped, runs of spaces made one),
-  at least half of the answer's characters are one unbroken stretch copied from the
-  prompt (`difflib.SequenceMatcher.find_longest_match`) — "Write a haiku about the sea" →
-  "Write a haiku about the sea" or "a haiku about the sea." both count.
+- echo: after normalising both (lower case, punctuation dropped, runs of spaces made
+  one), the answer says no word the prompt does not ("Translate 'good morning' into
+  Spanish" -> "Good morning."), or it begins by repeating the whole prompt ("Write a
+  haiku about the sea" -> "Write a haiku about the sea ..."). A short answer that
+  restates part of the question ("The capital of France is Paris.") is not an echo.
+
+It also counts the answers that ran to `max_tokens` without ending (no end-of-turn
+token, no stop string): a format can avoid echoes and still never end a turn.
 
 Run: ``nice -n 10 python3 bench/gemma_formats.py`` (about 5 minutes on 2 busy cores);
 ``--json`` prints every answer too; ``--formats gemma,chatml`` measures a subset.
@@ -20,7 +24,6 @@ Run: ``nice -n 10 python3 bench/gemma_formats.py`` (about 5 minutes on 2 busy co
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import re
 import sys
@@ -135,12 +138,11 @@ def normalise(text: str) -> str:
 def verdict(prompt: str, answer: str) -> str:
     """'empty', 'echo' or 'ok' (definitions in the module docstring)."""
     a, p = normalise(answer), normalise(prompt)
-    if not answer.strip() or not a:
+    if not a:
         return "empty"
-    match = difflib.SequenceMatcher(None, a, p, autojunk=False).find_longest_match(
-        0, len(a), 0, len(p)
-    )
-    return "echo" if match.size * 2 >= len(a) else "ok"
+    if not set(a.split()) - set(p.split()) or a.startswith(p):
+        return "echo"
+    return "ok"
 
 
 def cut(text: str, stops: list[str]) -> str:
@@ -168,6 +170,7 @@ def main() -> None:
         for name in args.formats.split(","):
             fmt = FORMATS[name]
             started, counts, tokens = time.monotonic(), {"empty": 0, "echo": 0, "ok": 0}, 0
+            unended = 0
             for prompt in PROMPTS:
                 text, stops = fmt(prompt)
                 out = llm.create_completion(
@@ -180,6 +183,8 @@ def main() -> None:
                 answer = cut(out["choices"][0]["text"], stops)
                 kind = verdict(prompt, answer)
                 counts[kind] += 1
+                finish = out["choices"][0]["finish_reason"]
+                unended += finish == "length"
                 tokens += out["usage"]["completion_tokens"]
                 if args.json:
                     print(
@@ -194,6 +199,7 @@ def main() -> None:
                     "empty": counts["empty"],
                     "echo": counts["echo"],
                     "rate": bad / len(PROMPTS),
+                    "unended": unended,
                     "tokens": tokens,
                     "seconds": time.monotonic() - started,
                 }
@@ -201,6 +207,7 @@ def main() -> None:
             print(
                 f"{name:15} empty {counts['empty']:2}  echo {counts['echo']:2}  "
                 f"empty-or-echo {100 * bad / len(PROMPTS):5.1f} %  "
+                f"never ended {100 * unended / len(PROMPTS):5.1f} %  "
                 f"({tokens} tokens, {rows[-1]['seconds']:.0f} s)",
                 file=sys.stderr,
                 flush=True,

@@ -23,10 +23,10 @@ from pydantic import Field
 from openbeepboop.node.backends.base import JSON, BackendError, Chunk, ModelConfig, Progress
 from openbeepboop.node.backends.llama_answer import Answer, grammar_for
 from openbeepboop.node.backends.llama_generate import Generation, Settings, generate
-from openbeepboop.node.backends.llama_prompt import Prompt, gemma_prompt, handler_prompt
+from openbeepboop.node.backends.llama_prompt import Prompt, examples_prompt, handler_prompt
 from openbeepboop.node.backends.llama_request import Plan, read_request, tools_prompt
 
-GEMMA_FORMAT = "gemma-examples"  # llama_prompt.gemma_text: the bundled model's default
+EXAMPLES_FORMAT = "examples"  # llama_prompt.examples_text: the bundled model's default
 _END = object()
 
 
@@ -36,8 +36,8 @@ class LlamaCppModel(ModelConfig):
     path: str | None = Field(None, description="A .gguf path or hf:org/repo/file.gguf.")
     chat_format: str | None = Field(
         None,
-        description="llama.cpp chat format, or gemma-examples; default: the GGUF's "
-        "template, else gemma-examples for a Gemma GGUF, else chatml.",
+        description="llama.cpp chat format, or examples; default: the GGUF's "
+        "template, else examples (a transcript after example exchanges).",
     )
     n_ctx: int = Field(4096, ge=256)
     n_threads: int | None = Field(None, ge=1)
@@ -105,7 +105,7 @@ class LlamaCppBackend:
         self.path: Path | None = None
         self._free: asyncio.Queue[_Instance] = asyncio.Queue()
         self._all: list[_Instance] = []
-        self._bundled_format = False  # chats use llama_prompt.gemma_text
+        self._bundled_format = False  # chats use llama_prompt.examples_text
 
     async def load(self, progress: Progress) -> None:
         progress("downloading", 0.0)
@@ -124,7 +124,7 @@ class LlamaCppBackend:
         from llama_cpp import Llama
 
         c = self.config
-        own = c.chat_format == GEMMA_FORMAT
+        own = c.chat_format == EXAMPLES_FORMAT
         llm = Llama(
             model_path=str(self.path),
             n_ctx=c.n_ctx,
@@ -134,10 +134,7 @@ class LlamaCppBackend:
             verbose=False,
         )
         if c.chat_format is None and "tokenizer.chat_template" not in llm.metadata:
-            # a base model without a template (the bundled Gemma): see llama_prompt
-            gemma = llm.metadata.get("general.architecture", "").startswith("gemma")
-            own = gemma
-            llm.chat_format = "chatml"
+            own = True  # a base model without a template (the bundled Gemma): llama_prompt
         self._bundled_format = own
         return llm
 
@@ -199,7 +196,7 @@ class LlamaCppBackend:
             if plan.calls_tools:
                 messages = [{"role": "system", "content": tools_prompt(plan.tools)}, *messages]
             if self._bundled_format:
-                yield gemma_prompt(llm, messages), ""
+                yield examples_prompt(llm, messages), ""
             else:
                 yield handler_prompt(llm, messages), ""
             return
@@ -219,6 +216,7 @@ class LlamaCppBackend:
             sampling=sampling,
             seed=plan.seed,
             stop=[*plan.stop, *prompt.stop],
+            lstrip=prompt.lstrip,
             logprobs=plan.logprobs,
             top_logprobs=plan.top_logprobs,
             logit_bias=plan.logit_bias,

@@ -85,20 +85,25 @@ class Settings:
     top_logprobs: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None
+    lstrip: bool = False  # the answer's leading whitespace belongs to the prompt format
 
 
 class _Gate:
     """Decodes token bytes into text and holds back what may still become a stop
     string; `stopped` once one appears (the text before it is released)."""
 
-    def __init__(self, stops: list[str]) -> None:
+    def __init__(self, stops: list[str], lstrip: bool = False) -> None:
         self.stops = stops
+        self.lead = lstrip  # drop whitespace until the answer's first character
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.held = ""
         self.stopped = False
 
     def feed(self, piece: bytes) -> str:
         self.held += self.decoder.decode(piece)  # half a character waits for the rest
+        if self.lead:
+            self.held = self.held.lstrip()
+            self.lead = not self.held
         cut = _first_stop(self.held, self.stops)
         if cut is not None:
             ready, self.held, self.stopped = self.held[:cut], "", True
@@ -120,10 +125,7 @@ def generate(
     import llama_cpp
     from llama_cpp.llama_grammar import LlamaGrammar
 
-    recorder = None
-    if settings.logprobs or settings.logit_bias:
-        top = settings.top_logprobs if settings.logprobs else -1
-        recorder = _Recorder(top, settings.logit_bias)
+    recorder = _recorder(settings)
     room = llm.n_ctx() - len(prompt)
     if room <= 0:
         raise ValueError(
@@ -135,7 +137,7 @@ def generate(
     llm.set_seed(settings.seed if settings.seed is not None else _random_seed())
     vocab = llm._model.vocab
     done: list[int] = []
-    gate = _Gate(settings.stop)
+    gate = _Gate(settings.stop, settings.lstrip)
     tokens = llm.generate(
         prompt,
         logits_processor=[recorder] if recorder is not None else None,
@@ -171,8 +173,16 @@ def generate(
     if rest:
         out.text += rest
         yield rest
+    if out.logprobs and settings.lstrip:
+        _lstrip_logprobs(out)
     if out.logprobs and gate.stopped:
         _trim_logprobs(out)
+
+
+def _recorder(settings: Settings) -> _Recorder | None:
+    if not settings.logprobs and not settings.logit_bias:
+        return None
+    return _Recorder(settings.top_logprobs if settings.logprobs else -1, settings.logit_bias)
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
@@ -189,6 +199,17 @@ def _stop_prefix(text: str, stops: list[str]) -> int:
                 keep = k
                 break
     return keep
+
+
+def _lstrip_logprobs(out: Generation) -> None:
+    """Drop from the first tokens the leading whitespace the text was stripped of, so
+    that the tokens still join to the text."""
+    for entry in out.logprobs:
+        token = entry["token"].lstrip()
+        if token != entry["token"]:
+            entry["token"], entry["bytes"] = token, list(token.encode())
+        if token:
+            break
 
 
 def _trim_logprobs(out: Generation) -> None:

@@ -3,8 +3,9 @@ other model's through the llama-cpp-python chat handler it was loaded with.
 
 The bundled model is a base model without a chat template. bench/gemma_formats.py
 measured how often it answers nothing or repeats the prompt under each candidate format
-(docs/benchmarks.md); Gemma's own turn markers after a few example turns did best, so
-that is its format here."""
+(docs/benchmarks.md): a plain "User:/Assistant:" transcript that starts with a few
+example exchanges did best, and its answers end (a blank line or the next "User:")
+instead of running on, so that is its format here (`chat_format = "examples"`)."""
 
 from __future__ import annotations
 
@@ -15,51 +16,48 @@ from openbeepboop.node.backends.base import JSON, BackendError
 from openbeepboop.node.backends.llama_request import message_text
 
 # a few short exchanges before the conversation show the base model that a turn is
-# answered, briefly, rather than continued or repeated
+# answered, briefly, rather than continued or repeated (the same as the benchmark's)
 EXAMPLES = (
     ("What is the capital of Italy?", "The capital of Italy is Rome."),
     ("Write a short sentence about the moon.", "The moon glows softly over the quiet hills."),
     ("Give me two kinds of bread.", "Sourdough and rye."),
 )
-GEMMA_END = "<end_of_turn>"
+EXAMPLES_STOP = ["\nUser:", "\n\n"]
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """Prompt tokens and the stop strings that end the answer's turn."""
+    """Prompt tokens, the stop strings that end the answer's turn, and whether the
+    answer's leading whitespace is the format's (a space after "Assistant:")."""
 
     tokens: list[int]
     stop: list[str]
+    lstrip: bool = False
 
 
-def gemma_text(messages: list[JSON]) -> str:
-    """The bundled Gemma's prompt: example turns, then the chat in Gemma's turn markers
-    (a system message leads the first user turn, as Gemma's own template does)."""
-    turns = [("user", q, "model", a) for q, a in EXAMPLES]
-    text = "".join(
-        f"<start_of_turn>{u}\n{q}{GEMMA_END}\n<start_of_turn>{m}\n{a}{GEMMA_END}\n"
-        for u, q, m, a in turns
-    )
+def examples_text(messages: list[JSON]) -> str:
+    """The bundled model's prompt: system text, the example exchanges, then the chat as
+    a transcript, ending where the assistant's answer starts."""
     system = "\n\n".join(
         message_text(m) for m in messages if m.get("role") in ("system", "developer")
     )
+    text = f"{system}\n\n" if system else ""
+    text += "".join(f"User: {q}\nAssistant: {a}\n\n" for q, a in EXAMPLES)
     for message in messages:
         role = message.get("role")
-        if role in ("system", "developer"):
-            continue
-        body = message_text(message)
-        if role == "tool":
-            body = f"Result of the function call: {body}"
-        if role != "assistant" and system:
-            body, system = f"{system}\n\n{body}", ""
-        who = "model" if role == "assistant" else "user"
-        text += f"<start_of_turn>{who}\n{body}{GEMMA_END}\n"
-    return text + "<start_of_turn>model\n"
+        body = message_text(message).strip()
+        if role == "assistant":
+            text += f"Assistant: {body}\n\n"
+        elif role == "tool":
+            text += f"User: (result of the function call) {body}\n"
+        elif role not in ("system", "developer"):
+            text += f"User: {body}\n"
+    return text + "Assistant:"
 
 
-def gemma_prompt(llm: Any, messages: list[JSON]) -> Prompt:
-    tokens = llm.tokenize(gemma_text(messages).encode(), add_bos=True, special=True)
-    return Prompt(list(tokens), [GEMMA_END])
+def examples_prompt(llm: Any, messages: list[JSON]) -> Prompt:
+    tokens = llm.tokenize(examples_text(messages).encode(), add_bos=True, special=False)
+    return Prompt(list(tokens), list(EXAMPLES_STOP), lstrip=True)
 
 
 class _Captured(Exception):
