@@ -202,13 +202,13 @@ def _stop_prefix(text: str, stops: list[str]) -> int:
 
 
 def _lstrip_logprobs(out: Generation) -> None:
-    """Drop from the first tokens the leading whitespace the text was stripped of, so
-    that the tokens still join to the text."""
+    """Drop from the first tokens (and their alternatives) the leading whitespace the
+    text was stripped of, so that the tokens still join to the text."""
     for entry in out.logprobs:
-        token = entry["token"].lstrip()
-        if token != entry["token"]:
-            entry["token"], entry["bytes"] = token, list(token.encode())
-        if token:
+        for item in (entry, *entry["top_logprobs"]):  # alternatives at the same place
+            item["token"] = item["token"].lstrip()
+            item["bytes"] = list(item["token"].encode())
+        if entry["token"]:
             break
 
 
