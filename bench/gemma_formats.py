@@ -97,7 +97,9 @@ Format = Callable[[str], tuple[str, list[str]]]
 
 
 def chatml(p: str) -> tuple[str, list[str]]:
-    return f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n", ["<|im_end|>"]
+    # exactly what llama-cpp-python's "chatml" builds (the backend's default before)
+    system = "<|im_start|>system\n<|im_end|>\n"
+    return f"{system}<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n", ["<|im_end|>"]
 
 
 def gemma(p: str) -> tuple[str, list[str]]:
