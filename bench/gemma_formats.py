@@ -189,11 +189,8 @@ def main() -> None:
                 unended += finish == "length"
                 tokens += out["usage"]["completion_tokens"]
                 if args.json:
-                    print(
-                        json.dumps(
-                            {"format": name, "prompt": prompt, "answer": answer, "verdict": kind}
-                        )
-                    )
+                    row = {"format": name, "prompt": prompt, "answer": answer, "verdict": kind}
+                    print(json.dumps({**row, "finish_reason": finish}), flush=True)
             bad = counts["empty"] + counts["echo"]
             rows.append(
                 {
