@@ -129,7 +129,7 @@ class BackendExecutor:
             try:
                 return Outcome.done(await self._with_retries(job))
             except BackendError as exc:
-                return Outcome.failed(exc.message, exc.code, exc.retryable)
+                return Outcome.failed(exc.message, exc.code, exc.retryable, exc.param)
             except Exception as exc:  # a backend bug: fail the job visibly, keep the node going
                 log.exception("backend crashed", extra={"job": job.id, "model": job.model})
                 message = f"the backend crashed: {type(exc).__name__}: {exc}"

@@ -97,7 +97,8 @@ def _number(raw: JSON, key: str, kind: type[int] | type[float]) -> Any:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """How a run ended: `payload` is what the server receives for the job,
-    `{"result": <OpenAI response>}` or `{"error": {"message", "code", "retryable"}}`.
+    `{"result": <OpenAI response>}` or `{"error": {"message", "code", "retryable"}}` (and
+    `"param"` when one request parameter is to blame).
     Plain data, so that a worker process can send it back whole."""
 
     payload: JSON
@@ -108,9 +109,12 @@ class Outcome:
         return cls({"result": response})
 
     @classmethod
-    def failed(cls, message: str, code: str, retryable: bool) -> Outcome:
+    def failed(cls, message: str, code: str, retryable: bool, param: str | None = None) -> Outcome:
         """A job that ends in error (`retryable`: the server may queue it again)."""
-        return cls({"error": {"message": message, "code": code, "retryable": retryable}})
+        error: JSON = {"message": message, "code": code, "retryable": retryable}
+        if param is not None:
+            error["param"] = param
+        return cls({"error": error})
 
     @property
     def error(self) -> JSON | None:

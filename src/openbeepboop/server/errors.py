@@ -90,7 +90,24 @@ class JobFailed(DomainError):
     error says the request itself was bad)."""
 
     code = "job_failed"
+    # node error codes that blame the request, not the node (docs/node-protocol.md)
+    REQUEST_CODES = frozenset(
+        {
+            "invalid_request",
+            "invalid_value",
+            "unsupported_parameter",
+            "unsupported_content",
+            "context_length_exceeded",
+        }
+    )
 
-    def __init__(self, message: str, *, code: str | None = None, job_id: str = ""):
-        super().__init__(message, code=code)
+    def __init__(
+        self, message: str, *, code: str | None = None, job_id: str = "", param: str | None = None
+    ):
+        super().__init__(message, code=code, param=param)
         self.job_id = job_id
+
+    @property
+    def bad_request(self) -> bool:
+        """The node refused the request itself (HTTP 400, as OpenAI answers it)."""
+        return self.code in self.REQUEST_CODES

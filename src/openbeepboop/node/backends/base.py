@@ -35,7 +35,8 @@ class Chunk:
 
 class BackendError(Exception):
     """A generation failed. `retryable` errors (timeouts, 408, 429, 5xx) are tried again
-    with backoff; others fail the job at once with `code`."""
+    with backoff; others fail the job at once with `code` (and `param`, the request
+    parameter to blame when there is one)."""
 
     def __init__(
         self,
@@ -45,6 +46,7 @@ class BackendError(Exception):
         retryable: bool,
         retry_after: float | None = None,
         status: int | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -52,6 +54,7 @@ class BackendError(Exception):
         self.retryable = retryable
         self.retry_after = retry_after
         self.status = status
+        self.param = param
 
 
 class ModelConfig(BaseModel):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,19 +21,12 @@ from typing import Any
 from pydantic import Field
 
 from openbeepboop.node.backends.base import JSON, BackendError, Chunk, ModelConfig, Progress
+from openbeepboop.node.backends.llama_answer import Answer, grammar_for
+from openbeepboop.node.backends.llama_generate import Generation, Settings, generate
+from openbeepboop.node.backends.llama_prompt import Prompt, examples_prompt, handler_prompt
+from openbeepboop.node.backends.llama_request import Plan, read_request, tools_prompt
 
-SAMPLING = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "repeat_penalty",
-    "logit_bias",
-)
+EXAMPLES_FORMAT = "examples"  # llama_prompt.examples_text: the bundled model's default
 _END = object()
 
 
@@ -40,7 +35,9 @@ class LlamaCppModel(ModelConfig):
 
     path: str | None = Field(None, description="A .gguf path or hf:org/repo/file.gguf.")
     chat_format: str | None = Field(
-        None, description="llama.cpp chat format; default: the GGUF's template, else chatml."
+        None,
+        description="llama.cpp chat format, or examples; default: the GGUF's "
+        "template, else examples (a transcript after example exchanges).",
     )
     n_ctx: int = Field(4096, ge=256)
     n_threads: int | None = Field(None, ge=1)
@@ -108,6 +105,7 @@ class LlamaCppBackend:
         self.path: Path | None = None
         self._free: asyncio.Queue[_Instance] = asyncio.Queue()
         self._all: list[_Instance] = []
+        self._bundled_format = False  # chats use llama_prompt.examples_text
 
     async def load(self, progress: Progress) -> None:
         progress("downloading", 0.0)
@@ -126,16 +124,18 @@ class LlamaCppBackend:
         from llama_cpp import Llama
 
         c = self.config
+        own = c.chat_format == EXAMPLES_FORMAT
         llm = Llama(
             model_path=str(self.path),
             n_ctx=c.n_ctx,
             n_threads=c.n_threads or os.cpu_count() or 1,
             n_gpu_layers=c.n_gpu_layers,
-            chat_format=c.chat_format,
+            chat_format=None if own else c.chat_format,
             verbose=False,
         )
         if c.chat_format is None and "tokenizer.chat_template" not in llm.metadata:
-            llm.chat_format = "chatml"  # e.g. the bundled Gemma: no template, chatml works
+            own = True  # a base model without a template (the bundled Gemma): llama_prompt
+        self._bundled_format = own
         return llm
 
     async def execute(self, endpoint: str, request: JSON) -> AsyncIterator[Chunk]:
@@ -166,42 +166,105 @@ class LlamaCppBackend:
     def _generate(
         self, llm: Any, endpoint: str, request: JSON, stop: threading.Event
     ) -> Iterator[Chunk]:
-        params = {k: request[k] for k in SAMPLING if request.get(k) is not None}
-        params["max_tokens"] = (
-            request.get("max_tokens")
-            or request.get("max_completion_tokens")
-            or self.config.max_tokens
+        plan = read_request(endpoint, request, self.config.max_tokens)
+        if plan.tool_mode == "auto":
+            yield from self._auto_tools(llm, plan, request)
+            return
+        answer = Answer(plan, request.get("model"))
+        for prompt, echo in self._prompts(llm, plan):
+            settings = self._settings(plan, prompt)
+            for i in range(plan.n):
+                out = Generation()
+                first = answer.first
+                if first and echo:
+                    yield Chunk(text=echo)
+                if plan.seed is not None:  # n answers from one seed must still differ
+                    settings.seed = (plan.seed + i) & 0xFFFFFFFF
+                for text in generate(llm, prompt.tokens, settings, out, stop):
+                    if first and not plan.calls_tools:
+                        yield Chunk(text=text)
+                answer.add(out, len(prompt.tokens), echo)
+                if out.finish_reason == "cancelled":
+                    yield answer.final()
+                    return
+        yield answer.final()
+
+    def _prompts(self, llm: Any, plan: Plan) -> Iterator[tuple[Prompt, str]]:
+        """Each prompt to answer `n` times, with the text to echo before its answers."""
+        if plan.chat:
+            messages = plan.messages
+            if plan.calls_tools:
+                messages = [{"role": "system", "content": tools_prompt(plan.tools)}, *messages]
+            if self._bundled_format:
+                yield examples_prompt(llm, messages), ""
+            else:
+                yield handler_prompt(llm, messages), ""
+            return
+        for prompt in plan.prompts:
+            if isinstance(prompt, str):
+                tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+                echo = prompt
+            else:
+                tokens, echo = prompt, llm.detokenize(prompt).decode(errors="replace")
+            yield Prompt(list(tokens), []), echo if plan.echo else ""
+
+    def _settings(self, plan: Plan, prompt: Prompt) -> Settings:
+        sampling = dict(plan.sampling)
+        sampling.setdefault("temperature", 0.2 if plan.chat else 0.8)
+        return Settings(
+            max_tokens=plan.max_tokens,
+            sampling=sampling,
+            seed=plan.seed,
+            stop=[*plan.stop, *prompt.stop],
+            lstrip=prompt.lstrip,
+            logprobs=plan.logprobs,
+            top_logprobs=plan.top_logprobs,
+            logit_bias=plan.logit_bias,
+            grammar=grammar_for(plan),
         )
-        if endpoint == "/v1/chat/completions":
-            stream = llm.create_chat_completion(messages=request["messages"], stream=True, **params)
-        else:
-            prompt = request.get("prompt", "")
-            stream = llm.create_completion(prompt=prompt, stream=True, **params)
-        produced, finish = 0, None
-        try:
-            for part in stream:
-                if stop.is_set():
-                    finish = "cancelled"
-                    break
-                choice = part["choices"][0]
-                text = (
-                    choice.get("delta", {}).get("content")
-                    if "delta" in choice
-                    else choice.get("text")
-                )
-                finish = choice.get("finish_reason") or finish
-                if text:
-                    produced += 1
-                    yield Chunk(text=text)
-        finally:
-            stream.close()
-        prompt_tokens = max(int(llm.n_tokens) - produced, 0)
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": produced,
-            "total_tokens": prompt_tokens + produced,
+
+    def _auto_tools(self, llm: Any, plan: Plan, request: JSON) -> Iterator[Chunk]:
+        """tool_choice "auto": llama-cpp-python's chatml-function-calling handler lets the
+        model answer in text or call a tool (its grammar keeps a call well formed)."""
+        from llama_cpp.llama_chat_format import chatml_function_calling
+
+        sampling = dict(plan.sampling)
+        sampling.setdefault("temperature", 0.2)
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for i in range(plan.n):
+            response = chatml_function_calling(
+                llama=llm,
+                messages=plan.messages,
+                tools=plan.tools,
+                tool_choice="auto",
+                max_tokens=plan.max_tokens,
+                seed=None if plan.seed is None else plan.seed + i,
+                stop=plan.stop,
+                **sampling,
+            )
+            choice = dict(response["choices"][0], index=i, logprobs=None)
+            choices.append(choice)
+            usage = response.get("usage") or {}
+            prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
+            completion_tokens += usage.get("completion_tokens", 0)
+        text = choices[0]["message"].get("content")
+        if text:
+            yield Chunk(text=text)
+        response = {
+            "id": "chatcmpl-" + uuid.uuid4().hex,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.get("model", ""),
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }
-        yield Chunk(finish_reason=finish or "stop", usage=usage)
+        yield Chunk(
+            finish_reason=choices[0]["finish_reason"], usage=response["usage"], response=response
+        )
 
     async def close(self) -> None:
         for instance in self._all:

@@ -358,7 +358,8 @@ class Queue:
         error = job.error or {}
         message = str(error.get("message") or f"the job ended {job.status.value}")
         code = str(error.get("code") or f"job_{job.status.value}")
-        raise JobFailed(message, code=code, job_id=job.id)
+        param = error.get("param")
+        raise JobFailed(message, code=code, job_id=job.id, param=param and str(param))
 
     async def submit_when_served(
         self, key: ApiKey, request: JobRequest, durable: bool = True

@@ -67,6 +67,8 @@ def error_response(
 
 def domain_error_response(exc: e.DomainError) -> Response:
     status, type_ = STATUS.get(type(exc), (500, "server_error"))
+    if isinstance(exc, e.JobFailed) and exc.bad_request:
+        status, type_ = 400, "invalid_request_error"
     headers: dict[str, str] = {}
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
