@@ -53,6 +53,8 @@ log = logging.getLogger("openbeepboop.queue")
 NODE_TOUCH_SECONDS = 5.0
 ACTIVE_COUNT_SECONDS = 1.0
 SERVED_CACHE_SECONDS = 1.0
+# a synchronous call checks this often that a live node still serves its model
+SERVED_CHECK_SECONDS = 2.0
 NODE_FORGET_SECONDS = 60.0  # how often the reaper forgets long-gone nodes
 
 
@@ -352,7 +354,19 @@ class Queue:
         result. The job survives a caller who gives up. Its submit need not wait for the
         disk: the caller learns of the job only with its result, whose commit does."""
         submitted = await self.submit_when_served(key, request, durable=False)
-        job = await self.wait_for(submitted.id, self.config.sync_timeout_seconds, submitted)
+        waiter = asyncio.ensure_future(
+            self.wait_for(submitted.id, self.config.sync_timeout_seconds, submitted)
+        )
+        watcher = asyncio.ensure_future(self.abandon_when_unserved(key, submitted, request))
+        try:
+            done, _ = await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            failure = watcher.exception() if watcher in done else None
+            if failure is not None:
+                raise failure  # Unavailable: the model's last node left
+            job = await waiter
+        finally:
+            waiter.cancel()
+            watcher.cancel()
         if job.status is JobStatus.COMPLETED and job.result is not None:
             return job, job.result
         error = job.error or {}
@@ -360,6 +374,41 @@ class Queue:
         code = str(error.get("code") or f"job_{job.status.value}")
         param = error.get("param")
         raise JobFailed(message, code=code, job_id=job.id, param=param and str(param))
+
+    async def abandon_when_unserved(self, key: ApiKey, job: Job, request: JobRequest) -> None:
+        """For a caller waiting on `job`: once no live node serves its model (its last
+        node left, known after `node_ttl_seconds`), cancel the job, unless the request
+        carried an Idempotency-Key (whose retry finds and waits on it), and raise
+        Unavailable; return if the job ends first. Runs until cancelled otherwise."""
+        while True:
+            await asyncio.sleep(SERVED_CHECK_SECONDS)
+            if await self._is_served(job.model):
+                continue
+            current = await self.store.get_job(job.id)
+            if current is None or current.status.is_final:
+                return
+            kept = request.idempotency_key is not None
+            if not kept:
+                await self.cancel(key, job.id)
+            fate = (
+                f"it stays {current.status.value}; a retry with the same Idempotency-Key "
+                "waits on it"
+                if kept
+                else "it was cancelled"
+            )
+            raise Unavailable(
+                f"no live node serves model {job.model!r} any more (job {job.id}: {fate})",
+                retry_after=max(1.0, self.config.model_wait_seconds),
+                code="model_not_available",
+            )
+
+    async def _is_served(self, model: str) -> bool:
+        """Whether a live node serves `model`, as known within the last second."""
+        checked_at, models = self._served
+        if self._clock() - checked_at >= SERVED_CACHE_SECONDS:
+            models = frozenset(await self.served_models())
+            self._served = (self._clock(), models)
+        return model in models
 
     async def submit_when_served(
         self, key: ApiKey, request: JobRequest, durable: bool = True

@@ -79,7 +79,11 @@ async def _openai_call(
         options = req.body.get("stream_options")
         usage = isinstance(options, dict) and bool(options.get("include_usage"))
         return StreamingResponse(
-            while_key_active(state.keyring, key.id, stream_job(queue, job, usage)),
+            while_key_active(
+                state.keyring,
+                key.id,
+                stream_job(queue, job, usage, lambda: queue.abandon_when_unserved(key, job, req)),
+            ),
             media_type="text/event-stream",
             headers={"x-openbeepboop-job-id": job.id, "Cache-Control": "no-cache"},
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -23,6 +23,7 @@ import orjson
 from openbeepboop.server.core.auth import KeyRing
 from openbeepboop.server.core.events import JobEvent, job_events, result_text
 from openbeepboop.server.core.queue import Queue
+from openbeepboop.server.errors import DomainError
 from openbeepboop.server.models import JSON, Job, JobStatus
 
 KEEPALIVE_SECONDS = 15.0
@@ -64,15 +65,33 @@ class _Chunks:
         return {**self.base, "choices": [], "usage": usage}
 
 
-async def stream_job(queue: Queue, job: Job, include_usage: bool) -> AsyncIterator[bytes]:
-    """The SSE body for one job, from queued to final."""
+async def stream_job(
+    queue: Queue,
+    job: Job,
+    include_usage: bool,
+    guard: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncIterator[bytes]:
+    """The SSE body for one job, from queued to final. `guard()`, run alongside, may end
+    the job and say why by raising a DomainError (Queue.abandon_when_unserved)."""
     chunks = _Chunks(job)
-    yield _sse(chunks.text("", role=True))
-    sent = ""
-    async for piece in queue.follow(job):
-        sent += piece
-        yield _sse(chunks.text(piece))
-    final = await queue.store.get_job(job.id)
+    watcher = asyncio.ensure_future(guard()) if guard is not None else None
+    try:
+        yield _sse(chunks.text("", role=True))
+        sent = ""
+        async for piece in queue.follow(job):
+            sent += piece
+            yield _sse(chunks.text(piece))
+        final = await queue.store.get_job(job.id)
+        if watcher is not None and final is not None and final.status is JobStatus.CANCELLED:
+            await asyncio.wait({watcher}, timeout=1.0)  # did the guard cancel it?
+    finally:
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+    reason = _guard_error(watcher)
+    if reason is not None:
+        yield _sse(reason)
+        yield b"data: [DONE]\n\n"
+        return
     if final is None or final.status is not JobStatus.COMPLETED:
         error = (final.error if final else None) or {}
         status = final.status.value if final else "gone"
@@ -94,6 +113,16 @@ async def stream_job(queue: Queue, job: Job, include_usage: bool) -> AsyncIterat
     if include_usage and usage:
         yield _sse(chunks.usage(usage))
     yield b"data: [DONE]\n\n"
+
+
+def _guard_error(watcher: asyncio.Future[None] | None) -> JSON | None:
+    """The error chunk for a guard that ended the stream, or None."""
+    if watcher is None or not watcher.done() or watcher.cancelled():
+        return None
+    exc = watcher.exception()
+    if not isinstance(exc, DomainError):
+        return None
+    return {"error": {"message": str(exc), "type": "server_error", "param": None, "code": exc.code}}
 
 
 async def stream_events(
