@@ -158,6 +158,16 @@ async def test_list_jobs_by_status(store: Store) -> None:
     assert [j.id for j in cancelled] == [a]
 
 
+async def test_delete_job_only_when_final(store: Store) -> None:
+    running, done = await submit(store, new_job(), new_job())
+    await store.cancel_job(done, T0)
+    assert await store.delete_job(running) is False
+    assert await store.get_job(running) is not None
+    assert await store.delete_job(done) is True
+    assert await store.get_job(done) is None
+    assert await store.delete_job(done) is False
+
+
 async def test_queue_position_follows_priority_then_age(store: Store) -> None:
     low, high, low2 = await submit(
         store, new_job(priority=0), new_job(priority=5), new_job(priority=0)

@@ -81,6 +81,10 @@ class Store(Protocol):
         """Record each result only if its lease is the job's current one (fencing); each is
         judged on its own."""
 
+    async def delete_job(self, job_id: str) -> bool:
+        """Delete one final job (a stored response its owner deletes); False when there
+        is no such job or it is not final."""
+
     async def cancel_job(self, job_id: str, now: float) -> Job | None:
         """Move a non-final job to `cancelled` (a final job is returned unchanged)."""
 

@@ -305,6 +305,9 @@ class SqlStore(ABC):
 
     # -- retention --------------------------------------------------------------
 
+    async def delete_job(self, job_id: str) -> bool:
+        return await self._change(self._q["delete_job"], (job_id,)) > 0
+
     async def prune_jobs(self, status: JobStatus, finished_before: float, limit: int) -> int:
         args = (status.value, float(finished_before), limit)
         return await self._change(self._q["prune_jobs"], args, UNSYNCED)

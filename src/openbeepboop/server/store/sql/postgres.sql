@@ -309,6 +309,11 @@ RETURNING id;
 
 -- ======================================================================== retention
 
+-- name: delete_job
+-- One job, when it is final (a running job's lease and result still need its row).
+DELETE FROM jobs WHERE id = $1
+  AND status IN ('completed', 'failed', 'cancelled', 'expired');
+
 -- name: prune_jobs
 -- Up to $3 jobs of the final status $1 that finished before $2, oldest first. Never a
 -- job that is not final, nor one of a batch still running (its output is not written).
