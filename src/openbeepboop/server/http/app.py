@@ -25,6 +25,7 @@ from openbeepboop.server.http import (
     routes_client,
     routes_node,
     routes_ops,
+    routes_responses,
     routes_templates,
     ws,
 )
@@ -154,6 +155,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     )
     errors.install(app)
     app.include_router(routes_client.router)
+    app.include_router(routes_responses.router)
     app.include_router(routes_batch.router)
     app.include_router(routes_templates.router)
     app.include_router(ws.router)

@@ -163,3 +163,25 @@ class EventsBody(_Open):
 class SubmitResultsBody(_Open):
     node_id: str | None = None
     results: list[ResultItem] = Field(min_length=1, max_length=10_000)
+
+
+class ResponsesBody(_Open):
+    """`POST /v1/responses`: OpenAI's Responses request (run as a chat-completion job)."""
+
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    previous_response_id: str | None = Field(None, min_length=1, max_length=64)
+    store: bool = True
+    stream: bool = False
+    background: bool = False
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    text: dict[str, Any] | None = None
+    user: str | None = None
+    seed: int | None = None
