@@ -320,3 +320,44 @@ def response_object(job: Job, status: str | None = None) -> JSON:
         "usage": usage,
         "metadata": info.get("metadata") or {},
     }
+
+
+def input_items(job: Job) -> list[JSON]:
+    """The input items of a response, oldest first: the chained turns and its own input
+    (not its instructions), as the Responses API lists them."""
+    messages = list(job.request.get("messages") or [])
+    if _info(job).get("instructions") is not None and messages:
+        messages = messages[1:]
+    suffix = job.id.removeprefix("job_")
+    items: list[JSON] = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role == "tool":
+            items.append(
+                {
+                    "type": "function_call_output",
+                    "id": f"fco_{suffix}_{i}",
+                    "call_id": message.get("tool_call_id"),
+                    "output": message.get("content"),
+                    "status": "completed",
+                }
+            )
+            continue
+        content = message.get("content")
+        kind = "output_text" if role == "assistant" else "input_text"
+        if isinstance(content, str):
+            parts: list[JSON] = [{"type": kind, "text": content}]
+        elif isinstance(content, list):
+            parts = [
+                {"type": kind, "text": p.get("text", "")}
+                if p.get("type") == "text"
+                else {"type": "input_image", "image_url": (p.get("image_url") or {}).get("url")}
+                for p in content
+            ]
+        else:
+            parts = []
+        if parts:
+            item: JSON = {"type": "message", "id": f"msg_{suffix}_{i}", "role": role}
+            items.append({**item, "status": "completed", "content": parts})
+        items.extend(call_item(c) for c in message.get("tool_calls") or [])
+    return items

@@ -4,9 +4,9 @@ chat-completion job (core/responses.py translates both ways)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from starlette.responses import Response, StreamingResponse
 
 from openbeepboop.server.core import responses
@@ -107,6 +107,35 @@ async def create_response(
 async def get_response(request: Request, response_id: str, key: Key) -> Response:
     job = await _response_job(request, key, response_id)
     return JSONResponse(responses.response_object(job))
+
+
+@router.get("/v1/responses/{response_id}/input_items", summary="A response's input items")
+async def list_input_items(
+    request: Request,
+    response_id: str,
+    key: Key,
+    order: Literal["asc", "desc"] = "desc",
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="An item id: list the items after it")] = None,
+) -> Response:
+    items = responses.input_items(await _response_job(request, key, response_id))
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise InvalidRequest(f"unknown cursor {after!r}", param="after")
+        items = items[ids.index(after) + 1 :]
+    shown = items[:limit]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": shown,
+            "first_id": shown[0]["id"] if shown else None,
+            "last_id": shown[-1]["id"] if shown else None,
+            "has_more": len(items) > limit,
+        }
+    )
 
 
 @router.post("/v1/responses/{response_id}/cancel", summary="Cancel a background response")
