@@ -13,6 +13,8 @@ import httpx
 import openai
 import pytest
 
+from openbeepboop.server.core import responses
+from openbeepboop.server.models import Job, JobStatus
 from tests.conftest import ServerProcess
 from tests.nodes import echo_model, with_node
 
@@ -74,6 +76,14 @@ def test_plain_response_and_instructions(server: ServerProcess) -> None:
         {"role": "system", "content": "answer like a pirate"},
         {"role": "user", "content": "tell me about the sea"},
     ]
+    # the JSON itself validates strictly against the SDK's model (the SDK does not check)
+    raw = httpx.post(
+        server.url + "/v1/responses",
+        json={"model": "echo", "input": "strict", "instructions": "x"},
+        headers={"Authorization": f"Bearer {server.keys['client_key']}"},
+    )
+    assert raw.status_code == 200 and raw.headers["x-openbeepboop-job-id"].startswith("job_")
+    assert openai.types.responses.Response.model_validate(raw.json()).output_text == "strict"
     # a list of message items with input_text parts
     listed = client.responses.create(
         model="echo",
@@ -244,3 +254,65 @@ def test_bad_input_is_400_naming_the_param(server_process: Callable[..., ServerP
         error = answer.json()["error"]
         assert error["param"] == param, (body, error)
         assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_tool_calls_become_function_call_items() -> None:
+    """A chat result with tool calls (as an `openai` or `litellm` node returns it) is a
+    Response with function_call items, and a chained request carries them back."""
+    result = {
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_7",
+                            "type": "function",
+                            "function": {"name": "weather", "arguments": '{"city":"Oslo"}'},
+                        }
+                    ],
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+    }
+    body = {
+        "model": "m",
+        "input": "weather in Oslo?",
+        "tools": [{"type": "function", "name": "weather"}],
+    }
+    job = Job(
+        id="job_abc",
+        seq=1,
+        owner="k",
+        endpoint=responses.ENDPOINT,
+        model="m",
+        request=responses.chat_body(body, []),
+        status=JobStatus.COMPLETED,
+        priority=0,
+        max_attempts=1,
+        attempts=1,
+        created_at=1.0,
+        finished_at=2.0,
+        metadata=responses.job_metadata(body),
+        result=result,
+    )
+    shown = responses.response_object(job)
+    assert shown["id"] == "resp_abc" and shown["status"] == "completed"
+    assert shown["output"] == [
+        {
+            "type": "function_call",
+            "id": "fc_7",
+            "call_id": "call_7",
+            "name": "weather",
+            "arguments": '{"city":"Oslo"}',
+            "status": "completed",
+        }
+    ]
+    assert shown["usage"]["total_tokens"] == 13
+    parsed = openai.types.responses.Response.model_validate(shown)
+    assert parsed.output[0].type == "function_call"
+    assert responses.history(job)[-1]["tool_calls"][0]["id"] == "call_7"
