@@ -4,6 +4,7 @@ deleted, instructions, function tools, and bad input."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from openbeepboop.server.core import responses
 from openbeepboop.server.models import Job, JobStatus
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, cli, free_port
 from tests.nodes import echo_model, with_node
 
 
@@ -23,6 +24,24 @@ from tests.nodes import echo_model, with_node
 def server(server_process: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[ServerProcess]:
     with with_node(server_process(), tmp_path, [echo_model(token_delay_ms=20)]) as running:
         yield running
+
+
+@pytest.fixture
+def pg_server(postgres: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    """A real server on a fresh PostgreSQL database, with an echo node."""
+    from tests.pg import temp_database_sync
+
+    with temp_database_sync(postgres) as url:
+        env = {"OPENBEEPBOOP_RATE_LIMIT": "", "OPENBEEPBOOP_DATABASE_URL": url}
+        data_dir = tmp_path / "pg-server"
+        keys = cli("setup", "--non-interactive", "--data-dir", str(data_dir), "--json", env=env)
+        started = ServerProcess(data_dir, free_port(), keys, env)
+        started.start()
+        try:
+            with with_node(started, tmp_path, [echo_model()]) as running:
+                yield running
+        finally:
+            started.kill(signal.SIGTERM)
 
 
 def _client(server: ServerProcess) -> openai.OpenAI:
@@ -153,6 +172,25 @@ def test_chained_with_previous_response_id(server: ServerProcess) -> None:
     messages = _job_request(server, third.id)["messages"]
     assert messages[0] == {"role": "system", "content": "new rules"}
     assert [m["role"] for m in messages[1:]] == ["user", "assistant"] * 2 + ["user"]
+
+
+def test_on_postgres_chain_stream_and_delete(pg_server: ServerProcess) -> None:
+    client = _client(pg_server)
+    first = client.responses.create(model="echo", input="first turn", instructions="be brief")
+    with client.responses.stream(
+        model="echo", input="second turn", previous_response_id=first.id
+    ) as stream:
+        second = stream.get_final_response()
+    assert second.output_text == "second turn"
+    assert [m["content"] for m in _job_request(pg_server, second.id)["messages"]] == [
+        "first turn",
+        "first turn",
+        "second turn",
+    ]
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    assert client.responses.retrieve(second.id).status == "completed"
 
 
 def test_background_then_retrieve_cancel_and_delete(server: ServerProcess) -> None:
