@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from openbeepboop.server.core import responses
@@ -145,6 +146,15 @@ def test_streamed_deltas_make_the_final_text(server: ServerProcess) -> None:
         "response.output_item.done",
         "response.completed",
     ]
+    # every event, as sent, validates strictly against the SDK's event union
+    adapter = pydantic.TypeAdapter(openai.types.responses.ResponseStreamEvent)
+    headers = {"Authorization": f"Bearer {server.keys['client_key']}"}
+    body = {"model": "echo", "input": "strict events", "stream": True}
+    with httpx.stream("POST", server.url + "/v1/responses", json=body, headers=headers) as sse:
+        lines = [line for line in sse.iter_lines() if line]
+    named = [line.removeprefix("event: ") for line in lines[::2]]
+    events = [adapter.validate_json(line.removeprefix("data: ")) for line in lines[1::2]]
+    assert named == [e.type for e in events] and named[-1] == "response.completed"
     # the SDK's stream helper accumulates the same response
     with client.responses.stream(model="echo", input="seven eight") as stream:
         assert stream.get_final_response().output_text == "seven eight"
