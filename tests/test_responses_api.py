@@ -278,6 +278,9 @@ def test_function_tools_map_to_chat_tools(server: ServerProcess) -> None:
 BAD: list[tuple[dict[str, Any], str]] = [
     ({"input": "hi"}, "model"),
     ({"model": "echo"}, "input"),
+    ({"model": "echo", "input": []}, "input"),
+    ({"model": "echo", "input": "hi", "tool_choice": "sometimes"}, "tool_choice"),
+    ({"model": "echo", "input": "hi", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
     ({"model": "echo", "input": "hi", "temperature": 3}, "temperature"),
     ({"model": "echo", "input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
     (

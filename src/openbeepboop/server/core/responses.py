@@ -171,11 +171,12 @@ def history(previous: Job) -> list[JSON]:
 
 def chat_body(body: JSON, earlier: list[JSON]) -> JSON:
     """The chat-completion body for a Responses request (`earlier`: chained turns)."""
-    messages = [*earlier, *input_messages(body["input"])]
+    given = input_messages(body["input"])
+    if not given:
+        raise InvalidRequest("input must hold at least one item", param="input")
+    messages = [*earlier, *given]
     if body.get("instructions") is not None:
         messages.insert(0, {"role": "system", "content": body["instructions"]})
-    if not messages:
-        raise InvalidRequest("input must hold at least one item", param="input")
     chat: JSON = {"model": body["model"], "messages": messages}
     for ours, theirs in (
         ("max_output_tokens", "max_tokens"),
