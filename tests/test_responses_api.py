@@ -238,6 +238,11 @@ def test_background_then_retrieve_cancel_and_delete(server: ServerProcess) -> No
     # another key's response, or a plain job, is not a response
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve("resp_0123")
+    # a running background response can be cancelled, and then deleted
+    long = client.responses.create(model="echo", input="word " * 100, background=True)
+    cancelled = client.responses.cancel(long.id)
+    assert cancelled.status == "cancelled"
+    client.responses.delete(long.id)
 
 
 def test_function_tools_map_to_chat_tools(server: ServerProcess) -> None:
