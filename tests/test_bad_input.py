@@ -390,6 +390,13 @@ values = st.recursive(
 TEMPLATES: dict[str, tuple[dict[str, Any], tuple[str | int, ...]]] = {
     CC: (CHAT, ()),
     "/v1/completions": ({"model": "echo", "prompt": "hi"}, ()),
+    "/v1/responses": (
+        {
+            "model": "echo",
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+        },
+        ("input", 0),
+    ),
     JOBS: ({"body": CHAT}, ("body",)),
     POLL: ({"ids": ["job_x"]}, ()),
     REGISTER: ({"name": "n", "models": [{"name": "echo"}]}, ("models", 0)),
