@@ -160,6 +160,10 @@ def test_streamed_deltas_make_the_final_text(server: ServerProcess) -> None:
         assert stream.get_final_response().output_text == "seven eight"
     # a streamed response is stored like any other
     assert client.responses.retrieve(final.id).output_text == text
+    unstored = list(client.responses.create(model="echo", input="x", stream=True, store=False))
+    assert unstored[-1].type == "response.completed"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored[-1].response.id)  # type: ignore[union-attr]
 
 
 def test_chained_with_previous_response_id(server: ServerProcess) -> None:
