@@ -105,6 +105,10 @@ def test_embeddings_bad_input_is_a_400(echo_server: ServerProcess) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"input": []}, "input"),
         ({"input": [[]]}, "input"),
+        ({"input": ""}, "input"),
+        ({"input": ["a", ""]}, "input"),
+        ({"input": ["x"] * 2049}, "input"),
+        ({"input": [1.5]}, "input"),
         ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
         ({"input": "x", "dimensions": 0}, "dimensions"),
         ({}, "input"),

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Fields of ours that ride in an OpenAI body (the SDK's `extra_body`); they are taken
 # out before the body is stored for the node.
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs in one embeddings request
 OUR_FIELDS = ("priority", "max_attempts", "expires_at", "ttl_seconds", "metadata", "custom_id")
 
 
@@ -84,10 +85,13 @@ class EmbeddingBody(_Open, Knobs):
     @field_validator("input")
     @classmethod
     def _not_empty(cls, value: Any) -> Any:
+        # as OpenAI: no empty input, at most MAX_EMBEDDING_INPUTS items
         if isinstance(value, list) and not value:
             raise ValueError("input must not be an empty list")
-        if isinstance(value, list) and any(isinstance(v, list) and not v for v in value):
-            raise ValueError("a token array in input must not be empty")
+        if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"input holds at most {MAX_EMBEDDING_INPUTS} items")
+        if value == "" or (isinstance(value, list) and any(v in ("", []) for v in value)):
+            raise ValueError("input must not hold an empty string or token array")
         return value
 
 
