@@ -7,8 +7,10 @@ through llama.cpp (shape, determinism, a text's cosine with itself)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
+import signal
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ from tests.nodes import (
     MockOpenAI,
     Procs,
     echo_model,
+    new_server,
     wait_jobs,
     with_node,
 )
@@ -35,10 +38,18 @@ pytestmark = pytest.mark.filterwarnings(SERVER_LOG_WARNING)
 TEXTS = ["the sea is calm tonight", "a haiku about the sea", "the sea is calm tonight"]
 
 
-def sdk(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(
+@contextlib.contextmanager
+def sdk_for(server: ServerProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
         base_url=server.url + "/v1", api_key=server.keys["client_key"], max_retries=0
-    )
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+def echo_sdk(echo_server: ServerProcess) -> Iterator[openai.OpenAI]:
+    with sdk_for(echo_server) as client:
+        yield client
 
 
 def floats(b64: str) -> list[float]:
@@ -51,16 +62,19 @@ def cosine(a: list[float], b: list[float]) -> float:
     return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
-@pytest.fixture
-def echo_server(
-    server_process: Callable[..., ServerProcess], tmp_path: Path
-) -> Iterator[ServerProcess]:
-    with with_node(server_process(), tmp_path, [echo_model()]) as server:
-        yield server
+@pytest.fixture(scope="module")
+def echo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp = tmp_path_factory.mktemp("embeddings")
+    server = new_server(tmp / "server")
+    try:
+        with with_node(server, tmp, [echo_model()]):
+            yield server
+    finally:
+        server.kill(signal.SIGTERM)
 
 
-def test_sdk_embeddings_on_echo(echo_server: ServerProcess) -> None:
-    client = sdk(echo_server)
+def test_sdk_embeddings_on_echo(echo_server: ServerProcess, echo_sdk: openai.OpenAI) -> None:
+    client = echo_sdk
     # float, one string
     one = client.embeddings.create(model="echo", input=TEXTS[0], encoding_format="float")
     assert one.object == "list" and one.model == "echo" and len(one.data) == 1
@@ -100,8 +114,8 @@ def test_sdk_embeddings_on_echo(echo_server: ServerProcess) -> None:
     assert tokens.usage.prompt_tokens == 5
 
 
-def test_embeddings_bad_input_is_a_400(echo_server: ServerProcess) -> None:
-    client = sdk(echo_server)
+def test_embeddings_bad_input_is_a_400(echo_sdk: openai.OpenAI) -> None:
+    client = echo_sdk
     cases: list[tuple[dict[str, Any], str]] = [
         ({"input": []}, "input"),
         ({"input": [[]]}, "input"),
@@ -124,12 +138,15 @@ def test_embeddings_bad_input_is_a_400(echo_server: ServerProcess) -> None:
     assert isinstance(refused.value.body, dict) and refused.value.body["param"] == "dimensions"
 
 
-def test_embeddings_async_batch_and_client(echo_server: ServerProcess) -> None:
+def test_embeddings_async_batch_and_client(
+    echo_server: ServerProcess, echo_sdk: openai.OpenAI
+) -> None:
     key = echo_server.keys["client_key"]
     http = httpx.Client(
         base_url=echo_server.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
     )
-    sync = sdk(echo_server).embeddings.create(model="echo", input=TEXTS, encoding_format="float")
+    client = echo_sdk
+    sync = client.embeddings.create(model="echo", input=TEXTS, encoding_format="float")
     want = [d.embedding for d in sync.data]
 
     # async: a job like any other
@@ -147,7 +164,6 @@ def test_embeddings_async_batch_and_client(echo_server: ServerProcess) -> None:
     assert [d["embedding"] for d in done["result"]["data"]] == want
 
     # the Batch API with /v1/embeddings lines
-    client = sdk(echo_server)
     lines = [
         {
             "custom_id": f"e-{i}",
@@ -196,8 +212,7 @@ def test_openai_backend_passes_embeddings_through(
             "api_base": mock.url + "/v1",
             "model": "mock-embedder",
         }
-        with with_node(server_process(), tmp_path, [model]) as server:
-            client = sdk(server)
+        with with_node(server_process(), tmp_path, [model]) as server, sdk_for(server) as client:
             plain = client.embeddings.create(
                 model="oa-embed", input=["one two", "three"], encoding_format="float"
             )
@@ -219,8 +234,7 @@ def test_openai_backend_passes_embeddings_through(
 
 def test_gemma_embeddings(server_process: Callable[..., ServerProcess], tmp_path: Path) -> None:
     model = {"name": "gemma-3-270m", "backend": "llama_cpp", "n_ctx": 512}
-    with with_node(server_process(), tmp_path, [model]) as server:
-        client = sdk(server)
+    with with_node(server_process(), tmp_path, [model]) as server, sdk_for(server) as client:
         first = client.embeddings.create(model="gemma-3-270m", input=TEXTS[:2])
         again = client.embeddings.create(
             model="gemma-3-270m", input=TEXTS[0], encoding_format="float"

@@ -131,17 +131,17 @@ def test_chat_and_completion_get_the_mock_answer(rig: Rig) -> None:
 
 
 def test_embeddings_through_litellm(rig: Rig) -> None:
-    client = openai.OpenAI(
+    with openai.OpenAI(
         base_url=rig.server.url + "/v1", api_key=rig.server.keys["client_key"], max_retries=0
-    )
-    plain = client.embeddings.create(
-        model="mock-gpt", input=["one two", "three"], encoding_format="float"
-    )
+    ) as client:
+        plain = client.embeddings.create(
+            model="mock-gpt", input=["one two", "three"], encoding_format="float"
+        )
+        packed = client.embeddings.create(model="mock-gpt", input="one two")  # base64
     assert plain.model == "mock-gpt"
     assert [d.embedding for d in plain.data] == [[7, 2, 0.5, -0.25], [5, 1, 0.5, -0.25]]
     assert [d.index for d in plain.data] == [0, 1]
     assert plain.usage.prompt_tokens == 3
-    packed = client.embeddings.create(model="mock-gpt", input="one two")  # base64
     assert packed.data[0].embedding == [7, 2, 0.5, -0.25]
     [sent, *_] = [r for r in rig.main.requests() if r["path"] == "/v1/embeddings"]
     assert sent["body"]["model"] == "mock-upstream"
