@@ -8,6 +8,8 @@ Routes:
   answers with SSE `chat.completion.chunk` lines (one per word), a usage chunk when
   `stream_options.include_usage`, then `data: [DONE]`.
 - `POST /v1/completions` — answers with the prompt (`text_completion`).
+- `POST /v1/embeddings` — four numbers per input (its length in characters and in
+  words, 0.5, -0.25), as floats or base64 per `encoding_format`.
 - `POST /control` — `{"fail": [429, 500], "retry_after": 1, "reset_requests": 3,
   "always": 400, "require_key": "k", "delay_ms": 0, "reset": true}`: the next requests
   get the statuses in `fail` (one each, in order), `always` answers every request with
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -238,6 +242,34 @@ async def completions(request: Request) -> Response:
     )
 
 
+def mock_vector(text: str) -> list[float]:
+    """Four numbers from the text, exact in float32 (so base64 round-trips exactly)."""
+    return [float(len(text)), float(len(text.split())), 0.5, -0.25]
+
+
+async def embeddings(request: Request) -> Response:
+    body, error = await gate(request)
+    if error is not None or body is None:
+        return error or error_response(400)
+    value = body.get("input", "")
+    texts = [value] if isinstance(value, str) else [str(v) for v in value]
+    tokens = sum(len(t.split()) for t in texts)
+    data = []
+    for i, text in enumerate(texts):
+        vector: Any = mock_vector(text)
+        if body.get("encoding_format") == "base64":
+            vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": vector})
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": body.get("model", "mock"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
 async def control(request: Request) -> Response:
     STATE.configure(await request.json())
     return JSONResponse(STATE.snapshot())
@@ -257,6 +289,8 @@ app = Starlette(
         Route("/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/embeddings", embeddings, methods=["POST"]),
         Route("/control", control, methods=["POST"]),
         Route("/requests", requests_, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

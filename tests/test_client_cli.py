@@ -385,6 +385,20 @@ def test_submit_file_elsewhere_says_it_reuses_and_fresh_runs_again(
     assert serve.job_count() == jobs_before + 8
 
 
+def test_submit_file_with_embeddings_lines(serve: AllInOne, tmp_path: Path) -> None:
+    requests = tmp_path / "emb.jsonl"
+    line = {"url": "/v1/embeddings", "body": {"input": ["a", "b"], "encoding_format": "float"}}
+    requests.write_text(
+        json.dumps({"custom_id": "e-1", **line}) + "\n" + batch_line("chat-1", "alpha") + "\n"
+    )
+    ok(run(serve, "submit", "--file", str(requests), "--model", "echo"))
+    by_id = {x["custom_id"]: x for x in read_output(tmp_path / "emb.results.jsonl")}
+    body = by_id["e-1"]["response"]["body"]
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
+    assert len(body["data"][0]["embedding"]) == 256
+    assert by_id["chat-1"]["response"]["body"]["choices"][0]["message"]["content"] == "alpha"
+
+
 def test_submit_file_to_a_named_output(serve: AllInOne, tmp_path: Path) -> None:
     requests = tmp_path / "in.jsonl"
     requests.write_text("".join(f"prompt number {i}\n" for i in range(30)))
@@ -415,7 +429,7 @@ def test_submit_file_to_a_named_output(serve: AllInOne, tmp_path: Path) -> None:
     [
         ("[1, 2, 3]", "line 3"),
         ('{"custom_id": "torn", "method": "POST", "body": {"messages": [', "line 3"),
-        ('{"custom_id": "e", "url": "/v1/embeddings", "body": {"input": "x"}}', "line 3"),
+        ('{"custom_id": "e", "url": "/v1/moderations", "body": {"input": "x"}}', "line 3"),
         ('{"custom_id": "nothing to run"}', "line 3"),
         (batch_line("chat-1", "a second chat-1"), "chat-1"),
     ],

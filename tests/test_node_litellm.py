@@ -1,7 +1,7 @@
 """The node's `litellm` backend against a local OpenAI-compatible mock: real processes
 (server, mock, node), real LiteLLM, real HTTP.
 
-Covers answers on both endpoints, retries of transient provider errors (429 with
+Covers answers on both endpoints and embeddings, retries of transient provider errors (429 with
 Retry-After, 500), permanent errors failing the job at once, `rpm` pacing, and
 `api_key_env`. Importing LiteLLM takes seconds, so one server and one node serve the
 whole module; each model of the node talks to its own mock, and every test starts
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from tests.conftest import ServerProcess
@@ -127,6 +128,25 @@ def test_chat_and_completion_get_the_mock_answer(rig: Rig) -> None:
     assert all(r["authorization"] == f"Bearer {PROVIDER_KEY}" for r in seen.values())
     logs = rig.node.stdout() + rig.node.stderr()
     assert "zebras" not in logs and "yaks" not in logs and PROVIDER_KEY not in logs
+
+
+def test_embeddings_through_litellm(rig: Rig) -> None:
+    with openai.OpenAI(
+        base_url=rig.server.url + "/v1", api_key=rig.server.keys["client_key"], max_retries=0
+    ) as client:
+        plain = client.embeddings.create(
+            model="mock-gpt", input=["one two", "three"], encoding_format="float"
+        )
+        packed = client.embeddings.create(model="mock-gpt", input="one two")  # base64
+    assert plain.model == "mock-gpt"
+    assert [d.embedding for d in plain.data] == [[7, 2, 0.5, -0.25], [5, 1, 0.5, -0.25]]
+    assert [d.index for d in plain.data] == [0, 1]
+    assert plain.usage.prompt_tokens == 3
+    assert packed.data[0].embedding == [7, 2, 0.5, -0.25]
+    [sent, *_] = [r for r in rig.main.requests() if r["path"] == "/v1/embeddings"]
+    assert sent["body"]["model"] == "mock-upstream"
+    assert sent["body"]["input"] == ["one two", "three"]
+    assert sent["authorization"] == f"Bearer {PROVIDER_KEY}"
 
 
 def test_a_synchronous_call_asks_upstream_for_a_plain_answer(rig: Rig) -> None:

@@ -174,7 +174,7 @@ def test_sdk_bad_input_raises_typed_errors(batch_server: ServerProcess) -> None:
     upload = client.files.create(file=("in.jsonl", batch_lines(2)), purpose="batch")
     with pytest.raises(openai.BadRequestError, match="endpoint"):
         client.batches.create(
-            input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h"
+            input_file_id=upload.id, endpoint="/v1/moderations", completion_window="24h"
         )
     with pytest.raises(openai.BadRequestError, match="completion_window"):
         client.batches.create(

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from openbeepboop.client import Client, Job
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 FINAL = ("completed", "failed", "cancelled", "expired")
 # a job created this much before the run began (by this machine's clock) is an earlier run's
 EARLIER_S = 5.0
@@ -143,6 +143,7 @@ def run_file(
     for url, resource in (
         (ENDPOINTS[0], client.chat.completions),
         (ENDPOINTS[1], client.completions),
+        (ENDPOINTS[2], client.embeddings),
     ):
         group = [i for i in todo if i["url"] == url]
         requests = [

@@ -91,6 +91,7 @@ class AsyncClient:
         )
         self.chat = _Chat(self)
         self.completions = Completions(self, "/v1/completions")
+        self.embeddings = Completions(self, "/v1/embeddings")
         self.jobs = Jobs(self)
         self.results = Results(self)
         self.templates = Templates(self)

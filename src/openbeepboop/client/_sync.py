@@ -255,6 +255,7 @@ class Client:
         self.base_url = self._async.base_url
         self.chat = _SyncChat(self._loop, self._async.chat.completions)
         self.completions = _SyncCompletions(self._loop, self._async.completions)
+        self.embeddings = _SyncCompletions(self._loop, self._async.embeddings)
         self.jobs = _SyncJobs(self._loop, self._async.jobs)
         self.results = _SyncResults(self._loop, self._async.results)
         self.templates = _SyncTemplates(self._loop, self._async.templates)

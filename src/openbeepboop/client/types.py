@@ -1,5 +1,6 @@
-"""Results as the `openai` package's types (`ChatCompletion`, `Completion`) when it is
-installed, else as attribute-access dictionaries with the same shape."""
+"""Results as the `openai` package's types (`ChatCompletion`, `Completion`,
+`CreateEmbeddingResponse`) when it is installed, else as attribute-access dictionaries
+with the same shape."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def typed_result(endpoint: str, raw: dict[str, Any]) -> Any:
     try:
         if endpoint == "/v1/completions":
             from openai.types import Completion as Model
+        elif endpoint == "/v1/embeddings":
+            from openai.types import CreateEmbeddingResponse as Model  # type: ignore[assignment]
         else:
             from openai.types.chat import ChatCompletion as Model  # type: ignore[assignment]
     except ImportError:

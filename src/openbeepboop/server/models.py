@@ -41,7 +41,7 @@ class Role(enum.StrEnum):
     NODE = "node"  # the node protocol only
 
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
 @dataclass(frozen=True, slots=True)

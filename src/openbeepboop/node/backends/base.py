@@ -104,7 +104,8 @@ class Backend(Protocol):
         """Get ready to serve (download, load weights); report progress as it goes."""
 
     def execute(self, endpoint: str, request: JSON) -> AsyncIterator[Chunk]:
-        """Run one OpenAI request (`/v1/chat/completions` or `/v1/completions`)."""
+        """Run one OpenAI request (`/v1/chat/completions`, `/v1/completions` or
+        `/v1/embeddings`; a backend that cannot serve one refuses with a 400)."""
 
     async def close(self) -> None:
         """Release what `load` took."""

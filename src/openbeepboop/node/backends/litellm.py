@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import Field
 
+from openbeepboop.node.backends import embeddings
 from openbeepboop.node.backends.base import (
     JSON,
     BackendError,
@@ -100,6 +101,9 @@ class LiteLLMBackend:
         litellm = self._litellm
         kw = self._kwargs(request)
         try:
+            if endpoint == embeddings.ENDPOINT:
+                yield await self._embed(request)
+                return
             if endpoint == "/v1/completions":
                 response = await litellm.atext_completion(prompt=request.get("prompt", ""), **kw)
                 yield whole_answer(response.model_dump(), request)
@@ -125,6 +129,24 @@ class LiteLLMBackend:
         except Exception as exc:
             raise classify(exc) from exc
         yield whole_answer(built.model_dump(), request)
+
+    async def _embed(self, request: JSON) -> Chunk:
+        kw: dict[str, Any] = {
+            k: request[k]
+            for k in ("dimensions", "encoding_format", "user")
+            if request.get(k) is not None
+        }
+        kw.update(self.config.extra)
+        kw.update(model=self.config.model, timeout=self.config.timeout_seconds)
+        if self.config.api_base:
+            kw["api_base"] = self.config.api_base
+        if self._api_key:
+            kw["api_key"] = self._api_key
+        response = await self._litellm.aembedding(input=embeddings.inputs(request), **kw)
+        answer = response.model_dump()
+        answer.pop("_hidden_params", None)
+        answer.pop("_response_ms", None)
+        return embeddings.answer(embeddings.in_format(answer, request))
 
     async def close(self) -> None:
         self.state = "loading"

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import Field
 
+from openbeepboop.node.backends import embeddings
 from openbeepboop.node.backends.base import JSON, BackendError, Chunk, ModelConfig, Progress
 from openbeepboop.node.backends.llama_answer import Answer, grammar_for
 from openbeepboop.node.backends.llama_generate import Generation, Settings, generate
@@ -106,6 +107,10 @@ class LlamaCppBackend:
         self._free: asyncio.Queue[_Instance] = asyncio.Queue()
         self._all: list[_Instance] = []
         self._bundled_format = False  # chats use llama_prompt.examples_text
+        # embeddings: a second context of the same GGUF with embedding=True, made on the
+        # first embeddings job, in a thread of its own (one embedding at a time)
+        self._embedder: Any = None
+        self._embed_thread: ThreadPoolExecutor | None = None
 
     async def load(self, progress: Progress) -> None:
         progress("downloading", 0.0)
@@ -139,6 +144,16 @@ class LlamaCppBackend:
         return llm
 
     async def execute(self, endpoint: str, request: JSON) -> AsyncIterator[Chunk]:
+        if endpoint == embeddings.ENDPOINT:
+            if self._embed_thread is None:
+                self._embed_thread = ThreadPoolExecutor(1, thread_name_prefix="llama-embed")
+            loop = asyncio.get_running_loop()
+            try:
+                response = await loop.run_in_executor(self._embed_thread, self._embed, request)
+            except Exception as exc:
+                raise _as_backend_error(exc) from exc
+            yield embeddings.answer(response)
+            return
         instance = await self._free.get()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -162,6 +177,42 @@ class LlamaCppBackend:
                 yield item
         finally:
             stop.set()
+
+    def _embed(self, request: JSON) -> JSON:
+        """Mean-pooled, unit-length embeddings of each input (in the embedding thread)."""
+        items = embeddings.inputs(request)
+        if self._embedder is None:
+            import llama_cpp
+
+            c = self.config
+            self._embedder = llama_cpp.Llama(
+                model_path=str(self.path),
+                embedding=True,
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                n_ctx=c.n_ctx,
+                n_threads=c.n_threads or os.cpu_count() or 1,
+                n_gpu_layers=c.n_gpu_layers,
+                verbose=False,
+            )
+        llm = self._embedder
+        size = llm.n_embd()
+        dimensions = request.get("dimensions")
+        if dimensions is not None and dimensions != size:
+            raise embeddings.refuse(
+                f"this model's embeddings have {size} dimensions; 'dimensions' cannot change "
+                "that on a llama.cpp model",
+                "dimensions",
+            )
+        texts = [
+            item if isinstance(item, str) else llm.detokenize(item).decode(errors="replace")
+            for item in items
+        ]
+        vectors, tokens = [], 0
+        for text in texts:  # one at a time: the same text gives the same vector in any list
+            [vector], count = llm.embed([text], normalize=True, return_count=True)
+            vectors.append(vector)
+            tokens += count
+        return embeddings.embedding_response(request, vectors, tokens)
 
     def _generate(
         self, llm: Any, endpoint: str, request: JSON, stop: threading.Event
@@ -273,6 +324,12 @@ class LlamaCppBackend:
             if close is not None:
                 close()
         self._all.clear()
+        if self._embed_thread is not None:
+            self._embed_thread.shutdown(wait=True)
+            self._embed_thread = None
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         self.state = "loading"
 
 

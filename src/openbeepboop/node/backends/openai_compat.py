@@ -33,6 +33,7 @@ from multidict import CIMultiDict
 from pydantic import Field, field_validator
 from yarl import URL
 
+from openbeepboop.node.backends import embeddings
 from openbeepboop.node.backends.base import (
     JSON,
     BackendError,
@@ -143,6 +144,13 @@ class OpenAIBackend:
         url = self._base + endpoint.removeprefix("/v1/")  # relative to api_base
         body = self._body(request)
         try:
+            if endpoint == embeddings.ENDPOINT:  # passed through, never streamed
+                body.pop("stream", None)
+                body.pop("stream_options", None)
+                yield embeddings.answer(
+                    embeddings.in_format(await self._post(session, url, body), request)
+                )
+                return
             text_completion = endpoint == "/v1/completions"
             if request.get("stream") is False or (text_completion and not request.get("stream")):
                 if body.get("stream"):  # whole answers only: this one is not streamed
@@ -176,6 +184,10 @@ class OpenAIBackend:
     async def _whole(
         self, session: aiohttp.ClientSession, url: str, body: JSON, request: JSON
     ) -> Chunk:
+        return whole_answer(await self._post(session, url, body), request)
+
+    async def _post(self, session: aiohttp.ClientSession, url: str, body: JSON) -> JSON:
+        """The provider's whole answer to `body`."""
         post = session.post(
             url, data=_dumps(body), headers=self._headers, allow_redirects=False, **self._proxy
         )
@@ -183,7 +195,7 @@ class OpenAIBackend:
             raw = await response.read()
             if response.status >= 300:
                 raise http_error(response.status, response.headers, raw)
-        return whole_answer(_answer(raw), request)
+        return _answer(raw)
 
     async def _stream(
         self,

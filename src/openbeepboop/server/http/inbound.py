@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Fields of ours that ride in an OpenAI body (the SDK's `extra_body`); they are taken
 # out before the body is stored for the node.
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs in one embeddings request
 OUR_FIELDS = ("priority", "max_attempts", "expires_at", "ttl_seconds", "metadata", "custom_id")
 
 
@@ -72,12 +73,42 @@ class CompletionBody(_SamplingParams, Knobs):
     prompt: str | list[str] | list[int] | list[list[int]]
 
 
+class EmbeddingBody(_Open, Knobs):
+    """`POST /v1/embeddings`: OpenAI's body plus our knobs."""
+
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        # as OpenAI: no empty input, at most MAX_EMBEDDING_INPUTS items
+        if isinstance(value, list) and not value:
+            raise ValueError("input must not be an empty list")
+        if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"input holds at most {MAX_EMBEDDING_INPUTS} items")
+        if value == "" or (isinstance(value, list) and any(v in ("", []) for v in value)):
+            raise ValueError("input must not hold an empty string or token array")
+        return value
+
+
+# The body each OpenAI endpoint of ours takes (for jobs and batch lines too).
+ENDPOINT_BODIES: dict[str, type[Knobs]] = {
+    "/v1/chat/completions": ChatCompletionBody,
+    "/v1/completions": CompletionBody,
+    "/v1/embeddings": EmbeddingBody,
+}
+
+
 class JobSpec(Knobs):
     """One job for `POST /v1/jobs`. `url` and `body` are the names of OpenAI batch lines."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    endpoint: Literal["/v1/chat/completions", "/v1/completions"] = Field(
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"] = Field(
         "/v1/chat/completions", alias="url"
     )
     body: dict[str, Any] | None = Field(

@@ -16,7 +16,7 @@ from openbeepboop.server.core.files import PART_BYTES, ExpiresAfter
 from openbeepboop.server.errors import InvalidRequest, NotFound
 from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import client_key
-from openbeepboop.server.http.inbound import ChatCompletionBody, CompletionBody, Knobs
+from openbeepboop.server.http.inbound import ENDPOINT_BODIES, Knobs
 from openbeepboop.server.http.outbound import JSONResponse, batch_json, file_json, page
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import JSON, ApiKey
@@ -25,10 +25,7 @@ router = APIRouter(tags=["batches"], route_class=CheckedRoute)
 Key = Annotated[ApiKey, Depends(client_key)]
 Limit = Annotated[int, Query(ge=1, le=10_000)]
 
-BODY_MODELS: dict[str, type[Knobs]] = {
-    "/v1/chat/completions": ChatCompletionBody,
-    "/v1/completions": CompletionBody,
-}
+BODY_MODELS: dict[str, type[Knobs]] = ENDPOINT_BODIES
 
 
 def check_body(url: str, body: JSON) -> str | None:

@@ -16,9 +16,11 @@ from openbeepboop.server.errors import InvalidRequest, NotFound
 from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import client_key
 from openbeepboop.server.http.inbound import (
+    ENDPOINT_BODIES,
     OUR_FIELDS,
     ChatCompletionBody,
     CompletionBody,
+    EmbeddingBody,
     JobBatch,
     JobSpec,
     Knobs,
@@ -74,6 +76,9 @@ async def _openai_call(
                 "Preference-Applied": "respond-async",
             },
         )
+    if req.endpoint == "/v1/embeddings":  # never streamed; the body goes as given
+        job, result = await queue.complete(key, req)
+        return JSONResponse(result, headers={"x-openbeepboop-job-id": job.id})
     if req.body.get("stream"):
         job = await queue.submit_when_served(key, req)
         options = req.body.get("stream_options")
@@ -119,6 +124,18 @@ async def completions(
     return await _openai_call(request, key, req, prefer)
 
 
+@router.post("/v1/embeddings", summary="Embeddings (sync, or a job when async)")
+async def embeddings(
+    request: Request,
+    body: EmbeddingBody,
+    key: Key,
+    prefer: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    req = _job_request("/v1/embeddings", body, idempotency_key)
+    return await _openai_call(request, key, req, prefer)
+
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -152,8 +169,7 @@ async def _render_templates(request: Request, key: ApiKey, specs: list[JobSpec])
 def _spec_request(spec: JobSpec, header_key: str | None, loc: tuple[str | int, ...]) -> JobRequest:
     if spec.body is None:
         raise InvalidRequest("a job needs 'body' (or 'template' and 'query')", param="body")
-    chat = spec.endpoint == "/v1/chat/completions"
-    endpoint_model: type[Knobs] = ChatCompletionBody if chat else CompletionBody
+    endpoint_model = ENDPOINT_BODIES[spec.endpoint]
     checked = _validate(endpoint_model, spec.body, (*loc, "body"))
     req = _job_request(spec.endpoint, checked, spec.idempotency_key or header_key)
     # our knobs may sit beside the body (batch-line style) or inside it; beside wins
