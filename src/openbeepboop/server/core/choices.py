@@ -49,15 +49,14 @@ class Tally:
     def take(self, piece: Piece) -> list[JSON]:
         """The chunk choices of `piece`, noted as sent. Malformed entries (a node's bug)
         are dropped, never raised on: the result completes the stream anyway."""
+        out: list[JSON] = []
         if isinstance(piece, str):
-            if self.chat:
-                return [self._note({"index": 0, "delta": {"content": piece}})]
-            return [self._note({"index": 0, "text": piece})]
-        out = []
+            self._emit({"index": 0, "delta" if self.chat else "text": _text(piece, self.chat)}, out)
+            return out
         for raw in piece:
             choice = _clean(raw, self.chat)
             if choice is not None:
-                out.append(self._note(choice))
+                self._emit(choice, out)
         return out
 
     def rest(self, result: JSON | None) -> list[JSON]:
@@ -77,19 +76,12 @@ class Tally:
             sent = self._sent.setdefault(index, _Sent())
             missing = self._chat_rest(sent, choice) if self.chat else self._text_rest(sent, choice)
             if missing is not None:
-                out.append(self._note({"index": index, **missing}))
+                self._emit({"index": index, **missing}, out)
             if sent.finish is None:
                 finish = choice.get("finish_reason")
                 end: JSON = {"delta": {}} if self.chat else {"text": ""}
-                out.append(
-                    self._note(
-                        {
-                            "index": index,
-                            **end,
-                            "finish_reason": finish if isinstance(finish, str) else "stop",
-                        }
-                    )
-                )
+                finish = finish if isinstance(finish, str) else "stop"
+                self._emit({"index": index, **end, "finish_reason": finish}, out)
         return out
 
     def mark_role(self, index: int) -> None:
@@ -98,14 +90,24 @@ class Tally:
 
     # -- bookkeeping ------------------------------------------------------------------
 
+    def _emit(self, choice: JSON, out: list[JSON]) -> None:
+        """Append `choice` to `out`, after its role chunk when it opens a chat choice (a
+        chunk of its own, as OpenAI sends it: the `openai` SDK counts the logprobs of a
+        choice's first chunk twice)."""
+        sent = self._sent.get(choice["index"])
+        if self._roles and (sent is None or not sent.role):
+            delta = {"role": "assistant", "content": ""}
+            out.append(self._note({"index": choice["index"], "delta": delta}))
+        out.append(self._note(choice))
+
     def _note(self, choice: JSON) -> JSON:
         """Record `choice` as sent; it is returned in OpenAI's full chunk-choice shape."""
         sent = self._sent.setdefault(choice["index"], _Sent())
         logprobs = choice.get("logprobs")
         if self.chat:
             delta = choice["delta"]
-            if self._roles and not sent.role:
-                delta = {"role": "assistant", **delta}
+            if sent.role and "role" in delta:  # said once per choice
+                delta = {k: v for k, v in delta.items() if k != "role"}
             sent.role = sent.role or "role" in delta
             if isinstance(delta.get("content"), str):
                 sent.content += delta["content"]
@@ -186,6 +188,10 @@ def content_of(choice: JSON) -> str:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _text(text: str, chat: bool) -> Any:
+    return {"content": text} if chat else text
 
 
 def _index(value: Any) -> int | None:
