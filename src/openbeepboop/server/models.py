@@ -45,6 +45,9 @@ class Role(enum.StrEnum):
 
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# What a batch's lines may target: the job endpoints, and the Responses API (whose lines
+# run as chat-completion jobs, core/responses.py)
+BATCH_ENDPOINTS = (*ENDPOINTS, "/v1/responses")
 
 
 @dataclass(frozen=True, slots=True)
