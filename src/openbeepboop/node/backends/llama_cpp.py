@@ -95,9 +95,11 @@ class _Instance:
 
 
 class LlamaCppBackend:
-    """Serves one GGUF with `concurrency` llama.cpp contexts."""
+    """Serves one GGUF with `concurrency` llama.cpp contexts (in a worker process of its
+    own unless the model says `worker = false`: node/worker.py)."""
 
     Config = LlamaCppModel
+    in_worker = True
 
     def __init__(self, config: LlamaCppModel, models_dir: Path) -> None:
         self.config = config
