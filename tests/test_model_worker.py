@@ -127,8 +127,17 @@ def test_a_model_that_cannot_load_in_its_worker_is_reported(
     config = write_config(tmp_path / "node.toml", server, [echo_model(), missing])
     try:
         node = start_node(procs, config)
-        node_id_of(node)  # echo still loads; the node serves it
+        node_id = node_id_of(node)  # echo still loads; the node serves it
         assert "model_unavailable" in node.stderr() or "not found" in node.stderr()
         assert worker_pids(node) == []  # the failed worker is gone
+        r = httpx.get(server.url + "/v1/nodes", headers=auth(server.keys["admin_key"]))
+        [shown] = [n for n in r.json()["data"] if n["id"] == node_id]
+        states = {m["name"]: m for m in shown["models"]}
+        assert states["gone"]["state"] == "error" and "not found" in states["gone"]["error"]
+        # the machine, as the node found it (a llama.cpp model: what llama.cpp offloads to)
+        hardware = shown["hardware"]
+        assert hardware["cpus"] == os.cpu_count() and hardware["ram_bytes"] > 0
+        assert isinstance(hardware["llama_gpu_offload"], bool)
+        assert "CPU" in hardware["llama_system"]
     finally:
         procs.close()

@@ -83,8 +83,9 @@ class NodeRunner:
         self._stopping = asyncio.Event()
         self._release_now = asyncio.Event()
         self.capacity = sum(m.concurrency for m in config.models)
+        llama = any(m.backend == "llama_cpp" for m in config.models)
         self.session = Session(
-            self.client, config.node.name, self._model_states, self.capacity, self._stopping
+            self.client, config.node.name, self._model_states, self.capacity, self._stopping, llama
         )
         self.deltas = DeltaPusher(self.session)
         models_dir = config.models_dir()
