@@ -1,9 +1,9 @@
 """The cache directory: finished files, partial downloads, locks and `index.json`.
 
-    <root>/index.json                        name -> spec, file, size, sha256, pulled_at
-    <root>/<name>                            a finished, verified file
-    <root>/.partial/<key>-<sha>-<file>.part  a download in progress (resumed by the next pull)
-    <root>/.locks/<key>.lock                 held by the one process pulling that spec
+<root>/index.json                        name -> spec, file, size, sha256, pulled_at
+<root>/<name>                            a finished, verified file
+<root>/.partial/<key>-<sha>-<file>.part  a download in progress (resumed by the next pull)
+<root>/.locks/<key>.lock                 held by the one process pulling that spec
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ class ModelCache:
             json.dump({"version": 1, "models": index}, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the index from other users' nodes
         os.replace(tmp, self.root / INDEX)
 
     def _entry(self, name: str, rec: dict[str, Any]) -> CachedModel:

@@ -77,8 +77,8 @@ def download(
             done = _write(r, part, done, total, digest, progress)
     except httpx.HTTPError as exc:
         kept = part.stat().st_size if part.exists() else 0
-        why = _describe(exc)
-        raise PullError(f"{url}: {why}; {_mib(kept)} kept, pull again to resume") from exc
+        resume = f"; {_mib(kept)} kept, pull again to resume" if kept else ""
+        raise PullError(f"{url}: {_describe(exc)}{resume}") from exc
     if total is not None and done != total:
         raise PullError(
             f"{url}: the transfer stopped at {done} of {total} bytes; pull again to resume"
@@ -97,7 +97,7 @@ def _write(
     if progress is not None:
         progress(done, total)
     with part.open("ab" if done else "wb") as f:
-        for chunk in r.iter_bytes(CHUNK):
+        for chunk in r.iter_bytes():  # as they arrive: fine-grained progress
             f.write(chunk)
             digest.update(chunk)
             done += len(chunk)
