@@ -261,3 +261,26 @@ def test_cli_pull_list_rm_and_errors(files: Path, sha: str, procs: Procs, tmp_pa
     assert_one_line_error(
         node_cli("models", "pull", str(tmp_path / "no.gguf"), **env), "no such file"
     )
+
+
+def test_ctrl_c_keeps_the_partial_and_the_next_pull_resumes(
+    files: Path, sha: str, procs: Procs, tmp_path: Path
+) -> None:
+    server = FileServer(procs, files, tmp_path, free_port(), "--throttle", str(SIZE / 2))
+    url, cache = server.url + "/files/model.gguf", tmp_path / "cache"
+    argv = [sys.executable, "-m", "openbeepboop.cli.node", "models", "pull", url]
+    env = child_env(OPENBEEPBOOP_MODELS_DIR=str(cache))
+    pull = procs.add(Proc(argv, tmp_path / "pull.out", tmp_path / "pull.err", env))
+    partial = cache / ".partial"
+    wait_until(
+        lambda: any(p.stat().st_size > SIZE // 4 for p in partial.glob("*.part")), 20, "bytes"
+    )
+    pull.send(signal.SIGINT)
+    assert pull.wait(20) == 130
+    assert "partial download is kept" in pull.stderr() and "Traceback" not in pull.stderr()
+    (part,) = partial.glob("*.part")
+    kept = part.stat().st_size
+    resumed = node_cli("models", "pull", url, "--json", OPENBEEPBOOP_MODELS_DIR=str(cache))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["sha256"] == sha
+    assert [r["range"] for r in server.requests()] == [None, f"bytes={kept}-"]
