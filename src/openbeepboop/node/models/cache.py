@@ -22,7 +22,7 @@ import platformdirs
 
 from openbeepboop.node.models.errors import PullError
 from openbeepboop.node.models.locks import file_lock
-from openbeepboop.node.models.specs import ModelSpec
+from openbeepboop.node.models.specs import ModelSpec, parse_spec
 
 INDEX = "index.json"
 ENV_VAR = "OPENBEEPBOOP_MODELS_DIR"
@@ -67,10 +67,9 @@ class ModelCache:
 
     def find(self, name_or_spec: str) -> CachedModel | None:
         """The entry with this name, or pulled from this spec (as written or canonical)."""
-        for entry in self.entries():
-            if name_or_spec in (entry.name, entry.spec):
-                return entry
-        return None
+        entries = {e.name: e for e in self.entries()}
+        name = _pick({n: e.spec for n, e in entries.items()}, name_or_spec)
+        return entries.get(name) if name else None
 
     def find_spec(self, spec: ModelSpec) -> CachedModel | None:
         """The finished entry for `spec`, if its file is still there."""
@@ -121,12 +120,10 @@ class ModelCache:
         """Delete a model's file and its record; an unknown name raises `PullError`."""
         with self._index_lock():
             index = self._read()
-            entry = next(
-                (self._entry(n, r) for n, r in index.items() if name_or_spec in (n, r["spec"])),
-                None,
-            )
-            if entry is None:
+            name = _pick({n: r["spec"] for n, r in index.items()}, name_or_spec)
+            if name is None:
                 raise PullError(f"no model {name_or_spec!r} in {self.root} (see `models list`)")
+            entry = self._entry(name, index[name])
             entry.path.unlink(missing_ok=True)
             del index[entry.name]
             self._write(index)
@@ -178,3 +175,22 @@ class ModelCache:
             pulled_at=float(rec["pulled_at"]),
             source=str(rec.get("source", "")),
         )
+
+
+def _pick(specs: dict[str, str], text: str) -> str | None:
+    """The name `text` means among `specs` (name -> spec): a name, else a spec as written,
+    else the spec it parses to (`hf:o/r/f.gguf` is `hf:o/r@main/f.gguf`)."""
+    if text in specs:
+        return text
+    for wanted in (text, _canonical(text)):
+        for name, spec in specs.items():
+            if spec == wanted:
+                return name
+    return None
+
+
+def _canonical(text: str) -> str | None:
+    try:
+        return parse_spec(text).canonical
+    except PullError:
+        return None

@@ -56,6 +56,10 @@ def download(
         part.unlink()
         done = 0
     digest = _hash_prefix(part, done)
+    if size is not None and done == size:  # finished, but not moved into place yet
+        if progress is not None:
+            progress(done, size)
+        return digest.hexdigest()
     request = {**headers, "Accept-Encoding": "identity"}
     if done:
         request["Range"] = f"bytes={done}-"
@@ -65,10 +69,14 @@ def download(
             httpx.Client(follow_redirects=True, timeout=timeout) as http,
             http.stream("GET", url, headers=request) as r,
         ):
-            if r.status_code == 416 and size is not None and done == size:
-                return digest.hexdigest()  # the partial already holds every byte
+            if r.status_code == 416 and done:
+                return _past_the_end(url, part, done, r, digest, progress)
             if r.status_code not in (200, 206):
                 raise PullError(f"{url}: HTTP {r.status_code} {r.reason_phrase}")
+            if r.status_code == 206 and not r.headers.get("Content-Range", "").startswith(
+                f"bytes {done}-"
+            ):
+                raise PullError(f"{url}: asked for bytes {done}- and got another range")
             if r.status_code == 200 and done:
                 done, digest = 0, hashlib.sha256()  # no Range support: start over
             length = r.headers.get("Content-Length")
@@ -84,6 +92,24 @@ def download(
             f"{url}: the transfer stopped at {done} of {total} bytes; pull again to resume"
         )
     return digest.hexdigest()
+
+
+def _past_the_end(
+    url: str,
+    part: Path,
+    done: int,
+    r: httpx.Response,
+    digest: hashlib._Hash,
+    progress: Progress | None,
+) -> str:
+    """416 to `Range: bytes=done-`: the partial holds the whole file when the server's
+    size (`Content-Range: bytes */SIZE`) is `done`; else the file changed: start over."""
+    if r.headers.get("Content-Range", "") == f"bytes */{done}":
+        if progress is not None:
+            progress(done, done)
+        return digest.hexdigest()
+    part.unlink(missing_ok=True)
+    raise PullError(f"{url}: the file changed since the partial download; pull again")
 
 
 def _write(
