@@ -105,6 +105,19 @@ def node_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def node_cli_in_process(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The same command through click's runner (no interpreter start): an exception other
+    than click's own exit fails the test, as a traceback would."""
+    from click.testing import CliRunner
+
+    from openbeepboop.cli.node import main
+
+    result = CliRunner().invoke(main, list(args), env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
+
+
 def assert_one_line_error(out: subprocess.CompletedProcess[str], *words: str) -> None:
     assert out.returncode == 1, (out.stdout, out.stderr)
     assert "Traceback" not in out.stderr
@@ -186,7 +199,7 @@ def test_server_ignoring_range_starts_over(
     server = FileServer(procs, files, tmp_path, free_port(), "--no-range")
     url, cache = server.url + "/files/model.gguf", ModelCache(tmp_path / "cache")
     cache.root.mkdir()
-    cache.partial_path(parse_spec(url), sha).write_bytes(b"junk" * 1000)
+    cache.partial_path(parse_spec(url), None).write_bytes(b"junk" * 1000)
     seen: list[int] = []
     entry = pull_model(url, cache, sha256=sha, progress=lambda done, total: seen.append(done))
     assert entry.sha256 == sha and entry.source == "url"
@@ -233,35 +246,43 @@ def test_cli_pull_list_rm_and_errors(files: Path, sha: str, procs: Procs, tmp_pa
     assert "100 %" in pulled.stderr  # plain progress lines when stderr is not a terminal
 
     local = files / "model.gguf"
-    linked = node_cli("models", "pull", str(local), "--json", **env)
+    linked = node_cli_in_process("models", "pull", str(local), "--json", **env)
     assert linked.returncode == 0, linked.stderr
     copy = json.loads(linked.stdout)
     assert copy["name"] == f"model-{parse_spec(str(local)).key[:8]}.gguf"  # the name was taken
     assert copy["source"] == "path (linked)" and copy["sha256"] == sha
     assert os.stat(copy["path"]).st_ino == local.stat().st_ino
 
-    table = node_cli("models", "list", **env)
+    table = node_cli_in_process("models", "list", **env)
     assert table.returncode == 0
     assert table.stdout.splitlines()[0].split() == ["NAME", "SIZE", "SHA256", "SPEC", "PATH"]
     rows = [line.split() for line in table.stdout.splitlines()[1:]]
     assert ["model.gguf", "4.0", "MiB", sha[:12], url, str(cache / "model.gguf")] in rows
-    listed = json.loads(node_cli("models", "list", "--json", **env).stdout)
+    listed = json.loads(node_cli_in_process("models", "list", "--json", **env).stdout)
     assert [e["name"] for e in listed] == ["model-" + copy["name"][6:], "model.gguf"]
 
-    removed = node_cli("models", "rm", copy["name"], **env)
+    removed = node_cli_in_process("models", "rm", copy["name"], **env)
     assert removed.returncode == 0 and local.is_file()  # the link goes, the source stays
-    assert node_cli("models", "rm", url, **env).returncode == 0  # by spec, too
+    assert node_cli_in_process("models", "rm", url, **env).returncode == 0  # by spec, too
     assert cache_files(cache) == ["index.json"]
-    assert_one_line_error(node_cli("models", "rm", "model.gguf", **env), "no model 'model.gguf'")
-
-    assert_one_line_error(node_cli("models", "pull", server.url + "/files/nope.gguf", **env), "404")
-    assert_one_line_error(node_cli("models", "pull", "hf:acme/tiny-GGUF/nope.gguf", **env), "nope")
-    assert_one_line_error(node_cli("models", "pull", "hf:acme", **env), "expected hf:ORG/REPO")
-    assert_one_line_error(node_cli("models", "pull", "ftp://x/y.gguf", **env), "only hf:")
-    dead = f"http://127.0.0.1:{free_port()}/m.gguf"
-    assert_one_line_error(node_cli("models", "pull", dead, **env), "cannot connect")
     assert_one_line_error(
-        node_cli("models", "pull", str(tmp_path / "no.gguf"), **env), "no such file"
+        node_cli_in_process("models", "rm", "model.gguf", **env), "no model 'model.gguf'"
+    )
+
+    assert_one_line_error(
+        node_cli_in_process("models", "pull", server.url + "/files/nope.gguf", **env), "404"
+    )
+    assert_one_line_error(node_cli("models", "pull", "hf:acme/tiny-GGUF/nope.gguf", **env), "nope")
+    assert_one_line_error(
+        node_cli_in_process("models", "pull", "hf:acme", **env), "expected hf:ORG/REPO"
+    )
+    assert_one_line_error(
+        node_cli_in_process("models", "pull", "ftp://x/y.gguf", **env), "only hf:"
+    )
+    dead = f"http://127.0.0.1:{free_port()}/m.gguf"
+    assert_one_line_error(node_cli_in_process("models", "pull", dead, **env), "cannot connect")
+    assert_one_line_error(
+        node_cli_in_process("models", "pull", str(tmp_path / "no.gguf"), **env), "no such file"
     )
 
 
@@ -322,3 +343,25 @@ def test_the_bundled_gemma_by_path(tmp_path: Path) -> None:
     assert entry["sha256"] == gemma.EXPECTED_SHA256
     assert entry["source"] in ("path (linked)", "path (copied)")
     assert Path(entry["path"]).stat().st_size == source.stat().st_size
+
+
+def test_a_progress_callback_that_raises_cancels_and_keeps_the_partial(
+    files: Path, sha: str, procs: Procs, tmp_path: Path
+) -> None:
+    """How the node cancels a pull: its progress callback raises."""
+    server = FileServer(procs, files, tmp_path, free_port())
+    url, cache = server.url + "/files/model.gguf", ModelCache(tmp_path / "cache")
+
+    def cancel(done: int, total: int | None) -> None:
+        if done >= SIZE // 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pull_model(url, cache, progress=cancel)
+    (part,) = (cache.root / ".partial").glob("*.part")
+    kept = part.stat().st_size
+    assert SIZE // 4 <= kept < SIZE
+    assert pull_model(url, cache, sha256=sha).sha256 == sha
+    assert [r["range"] for r in server.requests()] == [None, f"bytes={kept}-"]
+    with pytest.raises(PullError, match="64 hex digits"):
+        pull_model(url, cache, sha256="abc")

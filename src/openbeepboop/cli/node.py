@@ -368,7 +368,8 @@ def pull(spec: str, cache_dir: Path | None, sha256: str | None, as_json: bool) -
         click.echo(f"another process is pulling {spec}; waiting for it", err=True)
 
     try:
-        with pull_progress(f"pulling {Path(spec).name}") as progress:
+        label = spec.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+        with pull_progress(f"pulling {label}") as progress:
             entry = pull_model(
                 spec, _cache(cache_dir), sha256=sha256, progress=progress, on_wait=waiting
             )

@@ -85,8 +85,9 @@ class ModelCache:
         return file_lock(self.root / ".locks" / f"{spec.key}.lock", on_wait)
 
     def partial_path(self, spec: ModelSpec, sha256: str | None) -> Path:
-        """Where `spec`'s download grows; a partial of the same spec for another checksum
-        (an older revision) is deleted. Call with the spec's lock held."""
+        """Where `spec`'s download grows, by the sha256 its source announces (the hub's);
+        a partial of the same spec for another one (an older revision) is deleted. Call
+        with the spec's lock held."""
         tag = (sha256 or "nosha")[:12]
         folder = self.root / ".partial"
         folder.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,10 @@ class ModelCache:
             if name is None:
                 raise PullError(f"no model {name_or_spec!r} in {self.root} (see `models list`)")
             entry = self._entry(name, index[name])
-            entry.path.unlink(missing_ok=True)
+            try:
+                entry.path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise PullError(f"cannot delete {entry.path}: {exc}") from exc
             del index[entry.name]
             self._write(index)
         return entry

@@ -10,7 +10,7 @@ from pathlib import Path
 from openbeepboop.node.models.cache import CachedModel, ModelCache
 from openbeepboop.node.models.download import RESERVE, Progress, check_disk, download, sha256_of
 from openbeepboop.node.models.errors import PullError
-from openbeepboop.node.models.sources import resolve
+from openbeepboop.node.models.sources import SHA256, resolve
 from openbeepboop.node.models.specs import ModelSpec, parse_spec
 
 __all__ = ["Progress", "pull_model"]
@@ -32,16 +32,36 @@ def pull_model(
     when the source does not say). When another process is pulling the same spec,
     `on_wait()` is called once and this call waits for it, then finds the file. Every
     failure raises `PullError` with one line; an interrupted download stays as a partial
-    file that the next call resumes. Blocking: from async code use `asyncio.to_thread`.
+    file that the next call resumes; so does an exception raised by `progress` (a way to
+    cancel), which propagates as it is. Blocking: from async code use
+    `asyncio.to_thread` (then `progress` runs in that thread).
     """
     spec = parse_spec(spec_text)
     expected = sha256.strip().lower() if sha256 else None
+    if expected is not None and not SHA256.fullmatch(expected):
+        raise PullError(f"--sha256 {sha256!r}: expected 64 hex digits")
+    try:
+        return _pull(spec, cache, expected, progress, on_wait, reserve)
+    except OSError as exc:  # a full disk, a read-only cache, a permission
+        raise PullError(f"{spec.canonical}: {exc}") from exc
+
+
+def _pull(
+    spec: ModelSpec,
+    cache: ModelCache,
+    expected: str | None,
+    progress: Progress | None,
+    on_wait: Callable[[], None] | None,
+    reserve: int,
+) -> CachedModel:
     if (hit := cache.find_spec(spec)) is not None:
         return _checked(hit, expected)
     cache.root.mkdir(parents=True, exist_ok=True)
     if spec.kind == "path":
         with cache.lock(spec, on_wait):
-            return cache.find_spec(spec) or _import_local(spec, cache, expected, progress)
+            if (hit := cache.find_spec(spec)) is not None:
+                return _checked(hit, expected)
+            return _import_local(spec, cache, expected, progress)
     remote = resolve(spec)
     if expected and remote.sha256 and expected != remote.sha256:
         raise PullError(f"{spec.canonical}: the hub says sha256 {remote.sha256}, not {expected}")
@@ -49,7 +69,7 @@ def pull_model(
     with cache.lock(spec, on_wait):
         if (hit := cache.find_spec(spec)) is not None:
             return _checked(hit, expected)
-        part = cache.partial_path(spec, expected)
+        part = cache.partial_path(spec, remote.sha256)  # what the source serves, not a flag
         digest = download(
             remote.url,
             part,
@@ -88,7 +108,7 @@ def _import_local(
     assert source is not None
     if not source.is_file():
         raise PullError(f"{source}: no such file")
-    part = cache.partial_path(spec, expected)
+    part = cache.partial_path(spec, None)
     part.unlink(missing_ok=True)
     try:
         os.link(source, part)
