@@ -365,3 +365,16 @@ def test_a_progress_callback_that_raises_cancels_and_keeps_the_partial(
     assert [r["range"] for r in server.requests()] == [None, f"bytes={kept}-"]
     with pytest.raises(PullError, match="64 hex digits"):
         pull_model(url, cache, sha256="abc")
+
+
+def test_the_node_uses_the_same_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from openbeepboop.node.config import NodeConfig
+
+    data: dict[str, Any] = {
+        "server": {"url": "http://127.0.0.1:8000", "api_key": "k"},
+        "models": [{"name": "echo", "backend": "echo"}],
+    }
+    monkeypatch.setenv("OPENBEEPBOOP_MODELS_DIR", str(tmp_path / "shared"))
+    assert NodeConfig.model_validate(data).models_dir() == tmp_path / "shared"
+    data["node"] = {"models_dir": str(tmp_path / "own")}
+    assert NodeConfig.model_validate(data).models_dir() == tmp_path / "own"

@@ -358,9 +358,13 @@ def models() -> None:
 @click.option("--sha256", help="The file's expected sha256 (hex); checked with the hub's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the cached entry as JSON.")
 def pull(spec: str, cache_dir: Path | None, sha256: str | None, as_json: bool) -> None:
-    """Download SPEC into the cache: hf:ORG/REPO[@REVISION]/FILE.gguf, an http(s) URL, or a
-    local path (hard-linked when on the same disk, else copied). Interrupted downloads
-    resume from where they stopped; the sha256 is verified."""
+    """Fetch SPEC into the cache: resumable, checksummed, with progress.
+
+    SPEC is hf:ORG/REPO[@REVISION]/FILE.gguf (HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE
+    apply), an http(s) URL, or a local path (hard-linked when on the same disk, else
+    copied). An interrupted pull resumes where it stopped; the sha256 is checked against
+    the hub's and --sha256. A spec already in the cache is not fetched again.
+    """
     from openbeepboop.cli.pull_progress import pull_progress
     from openbeepboop.node.models import PullError, pull_model
 
@@ -417,7 +421,7 @@ def _size(n: int) -> str:
 @click.argument("name")
 @CACHE_DIR
 def rm(name: str, cache_dir: Path | None) -> None:
-    """Delete a cached model (by its name in `models list`, or the spec it was pulled from)."""
+    """Delete a cached model: NAME as `models list` shows it, or the spec it came from."""
     from openbeepboop.node.models import PullError
 
     try:
