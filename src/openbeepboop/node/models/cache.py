@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,9 @@ class ModelCache:
 
     # -- writing ---------------------------------------------------------------------
 
-    def lock(self, spec: ModelSpec, on_wait: Callable[[], None] | None = None) -> Any:
+    def lock(
+        self, spec: ModelSpec, on_wait: Callable[[], None] | None = None
+    ) -> AbstractContextManager[None]:
         """The lock one process holds while it pulls `spec`."""
         return file_lock(self.root / ".locks" / f"{spec.key}.lock", on_wait)
 
