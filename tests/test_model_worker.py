@@ -75,7 +75,7 @@ def worker_node(
 def test_a_worker_killed_mid_job_is_restarted_and_the_job_completes(
     worker_node: tuple[ServerProcess, Proc, str],
 ) -> None:
-    server, node, node_id = worker_node
+    server, node, _node_id = worker_node
     [first] = wait_until(lambda: worker_pids(node), 10, "the worker process")
     job_id = submit_chat(server, WORDS)
     wait_until(lambda: get_job(server, job_id)["status"] == "in_progress", 10, "the start")
