@@ -198,6 +198,17 @@ def submit(
         click.echo(_answer_text(job))
 
 
+def _show_progress(event: dict[str, Any]) -> None:
+    """A progress line on stderr, rewritten in place: `downloading 42% 105/253 MB`,
+    `loading 50%`; a line of its own when it completes."""
+    fraction = float(event.get("fraction") or 0.0)
+    bar = "#" * int(fraction * 30)
+    line = f"{event['type']:<11} [{bar:<30}] {fraction * 100:3.0f}%"
+    if event["type"] == "downloading" and event.get("total"):
+        line += f" {int(event.get('bytes') or 0) / 1e6:.0f}/{int(event['total']) / 1e6:.0f} MB"
+    click.echo("\r" + line, nl=fraction >= 1.0, err=True)
+
+
 def _stream_tokens(job: Job) -> None:
     """Tokens to stdout as they come; a one-line summary (tokens, time, tokens/s) to
     stderr; exit 1 when the job fails."""
@@ -207,6 +218,8 @@ def _stream_tokens(job: Job) -> None:
         kind = event["type"]
         if kind == "queued" and event.get("position"):
             click.echo(f"position {event['position']} in the queue...", err=True)
+        elif kind in ("downloading", "loading"):  # the node fetches or loads the model
+            _show_progress(event)
         elif kind == "token":
             click.echo(event["t"], nl=False)
             sys.stdout.flush()
