@@ -24,6 +24,7 @@ from openbeepboop.node.backends.base import (
     streamed_choices,
     whole_answer,
 )
+from openbeepboop.node.backends.openai_compat import StreamAssembler
 from openbeepboop.node.backends.ratelimit_headers import TRANSIENT_STATUSES, retry_after
 
 PASSTHROUGH = (
@@ -111,7 +112,7 @@ class LiteLLMBackend:
                 return
             if request.get("stream") is False:
                 response = await litellm.acompletion(messages=request["messages"], **kw)
-                yield whole_answer(response.model_dump(), request)
+                yield whole_answer(_without_litellm_fields(response.model_dump()), request)
                 return
             stream = await litellm.acompletion(
                 messages=request["messages"],
@@ -119,20 +120,20 @@ class LiteLLMBackend:
                 stream_options={"include_usage": True},
                 **kw,
             )
-            parts = []
+            # assembled by index, as the `openai` backend does: litellm.stream_chunk_builder
+            # joins every choice's text into choice 0 and drops logprobs
+            assembler = StreamAssembler()
             async for part in stream:
-                parts.append(part)
+                data = part.model_dump(exclude_none=True, exclude={"provider_specific_fields"})
+                assembler.add(data)
                 choices = part.choices or []
                 text = choices[0].delta.content if choices and choices[0].delta else None
-                structured = streamed_choices(
-                    part.model_dump(exclude_none=True, exclude={"provider_specific_fields"})
-                )
+                structured = streamed_choices(data)
                 if text or structured:
                     yield Chunk(text=text or "", choices=structured)
-            built = litellm.stream_chunk_builder(parts, messages=request["messages"])
         except Exception as exc:
             raise classify(exc) from exc
-        yield whole_answer(built.model_dump(), request)
+        yield assembler.final(request)
 
     async def _embed(self, request: JSON) -> Chunk:
         kw: dict[str, Any] = {
@@ -154,6 +155,19 @@ class LiteLLMBackend:
 
     async def close(self) -> None:
         self.state = "loading"
+
+
+def _without_litellm_fields(value: Any) -> Any:
+    """A response without LiteLLM's own `provider_specific_fields` (at any depth)."""
+    if isinstance(value, dict):
+        return {
+            k: _without_litellm_fields(v)
+            for k, v in value.items()
+            if k != "provider_specific_fields"
+        }
+    if isinstance(value, list):
+        return [_without_litellm_fields(v) for v in value]
+    return value
 
 
 def _retry_after(exc: Exception) -> float | None:

@@ -319,7 +319,9 @@ class StreamAssembler:
                 "index": index,
                 "message": _message(choice["message"]),
                 "logprobs": choice["logprobs"],
-                "finish_reason": choice["finish_reason"] or "stop",
+                # a stream that lost a choice's finish chunk (LiteLLM's, past choice 0)
+                "finish_reason": choice["finish_reason"]
+                or ("tool_calls" if choice["message"].get("tool_calls") else "stop"),
             }
             for index, choice in sorted(self.choices.items())
         ]

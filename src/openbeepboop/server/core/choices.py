@@ -98,7 +98,7 @@ class Tally:
         choice's first chunk twice)."""
         sent = self._sent.get(choice["index"])
         if self._roles and (sent is None or not sent.role):
-            delta = {"role": "assistant", "content": ""}
+            delta = {"role": "assistant"}
             out.append(self._note({"index": choice["index"], "delta": delta}))
         out.append(self._note(choice))
 

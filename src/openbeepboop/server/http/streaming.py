@@ -59,7 +59,7 @@ class _Chunks:
     def opening(self) -> JSON:
         """The first chunk: the role of choice 0 (chat), or empty text (completions)."""
         if self.chat:
-            delta = {"role": "assistant", "content": ""}
+            delta = {"role": "assistant"}
             return self.of({"index": 0, "delta": delta, "logprobs": None, "finish_reason": None})
         return self.of({"index": 0, "text": "", "logprobs": None, "finish_reason": None})
 
