@@ -138,6 +138,35 @@ def test_embeddings_bad_input_is_a_400(echo_sdk: openai.OpenAI) -> None:
     assert isinstance(refused.value.body, dict) and refused.value.body["param"] == "dimensions"
 
 
+def test_embeddings_ignore_stream(echo_server: ServerProcess, echo_sdk: openai.OpenAI) -> None:
+    """OpenAI's embeddings endpoint ignores `stream` (and `stream_options`): so does ours,
+    sync and async. The answer is the plain JSON one, promptly, never a stream."""
+    want = echo_sdk.embeddings.create(model="echo", input=TEXTS[0], encoding_format="float")
+    vector = want.data[0].embedding
+    streamy = {"stream": True, "stream_options": {"include_usage": True}}
+    body = {"model": "echo", "input": TEXTS[0], "encoding_format": "float", **streamy}
+    key = echo_server.keys["client_key"]
+    with httpx.Client(
+        base_url=echo_server.url, headers={"Authorization": f"Bearer {key}"}, timeout=10
+    ) as http:
+        sync = http.post("/v1/embeddings", json=body)
+        assert sync.status_code == 200, sync.text
+        assert sync.headers["content-type"].startswith("application/json")
+        assert sync.json()["data"][0]["embedding"] == vector
+        assert sync.json()["usage"] == want.usage.model_dump()
+
+        later = http.post("/v1/embeddings", json=body, headers={"Prefer": "respond-async"})
+        assert later.status_code == 202, later.text
+        [done] = wait_jobs(echo_server, [later.json()["id"]], "completed", 10)
+        assert done["result"]["data"][0]["embedding"] == vector
+
+    # the SDK's way of sending it
+    got = echo_sdk.embeddings.create(
+        model="echo", input=TEXTS[0], encoding_format="float", extra_body=streamy
+    )
+    assert got.data[0].embedding == vector
+
+
 def test_embeddings_async_batch_and_client(
     echo_server: ServerProcess, echo_sdk: openai.OpenAI
 ) -> None:
@@ -228,6 +257,29 @@ def test_openai_backend_passes_embeddings_through(
                 "encoding_format": "float",
             }
             assert sent[1]["encoding_format"] == "base64" and "stream" not in sent[1]
+
+            # `stream` is ignored, sync and async: the provider never gets it
+            streamy = {"stream": True, "stream_options": {"include_usage": True}}
+            got = client.embeddings.create(
+                model="oa-embed", input="one two", encoding_format="float", extra_body=streamy
+            )
+            assert got.data[0].embedding == [7, 2, 0.5, -0.25]
+            later = httpx.post(
+                server.url + "/v1/embeddings",
+                json={"model": "oa-embed", "input": "three", **streamy},
+                headers={
+                    "Authorization": f"Bearer {server.keys['client_key']}",
+                    "Prefer": "respond-async",
+                },
+                timeout=10,
+            )
+            assert later.status_code == 202, later.text
+            [done] = wait_jobs(server, [later.json()["id"]], "completed", 10)
+            assert done["result"]["data"][0]["embedding"] == [5, 1, 0.5, -0.25]
+            sent = [r["body"] for r in mock.requests() if r["path"] == "/v1/embeddings"]
+            assert [b["input"] for b in sent[2:]] == ["one two", "three"]
+            for body in sent[2:]:
+                assert "stream" not in body and "stream_options" not in body, body
     finally:
         procs.close()
 

@@ -697,7 +697,13 @@ async def test_a_stream_sends_the_request_as_is_and_yields_each_piece() -> None:
         "seed": 3,
     }
     chunks = await run(backend, "/v1/chat/completions", request)
-    assert [c.text for c in chunks[:-1]] == ["Hello", ", world"]
+    assert [c.text for c in chunks[:-1]] == ["Hello", ", world", ""]
+    # plain text goes as text; the finish reason goes as it was streamed, a chunk choice
+    assert [c.choices for c in chunks[:-1]] == [
+        None,
+        None,
+        [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+    ]
     last = chunks[-1]
     assert last.finish_reason == "stop"
     assert last.usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}

@@ -15,7 +15,7 @@ import pytest
 
 from openbeepboop.server.core.deltas import DeltaHub
 from openbeepboop.server.core.notify import Notifier
-from openbeepboop.server.models import NewJob
+from openbeepboop.server.models import NewJob, Piece
 from openbeepboop.server.store.migrations import load_migrations
 from openbeepboop.server.store.pg_bridge import PAYLOAD_BYTES, encode
 from openbeepboop.server.store.postgres import PostgresStore
@@ -152,20 +152,26 @@ async def test_deltas_of_any_size_and_finishes_reach_the_other_replica(
     replicas: MakeReplicas,
 ) -> None:
     a, b = await replicas(2)
-    pieces = ["Hello", " wörld ✓", "x" * 20_000 + "é" * 3000, "!"]  # one past 8000 bytes
-    text = ""
+    call = {"index": 0, "function": {"arguments": "ä" * 9000}}  # chunk choices, long too
+    pieces: list[Piece] = [
+        "Hello",
+        " wörld ✓",
+        "x" * 20_000 + "é" * 3000,  # one past 8000 bytes
+        [{"index": 0, "delta": {"tool_calls": [call]}}],
+        [{"index": 1, "delta": {"content": "!"}, "finish_reason": "stop"}],
+        "!",
+    ]
     for index, piece in enumerate(pieces):
         assert a.deltas.push("job_1", index, piece)
-        text += piece
     a.deltas.finish("job_1")
 
     async def is_final() -> bool:
         return False
 
-    async def follow() -> str:
-        return "".join([p async for p in b.deltas.follow("job_1", is_final, every=5)])
+    async def follow() -> list[Piece]:
+        return [p async for p in b.deltas.follow("job_1", is_final, every=5)]
 
-    assert await asyncio.wait_for(follow(), 10) == text  # ends: the finish arrived too
+    assert await asyncio.wait_for(follow(), 10) == pieces  # ends: the finish arrived too
 
 
 async def test_a_lost_notification_costs_at_most_about_a_second(

@@ -202,6 +202,7 @@ def _stream_tokens(job: Job) -> None:
     """Tokens to stdout as they come; a one-line summary (tokens, time, tokens/s) to
     stderr; exit 1 when the job fails."""
     click.echo(f"queued {job.id}", err=True)
+    calls: dict[int, list[str]] = {}  # the first choice's tool calls: [name, arguments]
     for event in job.events():
         kind = event["type"]
         if kind == "queued" and event.get("position"):
@@ -209,7 +210,17 @@ def _stream_tokens(job: Job) -> None:
         elif kind == "token":
             click.echo(event["t"], nl=False)
             sys.stdout.flush()
+        elif kind == "delta" and event["choice"].get("index") == 0:
+            delta = event["choice"].get("delta") or {}
+            if delta.get("content"):
+                click.echo(delta["content"], nl=False)
+            for call in delta.get("tool_calls") or ():
+                have = calls.setdefault(call.get("index", 0), ["", ""])
+                have[0] += (call.get("function") or {}).get("name") or ""
+                have[1] += (call.get("function") or {}).get("arguments") or ""
         elif kind == "end":
+            for name, arguments in calls.values():
+                click.echo(f"\n[tool call] {name}({arguments})", nl=False)
             seconds = event["decode_time_ms"] / 1000
             rate = event["tokens_out"] / seconds if seconds > 0 else 0.0
             click.echo()

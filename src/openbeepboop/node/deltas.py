@@ -1,5 +1,6 @@
-"""Token deltas: the text of running jobs, pushed to the server as it is made for clients
-that stream (`/internal/queue/events`).
+"""Token deltas: the stream of running jobs (text, and OpenAI chunk choices for the rest:
+other choices, tool-call fragments, logprobs), pushed to the server as it is made for
+clients that stream (`/internal/queue/events`).
 
 Deltas are best effort (the submitted result is what counts), so they are batched: one
 call every DELTA_SECONDS carries every job's new pieces. The first piece of a job whose
@@ -29,11 +30,13 @@ class DeltaPusher:
         self._one_at_a_time = asyncio.Lock()
         self._sending: set[asyncio.Future[None]] = set()
 
-    def push(self, job: LeasedJob, index: int, text: str) -> None:
-        """Queue the `index`th piece of `job`'s text (0 starts the text over)."""
-        self._waiting.append(
-            {"job_id": job.id, "lease_id": job.lease_id, "index": index, "delta": text}
-        )
+    def push(self, job: LeasedJob, index: int, text: str, choices: list[JSON] | None) -> None:
+        """Queue the `index`th piece of `job`'s stream (0 starts it over): the first
+        choice's text, and the chunk choices when the piece carries more than that."""
+        event = {"job_id": job.id, "lease_id": job.lease_id, "index": index, "delta": text}
+        if choices:
+            event["choices"] = choices
+        self._waiting.append(event)
 
     async def run(self) -> None:
         """Push what is waiting every DELTA_SECONDS, until cancelled."""

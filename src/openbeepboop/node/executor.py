@@ -25,6 +25,9 @@ from openbeepboop.node.pacing import Pacer
 from openbeepboop.node.results import build_response
 
 log = logging.getLogger("openbeepboop.node")
+# the states in which a model takes jobs: "unloaded" (a worker stopped when idle, or
+# that died) starts again for the next job
+SERVING = frozenset({"ready", "unloaded"})
 BackendFactory = Callable[[Any, Path], Backend]  # (model config, models_dir) -> Backend
 PROVIDER_WAIT = wait_exponential_jitter(multiplier=1, max=30)  # 1 s doubling, + <= 1 s
 
@@ -54,8 +57,9 @@ class ModelSettings(Protocol):
 class DeltaSink(Protocol):
     """Where the text of running jobs goes as it is made."""
 
-    def push(self, job: LeasedJob, index: int, text: str) -> None:
-        """The `index`th piece of `job`'s text (index 0 again starts the text over)."""
+    def push(self, job: LeasedJob, index: int, text: str, choices: list[JSON] | None) -> None:
+        """The `index`th piece of `job`'s stream (index 0 again starts it over): `text`
+        of the first choice, and the OpenAI chunk `choices` when there is more to it."""
 
     async def send_first_piece(self) -> None:
         """A streamed job's first piece is waiting: push it without delay."""
@@ -69,7 +73,8 @@ class Executor(Protocol):
 
     @property
     def state(self) -> str:
-        """One of "loading", "ready" or "error" (then `error` says why)."""
+        """One of "downloading", "loading", "ready", "unloaded" or "error" (then `error`
+        says why)."""
 
     @property
     def progress(self) -> float:
@@ -176,15 +181,17 @@ class BackendExecutor:
         """One attempt: the backend's chunks, text pushed as it comes, then the response."""
         assert self._backend is not None, "run before load"
         parts: list[str] = []  # a retry starts the streamed text over, at index 0
+        pushed = 0
         last = Chunk()
         streamed = job.streamed
         try:
             async with asyncio.timeout(self.config.timeout_seconds):
                 async for chunk in self._backend.execute(job.endpoint, job.request):
-                    if chunk.text:
+                    if chunk.text or chunk.choices:
                         parts.append(chunk.text)
-                        self._deltas.push(job, len(parts) - 1, chunk.text)
-                        if streamed and len(parts) == 1:
+                        self._deltas.push(job, pushed, chunk.text, chunk.choices)
+                        pushed += 1
+                        if streamed and pushed == 1:
                             await self._deltas.send_first_piece()
                     if chunk.finish_reason is not None or chunk.response is not None:
                         last = chunk

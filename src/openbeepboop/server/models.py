@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 JSON = dict[str, Any]
+# A piece of a running job's stream: text of choice 0, or OpenAI chunk choices for the rest
+# (server/core/choices.py)
+Piece = str | list[JSON]
 
 
 class JobStatus(enum.StrEnum):
@@ -42,6 +45,9 @@ class Role(enum.StrEnum):
 
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# What a batch's lines may target: the job endpoints, and the Responses API (whose lines
+# run as chat-completion jobs, core/responses.py)
+BATCH_ENDPOINTS = (*ENDPOINTS, "/v1/responses")
 
 
 @dataclass(frozen=True, slots=True)

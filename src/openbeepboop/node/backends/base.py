@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 JSON = dict[str, Any]
 Progress = Callable[[str, float], None]  # (state, fraction 0..1)
@@ -24,13 +24,17 @@ Progress = Callable[[str, float], None]  # (state, fraction 0..1)
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A piece of a generation. The last chunk carries `finish_reason` and `usage`, and
-    may carry the complete OpenAI `response` when the backend has one."""
+    """A piece of a generation: `text` of the first choice, and, for anything else a
+    stream carries (other choices, tool-call fragments, logprobs, refusal, a finish
+    reason), the OpenAI chunk `choices` as they were streamed (`text` is then their first
+    choice's content). The last chunk carries `finish_reason` and `usage`, and may carry
+    the complete OpenAI `response` when the backend has one."""
 
     text: str = ""
     finish_reason: str | None = None
     usage: JSON | None = None
     response: JSON | None = None
+    choices: list[JSON] | None = None
 
 
 class BackendError(Exception):
@@ -70,6 +74,18 @@ class ModelConfig(BaseModel):
     max_attempts: int = Field(5, ge=1, le=50, description="Tries on transient provider errors.")
     rpm: float | None = Field(None, gt=0, description="Requests per minute to pace to.")
     tpm: float | None = Field(None, gt=0, description="Tokens per minute (informational).")
+    worker: bool | None = Field(
+        None,
+        description="Run the backend in a child process of its own (a crash there loses "
+        "no job and leaves the node up); default: the backend's choice (llama_cpp: yes).",
+    )
+    idle_unload_seconds: float | None = Field(
+        None,
+        gt=0,
+        validation_alias=AliasChoices("idle_unload_seconds", "idle_unload_s"),
+        description="With a worker: stop it after this long without a job (its memory "
+        "freed; state `unloaded`), start it again on the next job. Default: never.",
+    )
 
 
 class ProviderConfig(ModelConfig):
@@ -96,7 +112,8 @@ class ProviderConfig(ModelConfig):
 
 
 class Backend(Protocol):
-    """What the node needs from a backend."""
+    """What the node needs from a backend. A backend class may say `in_worker = True`
+    (a class attribute) to be run in a worker process by default (`ModelConfig.worker`)."""
 
     state: str  # "loading", "ready" or "error"
 
@@ -140,6 +157,41 @@ def content_text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))
     return ""
+
+
+def streamed_choices(chunk: JSON, text_completion: bool = False) -> list[JSON] | None:
+    """The choices of one OpenAI stream chunk (a `chat.completion.chunk`, or with
+    `text_completion` a streamed `text_completion`) to push as they are, or None when
+    the chunk carries only the first choice's text (pushed as plain text, the common and
+    cheap case). Empty fields are left out."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return None
+    out: list[JSON] = []
+    plain = True
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        index = choice.get("index", 0)
+        entry: JSON = {"index": index}
+        if text_completion:
+            entry["text"] = choice.get("text") or ""
+        else:
+            delta = choice.get("delta")
+            delta = delta if isinstance(delta, dict) else {}
+            entry["delta"] = {k: v for k, v in delta.items() if _kept(k, v)}
+            plain = plain and set(entry["delta"]) <= {"content", "role"}
+        for key in ("logprobs", "finish_reason"):
+            if choice.get(key):
+                entry[key] = choice[key]
+                plain = False
+        plain = plain and index == 0
+        out.append(entry)
+    return None if plain else out
+
+
+def _kept(key: str, value: Any) -> bool:
+    return value is not None and value != [] and value != {} and key != "provider_specific_fields"
 
 
 def whole_answer(response: JSON, request: JSON) -> Chunk:

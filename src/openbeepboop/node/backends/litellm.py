@@ -21,6 +21,7 @@ from openbeepboop.node.backends.base import (
     Chunk,
     Progress,
     ProviderConfig,
+    streamed_choices,
     whole_answer,
 )
 from openbeepboop.node.backends.ratelimit_headers import TRANSIENT_STATUSES, retry_after
@@ -123,8 +124,11 @@ class LiteLLMBackend:
                 parts.append(part)
                 choices = part.choices or []
                 text = choices[0].delta.content if choices and choices[0].delta else None
-                if text:
-                    yield Chunk(text=text)
+                structured = streamed_choices(
+                    part.model_dump(exclude_none=True, exclude={"provider_specific_fields"})
+                )
+                if text or structured:
+                    yield Chunk(text=text or "", choices=structured)
             built = litellm.stream_chunk_builder(parts, messages=request["messages"])
         except Exception as exc:
             raise classify(exc) from exc

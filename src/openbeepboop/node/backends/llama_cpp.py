@@ -42,7 +42,22 @@ class LlamaCppModel(ModelConfig):
     )
     n_ctx: int = Field(4096, ge=256)
     n_threads: int | None = Field(None, ge=1)
-    n_gpu_layers: int = Field(0, ge=-1)
+    n_gpu_layers: int | None = Field(
+        None,
+        ge=-1,
+        description="Layers offloaded to a GPU (-1: all); default: all when "
+        "llama.cpp can offload to one, else 0.",
+    )
+
+    def gpu_layers(self) -> int:
+        """`n_gpu_layers`, or its default: every layer when llama.cpp was built with GPU
+        offload (CUDA, Metal, Vulkan, ...), none otherwise."""
+        if self.n_gpu_layers is not None:
+            return self.n_gpu_layers
+        import llama_cpp
+
+        return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+
     max_tokens: int = Field(512, ge=1, description="Default when a request sets none.")
 
 
@@ -95,9 +110,11 @@ class _Instance:
 
 
 class LlamaCppBackend:
-    """Serves one GGUF with `concurrency` llama.cpp contexts."""
+    """Serves one GGUF with `concurrency` llama.cpp contexts (in a worker process of its
+    own unless the model says `worker = false`: node/worker.py)."""
 
     Config = LlamaCppModel
+    in_worker = True
 
     def __init__(self, config: LlamaCppModel, models_dir: Path) -> None:
         self.config = config
@@ -134,7 +151,7 @@ class LlamaCppBackend:
             model_path=str(self.path),
             n_ctx=c.n_ctx,
             n_threads=c.n_threads or os.cpu_count() or 1,
-            n_gpu_layers=c.n_gpu_layers,
+            n_gpu_layers=c.gpu_layers(),
             chat_format=None if own else c.chat_format,
             verbose=False,
         )
@@ -191,7 +208,7 @@ class LlamaCppBackend:
                 pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
                 n_ctx=c.n_ctx,
                 n_threads=c.n_threads or os.cpu_count() or 1,
-                n_gpu_layers=c.n_gpu_layers,
+                n_gpu_layers=c.gpu_layers(),
                 verbose=False,
             )
         llm = self._embedder

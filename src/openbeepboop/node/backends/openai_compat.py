@@ -40,6 +40,7 @@ from openbeepboop.node.backends.base import (
     Chunk,
     Progress,
     ProviderConfig,
+    streamed_choices,
     whole_answer,
 )
 from openbeepboop.node.backends.ratelimit_headers import TRANSIENT_STATUSES, retry_after
@@ -233,8 +234,9 @@ class OpenAIBackend:
                     if "error" in chunk:
                         raise stream_error(chunk["error"])
                     text = stream.add(chunk)
-                    if text:
-                        yield Chunk(text=text)
+                    choices = streamed_choices(chunk, text_completion)
+                    if text or choices:
+                        yield Chunk(text=text, choices=choices)
         yield stream.final(request)
 
     async def close(self) -> None:

@@ -13,6 +13,10 @@ from its creation: a batch whose lines, with the key's queued and running jobs a
 lines of its batches still being queued, would pass the limit is refused at create
 (429 `too_many_active_jobs`; 400 `batch_too_large` when the file alone is over it).
 Once accepted, its lines are queued whole.
+
+Lines of a `/v1/responses` batch run as the chat-completion jobs `POST /v1/responses`
+makes (core/responses.py maps them), and their output lines hold Response objects; one
+with `store: false` is deleted once the batch is final (the output file keeps it).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from openbeepboop.server.core import responses
 from openbeepboop.server.core.assistants import Assistants
 from openbeepboop.server.core.files import (
     BATCH_PURPOSE,
@@ -47,7 +52,7 @@ from openbeepboop.server.errors import (
     RateLimited,
 )
 from openbeepboop.server.models import (
-    ENDPOINTS,
+    BATCH_ENDPOINTS,
     JSON,
     ApiKey,
     Batch,
@@ -67,6 +72,7 @@ LEASE_SECONDS = 60.0
 WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smhd])$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_ERRORS = 100
+RESPONSES = "/v1/responses"  # lines that run as chat-completion jobs (core/responses.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +128,9 @@ class Batches:
         completion_window: str,
         metadata: dict[str, str] | None,
     ) -> Batch:
-        if endpoint not in ENDPOINTS:
+        if endpoint not in BATCH_ENDPOINTS:
             raise InvalidRequest(
-                f"endpoint must be one of {', '.join(ENDPOINTS)}, not {endpoint!r}",
+                f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)}, not {endpoint!r}",
                 param="endpoint",
             )
         window = window_seconds(completion_window)
@@ -296,14 +302,10 @@ class Batches:
             if skip:
                 skip -= 1
                 continue
-            line = parse_batch_line(raw, number)
-            if "template" in line.body:
-                try:
-                    body = await self.assistants.body_for_line(batch.owner, line.body)
-                except DomainError as exc:
-                    return await self._fail(batch, exc.code, f"line {number}: {exc}")
-                line = replace(line, body=body)
-            pending.append(self._request(batch, line))
+            try:
+                pending.append(await self._line_request(batch, parse_batch_line(raw, number)))
+            except DomainError as exc:  # a template gone; a file checked by an older server
+                return await self._fail(batch, exc.code, f"line {number}: {exc}")
             if len(pending) >= CHUNK:
                 batch = await self._queue_chunk(batch, pending)
                 pending = []
@@ -331,10 +333,22 @@ class Batches:
             )
         )
 
+    async def _line_request(self, batch: Batch, line: BatchLine) -> JobRequest:
+        """The job a line becomes (an assistant template rendered first)."""
+        if "template" in line.body:
+            body = await self.assistants.body_for_line(batch.owner, line.body)
+            line = replace(line, body=body)
+        return self._request(batch, line)
+
     def _request(self, batch: Batch, line: BatchLine) -> JobRequest:
+        endpoint, body, metadata = line.url, line.body, None
+        if line.url == RESPONSES:  # the chat-completion job POST /v1/responses makes
+            endpoint = responses.ENDPOINT
+            body, metadata = responses.batch_request(line.body)
         return JobRequest(
-            endpoint=line.url,
-            body=line.body,
+            endpoint=endpoint,
+            body=body,
+            metadata=metadata,
             priority=self.config.priority,
             max_attempts=self.config.max_attempts,
             custom_id=line.custom_id,
@@ -390,10 +404,13 @@ class Batches:
         errors = PartWriter(self.store, error_id)
         counts = {status.value: 0 for status in JobStatus}
         usage = {"input_tokens": 0, "output_tokens": 0}
+        unstored: list[str] = []  # Responses lines with store: false, deleted once final
         after = 0
         while jobs := await self.store.batch_jobs(batch.id, after, PAGE):
             for job in jobs:
                 counts[job.status.value] += 1
+                if responses.is_response(job) and not responses.is_stored(job):
+                    unstored.append(job.id)
                 if job.status is JobStatus.COMPLETED:
                     await output.write_line(_output_line(job))
                     _add_usage(usage, job.result)
@@ -426,6 +443,8 @@ class Batches:
                 },
             )
         )
+        for job_id in unstored:  # in the output file now; a retried finalize never gets here
+            await self.store.delete_job(job_id)
 
 
 class _LostClaim(Exception):
@@ -444,10 +463,11 @@ def _add_usage(usage: dict[str, int], result: JSON | None) -> None:
 
 
 def _output_line(job: Job) -> JSON:
+    body = responses.response_object(job) if responses.is_response(job) else job.result
     return {
         "id": "batch_req_" + job.id.removeprefix("job_"),
         "custom_id": job.custom_id,
-        "response": {"status_code": 200, "request_id": job.id, "body": job.result},
+        "response": {"status_code": 200, "request_id": job.id, "body": body},
         "error": None,
     }
 

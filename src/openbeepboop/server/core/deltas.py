@@ -1,6 +1,7 @@
 """Token deltas of running jobs, fanned out to any number of subscribers.
 
-Nodes push the text of a running job in pieces (`index` 0, 1, 2, ...); every
+Nodes push a running job in pieces (`index` 0, 1, 2, ...): text, or OpenAI chunk
+choices for what is not choice 0's text (choices.py); every
 subscriber reads the same shared list from its own position, so a late subscriber
 first gets the text so far and memory does not grow with the number of subscribers.
 A piece with index 0 arriving for a stream that already has text starts it over (the
@@ -21,10 +22,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+from openbeepboop.server.models import Piece
+
 
 @dataclass
 class _Stream:
-    parts: list[str] = field(default_factory=list)
+    parts: list[Piece] = field(default_factory=list)
     generation: int = 0  # bumped when the text starts over
     finished_at: float | None = None
     followed: bool = False  # a subscriber has read it: keep it a while after the end
@@ -48,23 +51,23 @@ class DeltaHub:
         self._streams: dict[str, _Stream] = {}
         self._keep = keep_seconds
         self._max_parts = max_parts
-        self._forward: Callable[[str, int | None, str], None] | None = None
+        self._forward: Callable[[str, int | None, Piece], None] | None = None
         self._finished: deque[tuple[float, str]] = deque()  # in finishing order
         self._ended: dict[str, float] = {}  # finished jobs nobody followed: no text kept
 
-    def forward_to(self, forward: Callable[[str, int | None, str], None] | None) -> None:
+    def forward_to(self, forward: Callable[[str, int | None, Piece], None] | None) -> None:
         """Also hand every piece accepted by `push`, and every `finish` (index None), to
         `forward` (a bridge to other servers)."""
         self._forward = forward
 
-    def push(self, job_id: str, index: int, text: str) -> bool:
+    def push(self, job_id: str, index: int, text: Piece) -> bool:
         """Add piece `index` of a job's text; False for a duplicate or a gap."""
         accepted = self.deliver(job_id, index, text)
         if accepted and self._forward is not None:
             self._forward(job_id, index, text)
         return accepted
 
-    def deliver(self, job_id: str, index: int | None, text: str) -> bool:
+    def deliver(self, job_id: str, index: int | None, text: Piece) -> bool:
         """What another server accepted (a piece, or with index None the finish): kept
         here, not forwarded."""
         if index is None:
@@ -102,14 +105,15 @@ class DeltaHub:
         self._finished.append((stream.finished_at, job_id))
         self._forget_old()
 
-    def text(self, job_id: str) -> str:
+    def has_parts(self, job_id: str) -> bool:
+        """Pieces of the job are kept here (it runs, or finished and was followed)."""
         stream = self._streams.get(job_id)
-        return "".join(stream.parts) if stream else ""
+        return bool(stream and stream.parts)
 
     def follow(
         self, job_id: str, is_final: Callable[[], Awaitable[bool]], every: float = 1.0
-    ) -> AsyncIterator[str]:
-        """Yield the job's text piece by piece, from the start, until it finishes. If the
+    ) -> AsyncIterator[Piece]:
+        """Yield the job's pieces one by one, from the start, until it finishes. If the
         text starts over (a re-run), the pieces of the new run follow what was sent.
         `is_final` is asked when nothing happened for `every` seconds (a job can end
         without any piece, or on another server).
@@ -130,7 +134,7 @@ class DeltaHub:
         stream: _Stream,
         is_final: Callable[[], Awaitable[bool]],
         every: float,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[Piece]:
         sent, generation = 0, stream.generation
         while True:
             stream = self._streams.get(job_id) or stream

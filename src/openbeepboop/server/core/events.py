@@ -1,12 +1,15 @@
 """The life of one job as a sequence of events, for anyone following it live.
 
 The vocabulary is the rbee quickstart's: `queued` {job_id, position}, `started` {job_id,
-model, node_id, started_at}, `token` {t, i} for each piece of text, then one of `end`
-{tokens_out, decode_time_ms, stop_reason}, `failed` {job_id, code, message} or
-`cancelled` {job_id}. Every event has a number (`id`) that is the same on every
-connection — `queued` 0, `started` 1, token `i` is `i + 2`, the last one follows the
-tokens — so a subscriber who reconnects with the last id it saw resumes exactly after it.
-A late subscriber gets the text so far first.
+model, node_id, started_at}, `token` {t, i} for each piece of choice 0's text, then one of
+`end` {tokens_out, decode_time_ms, stop_reason}, `failed` {job_id, code, message} or
+`cancelled` {job_id}. What is not choice 0's text — other choices (`n`), tool-call
+fragments, logprobs, refusals, their finish reasons — comes as `delta` {i, choice}, the
+choice an OpenAI chunk would carry (choices.py). Every event has a number (`id`) that is
+the same on every connection — `queued` 0, `started` 1, piece `i` is `i + 2`, the last one
+follows the pieces — so a subscriber who reconnects with the last id it saw resumes
+exactly after it. A late subscriber gets the pieces so far first, and what no piece
+carried comes from the result before `end`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from openbeepboop.server.core.choices import Tally, text_of
 from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.models import JSON, Job, JobStatus
 from openbeepboop.server.topics import job_topic
@@ -51,7 +55,7 @@ def result_text(job: Job) -> tuple[str, str, JSON]:
 
 async def job_events(queue: Queue, job: Job, after: int = -1) -> AsyncGenerator[JobEvent, None]:
     """The job's events from the start (or after event number `after`) to its end."""
-    # Follow from now, so that text pushed while we wait for the start is kept for us.
+    # Follow from now, so that pieces pushed while we wait for the start are kept for us.
     pieces = queue.follow(job) if not job.status.is_final else None
     if job.status is JobStatus.QUEUED:
         if after < QUEUED_ID:
@@ -60,24 +64,35 @@ async def job_events(queue: Queue, job: Job, after: int = -1) -> AsyncGenerator[
         job = await _while_queued(queue, job)
     if job.started_at is not None and after < STARTED_ID:
         yield _started(job)
+    tally = Tally(chat=job.endpoint != "/v1/completions", roles=False)
     index = 0
-    sent = ""
-    if pieces is None and queue.deltas.text(job.id):  # finished, recently streamed
+    if pieces is None and queue.deltas.has_parts(job.id):  # finished, recently streamed
         pieces = queue.follow(job)
     if pieces is not None:
         async for piece in pieces:
-            if index + FIRST_TOKEN_ID > after:
-                yield JobEvent(index + FIRST_TOKEN_ID, "token", {"t": piece, "i": index})
-            sent += piece
-            index += 1
+            for choice in tally.take(piece):
+                if choice["index"] == 0 and _only_finish(choice):
+                    continue  # `end` says it (stop_reason)
+                if index + FIRST_TOKEN_ID > after:
+                    yield _piece_event(index, choice)
+                index += 1
     final = await queue.store.get_job(job.id) or job
+    async for event in _ending(final, tally, index, after):
+        yield event
+
+
+async def _ending(
+    final: Job, tally: Tally, index: int, after: int
+) -> AsyncGenerator[JobEvent, None]:
+    """What no piece carried (from the result), then `end`, `failed` or `cancelled`."""
     if final.status is JobStatus.COMPLETED:
-        text, finish, usage = result_text(final)
-        rest = text[len(sent) :] if text.startswith(sent) else ""
-        if rest:  # text a node never pushed as deltas (or pushed before we subscribed)
+        for choice in tally.rest(final.result):
+            if choice["index"] == 0 and _only_finish(choice):
+                continue  # `end` says it (stop_reason)
             if index + FIRST_TOKEN_ID > after:
-                yield JobEvent(index + FIRST_TOKEN_ID, "token", {"t": rest, "i": index})
+                yield _piece_event(index, choice)
             index += 1
+        _, finish, usage = result_text(final)
         started = final.started_at or final.created_at
         decode_ms = round(((final.finished_at or started) - started) * 1000)
         yield JobEvent(
@@ -103,6 +118,19 @@ async def job_events(queue: Queue, job: Job, after: int = -1) -> AsyncGenerator[
                 "message": str(error.get("message") or f"the job ended {final.status.value}"),
             },
         )
+
+
+def _piece_event(index: int, choice: JSON) -> JobEvent:
+    """`token` {t, i} for choice 0's text, else `delta` {i, choice} (an OpenAI chunk
+    choice: another choice, tool-call fragments, logprobs, refusal, a finish reason)."""
+    text = text_of(choice)
+    if text is not None:
+        return JobEvent(index + FIRST_TOKEN_ID, "token", {"t": text, "i": index})
+    return JobEvent(index + FIRST_TOKEN_ID, "delta", {"i": index, "choice": choice})
+
+
+def _only_finish(choice: JSON) -> bool:
+    return not choice.get("delta") and not choice.get("text") and not choice.get("logprobs")
 
 
 def _started(job: Job) -> JobEvent:

@@ -17,7 +17,7 @@ import orjson
 
 from openbeepboop.server.core import json_input
 from openbeepboop.server.errors import InvalidRequest, NotFound, PayloadTooLarge
-from openbeepboop.server.models import ENDPOINTS, JSON, ApiKey, Role, StoredFile
+from openbeepboop.server.models import BATCH_ENDPOINTS, ENDPOINTS, JSON, ApiKey, Role, StoredFile
 from openbeepboop.server.store.base import Store
 
 PART_BYTES = 1 << 20
@@ -66,8 +66,8 @@ def parse_batch_line(raw: bytes, number: int, check_body: BodyCheck | None = Non
     if value.get("method", "POST") != "POST":
         raise bad("'method' must be POST")
     url = value.get("url")
-    if url not in ENDPOINTS:
-        raise bad(f"'url' must be one of {', '.join(ENDPOINTS)}, not {url!r}")
+    if url not in BATCH_ENDPOINTS:
+        raise bad(f"'url' must be one of {', '.join(BATCH_ENDPOINTS)}, not {url!r}")
     body = value.get("body")
     if not isinstance(body, dict):
         raise bad("'body' must be a JSON object")

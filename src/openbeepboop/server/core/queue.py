@@ -40,6 +40,7 @@ from openbeepboop.server.models import (
     NewJob,
     Node,
     NodeResult,
+    Piece,
     ReapOutcome,
     ResultOutcome,
     Role,
@@ -613,8 +614,9 @@ class Queue:
         return outcomes
 
     async def push_deltas(self, events: Sequence[JSON]) -> int:
-        """Text pieces of running jobs, each accepted only under the job's current lease
-        (fencing, as for results); returns how many were accepted."""
+        """Pieces of running jobs (`choices` when given, else the text `delta`), each
+        accepted only under the job's current lease (fencing, as for results); returns
+        how many were accepted."""
         leases = {
             j.id: j.lease_id
             for j in await self.store.get_jobs(list({str(e["job_id"]) for e in events}))
@@ -623,11 +625,12 @@ class Queue:
         accepted = 0
         for e in events:
             if leases.get(e["job_id"]) == e["lease_id"]:
-                accepted += self.deltas.push(e["job_id"], int(e["index"]), str(e["delta"]))
+                piece: Piece = e["choices"] if e.get("choices") else str(e.get("delta") or "")
+                accepted += self.deltas.push(e["job_id"], int(e["index"]), piece)
         return accepted
 
-    def follow(self, job: Job) -> AsyncIterator[str]:
-        """The job's text as it is made (the text so far first), until it is final."""
+    def follow(self, job: Job) -> AsyncIterator[Piece]:
+        """The job's pieces as they are made (those so far first), until it is final."""
 
         async def is_final() -> bool:
             now = await self.store.get_job(job.id)

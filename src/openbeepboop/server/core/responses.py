@@ -217,6 +217,28 @@ def job_metadata(body: JSON) -> JSON:
     return {RESPONSE_KEY: {k: body[k] for k in kept if body.get(k) is not None}}
 
 
+def batch_request(body: JSON) -> tuple[JSON, JSON]:
+    """A Batch API line's Responses request (already checked as `POST /v1/responses`
+    checks its body) as the chat body and job metadata its job runs with.
+
+    A line stands alone: `previous_response_id` is refused (the response it names may be
+    another line of the same batch, not run yet, and batch lines run in no set order);
+    the history goes in `input` instead. `stream` never reaches here (a batch refuses it).
+    """
+    if body.get("previous_response_id") is not None:
+        raise InvalidRequest(
+            "previous_response_id is not supported in a batch line: give the earlier "
+            "turns as input items instead",
+            param="previous_response_id",
+        )
+    return chat_body(body, []), job_metadata(body)
+
+
+def is_stored(job: Job) -> bool:
+    """Whether a response is kept after it is answered (`store`, true by default)."""
+    return bool(_info(job).get("store", True))
+
+
 # -- result: job -> Response ---------------------------------------------------------
 
 

@@ -180,10 +180,15 @@ class ResultItem(_Open):
 
 
 class DeltaEvent(_Open):
+    """One piece of a running job: text of choice 0 (`delta`), or OpenAI chunk choices
+    (`choices`) for the rest; a node sends both (`delta` then holds choice 0's text of
+    the piece, for servers that know only text)."""
+
     job_id: str = Field(min_length=1)
     lease_id: str = Field(min_length=1)
     index: int = Field(ge=0)
-    delta: str
+    delta: str = ""
+    choices: list[dict[str, Any]] | None = Field(None, max_length=128)
 
 
 class EventsBody(_Open):

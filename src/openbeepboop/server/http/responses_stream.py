@@ -15,9 +15,10 @@ from typing import Any
 import orjson
 
 from openbeepboop.server.core import responses
+from openbeepboop.server.core.choices import content_of
 from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.errors import DomainError
-from openbeepboop.server.models import JSON, Job, JobStatus
+from openbeepboop.server.models import JSON, Job, JobStatus, Piece
 
 
 class _Events:
@@ -50,12 +51,15 @@ async def stream_response(
     watcher = asyncio.ensure_future(guard())
     try:
         async for piece in queue.follow(job):
+            text = _first_text(piece)
+            if not text:
+                continue  # other choices, tool-call fragments: from the result, below
             if not opened:
                 yield _open_text(event, job)
                 opened = True
-            sent += piece
+            sent += text
             yield event(
-                "response.output_text.delta", **where, content_index=0, delta=piece, logprobs=[]
+                "response.output_text.delta", **where, content_index=0, delta=text, logprobs=[]
             )
         final = await queue.store.get_job(job.id)
         if final is not None and final.status is JobStatus.CANCELLED:
@@ -106,6 +110,13 @@ async def stream_response(
     kind = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
     yield event(kind, response=done)
     await after()
+
+
+def _first_text(piece: Piece) -> str:
+    """The text of the message item a piece adds to (choice 0's content)."""
+    if isinstance(piece, str):
+        return piece
+    return "".join(content_of(c) for c in piece if isinstance(c, dict) and c.get("index", 0) == 0)
 
 
 def _open_text(event: _Events, job: Job) -> bytes:

@@ -11,12 +11,12 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.responses import Response, StreamingResponse
 
-from openbeepboop.server.core import json_input
+from openbeepboop.server.core import json_input, responses
 from openbeepboop.server.core.files import PART_BYTES, ExpiresAfter
 from openbeepboop.server.errors import InvalidRequest, NotFound
 from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import client_key
-from openbeepboop.server.http.inbound import ENDPOINT_BODIES, Knobs
+from openbeepboop.server.http.inbound import ENDPOINT_BODIES, ResponsesBody
 from openbeepboop.server.http.outbound import JSONResponse, batch_json, file_json, page
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import JSON, ApiKey
@@ -25,7 +25,7 @@ router = APIRouter(tags=["batches"], route_class=CheckedRoute)
 Key = Annotated[ApiKey, Depends(client_key)]
 Limit = Annotated[int, Query(ge=1, le=10_000)]
 
-BODY_MODELS: dict[str, type[Knobs]] = ENDPOINT_BODIES
+BODY_MODELS: dict[str, type[BaseModel]] = {**ENDPOINT_BODIES, "/v1/responses": ResponsesBody}
 
 
 def check_body(url: str, body: JSON) -> str | None:
@@ -36,6 +36,11 @@ def check_body(url: str, body: JSON) -> str | None:
         err = exc.errors()[0]
         where = ".".join(str(part) for part in ("body", *err["loc"]))
         return f"{where}: {err['msg']}"
+    if url == "/v1/responses":  # what the mapping onto a chat body refuses, too
+        try:
+            responses.batch_request(body)
+        except InvalidRequest as exc:
+            return f"body.{exc.param}: {exc.message}" if exc.param else exc.message
     return None
 
 

@@ -133,7 +133,9 @@ async def embeddings(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     req = _job_request("/v1/embeddings", body, idempotency_key)
-    return await _openai_call(request, key, req, prefer)
+    # OpenAI's embeddings endpoint ignores `stream`: so does ours (the job never has it)
+    kept = {k: v for k, v in req.body.items() if k not in ("stream", "stream_options")}
+    return await _openai_call(request, key, dataclasses.replace(req, body=kept), prefer)
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -1,7 +1,9 @@
-"""`stream: true` on the OpenAI routes: Server-Sent Events exactly as the `openai` SDK
-parses them — bare `data: {chunk}` lines, the role first, `finish_reason` on the last
-content chunk, a usage chunk when `stream_options.include_usage` is set, then
-`data: [DONE]`. A failure after the stream began is sent as `data: {"error": {...}}`.
+"""`stream: true` on the OpenAI routes: Server-Sent Events as OpenAI sends them — bare
+`data: {chunk}` lines, one choice a chunk: the role first, then every piece a node pushed
+(text, other choices, tool-call fragments, logprobs, refusals), then what the stored
+result holds that no piece carried and each choice's `finish_reason` (choices.py), a
+usage chunk when `stream_options.include_usage` is set, then `data: [DONE]`. A failure
+after the stream began is sent as `data: {"error": {...}}`.
 
 The job is an ordinary job: a client that disconnects does not cancel it; it completes
 and stays retrievable (its id is in the `x-openbeepboop-job-id` header).
@@ -21,7 +23,8 @@ from typing import Any
 import orjson
 
 from openbeepboop.server.core.auth import KeyRing
-from openbeepboop.server.core.events import JobEvent, job_events, result_text
+from openbeepboop.server.core.choices import Tally
+from openbeepboop.server.core.events import JobEvent, job_events
 from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.errors import DomainError
 from openbeepboop.server.models import JSON, Job, JobStatus
@@ -45,7 +48,7 @@ class _Chunks:
     """Builds the chunk objects of one endpoint."""
 
     def __init__(self, job: Job) -> None:
-        self.chat = job.endpoint == "/v1/chat/completions"
+        self.chat = job.endpoint != "/v1/completions"
         self.base = {
             "id": ("chatcmpl-" if self.chat else "cmpl-") + job.id.removeprefix("job_"),
             "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -53,12 +56,15 @@ class _Chunks:
             "model": job.model,
         }
 
-    def text(self, text: str, finish: str | None = None, role: bool = False) -> JSON:
+    def opening(self) -> JSON:
+        """The first chunk: the role of choice 0 (chat), or empty text (completions)."""
         if self.chat:
-            delta: JSON = {"role": "assistant", "content": text} if role else {"content": text}
-            choice: JSON = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            delta = {"role": "assistant", "content": ""}
+            return self.of({"index": 0, "delta": delta, "logprobs": None, "finish_reason": None})
+        return self.of({"index": 0, "text": "", "logprobs": None, "finish_reason": None})
+
+    def of(self, choice: JSON) -> JSON:
+        """One chunk carrying one choice (as OpenAI streams them, one choice a chunk)."""
         return {**self.base, "choices": [choice]}
 
     def usage(self, usage: JSON) -> JSON:
@@ -74,13 +80,14 @@ async def stream_job(
     """The SSE body for one job, from queued to final. `guard()`, run alongside, may end
     the job and say why by raising a DomainError (Queue.abandon_when_unserved)."""
     chunks = _Chunks(job)
+    tally = Tally(chat=chunks.chat)
+    tally.mark_role(0)
     watcher = asyncio.ensure_future(guard()) if guard is not None else None
     try:
-        yield _sse(chunks.text("", role=True))
-        sent = ""
+        yield _sse(chunks.opening())
         async for piece in queue.follow(job):
-            sent += piece
-            yield _sse(chunks.text(piece))
+            for choice in tally.take(piece):
+                yield _sse(chunks.of(choice))
         final = await queue.store.get_job(job.id)
         if watcher is not None and final is not None and final.status is JobStatus.CANCELLED:
             await asyncio.wait({watcher}, timeout=1.0)  # did the guard cancel it?
@@ -107,9 +114,9 @@ async def stream_job(
         )
         yield b"data: [DONE]\n\n"
         return
-    text, finish, usage = result_text(final)
-    rest = text[len(sent) :] if text.startswith(sent) else ""  # pieces a node never pushed
-    yield _sse(chunks.text(rest, finish=finish))
+    for choice in tally.rest(final.result):  # what no piece carried, then finish reasons
+        yield _sse(chunks.of(choice))
+    usage = (final.result or {}).get("usage")
     if include_usage and usage:
         yield _sse(chunks.usage(usage))
     yield b"data: [DONE]\n\n"

@@ -31,6 +31,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from openbeepboop.server.core import json_input
 from openbeepboop.server.core.assistants import Assistants
+from openbeepboop.server.core.choices import content_of
 from openbeepboop.server.core.events import job_events
 from openbeepboop.server.core.queue import JobRequest, Queue
 from openbeepboop.server.errors import DomainError, InvalidRequest, RateLimited
@@ -173,6 +174,12 @@ class _Session:
                 await self.send({"type": "running", "job_id": job_id, "message": ""})
             elif event.type == "token":
                 await self.send({"type": "running", "job_id": job_id, "message": event.data["t"]})
+            elif event.type == "delta":  # not choice 0's text: the OpenAI chunk choice
+                choice = event.data["choice"]
+                text = content_of(choice) if choice["index"] == 0 else ""
+                await self.send(
+                    {"type": "running", "job_id": job_id, "message": text, "choice": choice}
+                )
             elif event.type == "end":
                 await self.send({"type": "done", "job_id": job_id})
                 return "done"

@@ -21,6 +21,7 @@ from openbeepboop.server.models import (
     NewJob,
     Node,
     NodeResult,
+    Piece,
     ReapOutcome,
     ResultOutcome,
     StoredFile,
@@ -276,10 +277,10 @@ class TopicRelay(Protocol):
 class DeltaRelay(Protocol):
     """What a shared store bridges token deltas through (the server's `DeltaHub`)."""
 
-    def forward_to(self, forward: Callable[[str, int | None, str], None] | None) -> None:
+    def forward_to(self, forward: Callable[[str, int | None, Piece], None] | None) -> None:
         """Hand every piece accepted here (index None: a finish) to `forward` too."""
 
-    def deliver(self, job_id: str, index: int | None, text: str) -> bool:
+    def deliver(self, job_id: str, index: int | None, text: Piece) -> bool:
         """Keep a piece (or, with index None, the finish) another server accepted."""
 
 

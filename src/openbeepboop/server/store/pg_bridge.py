@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import asyncpg
 import orjson
 
+from openbeepboop.server.models import Piece
 from openbeepboop.server.store.base import DeltaRelay, TopicRelay
 from openbeepboop.server.topics import JOB_PREFIX, MODEL_PREFIX
 
@@ -112,8 +113,8 @@ class PgBridge:
     def _topics_out(self, topics: list[str]) -> None:
         self._queue([("t", t) for t in topics])
 
-    def _delta_out(self, job_id: str, index: int | None, text: str) -> None:
-        self._queue([("d", [job_id, index, text])])
+    def _delta_out(self, job_id: str, index: int | None, piece: Piece) -> None:
+        self._queue([("d", [job_id, index, piece])])
 
     def _queue(self, items: list[Item]) -> None:
         if len(self._pending) > MAX_PENDING:
@@ -207,7 +208,9 @@ class PgBridge:
             else:
                 self._fragment(*item)
 
-    def _fragment(self, job_id: str, index: int, text: str, part: int, parts: int) -> None:
+    def _fragment(
+        self, job_id: str, index: int, text: str, part: int, parts: int, kind: str = "t"
+    ) -> None:
         key = (job_id, index)
         got = self._fragments.setdefault(key, [])
         if part != len(got):  # a fragment went missing: give this piece up
@@ -216,7 +219,9 @@ class PgBridge:
         got.append(text)
         if len(got) == parts:
             del self._fragments[key]
-            self._deltas.deliver(job_id, index, "".join(got))
+            joined = "".join(got)
+            piece: Piece = joined if kind == "t" else orjson.loads(joined)
+            self._deltas.deliver(job_id, index, piece)
 
     # -- the fallback -------------------------------------------------------------
 
@@ -297,9 +302,13 @@ def encode(items: Sequence[Item]) -> tuple[list[str], list[str]]:
 
 
 def _split(delta: list[Any]) -> list[list[Any]]:
-    """A delta as one item, or as fragments when its text is long."""
-    job_id, index, text = delta
+    """A delta as one item, or as fragments when it is long: fragments of its text, or of
+    the JSON of its chunk choices (marked "j")."""
+    job_id, index, piece = delta
+    text = piece if isinstance(piece, str) else orjson.dumps(piece).decode()
     if len(text) <= FRAGMENT_CHARS:
         return [delta]
     parts = [text[i : i + FRAGMENT_CHARS] for i in range(0, len(text), FRAGMENT_CHARS)]
-    return [[job_id, index, part, n, len(parts)] for n, part in enumerate(parts)]
+    if isinstance(piece, str):
+        return [[job_id, index, part, n, len(parts)] for n, part in enumerate(parts)]
+    return [[job_id, index, part, n, len(parts), "j"] for n, part in enumerate(parts)]
