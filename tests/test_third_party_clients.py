@@ -26,7 +26,6 @@ import os
 import signal
 import subprocess
 import sys
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,7 +343,7 @@ def test_langchain_bind_tools_stream(target: Target) -> None:
 
     chat = ChatOpenAI(
         model="cl-oa", base_url=target.base_url, api_key=target.api_key, max_retries=0
-    )  # type: ignore[arg-type]
+    )
     total: Any = None
     count = 0
     for chunk in chat.bind_tools([Person]).stream(PROMPT):
@@ -358,27 +357,25 @@ def test_langchain_bind_tools_stream(target: Target) -> None:
 
 
 @contextlib.contextmanager
-def closing_the_loop_litellm_leaves() -> Iterator[None]:
+def a_loop_for_litellm() -> Iterator[None]:
     """LiteLLM's synchronous `completion` calls `asyncio.get_event_loop()`, which makes
-    an event loop the thread's current one, and never closes it: close it after use, or
-    the next async test's loop replaces it and it is collected unclosed (a
-    ResourceWarning, an error here)."""
+    a loop the thread's current one when there is none, and never closes it (the next
+    async test replaces it and it is collected unclosed: a ResourceWarning, an error
+    here). Give it one of ours, closed after."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
         yield
     finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            loop = asyncio.get_event_loop_policy().get_event_loop()
-        if not loop.is_running():
-            loop.close()
-            asyncio.set_event_loop(None)
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 def test_litellm_client_streamed_tool_calls(target: Target) -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch at import
     import litellm
 
-    with closing_the_loop_litellm_leaves():
+    with a_loop_for_litellm():
         stream = litellm.completion(
             model="openai/cl-oa",
             api_base=target.base_url,
@@ -389,7 +386,7 @@ def test_litellm_client_streamed_tool_calls(target: Target) -> None:
             num_retries=0,
         )
         chunks = list(stream)
-        built = litellm.stream_chunk_builder(chunks)
+        built: Any = litellm.stream_chunk_builder(chunks)
     fragments = [
         call.function.arguments
         for chunk in chunks
@@ -440,7 +437,7 @@ async def test_pydantic_ai_run_stream(target: Target) -> None:
     assert outputs and outputs[-1] == EXPECTED, outputs
 
 
-def test_llm_cli_tools_stream(target: Target, tmp_path: Path) -> None:
+def test_llm_cli_tools_stream(rig: Rig, target: Target, tmp_path: Path) -> None:
     """`llm` with an OpenAI-compatible model from extra-openai-models.yaml, its key
     stored with `llm keys set`, run with a tool (`-T llm_version`) and `--td` (tool debug):
     the tool call made, its result sent back, the model's final answer printed."""
@@ -471,3 +468,12 @@ def test_llm_cli_tools_stream(target: Target, tmp_path: Path) -> None:
     assert "Tool call: llm_version({})" in done.stderr, (done.stdout, done.stderr)
     assert f"Tool call: llm_version({{}})\n  {version}\n" in done.stderr, done.stderr
     assert done.stdout.strip() == version, (done.stdout, done.stderr)
+    # what reached the provider: the question with the tool, then the tool's result, both
+    # streamed (llm streams; through the server the node always streams upstream)
+    asked = [
+        r["body"]
+        for r in rig.mock.requests()
+        if any(t["function"]["name"] == "llm_version" for t in r["body"].get("tools") or [])
+    ][-2:]
+    assert [b["stream"] for b in asked] == [True, True], asked
+    assert [b["messages"][-1]["role"] for b in asked] == ["user", "tool"], asked
