@@ -183,8 +183,11 @@ REQUESTS: dict[str, dict[str, Any]] = {
 # tool call ids are minted per answer (`call_...`), and `system_fingerprint` names the
 # serving configuration (the provider's, or none when our server gives its own). Each
 # is still checked to be there and well formed. A field that is null counts as absent
-# (the SDK reads both as None). Everything else must be equal.
+# (the SDK reads both as None), and so do usage details that count nothing (LiteLLM adds
+# `completion_tokens_details: {"reasoning_tokens": 0}` to the usage it streams; OpenAI
+# sends such zeros too). Everything else must be equal.
 EXEMPT_TOP = ("id", "created", "system_fingerprint")
+USAGE_DETAILS = ("completion_tokens_details", "prompt_tokens_details")
 
 
 def without_nulls(value: Any) -> Any:
@@ -205,6 +208,10 @@ def comparable(completion: BaseModel) -> dict[str, Any]:
         for call in choice["message"].get("tool_calls") or []:
             assert isinstance(call["id"], str) and call["id"].startswith("call_"), call
             call["id"] = "call_*"
+    usage = data.get("usage") or {}
+    for key in USAGE_DETAILS:
+        if not any((usage.get(key) or {}).values()):
+            usage.pop(key, None)
     return dict(without_nulls(data))
 
 
