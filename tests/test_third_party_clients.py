@@ -255,14 +255,17 @@ def assembled(chunks: list[ChatCompletionChunk], extra: dict[str, Any]) -> BaseM
 
 
 def check_shape(chunks: list[ChatCompletionChunk], model: str, n: int) -> None:
-    """OpenAI's chunk sequence: one id and model throughout; per choice index a role
-    chunk first, exactly one finish chunk and nothing after it; a tool call's first delta
-    names its id, type and function, later ones only add argument text; logprobs tokens
-    spell the content they come with; the usage chunk last, with no choices."""
+    """OpenAI's chunk sequence: one id and model throughout, choice 0 first; per choice
+    index a role chunk first, exactly one finish chunk and nothing after it; a tool call's
+    first delta names its id, type and function, later ones only add argument text;
+    logprobs tokens spell the content they come with; the usage chunk last, with no
+    choices."""
     assert chunks, "an empty stream"
     assert {c.id for c in chunks} == {chunks[0].id}
     assert {c.object for c in chunks} == {"chat.completion.chunk"}
     assert {c.model for c in chunks} == {model}
+    # the SDK's accumulator sizes its choices from the first chunk: it must open choice 0
+    assert [c.index for c in chunks[0].choices] == [0], chunks[0]
     *body, last = chunks
     assert last.choices == [] and last.usage is not None, last
     assert all(c.usage is None for c in body), [c.usage for c in body]
