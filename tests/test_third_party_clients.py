@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
-import os
 import signal
 import subprocess
 import sys
@@ -381,8 +380,10 @@ def a_loop_for_litellm() -> Iterator[None]:
         loop.close()
 
 
-def test_litellm_client_streamed_tool_calls(target: Target) -> None:
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch at import
+def test_litellm_client_streamed_tool_calls(
+    target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch at import
     import litellm
 
     with a_loop_for_litellm():
