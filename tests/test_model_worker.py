@@ -5,8 +5,13 @@ again by the next job, a model that cannot load."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -94,16 +99,46 @@ def test_a_worker_killed_mid_job_is_restarted_and_the_job_completes(
     assert 'event="worker died"' in node.stderr()
 
 
+def node_events(server: ServerProcess, node_id: str, seen: list[dict[str, Any]]) -> None:
+    """Collect `GET /v1/nodes/{id}/events` into `seen` until the stream (or the server)
+    ends."""
+    headers = auth(server.keys["client_key"])
+    url = f"{server.url}/v1/nodes/{node_id}/events"
+    with (
+        contextlib.suppress(httpx.HTTPError),
+        httpx.stream("GET", url, headers=headers, timeout=30) as r,
+    ):
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                seen.append(json.loads(line.removeprefix("data: ")))
+
+
 def test_an_idle_worker_is_unloaded_and_the_next_job_loads_it_again(
     worker_node: tuple[ServerProcess, Proc, str],
 ) -> None:
     server, node, node_id = worker_node
+    events: list[dict[str, Any]] = []
+    watcher = threading.Thread(target=node_events, args=(server, node_id, events), daemon=True)
+    watcher.start()
     wait_until(
         lambda: (model_state(server, node_id) or {}).get("state") == "unloaded",
         15,
         "the idle worker to be unloaded",
     )
     assert worker_pids(node) == []  # its memory is given back: no process left
+    shown = subprocess.run(
+        [sys.executable, "-m", "openbeepboop.cli.client", "nodes"],
+        env={
+            **os.environ,
+            "OPENBEEPBOOP_BASE_URL": server.url,
+            "OPENBEEPBOOP_API_KEY": server.keys["client_key"],
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert shown.returncode == 0 and "echo: unloaded" in shown.stdout, shown
     job_id = submit_chat(server, "back again")
     done = wait_until(
         lambda: (j := get_job(server, job_id))["status"] == "completed" and j, 20, "the job"
@@ -116,6 +151,17 @@ def test_an_idle_worker_is_unloaded_and_the_next_job_loads_it_again(
         "the model ready again",
     )
     assert seen in ("ready", "busy")
+    # the node's event stream told the same story, live
+    assert events[0]["type"] == "node" and events[0]["node"]["id"] == node_id
+    def after_unloaded() -> list[str | None]:
+        kinds = [e.get("state") for e in events if e["type"] == "state"]
+        return kinds[kinds.index("unloaded") :] if "unloaded" in kinds else []
+
+    wait_until(
+        lambda: any(k in ("ready", "busy") for k in after_unloaded()),
+        5,
+        "the node's events to show the model ready again after 'unloaded'",
+    )
 
 
 def test_a_model_that_cannot_load_in_its_worker_is_reported(

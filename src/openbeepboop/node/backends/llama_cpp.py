@@ -34,7 +34,9 @@ _END = object()
 class LlamaCppModel(ModelConfig):
     """A local GGUF on llama-cpp-python; no path = the bundled Gemma 3 270M."""
 
-    path: str | None = Field(None, description="A .gguf path or hf:org/repo/file.gguf.")
+    path: str | None = Field(
+        None, description="A .gguf path, hf:org/repo/file.gguf or an https:// URL."
+    )
     chat_format: str | None = Field(
         None,
         description="llama.cpp chat format, or examples; default: the GGUF's "
@@ -76,22 +78,25 @@ def bundled_gemma(target_dir: Path) -> Path:
     return path
 
 
-def resolve_model_path(spec: str | None, models_dir: Path) -> Path:
-    """A local file for `spec`: None (bundled Gemma), `hf:org/repo/file.gguf`, or a path."""
+def resolve_model_path(
+    spec: str | None, models_dir: Path, progress: Progress | None = None
+) -> Path:
+    """A local file for `spec`: None (bundled Gemma), `hf:org/repo/file.gguf` or an
+    `https://` URL (pulled into the model cache `models_dir` once, resumable and
+    verified: node/models/), or a path. `progress("downloading", fraction)` while a pull
+    runs."""
     if spec is None:
         return bundled_gemma(models_dir)
-    if spec.startswith("hf:"):
-        parts = spec.removeprefix("hf:").split("/")
-        if len(parts) < 3:
-            raise BackendError(
-                f"{spec!r}: expected hf:ORG/REPO/FILE.gguf", code="invalid_model", retryable=False
-            )
-        from huggingface_hub import hf_hub_download
+    if spec.startswith(("hf:", "http://", "https://")):
+        from openbeepboop.node.models import ModelCache, PullError, pull_model
 
-        repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        def bytes_done(done: int, total: int | None) -> None:
+            if progress is not None and total:
+                progress("downloading", done / total, done, total)
+
         try:
-            return Path(hf_hub_download(repo_id=repo, filename=filename))
-        except Exception as exc:  # network, auth, missing file: all mean "cannot serve"
+            return pull_model(spec, ModelCache(models_dir), progress=bytes_done).path
+        except PullError as exc:  # network, auth, missing file, checksum: cannot serve
             raise BackendError(
                 f"could not download {spec}: {exc}", code="model_unavailable", retryable=False
             ) from exc
@@ -131,7 +136,9 @@ class LlamaCppBackend:
 
     async def load(self, progress: Progress) -> None:
         progress("downloading", 0.0)
-        self.path = await asyncio.to_thread(resolve_model_path, self.config.path, self.models_dir)
+        self.path = await asyncio.to_thread(
+            resolve_model_path, self.config.path, self.models_dir, progress
+        )
         for i in range(self.config.concurrency):
             progress("loading", i / self.config.concurrency)
             thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{i}")

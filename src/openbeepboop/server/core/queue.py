@@ -409,7 +409,7 @@ class Queue:
         if self._clock() - checked_at >= SERVED_CACHE_SECONDS:
             models = frozenset(await self.served_models())
             self._served = (self._clock(), models)
-        return model in models
+        return model in models or self._fetched_on_demand(model, await self.live_nodes())
 
     async def submit_when_served(
         self, key: ApiKey, request: JobRequest, durable: bool = True
@@ -433,7 +433,7 @@ class Queue:
                 event.clear()
                 served = await self.served_models()
                 self._served = (self._clock(), frozenset(served))
-                if model in served:
+                if model in served or self._fetched_on_demand(model, await self.live_nodes()):
                     return
                 if served and not await self._ever_served(model):
                     raise NotFound(
@@ -614,7 +614,8 @@ class Queue:
         return outcomes
 
     async def push_deltas(self, events: Sequence[JSON]) -> int:
-        """Pieces of running jobs (`choices` when given, else the text `delta`), each
+        """Pieces of running jobs (`choices` when given, or `progress`, else the text
+        `delta`), each
         accepted only under the job's current lease (fencing, as for results); returns
         how many were accepted."""
         leases = {
@@ -625,7 +626,11 @@ class Queue:
         accepted = 0
         for e in events:
             if leases.get(e["job_id"]) == e["lease_id"]:
-                piece: Piece = e["choices"] if e.get("choices") else str(e.get("delta") or "")
+                piece: Piece = str(e.get("delta") or "")
+                if e.get("choices"):
+                    piece = e["choices"]
+                elif e.get("progress"):
+                    piece = {"progress": e["progress"]}
                 accepted += self.deltas.push(e["job_id"], int(e["index"]), piece)
         return accepted
 
@@ -640,6 +645,38 @@ class Queue:
 
     async def live_nodes(self) -> list[Node]:
         return await self.store.list_nodes(self._clock() - self.config.node_ttl_seconds)
+
+    async def demanded_models(self, key: ApiKey, node_id: str, prefixes: list[str]) -> list[str]:
+        """Models of queued jobs that start with one of `prefixes` (models a node may
+        fetch on demand); read from the per-model counters, so it costs the same however
+        long the queue is."""
+        await self._check_node(key, node_id)
+        await self._touch(node_id)
+        wanted = tuple(p for p in prefixes if p)
+        return sorted(
+            model
+            for model, counts in (await self.store.stats()).items()
+            if counts.get(JobStatus.QUEUED.value, 0) > 0 and model.startswith(wanted)
+        )
+
+    @staticmethod
+    def _fetched_on_demand(model: str, nodes: list[Node]) -> bool:
+        """Whether one of `nodes` fetches `model` on demand (its spec prefixes, reported
+        in its heartbeats' stats)."""
+        for node in nodes:
+            prefixes = (node.stats or {}).get("on_demand")
+            if isinstance(prefixes, list) and model.startswith(
+                tuple(p for p in prefixes if isinstance(p, str) and p)
+            ):
+                return True
+        return False
+
+    async def live_node(self, node_id: str) -> Node | None:
+        """The node, if it registered and is live (heard from within node_ttl_seconds)."""
+        node = await self.store.get_node(node_id)
+        if node is None or node.last_seen < self._clock() - self.config.node_ttl_seconds:
+            return None
+        return node
 
     async def _ever_served(self, model: str) -> bool:
         """Whether any node that ever registered (live or not) lists `model`."""
