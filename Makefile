@@ -69,7 +69,9 @@ soak: install  ## 10 minutes at half capacity: RSS, open files, database size, p
 	$(BIN)/python bench/soak.py
 
 lock:  ## re-resolve requirements.lock from pyproject.toml
-	uv pip compile pyproject.toml --extra all --python-version 3.11 -o requirements.lock
+	@# pip is the installer, not a dependency (llm names it): the venv keeps its own
+	uv pip compile pyproject.toml --extra all --python-version 3.11 --no-emit-package pip \
+	  -o requirements.lock
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
