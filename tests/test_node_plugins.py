@@ -280,7 +280,7 @@ def test_the_wizard_asks_for_a_plugin_key_and_writes_its_defaults(
     assert model.model_dump() == {
         **reverse_model(name="reverse", prefix=">>", times=1, separator=" "),
         **{"concurrency": 2, "timeout_seconds": 600.0, "max_attempts": 5},
-        **{"rpm": None, "tpm": None},
+        **{"rpm": None, "tpm": None, "worker": None, "idle_unload_seconds": None},
     }
 
 
