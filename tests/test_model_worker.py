@@ -145,14 +145,14 @@ def test_an_idle_worker_is_unloaded_and_the_next_job_loads_it_again(
     )
     assert done["result"]["choices"][0]["message"]["content"] == "back again"
     seen = wait_until(
-        lambda: (s := (model_state(server, node_id) or {}).get("state")) in ("ready", "busy")
-        and s,
+        lambda: (s := (model_state(server, node_id) or {}).get("state")) in ("ready", "busy") and s,
         5,
         "the model ready again",
     )
     assert seen in ("ready", "busy")
     # the node's event stream told the same story, live
     assert events[0]["type"] == "node" and events[0]["node"]["id"] == node_id
+
     def after_unloaded() -> list[str | None]:
         kinds = [e.get("state") for e in events if e["type"] == "state"]
         return kinds[kinds.index("unloaded") :] if "unloaded" in kinds else []
