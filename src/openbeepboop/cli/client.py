@@ -124,6 +124,14 @@ def main(base_url: str | None, api_key: str | None, as_json: bool) -> None:
 @click.option("--max-tokens", type=int)
 @click.option("--temperature", type=float)
 @click.option("--priority", type=int, default=0, help="Higher runs first.")
+@click.option("--node", help="Run only on the node of this name (or id); waits for it.")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Run only on a node carrying this label (repeat: all of them).",
+)
 @click.option("--wait", is_flag=True, help="Wait and print the answer.")
 @click.option(
     "--stream", is_flag=True, help="Print the answer's tokens as they are made, then a summary."
@@ -155,6 +163,8 @@ def submit(
     max_tokens: int | None,
     temperature: float | None,
     priority: int,
+    node: str | None,
+    labels: tuple[str, ...],
     wait: bool,
     stream: bool,
     timeout: float | None,
@@ -181,6 +191,10 @@ def submit(
         params["max_tokens"] = max_tokens
     if temperature is not None:
         params["temperature"] = temperature
+    if node is not None:
+        params["node"] = node
+    if labels:
+        params["node_labels"] = _labels(labels)
     job = client.chat.completions.create(**params)
     if stream:
         _stream_tokens(job)
@@ -198,6 +212,17 @@ def submit(
         click.echo(_answer_text(job))
 
 
+def _labels(given: tuple[str, ...]) -> dict[str, str]:
+    """`--label KEY=VALUE` options as an object (UsageError when one has no `=`)."""
+    out = {}
+    for item in given:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--label takes KEY=VALUE, not {item!r}")
+        out[key] = value
+    return out
+
+
 def _stream_tokens(job: Job) -> None:
     """Tokens to stdout as they come; a one-line summary (tokens, time, tokens/s) to
     stderr; exit 1 when the job fails."""
@@ -205,6 +230,9 @@ def _stream_tokens(job: Job) -> None:
     calls: dict[int, list[str]] = {}  # the first choice's tool calls: [name, arguments]
     for event in job.events():
         kind = event["type"]
+        if kind == "queued" and event.get("waiting_for"):
+            wanted = ", ".join(f"{k} {v}" for k, v in event["waiting_for"].items())
+            click.echo(f"waiting for {wanted}: no live node matches yet...", err=True)
         if kind == "queued" and event.get("position"):
             click.echo(f"position {event['position']} in the queue...", err=True)
         elif kind == "token":

@@ -58,6 +58,11 @@ class NodeSection(_Strict):
     state_dir: Path | None = Field(None, description="Where the result outbox lives.")
     models_dir: Path | None = Field(None, description="Where downloaded models are kept.")
     log_prompts: bool = Field(False, description="Include prompt text in logs.")
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Labels jobs can be pinned to (`node_labels`), e.g. {gpu = \"a100\"}.",
+    )
 
 
 class _BackendName(BaseModel):
