@@ -153,6 +153,19 @@ def test_batch_lines_carry_their_pins(fleet: Fleet) -> None:
     assert len(out) == 12
     for i in range(12):
         assert node_of[f"r{i}"] == fleet.ids["alpha" if i % 2 else "beta"]
+    # a line pinned to a node nobody has registered fails the batch, naming the node
+    bad = {**lines[0], "body": chat("x", node="gamma")}
+    data = (json.dumps(bad) + "\n").encode()
+    upload = sdk.files.create(file=("bad.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = sdk.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    while batch.status not in ("completed", "failed") and time.monotonic() < deadline + 30:
+        time.sleep(0.2)
+        batch = sdk.batches.retrieve(batch.id)
+    assert batch.status == "failed" and batch.errors is not None
+    [error] = batch.errors.data or []
+    assert error.code == "unknown_node" and "gamma" in (error.message or "")
 
 
 def test_cli_submit_node_and_label(fleet: Fleet) -> None:
@@ -173,8 +186,10 @@ def test_cli_submit_node_and_label(fleet: Fleet) -> None:
         job = json.loads(out.stdout)
         assert (job["node"], job["node_id"]) == (name, fleet.ids[name])
     out = submit("hello", "--label", "site=lab1", "--label", "x=", "--wait")
-    assert out.returncode != 0 and "node_labels" in out.stderr  # nobody has x=""
+    assert out.returncode == 7 and "site=lab1, x=" in out.stderr  # nobody has x=""
     out = submit("hello", "--label", "site=lab1", "--wait")
     assert json.loads(out.stdout)["node_id"] == fleet.ids["alpha"]
     out = submit("hello", "--node", "gamma")
-    assert out.returncode != 0 and "no node named 'gamma' has registered" in out.stderr
+    assert out.returncode == 7 and "no node named 'gamma' has registered" in out.stderr
+    out = submit("hello", "--label", "gpu")
+    assert out.returncode == 2 and "KEY=VALUE" in out.stderr
