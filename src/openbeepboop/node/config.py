@@ -61,7 +61,7 @@ class NodeSection(_Strict):
     labels: dict[str, str] = Field(
         default_factory=dict,
         max_length=32,
-        description="Labels jobs can be pinned to (`node_labels`), e.g. {gpu = \"a100\"}.",
+        description='Labels jobs can be pinned to (`node_labels`), e.g. {gpu = "a100"}.',
     )
 
 

@@ -417,8 +417,7 @@ class Queue:
             )
             where = "" if pin is None else f" as {pin.describe()}"
             raise Unavailable(
-                f"no live node serves model {job.model!r}{where} any more "
-                f"(job {job.id}: {fate})",
+                f"no live node serves model {job.model!r}{where} any more (job {job.id}: {fate})",
                 retry_after=max(1.0, self.config.model_wait_seconds),
                 code="model_not_available",
             )
