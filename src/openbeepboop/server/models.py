@@ -125,10 +125,6 @@ class Job:
     pin_node: str | None = None  # as submitted (NewJob)
     pin_labels: dict[str, str] | None = None
 
-    @property
-    def pinned(self) -> bool:
-        return self.pin_node is not None or self.pin_labels is not None
-
 
 @dataclass(frozen=True, slots=True)
 class SubmitOutcome:
