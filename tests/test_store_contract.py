@@ -310,6 +310,14 @@ async def test_unpinned_work_behind_pinned_jobs_is_claimed_in_order(store: Store
     assert [j.id for j in got] == [low]
 
 
+async def test_queue_position_counts_pinned_jobs_ahead_too(store: Store) -> None:
+    pinned = new_job(pin_node="mac", priority=2)
+    labelled = new_job(pin_labels={"k": "v"}, priority=1)
+    outcomes = await store.submit_jobs([pinned, labelled, new_job()], T0, positions=True)
+    assert [o.position for o in outcomes] == [0, 1, 2]
+    assert [await store.queue_position(o.job) for o in outcomes] == [0, 1, 2]
+
+
 async def test_concurrent_claimers_take_pinned_jobs_once_and_only_their_own(store: Store) -> None:
     jobs = [new_job(pin_node=f"box-{i % 4}") for i in range(80)]
     ids = await submit(store, *jobs)

@@ -43,36 +43,59 @@ SELECT {job_columns} FROM jobs WHERE id = ANY($1::text[]);
 SELECT {job_columns} FROM jobs WHERE {where} ORDER BY seq DESC LIMIT {limit};
 
 -- name: queue_position
--- Queued jobs of the same model that run before this one (priority, then age).
-SELECT count(*) FROM jobs
-WHERE status = 'queued' AND model = $1 AND (priority > $2 OR (priority = $2 AND seq < $3));
+-- Queued jobs of the same model that run before this one (priority, then age): those
+-- pinned to no node (jobs_queued) and those pinned to one (jobs_queued_node).
+SELECT (SELECT count(*) FROM jobs
+        WHERE status = 'queued' AND pin_node IS NULL AND model = $1
+          AND (priority > $2 OR (priority = $2 AND seq < $3)))
+     + (SELECT count(*) FROM jobs
+        WHERE status = 'queued' AND pin_node IS NOT NULL AND model = $1
+          AND (priority > $2 OR (priority = $2 AND seq < $3)));
 
 -- name: queued_ahead
 -- queue_position of a job just queued: counted. (SQLite sums counters its writer keeps;
 -- here a counter row, updated by every submit and claim of its model on every replica,
 -- would serialize them on its lock.)
-SELECT count(*) FROM jobs
-WHERE status = 'queued' AND model = $1 AND (priority > $2 OR (priority = $2 AND seq < $3));
+SELECT (SELECT count(*) FROM jobs
+        WHERE status = 'queued' AND pin_node IS NULL AND model = $1
+          AND (priority > $2 OR (priority = $2 AND seq < $3)))
+     + (SELECT count(*) FROM jobs
+        WHERE status = 'queued' AND pin_node IS NOT NULL AND model = $1
+          AND (priority > $2 OR (priority = $2 AND seq < $3)));
 
 -- name: claim_jobs
 -- Lease up to $3 queued jobs of the models $1, highest priority first, then oldest; each
 -- gets a fresh lease id, the lease's expiry $4 and one more attempt; $2 now, $5 the node's
 -- id, $6 its name, $7 its labels (a JSON object). Up to $3 candidates per model, each
--- model's best first, locked or skipped. A pinned job only for its node (pin_node: its
--- id or name) and only for a node carrying each of its labels (pin_labels <@ labels);
--- unpinned jobs pass at the first test, a pinned job this node may not take is skipped.
-WITH picked AS (
-    SELECT c.seq FROM unnest($1::text[]) AS m(name)
+-- model's best first, locked or skipped. Two walks per model: the jobs pinned to no node
+-- (jobs_queued), and those pinned to this node by its id or name (jobs_queued_node):
+-- jobs pinned to other nodes are not read. A job pinned to labels only for a node
+-- carrying each of them (pin_labels <@ labels); an unpinned job passes at the first test.
+WITH free AS (
+    SELECT c.seq, c.priority FROM unnest($1::text[]) AS m(name)
     CROSS JOIN LATERAL (
         SELECT seq, priority FROM jobs
-        WHERE status = 'queued' AND model = m.name AND (expires_at IS NULL OR expires_at > $2)
-          AND (pin_node IS NULL OR pin_node = $5 OR pin_node = $6::text)
+        WHERE status = 'queued' AND pin_node IS NULL AND model = m.name
+          AND (expires_at IS NULL OR expires_at > $2)
           AND (pin_labels IS NULL OR pin_labels::jsonb <@ $7::jsonb)
         ORDER BY priority DESC, seq
         LIMIT $3
         FOR UPDATE SKIP LOCKED
     ) AS c
-    ORDER BY c.priority DESC, c.seq
+), mine AS (
+    SELECT c.seq, c.priority FROM unnest($1::text[]) AS m(name)
+    CROSS JOIN LATERAL (
+        SELECT seq, priority FROM jobs
+        WHERE status = 'queued' AND pin_node IS NOT NULL AND model = m.name
+          AND pin_node IN ($5, $6::text) AND (expires_at IS NULL OR expires_at > $2)
+          AND (pin_labels IS NULL OR pin_labels::jsonb <@ $7::jsonb)
+        ORDER BY priority DESC, seq
+        LIMIT $3
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+), picked AS (
+    SELECT seq FROM (SELECT * FROM free UNION ALL SELECT * FROM mine) AS u
+    ORDER BY priority DESC, seq
     LIMIT $3
 )
 UPDATE jobs SET status = 'in_progress', lease_id = replace(gen_random_uuid()::text, '-', ''),
@@ -201,7 +224,9 @@ SELECT model, status, sum(n) FROM folded GROUP BY model, status HAVING sum(n) <>
 -- name: models_with_queued_jobs
 -- For the bridge's fallback: which of the models $1 have a queued job (an index probe).
 SELECT m FROM unnest($1::text[]) AS t(m)
-WHERE EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND model = t.m);
+WHERE EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND pin_node IS NULL AND model = t.m)
+   OR EXISTS (SELECT 1 FROM jobs
+              WHERE status = 'queued' AND pin_node IS NOT NULL AND model = t.m);
 
 -- name: final_job_ids
 -- For the bridge's fallback: which of the jobs $1 are final.
