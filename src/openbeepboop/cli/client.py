@@ -370,6 +370,62 @@ def _status_text(stats: dict[str, Any], nodes: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _model_line(model: dict[str, Any]) -> str:
+    state = str(model.get("state", "?"))
+    if state in ("downloading", "loading"):
+        state += f" {float(model.get('progress') or 0) * 100:.0f}%"
+    elif state == "error" and model.get("error"):
+        state += f" ({model['error']})"
+    return f"{model.get('name')}: {state}"
+
+
+def _nodes_text(nodes: list[dict[str, Any]], now: float) -> str:
+    if not nodes:
+        return "no live node"
+    lines = []
+    for n in nodes:
+        s = n.get("stats") or {}
+        hw = n.get("hardware") or {}
+        ago = max(0, round(now - float(n.get("last_seen") or now)))
+        models_ = (s.get("models") if isinstance(s.get("models"), list) else None) or n["models"]
+        lines.append(
+            f"{n['name']}  ({n['id']}, {n.get('version', '?')})  heartbeat {ago} s ago  "
+            f"load {s.get('load', 0)}  running {s.get('running', 0)}  "
+            f"{s.get('tokens_per_second', 0)} tok/s"
+        )
+        lines.append("  models: " + " · ".join(_model_line(m) for m in models_))
+        gpus = ", ".join(g.get("name", "?") for g in hw.get("gpus") or []) or "none"
+        ram = f"{hw['ram_bytes'] / 2**30:.0f} GiB RAM" if hw.get("ram_bytes") else "RAM ?"
+        lines.append(
+            f"  hardware: {hw.get('cpu', '?')}, {hw.get('cpus', '?')} cpus, {ram}, GPUs: {gpus}"
+        )
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl+C.")
+@click.option("--interval", type=float, default=1.0, show_default=True)
+@_connected
+def nodes(client: Client, watch: bool, interval: float, as_json: bool) -> None:
+    """Live nodes: their models' states (with download and loading progress), load,
+    speed, last heartbeat and hardware."""
+    if not watch:
+        data = client.request("GET", "/v1/nodes")["data"]
+        _print_json(data) if as_json else click.echo(_nodes_text(data, time.time()))
+        return
+    from rich.live import Live
+    from rich.text import Text
+
+    try:
+        with Live(Text("..."), refresh_per_second=4, screen=False) as live:
+            while True:
+                data = client.request("GET", "/v1/nodes")["data"]
+                live.update(Text(_nodes_text(data, time.time())))
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+
+
 @main.command()
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl+C.")
 @click.option("--interval", type=float, default=2.0, show_default=True)

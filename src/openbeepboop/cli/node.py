@@ -330,5 +330,106 @@ def batch(config_path: Path, log_level: str) -> None:
     _run(config_path, batch=True, log_level=log_level)
 
 
+# -- models: the cache shared by the nodes on this machine ------------------------------
+
+CACHE_DIR = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="OPENBEEPBOOP_MODELS_DIR",
+    show_envvar=True,
+    help="The model cache [default: the user cache dir's openbeepboop/models].",
+)
+
+
+def _cache(cache_dir: Path | None) -> Any:
+    from openbeepboop.node.models import ModelCache, default_models_dir
+
+    return ModelCache(cache_dir or default_models_dir())
+
+
+@main.group()
+def models() -> None:
+    """Pull, list and remove GGUF models in the cache every node on this machine shares."""
+
+
+@models.command()
+@click.argument("spec")
+@CACHE_DIR
+@click.option("--sha256", help="The file's expected sha256 (hex); checked with the hub's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the cached entry as JSON.")
+def pull(spec: str, cache_dir: Path | None, sha256: str | None, as_json: bool) -> None:
+    """Fetch SPEC into the cache: resumable, checksummed, with progress.
+
+    SPEC is hf:ORG/REPO[@REVISION]/FILE.gguf (HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE
+    apply), an http(s) URL, or a local path (hard-linked when on the same disk, else
+    copied). An interrupted pull resumes where it stopped; the sha256 is checked against
+    the hub's and --sha256. A spec already in the cache is not fetched again.
+    """
+    from openbeepboop.cli.pull_progress import pull_progress
+    from openbeepboop.node.models import PullError, pull_model
+
+    def waiting() -> None:
+        click.echo(f"another process is pulling {spec}; waiting for it", err=True)
+
+    try:
+        label = spec.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+        with pull_progress(f"pulling {label}") as progress:
+            entry = pull_model(
+                spec, _cache(cache_dir), sha256=sha256, progress=progress, on_wait=waiting
+            )
+    except PullError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: the partial download is kept; pull again to resume", err=True)
+        sys.exit(130)
+    if as_json:
+        click.echo(json.dumps(entry.to_json()))
+    else:
+        click.echo(f"{entry.name}  {entry.size} bytes  sha256 {entry.sha256[:12]}  {entry.path}")
+
+
+@models.command("list")
+@CACHE_DIR
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def list_models(cache_dir: Path | None, as_json: bool) -> None:
+    """The cached models: name, size, sha256, source spec and path."""
+    from openbeepboop.node.models import PullError
+
+    cache = _cache(cache_dir)
+    try:
+        entries = cache.entries()
+    except PullError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps([e.to_json() for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo(f"no models in {cache.root}", err=True)
+        return
+    rows = [("NAME", "SIZE", "SHA256", "SPEC", "PATH")]
+    rows += [(e.name, _size(e.size), e.sha256[:12], e.spec, str(e.path)) for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  ".join([*(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[4]]))
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
+
+
+@models.command()
+@click.argument("name")
+@CACHE_DIR
+def rm(name: str, cache_dir: Path | None) -> None:
+    """Delete a cached model: NAME as `models list` shows it, or the spec it came from."""
+    from openbeepboop.node.models import PullError
+
+    try:
+        entry = _cache(cache_dir).remove(name)
+    except PullError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"removed {entry.name} ({entry.path})")
+
+
 if __name__ == "__main__":
     main()

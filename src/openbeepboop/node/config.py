@@ -31,6 +31,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from openbeepboop.node.backends import PluginError, backend_class
 from openbeepboop.node.backends.base import ModelConfig
+from openbeepboop.node.models.cache import default_models_dir
 from openbeepboop.private_paths import private_dir, write_private
 
 DEFAULT_CONFIG = "node_config.toml"
@@ -127,7 +128,7 @@ class NodeConfig(_Strict):
     def models_dir(self) -> Path:
         if self.node.models_dir is not None:
             return self.node.models_dir
-        return Path(platformdirs.user_cache_dir("openbeepboop", appauthor=False)) / "models"
+        return default_models_dir()  # $OPENBEEPBOOP_MODELS_DIR, else the user cache dir's
 
     def state_dir(self) -> Path:
         if self.node.state_dir is not None:

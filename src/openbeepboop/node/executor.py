@@ -25,6 +25,9 @@ from openbeepboop.node.pacing import Pacer
 from openbeepboop.node.results import build_response
 
 log = logging.getLogger("openbeepboop.node")
+# the states in which a model takes jobs: "unloaded" (a worker stopped when idle, or
+# that died) starts again for the next job
+SERVING = frozenset({"ready", "unloaded"})
 BackendFactory = Callable[[Any, Path], Backend]  # (model config, models_dir) -> Backend
 PROVIDER_WAIT = wait_exponential_jitter(multiplier=1, max=30)  # 1 s doubling, + <= 1 s
 
@@ -70,7 +73,8 @@ class Executor(Protocol):
 
     @property
     def state(self) -> str:
-        """One of "loading", "ready" or "error" (then `error` says why)."""
+        """One of "downloading", "loading", "ready", "unloaded" or "error" (then `error`
+        says why)."""
 
     @property
     def progress(self) -> float:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from openbeepboop.node.backends.base import JSON
 from openbeepboop.node.backoff import Backoff, pause
 from openbeepboop.node.client import ServerRefused, ServerUnreachable
-from openbeepboop.node.executor import Executor
+from openbeepboop.node.executor import SERVING, Executor
 from openbeepboop.node.jobs import LeasedJob, MalformedJob
 from openbeepboop.node.session import Session
 
@@ -33,8 +33,8 @@ class Slot:
         return self.executor.config.name
 
     def free(self) -> int:
-        """How many more jobs the model takes now (none unless it is ready)."""
-        if self.executor.state != "ready":
+        """How many more jobs the model takes now (none unless it serves: ready, or unloaded)."""
+        if self.executor.state not in SERVING:
             return 0
         return self.executor.config.concurrency - self.running
 
@@ -63,7 +63,7 @@ class Fetcher:
 
     async def run(self, batch: bool = False) -> None:
         """Fetch until `stop`; in `batch` mode, until no model finds anything more."""
-        ready = [slot for slot in self._slots if slot.executor.state == "ready"]
+        ready = [slot for slot in self._slots if slot.executor.state in SERVING]
         await asyncio.gather(*(self._model_loop(slot, batch) for slot in ready))
 
     def stop(self) -> None:

@@ -24,12 +24,11 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from openbeepboop.node.backends import build_backend
 from openbeepboop.node.backends.base import JSON
 from openbeepboop.node.client import NodeClient, ServerClient, ServerRefused, ServerUnreachable
 from openbeepboop.node.config import NodeConfig
 from openbeepboop.node.deltas import DeltaPusher
-from openbeepboop.node.executor import BackendExecutor, BackendFactory, Executor
+from openbeepboop.node.executor import BackendExecutor, BackendFactory
 from openbeepboop.node.fetcher import Fetcher, Slot
 from openbeepboop.node.heartbeat import Heartbeat
 from openbeepboop.node.jobs import RELEASED, LeasedJob, MalformedJob, Outcome, Running
@@ -37,6 +36,7 @@ from openbeepboop.node.outbox import Outbox
 from openbeepboop.node.results import completion_tokens
 from openbeepboop.node.session import Session
 from openbeepboop.node.uploader import Uploader
+from openbeepboop.node.worker import build_isolated
 
 log = logging.getLogger("openbeepboop.node")
 FINAL_FLUSH_SECONDS = 30.0  # after the drain: how long results wait for the server
@@ -63,14 +63,15 @@ class NodeRunner:
     """Runs one node until stopped (daemon) or until the queue is drained (batch).
 
     `client` and `backends` (a factory: model config, models_dir -> Backend) replace the
-    HTTP client and the installed backends, e.g. in tests."""
+    HTTP client and the installed backends (by default, run in worker processes where
+    the model wants one: worker.py), e.g. in tests."""
 
     def __init__(
         self,
         config: NodeConfig,
         client: ServerClient | None = None,
         *,
-        backends: BackendFactory = build_backend,
+        backends: BackendFactory = build_isolated,
     ) -> None:
         self.config = config
         self.client: ServerClient = client or NodeClient(
@@ -85,8 +86,9 @@ class NodeRunner:
         self._stopping = asyncio.Event()
         self._release_now = asyncio.Event()
         self.capacity = sum(m.concurrency for m in config.models)
+        llama = any(m.backend == "llama_cpp" for m in config.models)
         self.session = Session(
-            self.client, config.node.name, self._model_states, self.capacity, self._stopping
+            self.client, config.node.name, self._model_states, self.capacity, self._stopping, llama
         )
         self.deltas = DeltaPusher(self.session)
         models_dir = config.models_dir()
@@ -204,7 +206,7 @@ class NodeRunner:
     def _start(self, job: LeasedJob) -> None:
         self.heartbeat.learn(job)
         slot = self.slots.get(job.model)
-        if slot is None or slot.executor.state != "ready":  # not asked for, or not loaded
+        if slot is None or slot.executor.state == "error":  # not asked for, or cannot load
             message = f"model {job.model} not served here"
             self.uploader.put(
                 job.id, job.lease_id, Outcome.failed(message, "model_not_served", True)
@@ -275,14 +277,16 @@ class NodeRunner:
         }
 
     def _model_states(self) -> list[JSON]:
-        return [_model_state(slot.executor) for slot in self.slots.values()]
+        return [_model_state(slot) for slot in self.slots.values()]
 
 
-def _model_state(executor: Executor) -> JSON:
+def _model_state(slot: Slot) -> JSON:
+    executor = slot.executor
     config = executor.config
+    state = executor.state
     return {
         "name": config.name,
-        "state": executor.state,
+        "state": "busy" if state == "ready" and slot.running else state,
         "progress": executor.progress,
         "backend": config.backend,
         "concurrency": config.concurrency,

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import platform
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from openbeepboop.node import hardware
 from openbeepboop.node.backends.base import JSON
 from openbeepboop.node.backoff import until_reachable
 from openbeepboop.node.client import ServerClient, ServerRefused
@@ -26,7 +25,8 @@ class Session:
     """Registers the node and makes its calls with the current `node_id`.
 
     `models` says what the node serves (name, state, ...) at the moment it registers;
-    `stopping` ends the wait for an unreachable server."""
+    `stopping` ends the wait for an unreachable server; with `llama`, the machine's
+    description (hardware.py) says what llama.cpp can offload to."""
 
     def __init__(
         self,
@@ -35,6 +35,7 @@ class Session:
         models: Callable[[], list[JSON]],
         capacity: int,
         stopping: asyncio.Event,
+        llama: bool = False,
     ) -> None:
         self.client = client
         self.name = name
@@ -43,13 +44,17 @@ class Session:
         self._capacity = capacity
         self._stopping = stopping
         self._registering = asyncio.Lock()
+        self._llama = llama
+        self._hardware: JSON | None = None
 
     async def register(self, give_up: bool = False) -> None:
         """Register, retrying while the server is unreachable: until `stopping`, or four
         times when `give_up` (batch mode). Raises ServerUnreachable or ServerRefused."""
-        hardware = {"platform": platform.platform(), "cpus": os.cpu_count()}
+        if self._hardware is None:  # once: nvidia-smi and llama.cpp's report take a while
+            self._hardware = await asyncio.to_thread(hardware.detect, self._llama)
+        found = self._hardware
         call = lambda: self.client.register(  # noqa: E731
-            self.name, self._models(), self._capacity, hardware
+            self.name, self._models(), self._capacity, found
         )
         attempts = 4 if give_up else None
         self.node_id = await until_reachable(call, self._stopping, attempts)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 JSON = dict[str, Any]
 Progress = Callable[[str, float], None]  # (state, fraction 0..1)
@@ -74,6 +74,18 @@ class ModelConfig(BaseModel):
     max_attempts: int = Field(5, ge=1, le=50, description="Tries on transient provider errors.")
     rpm: float | None = Field(None, gt=0, description="Requests per minute to pace to.")
     tpm: float | None = Field(None, gt=0, description="Tokens per minute (informational).")
+    worker: bool | None = Field(
+        None,
+        description="Run the backend in a child process of its own (a crash there loses "
+        "no job and leaves the node up); default: the backend's choice (llama_cpp: yes).",
+    )
+    idle_unload_seconds: float | None = Field(
+        None,
+        gt=0,
+        validation_alias=AliasChoices("idle_unload_seconds", "idle_unload_s"),
+        description="With a worker: stop it after this long without a job (its memory "
+        "freed; state `unloaded`), start it again on the next job. Default: never.",
+    )
 
 
 class ProviderConfig(ModelConfig):
@@ -100,7 +112,8 @@ class ProviderConfig(ModelConfig):
 
 
 class Backend(Protocol):
-    """What the node needs from a backend."""
+    """What the node needs from a backend. A backend class may say `in_worker = True`
+    (a class attribute) to be run in a worker process by default (`ModelConfig.worker`)."""
 
     state: str  # "loading", "ready" or "error"
 

@@ -34,7 +34,9 @@ _END = object()
 class LlamaCppModel(ModelConfig):
     """A local GGUF on llama-cpp-python; no path = the bundled Gemma 3 270M."""
 
-    path: str | None = Field(None, description="A .gguf path or hf:org/repo/file.gguf.")
+    path: str | None = Field(
+        None, description="A .gguf path, hf:org/repo/file.gguf or an https:// URL."
+    )
     chat_format: str | None = Field(
         None,
         description="llama.cpp chat format, or examples; default: the GGUF's "
@@ -42,7 +44,22 @@ class LlamaCppModel(ModelConfig):
     )
     n_ctx: int = Field(4096, ge=256)
     n_threads: int | None = Field(None, ge=1)
-    n_gpu_layers: int = Field(0, ge=-1)
+    n_gpu_layers: int | None = Field(
+        None,
+        ge=-1,
+        description="Layers offloaded to a GPU (-1: all); default: all when "
+        "llama.cpp can offload to one, else 0.",
+    )
+
+    def gpu_layers(self) -> int:
+        """`n_gpu_layers`, or its default: every layer when llama.cpp was built with GPU
+        offload (CUDA, Metal, Vulkan, ...), none otherwise."""
+        if self.n_gpu_layers is not None:
+            return self.n_gpu_layers
+        import llama_cpp
+
+        return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+
     max_tokens: int = Field(512, ge=1, description="Default when a request sets none.")
 
 
@@ -61,22 +78,25 @@ def bundled_gemma(target_dir: Path) -> Path:
     return path
 
 
-def resolve_model_path(spec: str | None, models_dir: Path) -> Path:
-    """A local file for `spec`: None (bundled Gemma), `hf:org/repo/file.gguf`, or a path."""
+def resolve_model_path(
+    spec: str | None, models_dir: Path, progress: Progress | None = None
+) -> Path:
+    """A local file for `spec`: None (bundled Gemma), `hf:org/repo/file.gguf` or an
+    `https://` URL (pulled into the model cache `models_dir` once, resumable and
+    verified: node/models/), or a path. `progress("downloading", fraction)` while a pull
+    runs."""
     if spec is None:
         return bundled_gemma(models_dir)
-    if spec.startswith("hf:"):
-        parts = spec.removeprefix("hf:").split("/")
-        if len(parts) < 3:
-            raise BackendError(
-                f"{spec!r}: expected hf:ORG/REPO/FILE.gguf", code="invalid_model", retryable=False
-            )
-        from huggingface_hub import hf_hub_download
+    if spec.startswith(("hf:", "http://", "https://")):
+        from openbeepboop.node.models import ModelCache, PullError, pull_model
 
-        repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        def bytes_done(done: int, total: int | None) -> None:
+            if progress is not None and total:
+                progress("downloading", done / total)
+
         try:
-            return Path(hf_hub_download(repo_id=repo, filename=filename))
-        except Exception as exc:  # network, auth, missing file: all mean "cannot serve"
+            return pull_model(spec, ModelCache(models_dir), progress=bytes_done).path
+        except PullError as exc:  # network, auth, missing file, checksum: cannot serve
             raise BackendError(
                 f"could not download {spec}: {exc}", code="model_unavailable", retryable=False
             ) from exc
@@ -95,9 +115,11 @@ class _Instance:
 
 
 class LlamaCppBackend:
-    """Serves one GGUF with `concurrency` llama.cpp contexts."""
+    """Serves one GGUF with `concurrency` llama.cpp contexts (in a worker process of its
+    own unless the model says `worker = false`: node/worker.py)."""
 
     Config = LlamaCppModel
+    in_worker = True
 
     def __init__(self, config: LlamaCppModel, models_dir: Path) -> None:
         self.config = config
@@ -114,7 +136,9 @@ class LlamaCppBackend:
 
     async def load(self, progress: Progress) -> None:
         progress("downloading", 0.0)
-        self.path = await asyncio.to_thread(resolve_model_path, self.config.path, self.models_dir)
+        self.path = await asyncio.to_thread(
+            resolve_model_path, self.config.path, self.models_dir, progress
+        )
         for i in range(self.config.concurrency):
             progress("loading", i / self.config.concurrency)
             thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{i}")
@@ -134,7 +158,7 @@ class LlamaCppBackend:
             model_path=str(self.path),
             n_ctx=c.n_ctx,
             n_threads=c.n_threads or os.cpu_count() or 1,
-            n_gpu_layers=c.n_gpu_layers,
+            n_gpu_layers=c.gpu_layers(),
             chat_format=None if own else c.chat_format,
             verbose=False,
         )
@@ -191,7 +215,7 @@ class LlamaCppBackend:
                 pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
                 n_ctx=c.n_ctx,
                 n_threads=c.n_threads or os.cpu_count() or 1,
-                n_gpu_layers=c.n_gpu_layers,
+                n_gpu_layers=c.gpu_layers(),
                 verbose=False,
             )
         llm = self._embedder

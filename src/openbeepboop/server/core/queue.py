@@ -680,6 +680,13 @@ class Queue:
     async def live_nodes(self) -> list[Node]:
         return await self.store.list_nodes(self._clock() - self.config.node_ttl_seconds)
 
+    async def live_node(self, node_id: str) -> Node | None:
+        """The node, if it registered and is live (heard from within node_ttl_seconds)."""
+        node = await self.store.get_node(node_id)
+        if node is None or node.last_seen < self._clock() - self.config.node_ttl_seconds:
+            return None
+        return node
+
     async def _ever_served(self, model: str) -> bool:
         """Whether any node that ever registered (live or not) lists `model`."""
         return any(model in node.model_names() for node in await self.store.list_nodes(0.0))

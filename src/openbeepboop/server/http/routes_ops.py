@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
+from openbeepboop.server.core.node_events import node_events
 from openbeepboop.server.errors import NotFound
 from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import admin_key, any_key
 from openbeepboop.server.http.outbound import JSONResponse, key_json, node_json
 from openbeepboop.server.http.state import app_state
+from openbeepboop.server.http.streaming import KEEPALIVE_SECONDS
 from openbeepboop.server.models import ApiKey, Node, Role
 
 router = APIRouter(tags=["operations"], route_class=CheckedRoute)
@@ -74,6 +80,56 @@ async def get_model(request: Request, model: str, key: AnyKey) -> Response:
 async def list_nodes(request: Request, key: AnyKey) -> Response:
     nodes = await app_state(request).queue.live_nodes()
     return JSONResponse({"object": "list", "data": [node_json(n) for n in nodes]})
+
+
+@router.get("/v1/nodes/{node_id}", summary="One live node")
+async def get_node(request: Request, node_id: str, key: AnyKey) -> Response:
+    node = await app_state(request).queue.live_node(node_id)
+    if node is None:
+        raise NotFound(f"no live node {node_id!r}", param="node_id", code="node_not_found")
+    return JSONResponse(node_json(node))
+
+
+@router.get(
+    "/v1/nodes/{node_id}/events",
+    summary="A node's model states and download / loading progress, as Server-Sent Events",
+)
+async def node_event_stream(request: Request, node_id: str, key: AnyKey) -> Response:
+    state = app_state(request)
+    events = node_events(state.queue, node_id, node_json)
+    first = await anext(events)  # a node that is not live: 404 before the stream starts
+    return StreamingResponse(
+        with_keepalive(first, events),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+async def with_keepalive(
+    first: dict[str, Any], events: AsyncIterator[dict[str, Any]]
+) -> AsyncIterator[bytes]:
+    """`data: {event}` lines, a comment line while nothing happens for a while."""
+    yield b"data: " + orjson.dumps(first) + b"\n\n"
+    pending: asyncio.Future[dict[str, Any]] | None = None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_SECONDS)
+            if not done:
+                yield b": keep-alive\n\n"
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                break
+            pending = None
+            yield b"data: " + orjson.dumps(event) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
 
 
 @router.get("/v1/stats", summary="Queue depth and counts per model")
