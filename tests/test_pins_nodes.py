@@ -193,3 +193,7 @@ def test_cli_submit_node_and_label(fleet: Fleet) -> None:
     assert out.returncode == 7 and "no node named 'gamma' has registered" in out.stderr
     out = submit("hello", "--label", "gpu")
     assert out.returncode == 2 and "KEY=VALUE" in out.stderr
+    argv = [sys.executable, "-m", "openbeepboop.cli.client", "nodes"]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "labels: gpu=a100, site=lab2" in out.stdout and "labels: site=lab1" in out.stdout

@@ -393,6 +393,9 @@ def _nodes_text(nodes: list[dict[str, Any]], now: float) -> str:
             f"load {s.get('load', 0)}  running {s.get('running', 0)}  "
             f"{s.get('tokens_per_second', 0)} tok/s"
         )
+        if n.get("labels"):
+            labels = ", ".join(f"{k}={v}" for k, v in sorted(n["labels"].items()))
+            lines.append(f"  labels: {labels}")
         lines.append("  models: " + " · ".join(_model_line(m) for m in models_))
         gpus = ", ".join(g.get("name", "?") for g in hw.get("gpus") or []) or "none"
         ram = f"{hw['ram_bytes'] / 2**30:.0f} GiB RAM" if hw.get("ram_bytes") else "RAM ?"
