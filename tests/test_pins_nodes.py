@@ -1,10 +1,11 @@
 """Pinned jobs on real processes: one server and two echo nodes with different names and
 labels (from their node_config.toml). Jobs pinned by name, by id, by labels (the OpenAI
-SDK's `extra_body`, `/v1/jobs`, a batch's lines and `openbeepboop-client submit --node`)
+SDK's `extra_body`, `/v1/jobs`, a batch's lines, the WebSocket and `openbeepboop-client submit --node`)
 run only where pinned; unpinned jobs run anywhere."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import signal
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from websockets.asyncio.client import connect
 
 from tests.conftest import ServerProcess
 from tests.nodes import (
@@ -197,3 +199,42 @@ def test_cli_submit_node_and_label(fleet: Fleet) -> None:
     out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert "labels: gpu=a100, site=lab2" in out.stdout and "labels: site=lab1" in out.stdout
+
+
+def test_websocket_add_takes_a_pin(fleet: Fleet) -> None:
+    url = fleet.server.url.replace("http://", "ws://") + "/ws"
+    auth = {"Authorization": f"Bearer {fleet.server.keys['client_key']}"}
+    assistant = {
+        "streams": [
+            {
+                "provider": "local",
+                "settings": {"model": "echo"},
+                "messages": [{"role": "user", "content": "{query}"}],
+            }
+        ]
+    }
+
+    async def run() -> list[str]:
+        job_ids = []
+        async with connect(url, additional_headers=auth) as ws:
+            for i in range(4):
+                add = {"type": "add", "id": f"w{i}", "query": "hi", "assistant": assistant}
+                add |= {"node": "beta"} if i % 2 else {"node_labels": {"site": "lab1"}}
+                await ws.send(json.dumps(add))
+            done = 0
+            while done < 4:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                assert msg["type"] != "failed" and msg["type"] != "error", msg
+                if msg["type"] == "resp_add":
+                    job_ids.append(msg["job_id"])
+                done += msg["type"] == "done"
+        return job_ids
+
+    job_ids = asyncio.run(run())
+    with fleet.http() as http:
+        jobs = [http.get(f"/v1/jobs/{j}").json() for j in job_ids]
+    assert len(jobs) == 4
+    for job in jobs:
+        expected = "beta" if job["node"] == "beta" else "alpha"
+        assert job["node_labels"] == (None if expected == "beta" else {"site": "lab1"})
+        assert job["node_id"] == fleet.ids[expected]
