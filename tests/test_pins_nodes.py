@@ -1,7 +1,7 @@
 """Pinned jobs on real processes: one server and two echo nodes with different names and
 labels (from their node_config.toml). Jobs pinned by name, by id, by labels (the OpenAI
-SDK's `extra_body`, `/v1/jobs`, a batch's lines, the WebSocket and `openbeepboop-client submit --node`)
-run only where pinned; unpinned jobs run anywhere."""
+SDK's `extra_body`, `/v1/jobs`, a batch's lines, the WebSocket and
+`openbeepboop-client submit --node`) run only where pinned; unpinned jobs run anywhere."""
 
 from __future__ import annotations
 
