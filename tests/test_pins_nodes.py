@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ import openai
 import pytest
 from websockets.asyncio.client import connect
 
+from openbeepboop.node.config import load_node_config
 from tests.conftest import ServerProcess
 from tests.nodes import (
     SERVER_LOG_WARNING,
@@ -238,3 +240,14 @@ def test_websocket_add_takes_a_pin(fleet: Fleet) -> None:
         expected = "beta" if job["node"] == "beta" else "alpha"
         assert job["node_labels"] == (None if expected == "beta" else {"site": "lab1"})
         assert job["node_id"] == fleet.ids[expected]
+
+
+def test_node_setup_writes_labels(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    argv = [sys.executable, "-m", "openbeepboop.cli.node", "setup", "--non-interactive"]
+    argv += ["--config", str(config), "--server", "http://127.0.0.1:9", "--api-key", "k"]
+    argv += ["--name", "mac", "--label", "gpu=m3", "--label", "site=lab2", "--no-check"]
+    out = subprocess.run(argv, capture_output=True, text=True, env=child_env(), timeout=60)
+    assert out.returncode == 0, out.stderr
+    loaded = load_node_config(config)
+    assert (loaded.node.name, loaded.node.labels) == ("mac", {"gpu": "m3", "site": "lab2"})
