@@ -181,6 +181,8 @@ def describe(exc: ValidationError) -> str:
 def write_node_config(config: NodeConfig, path: Path) -> None:
     """Write `config` as TOML (the key is written too: keep the file private)."""
     data = config.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
+    if not data["node"].get("labels"):
+        data["node"].pop("labels", None)  # no empty [node.labels] table
     private_dir(path.parent)
     header = "# OpenBeepBoop node config (openbeepboop-node setup). Holds a key: keep private.\n"
     write_private(path, header + tomli_w.dumps(data))
