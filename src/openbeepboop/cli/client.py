@@ -223,6 +223,17 @@ def _labels(given: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _show_progress(event: dict[str, Any]) -> None:
+    """A progress line on stderr, rewritten in place: `downloading 42% 105/253 MB`,
+    `loading 50%`; a line of its own when it completes."""
+    fraction = float(event.get("fraction") or 0.0)
+    bar = "#" * int(fraction * 30)
+    line = f"{event['type']:<11} [{bar:<30}] {fraction * 100:3.0f}%"
+    if event["type"] == "downloading" and event.get("total"):
+        line += f" {int(event.get('bytes') or 0) / 1e6:.0f}/{int(event['total']) / 1e6:.0f} MB"
+    click.echo("\r" + line, nl=fraction >= 1.0, err=True)
+
+
 def _stream_tokens(job: Job) -> None:
     """Tokens to stdout as they come; a one-line summary (tokens, time, tokens/s) to
     stderr; exit 1 when the job fails."""
@@ -235,6 +246,8 @@ def _stream_tokens(job: Job) -> None:
             click.echo(f"waiting for {wanted}: no live node matches yet...", err=True)
         if kind == "queued" and event.get("position"):
             click.echo(f"position {event['position']} in the queue...", err=True)
+        elif kind in ("downloading", "loading"):  # the node fetches or loads the model
+            _show_progress(event)
         elif kind == "token":
             click.echo(event["t"], nl=False)
             sys.stdout.flush()

@@ -44,6 +44,8 @@ class ServerClient(Protocol):
 
     async def submit(self, node_id: str, results: list[JSON]) -> list[JSON]: ...
 
+    async def demand(self, node_id: str, prefixes: list[str]) -> list[str]: ...
+
     async def close(self) -> None: ...
 
 
@@ -144,6 +146,10 @@ class NodeClient:
     async def submit(self, node_id: str, results: list[JSON]) -> list[JSON]:
         body = {"node_id": node_id, "results": results}
         return list((await self._post("/internal/queue/submit", body))["results"])
+
+    async def demand(self, node_id: str, prefixes: list[str]) -> list[str]:
+        body = {"node_id": node_id, "prefixes": prefixes}
+        return [str(m) for m in (await self._post("/internal/queue/demand", body))["models"]]
 
     async def close(self) -> None:
         if self._session is not None:

@@ -25,6 +25,7 @@ from pydantic import (
     Field,
     SerializeAsAny,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -35,6 +36,7 @@ from openbeepboop.node.models.cache import default_models_dir
 from openbeepboop.private_paths import private_dir, write_private
 
 DEFAULT_CONFIG = "node_config.toml"
+ON_DEMAND_SOURCES = ("hf:", "https://", "http://")
 
 
 class NodeConfigError(Exception):
@@ -64,6 +66,29 @@ class NodeSection(_Strict):
         max_length=32,
         description='Labels jobs can be pinned to (`node_labels`), e.g. {gpu = "a100"}.',
     )
+    on_demand: list[str] = Field(
+        default_factory=list,
+        description="Models the node fetches when a job names them: spec prefixes, each "
+        'starting with "hf:", "https://" or "http://" (e.g. "hf:" for any hub file, '
+        '"hf:unsloth/" for one organisation). None: only the [[models]] entries.',
+    )
+    on_demand_max_gb: float = Field(
+        50.0, gt=0, description="Room the models fetched on demand may take in the cache."
+    )
+    on_demand_idle_unload_seconds: float | None = Field(
+        600.0, gt=0, description="A model fetched on demand is unloaded after this idle."
+    )
+
+    @field_validator("on_demand")
+    @classmethod
+    def _sources(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if not prefix.startswith(ON_DEMAND_SOURCES):
+                raise ValueError(
+                    f"{prefix!r}: an on-demand source starts with "
+                    + ", ".join(repr(s) for s in ON_DEMAND_SOURCES)
+                )
+        return value
 
 
 class _BackendName(BaseModel):

@@ -30,12 +30,22 @@ class DeltaPusher:
         self._one_at_a_time = asyncio.Lock()
         self._sending: set[asyncio.Future[None]] = set()
 
-    def push(self, job: LeasedJob, index: int, text: str, choices: list[JSON] | None) -> None:
+    def push(
+        self,
+        job: LeasedJob,
+        index: int,
+        text: str,
+        choices: list[JSON] | None,
+        progress: JSON | None = None,
+    ) -> None:
         """Queue the `index`th piece of `job`'s stream (0 starts it over): the first
-        choice's text, and the chunk choices when the piece carries more than that."""
+        choice's text, and the chunk choices when the piece carries more than that; or
+        the progress of the model the job waits for."""
         event = {"job_id": job.id, "lease_id": job.lease_id, "index": index, "delta": text}
         if choices:
             event["choices"] = choices
+        if progress:
+            event["progress"] = progress
         self._waiting.append(event)
 
     async def run(self) -> None:

@@ -57,9 +57,18 @@ class ModelSettings(Protocol):
 class DeltaSink(Protocol):
     """Where the text of running jobs goes as it is made."""
 
-    def push(self, job: LeasedJob, index: int, text: str, choices: list[JSON] | None) -> None:
+    def push(
+        self,
+        job: LeasedJob,
+        index: int,
+        text: str,
+        choices: list[JSON] | None,
+        progress: JSON | None = None,
+    ) -> None:
         """The `index`th piece of `job`'s stream (index 0 again starts it over): `text`
-        of the first choice, and the OpenAI chunk `choices` when there is more to it."""
+        of the first choice, and the OpenAI chunk `choices` when there is more to it; or
+        `progress` of the model it waits for (`{"type": "downloading", "bytes", "total",
+        "fraction"}` or `{"type": "loading", "fraction"}`)."""
 
     async def send_first_piece(self) -> None:
         """A streamed job's first piece is waiting: push it without delay."""
@@ -111,13 +120,16 @@ class BackendExecutor:
         self._backend: Backend | None = None
         self._semaphore = asyncio.Semaphore(config.concurrency)
         self._pacer = Pacer(config.rpm)
+        self._pushed: dict[str, int] = {}  # job id -> pieces pushed in this attempt
+        self._waiting: dict[str, LeasedJob] = {}  # jobs with no piece yet: see progress
+        self._shown: tuple[str, float] = ("", 0.0)  # the last progress pushed
 
     async def load(self) -> None:
         """Build and load the backend."""
         try:
             self._backend = self._build(self.config, self._models_dir)
             await self._backend.load(self._progress)
-            self.state = "ready"
+            self.state = "unloaded" if self.state == "unloaded" else "ready"  # lazy: unloaded
             log.info(
                 "model ready", extra={"model": self.config.name, "backend": self.config.backend}
             )
@@ -125,8 +137,25 @@ class BackendExecutor:
             self.state, self.error = "error", str(exc)
             log.error("model failed to load", extra={"model": self.config.name, "why": str(exc)})
 
-    def _progress(self, state: str, fraction: float) -> None:
+    def _progress(
+        self, state: str, fraction: float, done: int | None = None, total: int | None = None
+    ) -> None:
+        """The model's state; while it downloads or loads for jobs that wait on it, their
+        streams get the progress too (each whole percent, and every change of state)."""
         self.state, self.progress = state, fraction
+        if state not in ("downloading", "loading") or not self._waiting:
+            return
+        last_state, last_fraction = self._shown
+        if state == last_state and fraction - last_fraction < 0.01 and fraction < 1:
+            return
+        self._shown = (state, fraction)
+        update: JSON = {"type": state, "fraction": round(fraction, 4)}
+        if state == "downloading" and done is not None:
+            update.update(bytes=done, total=total)
+        for job in list(self._waiting.values()):
+            index = self._pushed.get(job.id, 0)
+            self._pushed[job.id] = index + 1
+            self._deltas.push(job, index, "", None, update)
 
     async def run(self, job: LeasedJob) -> Outcome:
         """Run `job`, retrying transient provider errors."""
@@ -181,17 +210,21 @@ class BackendExecutor:
         """One attempt: the backend's chunks, text pushed as it comes, then the response."""
         assert self._backend is not None, "run before load"
         parts: list[str] = []  # a retry starts the streamed text over, at index 0
-        pushed = 0
+        self._pushed[job.id] = 0
+        self._waiting[job.id] = job
+        self._shown = ("", 0.0)
         last = Chunk()
         streamed = job.streamed
         try:
             async with asyncio.timeout(self.config.timeout_seconds):
                 async for chunk in self._backend.execute(job.endpoint, job.request):
+                    self._waiting.pop(job.id, None)
                     if chunk.text or chunk.choices:
                         parts.append(chunk.text)
+                        pushed = self._pushed[job.id]
                         self._deltas.push(job, pushed, chunk.text, chunk.choices)
-                        pushed += 1
-                        if streamed and pushed == 1:
+                        self._pushed[job.id] = pushed + 1
+                        if streamed and len(parts) == 1:
                             await self._deltas.send_first_piece()
                     if chunk.finish_reason is not None or chunk.response is not None:
                         last = chunk
@@ -201,6 +234,9 @@ class BackendExecutor:
                 code="timeout",
                 retryable=True,
             ) from exc
+        finally:
+            self._waiting.pop(job.id, None)
+            self._pushed.pop(job.id, None)
         if last.response is not None:
             return last.response
         finish = last.finish_reason or "stop"

@@ -60,11 +60,20 @@ class Fetcher:
         self._poll_seconds = poll_seconds
         self._stopping = stopping
         self._fetching: set[asyncio.Task[list[JSON]]] = set()
+        self._added: set[asyncio.Task[None]] = set()
 
     async def run(self, batch: bool = False) -> None:
         """Fetch until `stop`; in `batch` mode, until no model finds anything more."""
         ready = [slot for slot in self._slots if slot.executor.state in SERVING]
         await asyncio.gather(*(self._model_loop(slot, batch) for slot in ready))
+        await asyncio.gather(*self._added, return_exceptions=True)
+
+    def add(self, slot: Slot) -> None:
+        """Fetch for one more model from now on (a model added on demand)."""
+        self._slots.append(slot)
+        task = asyncio.create_task(self._model_loop(slot, batch=False))
+        self._added.add(task)
+        task.add_done_callback(self._added.discard)
 
     def stop(self) -> None:
         """Interrupt the loops (call after setting `stopping`). A cancelled long-poll

@@ -23,20 +23,23 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from openbeepboop.node.backends.base import JSON
+from openbeepboop.node.backends.base import JSON, Backend, ModelConfig
 from openbeepboop.node.client import NodeClient, ServerClient, ServerRefused, ServerUnreachable
-from openbeepboop.node.config import NodeConfig
+from openbeepboop.node.config import NodeConfig, read_model_entry
 from openbeepboop.node.deltas import DeltaPusher
 from openbeepboop.node.executor import BackendExecutor, BackendFactory
 from openbeepboop.node.fetcher import Fetcher, Slot
 from openbeepboop.node.heartbeat import Heartbeat
 from openbeepboop.node.jobs import RELEASED, LeasedJob, MalformedJob, Outcome, Running
+from openbeepboop.node.models import ModelCache
+from openbeepboop.node.on_demand import OnDemand
 from openbeepboop.node.outbox import Outbox
 from openbeepboop.node.results import completion_tokens
 from openbeepboop.node.session import Session
 from openbeepboop.node.uploader import Uploader
-from openbeepboop.node.worker import build_isolated
+from openbeepboop.node.worker import WorkerBackend, build_isolated
 
 log = logging.getLogger("openbeepboop.node")
 FINAL_FLUSH_SECONDS = 30.0  # after the drain: how long results wait for the server
@@ -113,6 +116,13 @@ class NodeRunner:
             config.node.poll_seconds,
             self._stopping,
         )
+        self.on_demand = OnDemand(
+            self.session,
+            config.node.on_demand,
+            lambda model: model in self.slots,
+            self._add_model,
+            self._stopping,
+        )
 
     @property
     def node_id(self) -> str:
@@ -166,7 +176,9 @@ class NodeRunner:
         return 0
 
     async def _serve(self, batch: bool) -> None:
-        loops = (self.heartbeat.run(), self.uploader.run(), self.deltas.run())
+        loops = [self.heartbeat.run(), self.uploader.run(), self.deltas.run()]
+        if self.config.node.on_demand and not batch:
+            loops.append(self.on_demand.run())
         background = [asyncio.create_task(loop) for loop in loops]
         try:
             await self.fetcher.run(batch)
@@ -200,6 +212,31 @@ class NodeRunner:
             await slot.executor.close()
         await self.client.close()
         self.outbox.close()
+
+    async def _add_model(self, spec: str) -> bool:
+        """Serve `spec` (a model named by an on-demand source) from now on: a lazy
+        worker, which its first job starts (pull, load, run). False when the model cache
+        has no room left for on-demand models."""
+        models_dir = self.config.models_dir()
+        used = sum(m.size for m in ModelCache(models_dir).entries())
+        if used >= self.config.node.on_demand_max_gb * 2**30:
+            return False
+        entry = read_model_entry(
+            {
+                "name": spec,
+                "backend": "llama_cpp",
+                "path": spec,
+                "worker": True,
+                "idle_unload_seconds": self.config.node.on_demand_idle_unload_seconds,
+            }
+        )
+        executor = BackendExecutor(entry, _lazy_worker, models_dir, self.deltas)
+        await executor.load()
+        slot = Slot(executor)
+        self.slots[spec] = slot
+        self.capacity += entry.concurrency
+        self.fetcher.add(slot)
+        return True
 
     # -- jobs --------------------------------------------------------------------------
 
@@ -274,6 +311,7 @@ class NodeRunner:
             "tokens": self.totals.tokens,
             "outbox": len(self.outbox),
             "models": self._model_states(),
+            **({"on_demand": self.config.node.on_demand} if self.config.node.on_demand else {}),
         }
 
     def _model_states(self) -> list[JSON]:
@@ -292,6 +330,10 @@ def _model_state(slot: Slot) -> JSON:
         "concurrency": config.concurrency,
         **({"error": executor.error} if executor.error else {}),
     }
+
+
+def _lazy_worker(config: ModelConfig, models_dir: Path) -> Backend:
+    return WorkerBackend(config, models_dir, lazy=True)
 
 
 def _outbox_name(config: NodeConfig) -> str:

@@ -72,6 +72,10 @@ class Session:
         """Push text deltas of running jobs."""
         return await self._call(lambda node: self.client.events(node, events))
 
+    async def demand(self, prefixes: list[str]) -> list[str]:
+        """The models of queued jobs that start with one of `prefixes`."""
+        return await self._call(lambda node: self.client.demand(node, prefixes))
+
     async def submit(self, results: list[JSON]) -> list[JSON]:
         """Send results; the answer says, for each, whether the server took it."""
         return await self._call(lambda node: self.client.submit(node, results))

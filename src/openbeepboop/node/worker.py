@@ -11,7 +11,8 @@ and a context of its own:
   the job completes and the node never goes down; no attempt is charged on the server;
 - a cancelled job is cancelled in the worker at once (llama.cpp stops between tokens);
 - with `idle_unload_seconds`, a worker without a job for that long is stopped (state
-  `unloaded`, its memory given back) and started again by the next job.
+  `unloaded`, its memory given back) and started again by the next job;
+- `lazy`: nothing starts until the first job (a model fetched on demand, on_demand.py).
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ def build_isolated(config: ModelConfig, models_dir: Path) -> Backend:
 class WorkerBackend:
     """Runs one model's backend in a child process (see the module's docstring)."""
 
-    def __init__(self, config: ModelConfig, models_dir: Path) -> None:
+    def __init__(self, config: ModelConfig, models_dir: Path, lazy: bool = False) -> None:
         self.config = config
+        self.lazy = lazy  # load() starts nothing: the first job starts the worker
         self.models_dir = models_dir
         self.state = "loading"
         self.pid: int | None = None
@@ -76,7 +78,7 @@ class WorkerBackend:
         self._reader: asyncio.Task[None] | None = None
         self._jobs: dict[str, asyncio.Queue[JSON]] = {}
         self._ids = itertools.count()
-        self._progress: Progress = lambda state, fraction: None
+        self._progress: Progress = _ignore
         self._starting = asyncio.Lock()
         self._crashes = 0  # in a row, for the restart backoff
         self._last_used = time.monotonic()
@@ -86,8 +88,12 @@ class WorkerBackend:
 
     async def load(self, progress: Progress) -> None:
         self._progress = progress
-        async with self._starting:
-            await self._start()
+        if self.lazy:
+            self.state = "unloaded"
+            progress("unloaded", 0.0)
+        else:
+            async with self._starting:
+                await self._start()
         if self.config.idle_unload_seconds is not None and self._idle is None:
             self._idle = asyncio.create_task(self._unload_when_idle())
 
@@ -126,7 +132,7 @@ class WorkerBackend:
             line = await proc.stdout.readline()
             message = orjson.loads(line) if line else {"ev": "load_failed", "message": ""}
             if message["ev"] == "progress":
-                self._progress(str(message["state"]), float(message["fraction"]))
+                self._relay_progress(message)
             elif message["ev"] == "loaded":
                 break
             else:
@@ -235,7 +241,7 @@ class WorkerBackend:
                 if queue is not None:
                     queue.put_nowait(message)
                 elif message.get("ev") == "progress":
-                    self._progress(str(message["state"]), float(message["fraction"]))
+                    self._relay_progress(message)
         except (ValueError, orjson.JSONDecodeError) as exc:  # a line too long or garbled
             log.error("worker sent an unreadable message", extra={"why": str(exc)})
             with contextlib.suppress(ProcessLookupError):
@@ -253,6 +259,10 @@ class WorkerBackend:
         for queue in self._jobs.values():
             queue.put_nowait({**_EOF, "why": f"exit code {code}"})
 
+    def _relay_progress(self, message: JSON) -> None:
+        done, total = message.get("done"), message.get("total")
+        self._progress(str(message["state"]), float(message["fraction"]), done, total)
+
     def _send(self, message: JSON) -> None:
         if self._proc is None:
             raise BackendError(
@@ -266,6 +276,10 @@ class WorkerBackend:
     def _write(proc: asyncio.subprocess.Process, message: JSON) -> None:
         assert proc.stdin is not None
         proc.stdin.write(orjson.dumps(message) + b"\n")
+
+
+def _ignore(state: str, fraction: float, done: int | None = None, total: int | None = None) -> None:
+    """Progress nobody asked for."""
 
 
 def _chunk(message: JSON) -> Chunk:

@@ -11,7 +11,7 @@ goes to stderr, with the node's own logs).
                     {"op": "run", "id", "endpoint", "request"}
                     {"op": "cancel", "id"}
                     {"op": "close"}
-    worker -> node  {"ev": "progress", "state", "fraction"}
+    worker -> node  {"ev": "progress", "state", "fraction", "done"?, "total"?}
                     {"ev": "loaded"} | {"ev": "load_failed", "message"}
                     {"ev": "chunk", "id", "text"?, "choices"?, "finish_reason"?, "usage"?,
                      "response"?}
@@ -49,16 +49,20 @@ class _Worker:
     def send(self, message: JSON) -> None:
         self._out.write(orjson.dumps(message) + b"\n")
 
+    def progress(
+        self, state: str, fraction: float, done: int | None = None, total: int | None = None
+    ) -> None:
+        update: JSON = {"ev": "progress", "state": state, "fraction": fraction}
+        if done is not None:
+            update.update(done=done, total=total)
+        self.send(update)
+
     async def load(self, message: JSON) -> None:
         try:
             cls = backend_class(str(message["backend"]))
             config = cls.Config.model_validate(message["config"])
             backend = cls(config, Path(str(message["models_dir"])))
-            await backend.load(
-                lambda state, fraction: self.send(
-                    {"ev": "progress", "state": state, "fraction": fraction}
-                )
-            )
+            await backend.load(self.progress)
         except Exception as exc:  # the node reports it as the model's error
             self.send({"ev": "load_failed", "message": f"{type(exc).__name__}: {exc}"})
             return

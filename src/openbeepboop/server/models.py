@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 JSON = dict[str, Any]
-# A piece of a running job's stream: text of choice 0, or OpenAI chunk choices for the rest
-# (server/core/choices.py)
-Piece = str | list[JSON]
+# A piece of a running job's stream: text of choice 0, OpenAI chunk choices for the rest
+# (server/core/choices.py), or {"progress": {...}} of a model the job waits for
+Piece = str | list[JSON] | JSON
 
 
 class JobStatus(enum.StrEnum):

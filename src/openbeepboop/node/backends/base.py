@@ -11,7 +11,7 @@ backend").
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -19,7 +19,15 @@ from typing import Any, ClassVar, Protocol
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 JSON = dict[str, Any]
-Progress = Callable[[str, float], None]  # (state, fraction 0..1)
+
+
+class Progress(Protocol):
+    """How a backend reports getting ready: `state` ("downloading", "loading", "ready",
+    ...), `fraction` from 0 to 1, and while downloading the bytes so far and in all."""
+
+    def __call__(
+        self, state: str, fraction: float, done: int | None = None, total: int | None = None
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,7 +92,7 @@ def resolve_model_path(
 
         def bytes_done(done: int, total: int | None) -> None:
             if progress is not None and total:
-                progress("downloading", done / total)
+                progress("downloading", done / total, done, total)
 
         try:
             return pull_model(spec, ModelCache(models_dir), progress=bytes_done).path

@@ -50,6 +50,8 @@ class Tally:
         """The chunk choices of `piece`, noted as sent. Malformed entries (a node's bug)
         are dropped, never raised on: the result completes the stream anyway."""
         out: list[JSON] = []
+        if isinstance(piece, dict):  # the progress of a model the job waits for
+            return out
         if isinstance(piece, str):
             self._emit({"index": 0, "delta" if self.chat else "text": _text(piece, self.chat)}, out)
             return out

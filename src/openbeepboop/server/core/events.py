@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from openbeepboop.server.core.choices import Tally, text_of
 from openbeepboop.server.core.queue import Queue
-from openbeepboop.server.models import JSON, Job, JobStatus
+from openbeepboop.server.models import JSON, Job, JobStatus, Piece
 from openbeepboop.server.topics import job_topic
 
 QUEUED_ID = 0
@@ -70,20 +71,32 @@ async def job_events(queue: Queue, job: Job, after: int = -1) -> AsyncGenerator[
     if job.started_at is not None and after < STARTED_ID:
         yield _started(job)
     tally = Tally(chat=job.endpoint != "/v1/completions", roles=False)
-    index = 0
     if pieces is None and queue.deltas.has_parts(job.id):  # finished, recently streamed
         pieces = queue.follow(job)
-    if pieces is not None:
-        async for piece in pieces:
-            for choice in tally.take(piece):
-                if choice["index"] == 0 and _only_finish(choice):
-                    continue  # `end` says it (stop_reason)
-                if index + FIRST_TOKEN_ID > after:
-                    yield _piece_event(index, choice)
-                index += 1
+    numbered = _Numbered(pieces, tally)
+    async for index, make in numbered:
+        if index + FIRST_TOKEN_ID > after:
+            yield make(index)
     final = await queue.store.get_job(job.id) or job
-    async for event in _ending(final, tally, index, after):
-        yield event
+    async for ending in _ending(final, tally, numbered.count, after):
+        yield ending
+
+
+class _Numbered:
+    """The events of a job's pieces with their numbers; `count` once it is done."""
+
+    def __init__(self, pieces: AsyncIterator[Piece] | None, tally: Tally) -> None:
+        self._pieces = pieces
+        self._tally = tally
+        self.count = 0
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Callable[[int], JobEvent]]]:
+        if self._pieces is None:
+            return
+        async for piece in self._pieces:
+            for make in _events_of(piece, self._tally):
+                yield self.count, make
+                self.count += 1
 
 
 async def _ending(
@@ -132,6 +145,28 @@ def _piece_event(index: int, choice: JSON) -> JobEvent:
     if text is not None:
         return JobEvent(index + FIRST_TOKEN_ID, "token", {"t": text, "i": index})
     return JobEvent(index + FIRST_TOKEN_ID, "delta", {"i": index, "choice": choice})
+
+
+def _events_of(piece: Piece, tally: Tally) -> list[Callable[[int], JobEvent]]:
+    """The events of one piece, each to be numbered."""
+    if isinstance(piece, dict):  # the model is fetched or loaded for this job
+        return [partial(_progress_event, piece=piece)]
+    return [
+        partial(_piece_event, choice=choice)
+        for choice in tally.take(piece)
+        if not (choice["index"] == 0 and _only_finish(choice))  # `end` says it (stop_reason)
+    ]
+
+
+def _progress_event(index: int, piece: JSON) -> JobEvent:
+    """rbee's `downloading` {bytes, total, fraction} or `loading` {fraction}."""
+    progress = piece.get("progress")
+    progress = progress if isinstance(progress, dict) else {}
+    kind = "downloading" if progress.get("type") == "downloading" else "loading"
+    data: JSON = {"fraction": float(progress.get("fraction") or 0.0)}
+    if kind == "downloading" and isinstance(progress.get("bytes"), int):
+        data.update(bytes=progress["bytes"], total=progress.get("total"))
+    return JobEvent(index + FIRST_TOKEN_ID, kind, data)
 
 
 def _only_finish(choice: JSON) -> bool:

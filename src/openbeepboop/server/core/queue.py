@@ -429,7 +429,12 @@ class Queue:
         if self._clock() - checked_at >= SERVED_CACHE_SECONDS:
             served = await self.served_models()
             self._served = (self._clock(), served)
-        return serving(served, model, pin)
+        return serving(served, model, pin) or await self._on_demand(model, pin)
+
+    async def _on_demand(self, model: str, pin: Pin | None) -> bool:
+        """Whether a live node `pin` allows fetches `model` on demand."""
+        nodes = await self.live_nodes()
+        return self._fetched_on_demand(model, [n for n in nodes if pin is None or pin.admits(n)])
 
     async def waiting_for(self, job: Job) -> JSON | None:
         """For a queued pinned job that no live node may run yet: its pin, as given (its
@@ -465,7 +470,7 @@ class Queue:
                 event.clear()
                 served = await self.served_models()
                 self._served = (self._clock(), served)
-                if serving(served, model, pin):
+                if serving(served, model, pin) or await self._on_demand(model, pin):
                     return
                 if served and not await self._ever_served(model):
                     raise NotFound(
@@ -653,7 +658,8 @@ class Queue:
         return outcomes
 
     async def push_deltas(self, events: Sequence[JSON]) -> int:
-        """Pieces of running jobs (`choices` when given, else the text `delta`), each
+        """Pieces of running jobs (`choices` when given, or `progress`, else the text
+        `delta`), each
         accepted only under the job's current lease (fencing, as for results); returns
         how many were accepted."""
         leases = {
@@ -664,7 +670,11 @@ class Queue:
         accepted = 0
         for e in events:
             if leases.get(e["job_id"]) == e["lease_id"]:
-                piece: Piece = e["choices"] if e.get("choices") else str(e.get("delta") or "")
+                piece: Piece = str(e.get("delta") or "")
+                if e.get("choices"):
+                    piece = e["choices"]
+                elif e.get("progress"):
+                    piece = {"progress": e["progress"]}
                 accepted += self.deltas.push(e["job_id"], int(e["index"]), piece)
         return accepted
 
@@ -679,6 +689,31 @@ class Queue:
 
     async def live_nodes(self) -> list[Node]:
         return await self.store.list_nodes(self._clock() - self.config.node_ttl_seconds)
+
+    async def demanded_models(self, key: ApiKey, node_id: str, prefixes: list[str]) -> list[str]:
+        """Models of queued jobs that start with one of `prefixes` (models a node may
+        fetch on demand); read from the per-model counters, so it costs the same however
+        long the queue is."""
+        await self._check_node(key, node_id)
+        await self._touch(node_id)
+        wanted = tuple(p for p in prefixes if p)
+        return sorted(
+            model
+            for model, counts in (await self.store.stats()).items()
+            if counts.get(JobStatus.QUEUED.value, 0) > 0 and model.startswith(wanted)
+        )
+
+    @staticmethod
+    def _fetched_on_demand(model: str, nodes: list[Node]) -> bool:
+        """Whether one of `nodes` fetches `model` on demand (its spec prefixes, reported
+        in its heartbeats' stats)."""
+        for node in nodes:
+            prefixes = (node.stats or {}).get("on_demand")
+            if isinstance(prefixes, list) and model.startswith(
+                tuple(p for p in prefixes if isinstance(p, str) and p)
+            ):
+                return True
+        return False
 
     async def live_node(self, node_id: str) -> Node | None:
         """The node, if it registered and is live (heard from within node_ttl_seconds)."""

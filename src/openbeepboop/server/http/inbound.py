@@ -181,6 +181,11 @@ class FetchBody(_Open):
     wait: float = Field(0, ge=0)
 
 
+class DemandBody(_Open):
+    node_id: str = Field(min_length=1)
+    prefixes: list[str] = Field(min_length=1, max_length=100)
+
+
 class HeartbeatBody(_Open):
     node_id: str = Field(min_length=1)
     lease_ids: list[str] = Field(default_factory=list, max_length=100_000)
@@ -210,6 +215,7 @@ class DeltaEvent(_Open):
     index: int = Field(ge=0)
     delta: str = ""
     choices: list[dict[str, Any]] | None = Field(None, max_length=128)
+    progress: dict[str, Any] | None = None
 
 
 class EventsBody(_Open):

@@ -116,6 +116,8 @@ def _first_text(piece: Piece) -> str:
     """The text of the message item a piece adds to (choice 0's content)."""
     if isinstance(piece, str):
         return piece
+    if isinstance(piece, dict):  # a model's progress
+        return ""
     return "".join(content_of(c) for c in piece if isinstance(c, dict) and c.get("index", 0) == 0)
 
 

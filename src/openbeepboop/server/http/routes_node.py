@@ -10,6 +10,7 @@ from starlette.responses import Response
 from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import node_key
 from openbeepboop.server.http.inbound import (
+    DemandBody,
     EventsBody,
     FetchBody,
     HeartbeatBody,
@@ -70,6 +71,12 @@ async def heartbeat(request: Request, body: HeartbeatBody, key: Key) -> Response
 async def events(request: Request, body: EventsBody, key: Key) -> Response:
     accepted = await app_state(request).queue.push_deltas([e.model_dump() for e in body.events])
     return JSONResponse({"accepted": accepted})
+
+
+@router.post("/queue/demand", summary="Queued models a node may fetch on demand")
+async def demand(request: Request, body: DemandBody, key: Key) -> Response:
+    models = await app_state(request).queue.demanded_models(key, body.node_id, body.prefixes)
+    return JSONResponse({"models": models})
 
 
 @router.post("/queue/submit", summary="Report results or errors, each acknowledged")

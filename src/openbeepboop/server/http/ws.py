@@ -184,6 +184,11 @@ class _Session:
                 await self.send({"type": "running", "job_id": job_id, "message": ""})
             elif event.type == "token":
                 await self.send({"type": "running", "job_id": job_id, "message": event.data["t"]})
+            elif event.type in ("downloading", "loading"):  # the model, fetched for the job
+                progress = {"type": event.type, **event.data}
+                await self.send(
+                    {"type": "running", "job_id": job_id, "message": "", "progress": progress}
+                )
             elif event.type == "delta":  # not choice 0's text: the OpenAI chunk choice
                 choice = event.data["choice"]
                 text = content_of(choice) if choice["index"] == 0 else ""
