@@ -260,6 +260,77 @@ async def test_concurrent_claimers_never_share_a_job(store: Store) -> None:
     assert set(claimed) == set(ids)
 
 
+async def test_pinned_jobs_go_only_to_their_node_by_name_or_id(store: Store) -> None:
+    by_name, by_id, free = await submit(
+        store,
+        new_job(pin_node="mac", priority=2),
+        new_job(pin_node="node-9", priority=1),
+        new_job(),
+    )
+    got = await store.fetch_jobs("node-1", ["m"], 5, LEASE, T0, node_name="pc")
+    assert [j.id for j in got] == [free]  # both pinned jobs are passed over
+    got = await store.fetch_jobs("node-2", ["m"], 5, LEASE, T0, node_name="mac")
+    assert [(j.id, j.pin_node, j.node_id) for j in got] == [(by_name, "mac", "node-2")]
+    got = await store.fetch_jobs("node-9", ["m"], 5, LEASE, T0, node_name="other")
+    assert [j.id for j in got] == [by_id]
+
+
+async def test_label_pins_need_every_label(store: Store) -> None:
+    both = {"gpu": "a100", "site": "lab2"}
+    [pinned] = await submit(store, new_job(pin_labels=both))
+    [job] = await store.get_jobs([pinned])
+    assert job.pin_labels == both and job.pin_node is None
+    assert await store.fetch_jobs("n1", ["m"], 1, LEASE, T0, node_labels={"gpu": "a100"}) == []
+    wrong = {"gpu": "a100", "site": "lab1"}
+    assert await store.fetch_jobs("n2", ["m"], 1, LEASE, T0, node_labels=wrong) == []
+    assert await store.fetch_jobs("n3", ["m"], 1, LEASE, T0) == []  # no labels at all
+    more = {"gpu": "a100", "site": "lab2", "os": "linux"}
+    [got] = await store.fetch_jobs("n4", ["m"], 1, LEASE, T0, node_name="x", node_labels=more)
+    assert got.id == pinned
+
+
+async def test_a_node_and_label_pin_needs_both(store: Store) -> None:
+    [pinned] = await submit(store, new_job(pin_node="mac", pin_labels={"gpu": "m3"}))
+    assert await store.fetch_jobs("n1", ["m"], 1, LEASE, T0, "mac", {"gpu": "a100"}) == []
+    assert await store.fetch_jobs("n2", ["m"], 1, LEASE, T0, "pc", {"gpu": "m3"}) == []
+    [got] = await store.fetch_jobs("n3", ["m"], 1, LEASE, T0, "mac", {"gpu": "m3"})
+    assert got.id == pinned
+
+
+async def test_unpinned_work_behind_pinned_jobs_is_claimed_in_order(store: Store) -> None:
+    # jobs pinned elsewhere at the head of the queue do not hold back the rest, and a
+    # node still takes unpinned work in priority order alongside its own pinned jobs
+    await submit(store, *[new_job(pin_node="away", priority=5) for _ in range(30)])
+    mine, low, high = await submit(
+        store, new_job(pin_labels={"k": "v"}), new_job(priority=0), new_job(priority=3)
+    )
+    got = await store.fetch_jobs("n1", ["m"], 2, LEASE, T0, "here", {"k": "v"})
+    assert [j.id for j in got] == [high, mine]
+    got = await store.fetch_jobs("n1", ["m"], 5, LEASE, T0, "here", {"k": "v"})
+    assert [j.id for j in got] == [low]
+
+
+async def test_queue_position_counts_pinned_jobs_ahead_too(store: Store) -> None:
+    pinned = new_job(pin_node="mac", priority=2)
+    labelled = new_job(pin_labels={"k": "v"}, priority=1)
+    outcomes = await store.submit_jobs([pinned, labelled, new_job()], T0, positions=True)
+    assert [o.position for o in outcomes] == [0, 1, 2]
+    assert [await store.queue_position(o.job) for o in outcomes] == [0, 1, 2]
+
+
+async def test_concurrent_claimers_take_pinned_jobs_once_and_only_their_own(store: Store) -> None:
+    jobs = [new_job(pin_node=f"box-{i % 4}") for i in range(80)]
+    ids = await submit(store, *jobs)
+    claims = await asyncio.gather(
+        *[store.fetch_jobs(f"node-{i}", ["m"], 5, LEASE, T0, f"box-{i % 4}") for i in range(40)]
+    )
+    claimed = [j for batch in claims for j in batch]
+    assert len({j.id for j in claimed}) == len(claimed) == 80 and {j.id for j in claimed} == set(
+        ids
+    )
+    assert all(j.pin_node == f"box-{int(j.node_id.split('-')[1]) % 4}" for j in claimed)
+
+
 # -- heartbeat -------------------------------------------------------------------------
 
 
@@ -554,6 +625,13 @@ async def test_nodes_register_touch_and_list_by_liveness(store: Store) -> None:
     assert live[0].stats == {"tps": 5}
     got = await store.get_node("n1")
     assert got is not None and got.models == [{"name": "m"}]
+
+
+async def test_node_labels_round_trip(store: Store) -> None:
+    await store.register_node(replace(a_node("n1"), labels={"gpu": "a100", "site": "lab2"}))
+    await store.register_node(a_node("n2"))
+    found = {n.id: n.labels for n in await store.list_nodes(0.0)}
+    assert found == {"n1": {"gpu": "a100", "site": "lab2"}, "n2": {}}
 
 
 async def test_a_node_registering_again_replaces_its_stale_rows_only(store: Store) -> None:

@@ -124,6 +124,14 @@ def main(base_url: str | None, api_key: str | None, as_json: bool) -> None:
 @click.option("--max-tokens", type=int)
 @click.option("--temperature", type=float)
 @click.option("--priority", type=int, default=0, help="Higher runs first.")
+@click.option("--node", help="Run only on the node of this name (or id); waits for it.")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Run only on a node carrying this label (repeat: all of them).",
+)
 @click.option("--wait", is_flag=True, help="Wait and print the answer.")
 @click.option(
     "--stream", is_flag=True, help="Print the answer's tokens as they are made, then a summary."
@@ -155,6 +163,8 @@ def submit(
     max_tokens: int | None,
     temperature: float | None,
     priority: int,
+    node: str | None,
+    labels: tuple[str, ...],
     wait: bool,
     stream: bool,
     timeout: float | None,
@@ -181,6 +191,10 @@ def submit(
         params["max_tokens"] = max_tokens
     if temperature is not None:
         params["temperature"] = temperature
+    if node is not None:
+        params["node"] = node
+    if labels:
+        params["node_labels"] = _labels(labels)
     job = client.chat.completions.create(**params)
     if stream:
         _stream_tokens(job)
@@ -196,6 +210,17 @@ def submit(
             _print_json(job.data)
     if not as_json:
         click.echo(_answer_text(job))
+
+
+def _labels(given: tuple[str, ...]) -> dict[str, str]:
+    """`--label KEY=VALUE` options as an object (UsageError when one has no `=`)."""
+    out = {}
+    for item in given:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--label takes KEY=VALUE, not {item!r}")
+        out[key] = value
+    return out
 
 
 def _show_progress(event: dict[str, Any]) -> None:
@@ -216,6 +241,9 @@ def _stream_tokens(job: Job) -> None:
     calls: dict[int, list[str]] = {}  # the first choice's tool calls: [name, arguments]
     for event in job.events():
         kind = event["type"]
+        if kind == "queued" and event.get("waiting_for"):
+            wanted = ", ".join(f"{k} {v}" for k, v in event["waiting_for"].items())
+            click.echo(f"waiting for {wanted}: no live node matches yet...", err=True)
         if kind == "queued" and event.get("position"):
             click.echo(f"position {event['position']} in the queue...", err=True)
         elif kind in ("downloading", "loading"):  # the node fetches or loads the model
@@ -378,6 +406,9 @@ def _nodes_text(nodes: list[dict[str, Any]], now: float) -> str:
             f"load {s.get('load', 0)}  running {s.get('running', 0)}  "
             f"{s.get('tokens_per_second', 0)} tok/s"
         )
+        if n.get("labels"):
+            labels = ", ".join(f"{k}={v}" for k, v in sorted(n["labels"].items()))
+            lines.append(f"  labels: {labels}")
         lines.append("  models: " + " · ".join(_model_line(m) for m in models_))
         gpus = ", ".join(g.get("name", "?") for g in hw.get("gpus") or []) or "none"
         ram = f"{hw['ram_bytes'] / 2**30:.0f} GiB RAM" if hw.get("ram_bytes") else "RAM ?"

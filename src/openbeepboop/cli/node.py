@@ -191,6 +191,13 @@ def check_server(url: str, key: str) -> str | None:
 @click.option("--server", "server_url", help="Server URL, e.g. http://127.0.0.1:8000.")
 @click.option("--api-key", help="A node key (obb_node_...).")
 @click.option("--name", help="This node's name [default: hostname-pid].")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A label jobs can be pinned to (node_labels); repeat for more.",
+)
 @click.option("--model-name", help="The model name clients ask for.")
 @click.option("--backend", type=BackendChoice(), help="How the model runs.")
 @click.option("--path", help="llama_cpp: a GGUF path or hf:org/repo/file.gguf.")
@@ -209,6 +216,7 @@ def setup(
     server_url: str | None,
     api_key: str | None,
     name: str | None,
+    labels: tuple[str, ...],
     model_name: str | None,
     backend: str | None,
     path: str | None,
@@ -263,6 +271,8 @@ def setup(
     data: dict[str, Any] = {"server": {"url": server_url, "api_key": api_key}, "models": models}
     if name:
         data["node"] = {"name": name}
+    if labels:
+        data.setdefault("node", {})["labels"] = _labels(labels)
     try:
         config = NodeConfig.model_validate(data)
     except ValidationError as exc:
@@ -286,6 +296,17 @@ def setup(
             f"Wrote {config_path}. Start the node with:\n"
             f"  openbeepboop-node run --config {config_path}"
         )
+
+
+def _labels(given: tuple[str, ...]) -> dict[str, str]:
+    """`--label KEY=VALUE` options as the config's `labels` table."""
+    out = {}
+    for item in given:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--label takes KEY=VALUE, not {item!r}")
+        out[key] = value
+    return out
 
 
 def _load(config_path: Path) -> NodeConfig:

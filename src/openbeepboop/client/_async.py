@@ -47,7 +47,16 @@ from openbeepboop.client.types import typed_result
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 FINAL = frozenset({"completed", "failed", "cancelled", "expired"})
-KNOBS = ("priority", "max_attempts", "expires_at", "ttl_seconds", "metadata", "custom_id")
+KNOBS = (
+    "priority",
+    "max_attempts",
+    "expires_at",
+    "ttl_seconds",
+    "metadata",
+    "custom_id",
+    "node",
+    "node_labels",
+)
 LONG_POLL = 30.0  # seconds per long-poll; the server caps it too
 BULK_CHUNK = 1000
 POLL_CHUNK = 5000
@@ -299,7 +308,8 @@ class Completions:
 
     async def create(self, *, idempotency_key: str | None = None, **params: Any) -> AsyncJob:
         """Queue one request (OpenAI's parameters plus priority, metadata, max_attempts,
-        ttl_seconds, expires_at, custom_id) and return its job at once."""
+        ttl_seconds, expires_at, custom_id, and a pin: `node` (a node's name or id) or
+        `node_labels` (labels the node must carry)) and return its job at once."""
         headers = {"Prefer": "respond-async", "Idempotency-Key": idempotency_key or _key()}
         data = await self._client.request("POST", self.endpoint, body=params, headers=headers)
         return AsyncJob(self._client, data)
@@ -351,7 +361,7 @@ class Jobs:
     ) -> AsyncJob:
         """Queue one job: `body` for `url`, or `template` rendered with `query` and
         `history`. `knobs`: priority, metadata, max_attempts, ttl_seconds, expires_at,
-        custom_id."""
+        custom_id, node, node_labels."""
         spec = _job_spec(template, query, history, body, url, idempotency_key, knobs)
         return AsyncJob(self._client, await self._client.request("POST", "/v1/jobs", body=spec))
 

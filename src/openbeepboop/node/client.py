@@ -56,8 +56,11 @@ class NodeClient:
     of its result), and aiohttp spends about a quarter of httpx's CPU on each (0.28 ms
     against 0.96 ms a call on loopback), which is latency on every synchronous call."""
 
-    def __init__(self, url: str, api_key: str, timeout: float) -> None:
+    def __init__(
+        self, url: str, api_key: str, timeout: float, labels: dict[str, str] | None = None
+    ) -> None:
         self._url = url.rstrip("/")
+        self._labels = dict(labels or {})  # sent when registering: jobs pin to them
         # per request, not as the session's defaults: aiohttp copies a session's default
         # headers onto a proxy's CONNECT and makes an Authorization there the
         # Proxy-Authorization, which would hand the node key to the proxy
@@ -121,6 +124,7 @@ class NodeClient:
             "capacity": capacity,
             "hardware": hardware,
             "version": __version__,
+            "labels": self._labels,
         }
         return str((await self._post("/internal/nodes/register", body))["node_id"])
 

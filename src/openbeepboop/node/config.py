@@ -61,6 +61,11 @@ class NodeSection(_Strict):
     state_dir: Path | None = Field(None, description="Where the result outbox lives.")
     models_dir: Path | None = Field(None, description="Where downloaded models are kept.")
     log_prompts: bool = Field(False, description="Include prompt text in logs.")
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=32,
+        description='Labels jobs can be pinned to (`node_labels`), e.g. {gpu = "a100"}.',
+    )
     on_demand: list[str] = Field(
         default_factory=list,
         description="Models the node fetches when a job names them: spec prefixes, each "
@@ -201,6 +206,8 @@ def describe(exc: ValidationError) -> str:
 def write_node_config(config: NodeConfig, path: Path) -> None:
     """Write `config` as TOML (the key is written too: keep the file private)."""
     data = config.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
+    if not data["node"].get("labels"):
+        data["node"].pop("labels", None)  # no empty [node.labels] table
     private_dir(path.parent)
     header = "# OpenBeepBoop node config (openbeepboop-node setup). Holds a key: keep private.\n"
     write_private(path, header + tomli_w.dumps(data))

@@ -78,7 +78,10 @@ class NodeRunner:
     ) -> None:
         self.config = config
         self.client: ServerClient = client or NodeClient(
-            config.server.url, config.server.api_key, config.server.timeout_seconds
+            config.server.url,
+            config.server.api_key,
+            config.server.timeout_seconds,
+            config.node.labels,
         )
         self.outbox = Outbox(config.state_dir() / f"outbox-{_outbox_name(config)}.db")
         self.running = Running()

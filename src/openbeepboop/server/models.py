@@ -66,6 +66,8 @@ class NewJob:
     idempotency_key: str | None = None
     expires_at: float | None = None
     batch_id: str | None = None
+    pin_node: str | None = None  # only a node of this name or id may run it
+    pin_labels: dict[str, str] | None = None  # only a node carrying all these labels
 
     def queued(self, job_id: str, seq: int, now: float) -> Job:
         """The job as the store has just inserted it."""
@@ -87,6 +89,8 @@ class NewJob:
             idempotency_key=self.idempotency_key,
             expires_at=self.expires_at,
             batch_id=self.batch_id,
+            pin_node=self.pin_node,
+            pin_labels=self.pin_labels,
         )
 
 
@@ -118,6 +122,8 @@ class Job:
     result: JSON | None = None
     error: JSON | None = None
     batch_id: str | None = None
+    pin_node: str | None = None  # as submitted (NewJob)
+    pin_labels: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +207,17 @@ class Node:
     registered_at: float
     last_seen: float
     stats: JSON = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # from its config, e.g. gpu=a100
 
     def model_names(self) -> list[str]:
         return [str(m["name"]) for m in self.models if "name" in m]
+
+    def may_run(self, pin_node: str | None, pin_labels: dict[str, str] | None) -> bool:
+        """Whether a job pinned so may run here: `pin_node` is this node's name or id,
+        and this node carries every label of `pin_labels` (None: no such pin)."""
+        if pin_node is not None and pin_node not in (self.id, self.name):
+            return False
+        return all(self.labels.get(k) == v for k, v in (pin_labels or {}).items())
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ from openbeepboop.server.core.files import (
     parse_batch_line,
 )
 from openbeepboop.server.core.passes import one_pass
+from openbeepboop.server.core.pins import take_pin
 from openbeepboop.server.core.queue import JobRequest, Queue
 from openbeepboop.server.errors import (
     Conflict,
@@ -334,11 +335,15 @@ class Batches:
         )
 
     async def _line_request(self, batch: Batch, line: BatchLine) -> JobRequest:
-        """The job a line becomes (an assistant template rendered first)."""
-        if "template" in line.body:
-            body = await self.assistants.body_for_line(batch.owner, line.body)
-            line = replace(line, body=body)
-        return self._request(batch, line)
+        """The job a line becomes (an assistant template rendered first); a pin in its
+        body (`node`, `node_labels`) is the job's, not the model's."""
+        body, node, labels = take_pin(line.body)
+        if "template" in body:
+            body = await self.assistants.body_for_line(batch.owner, body)
+        request = self._request(batch, replace(line, body=body))
+        if node is None and labels is None:
+            return request
+        return replace(request, node=node, node_labels=labels)
 
     def _request(self, batch: Batch, line: BatchLine) -> JobRequest:
         endpoint, body, metadata = line.url, line.body, None

@@ -1,6 +1,7 @@
 """The life of one job as a sequence of events, for anyone following it live.
 
-The vocabulary is the rbee quickstart's: `queued` {job_id, position}, `started` {job_id,
+The vocabulary is the rbee quickstart's: `queued` {job_id, position} (and `waiting_for`
+{node, node_labels} when the job is pinned where no live node may run it), `started` {job_id,
 model, node_id, started_at}, `token` {t, i} for each piece of choice 0's text, then one of
 `end` {tokens_out, decode_time_ms, stop_reason}, `failed` {job_id, code, message} or
 `cancelled` {job_id}. What is not choice 0's text — other choices (`n`), tool-call
@@ -61,7 +62,11 @@ async def job_events(queue: Queue, job: Job, after: int = -1) -> AsyncGenerator[
     if job.status is JobStatus.QUEUED:
         if after < QUEUED_ID:
             position = await queue.queue_position(job)
-            yield JobEvent(QUEUED_ID, "queued", {"job_id": job.id, "position": position})
+            queued: JSON = {"job_id": job.id, "position": position}
+            waiting = await queue.waiting_for(job)
+            if waiting is not None:  # pinned to a node that is not live (yet)
+                queued["waiting_for"] = waiting
+            yield JobEvent(QUEUED_ID, "queued", queued)
         job = await _while_queued(queue, job)
     if job.started_at is not None and after < STARTED_ID:
         yield _started(job)

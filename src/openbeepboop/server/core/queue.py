@@ -21,6 +21,7 @@ import orjson
 from openbeepboop.server.core.deltas import DeltaHub
 from openbeepboop.server.core.notify import Notifier
 from openbeepboop.server.core.passes import one_pass
+from openbeepboop.server.core.pins import Pin, check_known, serving
 from openbeepboop.server.errors import (
     InvalidRequest,
     JobFailed,
@@ -107,23 +108,31 @@ class JobRequest:
     expires_at: float | None = None
     ttl_seconds: float | None = None
     batch_id: str | None = None
+    node: str | None = None  # pinned to the node of this name or id (core/pins.py)
+    node_labels: dict[str, str] | None = None  # pinned to nodes carrying these labels
+
+    @property
+    def pin(self) -> Pin | None:
+        if self.node is None and not self.node_labels:
+            return None
+        return Pin(self.node, self.node_labels or None)
 
 
 def request_hash(req: JobRequest) -> str:
     """What must match for an idempotent replay: the endpoint, body and our knobs."""
-    canonical = orjson.dumps(
-        [
-            req.endpoint,
-            req.body,
-            req.priority,
-            req.max_attempts,
-            req.metadata,
-            req.custom_id,
-            req.expires_at,
-            req.ttl_seconds,
-        ],
-        option=orjson.OPT_SORT_KEYS,
-    )
+    knobs = [
+        req.endpoint,
+        req.body,
+        req.priority,
+        req.max_attempts,
+        req.metadata,
+        req.custom_id,
+        req.expires_at,
+        req.ttl_seconds,
+    ]
+    if req.pin is not None:  # only then: hashes stored before pins existed stay valid
+        knobs += [req.node, req.node_labels or None]
+    canonical = orjson.dumps(knobs, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(canonical).hexdigest()
 
 
@@ -143,12 +152,15 @@ class Queue:
         self.notifier = notifier or Notifier()
         self._clock = clock
         self._node_owner: dict[str, str] = {}
+        # node id -> (name, labels): what its claims match pinned jobs against
+        self._node_ident: dict[str, tuple[str, dict[str, str]]] = {}
         self._node_touched: dict[str, float] = {}
         self._active: dict[str, tuple[int, float]] = {}
         self.deltas = DeltaHub()
         self.closing = False
         self._handoff: dict[str, list[asyncio.Future[Job]]] = {}  # job id -> sync waiters
-        self._served: tuple[float, frozenset[str]] = (0.0, frozenset())  # checked at, models
+        # checked at, model -> the live nodes that serve it
+        self._served: tuple[float, dict[str, list[Node]]] = (0.0, {})
 
     def close(self) -> None:
         """The server is shutting down: long-polls answer now instead of holding it up."""
@@ -182,6 +194,9 @@ class Queue:
     ) -> list[SubmitOutcome]:
         now = self._clock()
         new = [self._new_job(owner, r, now) for r in requests]
+        pins = [p for p in {repr(r.pin): r.pin for r in requests}.values() if p is not None]
+        if pins:  # a pin no node could ever satisfy is a clear 400, not a wait forever
+            check_known(pins, await self.store.list_nodes(0.0))
         outcomes = await self.store.submit_jobs(new, now, durable, positions)
         created = [o.job for o in outcomes if o.created]
         self._count_active(owner, len(created))
@@ -214,6 +229,8 @@ class Queue:
             idempotency_key=req.idempotency_key,
             expires_at=expires_at,
             batch_id=req.batch_id,
+            pin_node=req.node,
+            pin_labels=req.node_labels or None,
         )
 
     async def _check_active_limit(self, key: ApiKey, adding: int) -> None:
@@ -381,9 +398,10 @@ class Queue:
         node left, known after `node_ttl_seconds`), cancel the job, unless the request
         carried an Idempotency-Key (whose retry finds and waits on it), and raise
         Unavailable; return if the job ends first. Runs until cancelled otherwise."""
+        pin = Pin.of(job)
         while True:
             await asyncio.sleep(SERVED_CHECK_SECONDS)
-            if await self._is_served(job.model):
+            if await self._is_served(job.model, pin):
                 continue
             current = await self.store.get_job(job.id)
             if current is None or current.status.is_final:
@@ -397,34 +415,53 @@ class Queue:
                 if kept
                 else "it was cancelled"
             )
+            where = "" if pin is None else f" as {pin.describe()}"
             raise Unavailable(
-                f"no live node serves model {job.model!r} any more (job {job.id}: {fate})",
+                f"no live node serves model {job.model!r}{where} any more (job {job.id}: {fate})",
                 retry_after=max(1.0, self.config.model_wait_seconds),
                 code="model_not_available",
             )
 
-    async def _is_served(self, model: str) -> bool:
-        """Whether a live node serves `model`, as known within the last second."""
-        checked_at, models = self._served
+    async def _is_served(self, model: str, pin: Pin | None = None) -> bool:
+        """Whether a live node serves `model` (where `pin` allows), as known within the
+        last second."""
+        checked_at, served = self._served
         if self._clock() - checked_at >= SERVED_CACHE_SECONDS:
-            models = frozenset(await self.served_models())
-            self._served = (self._clock(), models)
-        return model in models or self._fetched_on_demand(model, await self.live_nodes())
+            served = await self.served_models()
+            self._served = (self._clock(), served)
+        return serving(served, model, pin) or await self._on_demand(model, pin)
+
+    async def _on_demand(self, model: str, pin: Pin | None) -> bool:
+        """Whether a live node `pin` allows fetches `model` on demand."""
+        nodes = await self.live_nodes()
+        return self._fetched_on_demand(model, [n for n in nodes if pin is None or pin.admits(n)])
+
+    async def waiting_for(self, job: Job) -> JSON | None:
+        """For a queued pinned job that no live node may run yet: its pin, as given (its
+        events say what it waits for); None otherwise."""
+        pin = Pin.of(job)
+        if pin is None or job.status is not JobStatus.QUEUED:
+            return None
+        return None if await self._is_served(job.model, pin) else pin.waiting_for()
 
     async def submit_when_served(
         self, key: ApiKey, request: JobRequest, durable: bool = True
     ) -> Job:
-        """Submit once a live node serves the model (Unavailable after the wait)."""
-        await self.wait_for_model(str(request.body.get("model", "")))
+        """Submit once a live node serves the model (one the request's pin allows);
+        Unavailable after the wait."""
+        if request.pin is not None:  # the pin's 400 before a wait for its node
+            check_known([request.pin], await self.store.list_nodes(0.0))
+        await self.wait_for_model(str(request.body.get("model", "")), request.pin)
         return (await self.submit(key, [request], durable))[0].job
 
-    async def wait_for_model(self, model: str) -> None:
-        """Return once a live node serves `model`. A model no node ever served, while some
-        node is live, is NotFound at once (a typo should not wait); otherwise (the fleet
-        is starting, or this model's nodes are away) wait, then Unavailable. A model
-        found served is taken as served for the next second without asking the store."""
-        checked_at, models = self._served
-        if model in models and self._clock() - checked_at < SERVED_CACHE_SECONDS:
+    async def wait_for_model(self, model: str, pin: Pin | None = None) -> None:
+        """Return once a live node serves `model` (one `pin` allows). A model no node ever
+        served, while some node is live, is NotFound at once (a typo should not wait);
+        otherwise (the fleet is starting, or this model's nodes are away) wait, then
+        Unavailable. A model found served is taken as served for the next second
+        without asking the store."""
+        checked_at, known = self._served
+        if serving(known, model, pin) and self._clock() - checked_at < SERVED_CACHE_SECONDS:
             return
         wait = self.config.model_wait_seconds
         deadline = self._clock() + wait
@@ -432,8 +469,8 @@ class Queue:
             while True:
                 event.clear()
                 served = await self.served_models()
-                self._served = (self._clock(), frozenset(served))
-                if model in served or self._fetched_on_demand(model, await self.live_nodes()):
+                self._served = (self._clock(), served)
+                if serving(served, model, pin) or await self._on_demand(model, pin):
                     return
                 if served and not await self._ever_served(model):
                     raise NotFound(
@@ -448,8 +485,9 @@ class Queue:
                     )
                 remaining = deadline - self._clock()
                 if remaining <= 0:
+                    where = "" if pin is None else f" as {pin.describe()}"
                     raise Unavailable(
-                        f"no live node serves model {model!r} (waited {wait:g} s); "
+                        f"no live node serves model {model!r}{where} (waited {wait:g} s); "
                         "start a node for it or submit with 'Prefer: respond-async' to queue",
                         retry_after=max(1.0, wait),
                         code="model_not_available",
@@ -467,6 +505,7 @@ class Queue:
         capacity: int,
         hardware: JSON,
         version: str,
+        labels: dict[str, str] | None = None,
     ) -> Node:
         now = self._clock()
         node = Node(
@@ -479,10 +518,12 @@ class Queue:
             version=version,
             registered_at=now,
             last_seen=now,
+            labels=dict(labels or {}),
         )
         # the rows of earlier runs of this node (same key and name, no longer live) go
         await self.store.register_node(node, stale_before=now - self.config.node_ttl_seconds)
         self._node_owner[node.id] = key.id
+        self._node_ident[node.id] = (node.name, node.labels)
         self._node_touched[node.id] = now
         self.notifier.publish([NODES_TOPIC])
         log.info("node registered", extra={"node_id": node.id, "node_name": name})
@@ -490,7 +531,7 @@ class Queue:
 
     async def _check_node(self, key: ApiKey, node_id: str) -> None:
         owner = self._node_owner.get(node_id)
-        if owner is None:
+        if owner is None or node_id not in self._node_ident:
             node = await self.store.get_node(node_id)
             if node is None:
                 raise NotFound(
@@ -499,6 +540,7 @@ class Queue:
                     code="node_not_registered",
                 )
             owner = self._node_owner[node_id] = node.owner
+            self._node_ident[node_id] = (node.name, node.labels)
         if owner != key.id and key.role is not Role.ADMIN:
             raise NotFound(f"node {node_id!r} is not registered with this key", param="node_id")
 
@@ -510,6 +552,7 @@ class Queue:
         self._node_touched[node_id] = now
         if not await self.store.touch_node(node_id, now, stats):
             self._node_owner.pop(node_id, None)  # forgotten: its next call registers again
+            self._node_ident.pop(node_id, None)
         if now - last > self.config.node_ttl_seconds:
             self.notifier.publish([NODES_TOPIC])
 
@@ -553,8 +596,9 @@ class Queue:
                     return []
 
     async def _claim(self, node_id: str, models: Sequence[str], max_jobs: int) -> list[Job]:
+        name, labels = self._node_ident.get(node_id, (None, {}))
         jobs = await self.store.fetch_jobs(
-            node_id, models, max_jobs, self.config.lease_seconds, self._clock()
+            node_id, models, max_jobs, self.config.lease_seconds, self._clock(), name, labels
         )
         if jobs:
             self.notifier.publish([job_topic(j.id) for j in jobs])  # started
@@ -736,6 +780,7 @@ class Queue:
             if touched < quiet:
                 del self._node_touched[node_id]
                 self._node_owner.pop(node_id, None)
+                self._node_ident.pop(node_id, None)
         if gone:
             log.info("forgot nodes", extra={"nodes": gone})
         return gone

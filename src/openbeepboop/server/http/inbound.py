@@ -7,14 +7,28 @@ passed to the node untouched); only the fields we act on are checked.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Fields of ours that ride in an OpenAI body (the SDK's `extra_body`); they are taken
 # out before the body is stored for the node.
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs in one embeddings request
-OUR_FIELDS = ("priority", "max_attempts", "expires_at", "ttl_seconds", "metadata", "custom_id")
+OUR_FIELDS = (
+    "priority",
+    "max_attempts",
+    "expires_at",
+    "ttl_seconds",
+    "metadata",
+    "custom_id",
+    "node",
+    "node_labels",
+)
+# A node label (config `[node] labels`, a job's `node_labels`): short strings both sides.
+LabelName = Annotated[str, Field(min_length=1, max_length=64)]
+LabelValue = Annotated[str, Field(max_length=256)]
+NodeName = Annotated[str, Field(min_length=1, max_length=256)]
+Labels = dict[LabelName, LabelValue]
 
 
 class _Open(BaseModel):
@@ -39,6 +53,12 @@ class Knobs(BaseModel):
     )
     metadata: dict[str, Any] | None = Field(None, description="Your labels, returned as given.")
     custom_id: str | None = Field(None, max_length=512, description="Your id for this request.")
+    node: NodeName | None = Field(
+        None, description="Run only on the node of this name (or id); it waits for that node."
+    )
+    node_labels: Labels | None = Field(
+        None, max_length=32, description="Run only on a node carrying all these labels."
+    )
 
 
 class ChatMessage(_Open):
@@ -147,6 +167,7 @@ class NodeModel(_Open):
 
 class RegisterBody(_Open):
     name: str = Field("", max_length=256)
+    labels: Labels = Field(default_factory=dict, max_length=32)
     models: list[NodeModel] = Field(default_factory=list)
     capacity: int = Field(1, ge=1, le=100_000)
     hardware: dict[str, Any] = Field(default_factory=dict)
@@ -227,3 +248,5 @@ class ResponsesBody(_Open):
     text: dict[str, Any] | None = None
     user: str | None = None
     seed: int | None = None
+    node: NodeName | None = None  # a pin, as on the other endpoints (Knobs)
+    node_labels: Labels | None = Field(None, max_length=32)

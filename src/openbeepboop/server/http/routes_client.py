@@ -57,6 +57,8 @@ def _job_request(endpoint: str, body: Knobs, idempotency_key: str | None) -> Job
         idempotency_key=idempotency_key,
         expires_at=body.expires_at,
         ttl_seconds=body.ttl_seconds,
+        node=body.node,
+        node_labels=body.node_labels,
     )
 
 

@@ -35,6 +35,7 @@ async def register(request: Request, body: RegisterBody, key: Key) -> Response:
         capacity=body.capacity,
         hardware=body.hardware,
         version=body.version,
+        labels=body.labels,
     )
     return JSONResponse({"node_id": node.id})
 

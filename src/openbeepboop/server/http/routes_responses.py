@@ -72,6 +72,8 @@ async def create_response(
         body=chat,
         metadata=responses.job_metadata({**given, "background": background}),
         idempotency_key=idempotency_key,
+        node=body.node,
+        node_labels=body.node_labels,
     )
     if background:
         outcome = (await queue.submit(key, [req]))[0]

@@ -33,6 +33,7 @@ from openbeepboop.server.core import json_input
 from openbeepboop.server.core.assistants import Assistants
 from openbeepboop.server.core.choices import content_of
 from openbeepboop.server.core.events import job_events
+from openbeepboop.server.core.pins import take_pin
 from openbeepboop.server.core.queue import JobRequest, Queue
 from openbeepboop.server.errors import DomainError, InvalidRequest, RateLimited
 from openbeepboop.server.http.bodies import CheckedRoute
@@ -117,13 +118,22 @@ class _Session:
             raise _Bad("'query' must be a string")
         streams = await self.assistants.streams_of(self.key, message.get("assistant"))
         bodies = await self.assistants.bodies(streams, query, message.get("history"))
+        # a pin (`node`, `node_labels`) holds for every stream: it rides in each body
+        # until `_submit` takes it out
+        pin = {k: message[k] for k in ("node", "node_labels") if message.get(k) is not None}
+        bodies = [{**body, **pin} for body in bodies] if pin else bodies
         job_id = await self._submit(bodies[0], client_id)
         await self.send({"type": "resp_add", "id": client_id, "job_id": job_id})
         self._follow(job_id, fallbacks=bodies[1:], client_id=client_id)
 
     async def _submit(self, body: JSON, client_id: str) -> str:
+        body, node, labels = take_pin(body)
         request = JobRequest(
-            endpoint="/v1/chat/completions", body=body, metadata={"ws_id": client_id}
+            endpoint="/v1/chat/completions",
+            body=body,
+            metadata={"ws_id": client_id},
+            node=node,
+            node_labels=labels,
         )
         return (await self.queue.submit(self.key, [request]))[0].job.id
 

@@ -64,10 +64,19 @@ class Store(Protocol):
         """How many queued jobs of the same model run before this queued job."""
 
     async def fetch_jobs(
-        self, node_id: str, models: Sequence[str], max_jobs: int, lease_seconds: float, now: float
+        self,
+        node_id: str,
+        models: Sequence[str],
+        max_jobs: int,
+        lease_seconds: float,
+        now: float,
+        node_name: str | None = None,
+        node_labels: Mapping[str, str] | None = None,
     ) -> list[Job]:
         """Claim up to `max_jobs` queued jobs of `models` (priority, then age) in one atomic
-        step: each gets a fresh lease, `attempts` + 1, status `in_progress`. Claims (and
+        step: each gets a fresh lease, `attempts` + 1, status `in_progress`. A pinned job
+        is claimed only by its node: `pin_node` equal to `node_id` or `node_name`, every
+        label of `pin_labels` among `node_labels`; others skip it. Claims (and
         heartbeats) need not wait for the disk: a lease lost to a power cut only means
         the job runs again, as when a node dies."""
 

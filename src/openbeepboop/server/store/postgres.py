@@ -28,7 +28,15 @@ from openbeepboop.server.store.base import DeltaRelay, TopicRelay
 from openbeepboop.server.store.pg_bridge import PgBridge
 from openbeepboop.server.store.pg_pool import Kind, PgPool, migrate
 from openbeepboop.server.store.rows import Row
-from openbeepboop.server.store.sql_store import CLAIM, IDEMPOTENT, ONCE, SqlStore, Steps, Write
+from openbeepboop.server.store.sql_store import (
+    CLAIM,
+    IDEMPOTENT,
+    ONCE,
+    Claim,
+    SqlStore,
+    Steps,
+    Write,
+)
 
 if TYPE_CHECKING:
     import asyncpg
@@ -138,10 +146,16 @@ class PostgresStore(SqlStore):
         single = len(jobs) == 1 or all(j.idempotency_key is None for j in jobs)
         return await self._db.write(op, Kind.IDEMPOTENT if keyed else Kind.ONCE, single)
 
-    async def _claim(
-        self, node_id: str, models: list[str], max_jobs: int, expires: float, now: float
-    ) -> list[Job]:
-        args = (models, float(now), max_jobs, expires, node_id)
+    async def _claim(self, claim: Claim) -> list[Job]:
+        args = (
+            claim.models,
+            claim.now,
+            claim.max_jobs,
+            claim.expires,
+            claim.node_id,
+            claim.node_name,
+            claim.node_labels,
+        )
         return [rows.job(r) for r in await self._returning(self._q["claim_jobs"], args, CLAIM)]
 
     async def submit_results(

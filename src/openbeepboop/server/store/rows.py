@@ -32,10 +32,11 @@ from openbeepboop.server.models import (
 JOB_COLUMNS = (
     "seq, id, owner, endpoint, model, request, request_hash, status, priority, max_attempts, "
     "attempts, metadata, custom_id, idempotency_key, created_at, expires_at, started_at, "
-    "finished_at, lease_id, lease_expires_at, node_id, result, error, batch_id"
+    "finished_at, lease_id, lease_expires_at, node_id, result, error, batch_id, pin_node, "
+    "pin_labels"
 )
 NODE_COLUMNS = (
-    "id, name, owner, models, capacity, hardware, version, registered_at, last_seen, stats"
+    "id, name, owner, models, capacity, hardware, version, registered_at, last_seen, stats, labels"
 )
 KEY_COLUMNS = "id, role, key_hash, prefix, name, created_at, revoked_at"
 FILE_COLUMNS = "id, owner, purpose, filename, bytes, created_at, lines, seq, expires_at"
@@ -119,6 +120,8 @@ def job(row: Row) -> Job:
         result=_loads(row[21]),
         error=_loads(row[22]),
         batch_id=row[23],
+        pin_node=row[24],
+        pin_labels=_loads(row[25]),
     )
 
 
@@ -137,6 +140,8 @@ def new_job_values(nj: NewJob) -> tuple[Any, ...]:
         nj.idempotency_key,
         nj.expires_at,
         nj.batch_id,
+        nj.pin_node,
+        json_or_null(nj.pin_labels),
     )
 
 
@@ -158,6 +163,7 @@ def node(row: Row) -> Node:
         registered_at=row[7],
         last_seen=row[8],
         stats=orjson.loads(row[9]),
+        labels=orjson.loads(row[10]),
     )
 
 
@@ -174,6 +180,7 @@ def node_values(n: Node) -> tuple[Any, ...]:
         float(n.registered_at),
         float(n.last_seen),
         json_text(n.stats),
+        json_text(n.labels),
     )
 
 

@@ -44,6 +44,20 @@ class Write:
     durable: bool = True  # SQLite's commit reaches the disk before the caller hears
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a claim (`fetch_jobs`) asks for: by which node (its id, name and labels as a
+    JSON object, for pinned jobs), which models, how many, until when, at what time."""
+
+    node_id: str
+    node_name: str | None
+    node_labels: str
+    models: list[str]
+    max_jobs: int
+    expires: float
+    now: float
+
+
 T = TypeVar("T")
 ONCE = Write()
 IDEMPOTENT = Write(idempotent=True)
@@ -77,9 +91,7 @@ class SqlStore(ABC):
         """Run the statements in order, all or none; the rows of each."""
 
     @abstractmethod
-    async def _claim(
-        self, node_id: str, models: list[str], max_jobs: int, expires: float, now: float
-    ) -> list[Job]:
+    async def _claim(self, claim: Claim) -> list[Job]:
         """Run the dialect's claim (`claim_jobs`): the jobs it leased."""
 
     @abstractmethod
@@ -124,12 +136,23 @@ class SqlStore(ABC):
         return 0 if row is None else int(row[0])
 
     async def fetch_jobs(
-        self, node_id: str, models: Sequence[str], max_jobs: int, lease_seconds: float, now: float
+        self,
+        node_id: str,
+        models: Sequence[str],
+        max_jobs: int,
+        lease_seconds: float,
+        now: float,
+        node_name: str | None = None,
+        node_labels: Mapping[str, str] | None = None,
     ) -> list[Job]:
         wanted = list(dict.fromkeys(models))
         if not wanted or max_jobs <= 0:
             return []
-        jobs = await self._claim(node_id, wanted, max_jobs, float(now + lease_seconds), now)
+        labels = rows.json_text(dict(node_labels or {}))
+        claim = Claim(
+            node_id, node_name, labels, wanted, max_jobs, float(now + lease_seconds), float(now)
+        )
+        jobs = await self._claim(claim)
         jobs.sort(key=lambda j: (-j.priority, j.seq))
         return jobs
 

@@ -27,7 +27,7 @@ from openbeepboop.server.models import (
 from openbeepboop.server.store import outcomes, rows
 from openbeepboop.server.store.migrations import migrate_sqlite
 from openbeepboop.server.store.rows import Row
-from openbeepboop.server.store.sql_store import CLAIM, ONCE, SqlStore, Steps, Write
+from openbeepboop.server.store.sql_store import CLAIM, ONCE, Claim, SqlStore, Steps, Write
 from openbeepboop.server.store.sqlite_io import GroupCommitWriter, ReaderPool, connect
 
 INCREMENTAL = 2  # PRAGMA auto_vacuum
@@ -135,13 +135,20 @@ class SqliteStore(SqlStore):
         self._count_queued(conn, queued)
         return out
 
-    async def _claim(
-        self, node_id: str, models: list[str], max_jobs: int, expires: float, now: float
-    ) -> list[Job]:
+    async def _claim(self, claim: Claim) -> list[Job]:
+        models = claim.models
         arm = self._q["claim_candidates"]
-        arms = " UNION ALL ".join(arm.replace("{model}", f"?{5 + i}") for i in range(len(models)))
+        arms = " UNION ALL ".join(arm.replace("{model}", f"?{7 + i}") for i in range(len(models)))
         sql = self._q["claim_jobs"].replace("{candidates}", arms)
-        args = (now, max_jobs, expires, node_id, *models)
+        args = (
+            claim.now,
+            claim.max_jobs,
+            claim.expires,
+            claim.node_id,
+            claim.node_name,
+            claim.node_labels,
+            *models,
+        )
 
         def op(conn: sqlite3.Connection) -> list[Job]:
             leased = conn.execute(sql, args).fetchall()

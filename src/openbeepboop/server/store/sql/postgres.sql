@@ -15,19 +15,19 @@ JOIN unnest($1::text[], $2::text[]) AS k(owner, key)
 
 -- name: insert_jobs
 -- New jobs, queued, in order; a job whose (owner, idempotency_key) exists is skipped
--- (the caller looks it up). $1..$13 are columns as arrays, $14 now.
+-- (the caller looks it up). $1..$15 are columns as arrays, $16 now.
 INSERT INTO jobs (id, owner, endpoint, model, request, request_hash, status, priority,
                   max_attempts, metadata, custom_id, idempotency_key, expires_at, batch_id,
-                  created_at)
+                  pin_node, pin_labels, created_at)
 SELECT t.id, t.owner, t.endpoint, t.model, t.request, t.request_hash, 'queued', t.priority,
        t.max_attempts, t.metadata, t.custom_id, t.idempotency_key, t.expires_at, t.batch_id,
-       $14
+       t.pin_node, t.pin_labels, $16
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
             $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[],
-            $12::float8[], $13::text[])
+            $12::float8[], $13::text[], $14::text[], $15::text[])
      WITH ORDINALITY AS t(id, owner, endpoint, model, request, request_hash, priority,
                           max_attempts, metadata, custom_id, idempotency_key, expires_at,
-                          batch_id, ord)
+                          batch_id, pin_node, pin_labels, ord)
 ORDER BY t.ord
 ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id, seq;
@@ -43,31 +43,59 @@ SELECT {job_columns} FROM jobs WHERE id = ANY($1::text[]);
 SELECT {job_columns} FROM jobs WHERE {where} ORDER BY seq DESC LIMIT {limit};
 
 -- name: queue_position
--- Queued jobs of the same model that run before this one (priority, then age).
-SELECT count(*) FROM jobs
-WHERE status = 'queued' AND model = $1 AND (priority > $2 OR (priority = $2 AND seq < $3));
+-- Queued jobs of the same model that run before this one (priority, then age): those
+-- pinned to no node (jobs_queued) and those pinned to one (jobs_queued_node).
+SELECT (SELECT count(*) FROM jobs
+        WHERE status = 'queued' AND pin_node IS NULL AND model = $1
+          AND (priority > $2 OR (priority = $2 AND seq < $3)))
+     + (SELECT count(*) FROM jobs
+        WHERE status = 'queued' AND pin_node IS NOT NULL AND model = $1
+          AND (priority > $2 OR (priority = $2 AND seq < $3)));
 
 -- name: queued_ahead
 -- queue_position of a job just queued: counted. (SQLite sums counters its writer keeps;
 -- here a counter row, updated by every submit and claim of its model on every replica,
 -- would serialize them on its lock.)
-SELECT count(*) FROM jobs
-WHERE status = 'queued' AND model = $1 AND (priority > $2 OR (priority = $2 AND seq < $3));
+SELECT (SELECT count(*) FROM jobs
+        WHERE status = 'queued' AND pin_node IS NULL AND model = $1
+          AND (priority > $2 OR (priority = $2 AND seq < $3)))
+     + (SELECT count(*) FROM jobs
+        WHERE status = 'queued' AND pin_node IS NOT NULL AND model = $1
+          AND (priority > $2 OR (priority = $2 AND seq < $3)));
 
 -- name: claim_jobs
 -- Lease up to $3 queued jobs of the models $1, highest priority first, then oldest; each
--- gets a fresh lease id, the lease's expiry $4 and one more attempt; $2 now, $5 the node.
--- Up to $3 candidates per model, each model's best first, locked or skipped.
-WITH picked AS (
-    SELECT c.seq FROM unnest($1::text[]) AS m(name)
+-- gets a fresh lease id, the lease's expiry $4 and one more attempt; $2 now, $5 the node's
+-- id, $6 its name, $7 its labels (a JSON object). Up to $3 candidates per model, each
+-- model's best first, locked or skipped. Two walks per model: the jobs pinned to no node
+-- (jobs_queued), and those pinned to this node by its id or name (jobs_queued_node):
+-- jobs pinned to other nodes are not read. A job pinned to labels only for a node
+-- carrying each of them (pin_labels <@ labels); an unpinned job passes at the first test.
+WITH free AS (
+    SELECT c.seq, c.priority FROM unnest($1::text[]) AS m(name)
     CROSS JOIN LATERAL (
         SELECT seq, priority FROM jobs
-        WHERE status = 'queued' AND model = m.name AND (expires_at IS NULL OR expires_at > $2)
+        WHERE status = 'queued' AND pin_node IS NULL AND model = m.name
+          AND (expires_at IS NULL OR expires_at > $2)
+          AND (pin_labels IS NULL OR pin_labels::jsonb <@ $7::jsonb)
         ORDER BY priority DESC, seq
         LIMIT $3
         FOR UPDATE SKIP LOCKED
     ) AS c
-    ORDER BY c.priority DESC, c.seq
+), mine AS (
+    SELECT c.seq, c.priority FROM unnest($1::text[]) AS m(name)
+    CROSS JOIN LATERAL (
+        SELECT seq, priority FROM jobs
+        WHERE status = 'queued' AND pin_node IS NOT NULL AND model = m.name
+          AND pin_node IN ($5, $6::text) AND (expires_at IS NULL OR expires_at > $2)
+          AND (pin_labels IS NULL OR pin_labels::jsonb <@ $7::jsonb)
+        ORDER BY priority DESC, seq
+        LIMIT $3
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+), picked AS (
+    SELECT seq FROM (SELECT * FROM free UNION ALL SELECT * FROM mine) AS u
+    ORDER BY priority DESC, seq
     LIMIT $3
 )
 UPDATE jobs SET status = 'in_progress', lease_id = replace(gen_random_uuid()::text, '-', ''),
@@ -196,7 +224,9 @@ SELECT model, status, sum(n) FROM folded GROUP BY model, status HAVING sum(n) <>
 -- name: models_with_queued_jobs
 -- For the bridge's fallback: which of the models $1 have a queued job (an index probe).
 SELECT m FROM unnest($1::text[]) AS t(m)
-WHERE EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND model = t.m);
+WHERE EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' AND pin_node IS NULL AND model = t.m)
+   OR EXISTS (SELECT 1 FROM jobs
+              WHERE status = 'queued' AND pin_node IS NOT NULL AND model = t.m);
 
 -- name: final_job_ids
 -- For the bridge's fallback: which of the jobs $1 are final.
@@ -206,11 +236,11 @@ WHERE id = ANY($1::text[]) AND status IN ('completed', 'failed', 'cancelled', 'e
 -- ======================================================================== nodes
 
 -- name: upsert_node
-INSERT INTO nodes ({node_columns}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+INSERT INTO nodes ({node_columns}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 ON CONFLICT (id) DO UPDATE SET name = excluded.name, owner = excluded.owner,
     models = excluded.models, capacity = excluded.capacity, hardware = excluded.hardware,
     version = excluded.version, registered_at = excluded.registered_at,
-    last_seen = excluded.last_seen, stats = excluded.stats;
+    last_seen = excluded.last_seen, stats = excluded.stats, labels = excluded.labels;
 
 -- name: forget_stale_namesakes
 -- A node registering: rows of earlier nodes of the same key ($1) and name ($2), not seen

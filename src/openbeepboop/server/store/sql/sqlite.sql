@@ -13,8 +13,8 @@ SELECT {job_columns} FROM jobs WHERE owner = ?1 AND idempotency_key = ?2;
 -- A new job, queued.
 INSERT INTO jobs (id, owner, endpoint, model, request, request_hash, status, priority,
                   max_attempts, metadata, custom_id, idempotency_key, expires_at, batch_id,
-                  created_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14);
+                  pin_node, pin_labels, created_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16);
 
 -- name: get_job
 SELECT {job_columns} FROM jobs WHERE id = ?1;
@@ -29,10 +29,16 @@ SELECT {job_columns} FROM jobs WHERE {where} ORDER BY seq DESC LIMIT {limit};
 
 -- name: queue_position
 -- Queued jobs of the same model that run before this one (priority, then age), as two
--- index ranges (one OR-ed range reads each row: three times slower).
-SELECT (SELECT count(*) FROM jobs WHERE status = 'queued' AND model = ?1 AND priority > ?2)
+-- index ranges of jobs_queued (one OR-ed range reads each row: three times slower), and
+-- the jobs pinned to a node (jobs_queued_node, migration 0008), pinned or not.
+SELECT (SELECT count(*) FROM jobs
+        WHERE status = 'queued' AND pin_node IS NULL AND model = ?1 AND priority > ?2)
      + (SELECT count(*) FROM jobs
-        WHERE status = 'queued' AND model = ?1 AND priority = ?2 AND seq < ?3);
+        WHERE status = 'queued' AND pin_node IS NULL AND model = ?1 AND priority = ?2
+          AND seq < ?3)
+     + (SELECT count(*) FROM jobs
+        WHERE status = 'queued' AND pin_node IS NOT NULL AND model = ?1
+          AND (priority > ?2 OR (priority = ?2 AND seq < ?3)));
 
 -- name: queued_ahead
 -- queue_position of a job just queued (the newest of its priority), on the writer: the
@@ -44,18 +50,39 @@ WHERE model = ?1 AND priority >= ?2;
 -- name: claim_jobs
 -- Lease up to ?2 queued jobs of the wanted models, highest priority first, then oldest;
 -- each gets a fresh lease id, the lease's expiry ?3 and one more attempt; ?1 now, ?4 the
--- node. {candidates}: one claim_candidates per model (named by ?5, ?6, ...), joined by
--- UNION ALL: each walks the jobs_queued index of its model and stops after ?2 rows,
--- however long the queue. (PostgreSQL takes the models as one array: its order differs.)
+-- node's id, ?5 its name, ?6 its labels (a JSON object). {candidates}: one
+-- claim_candidates per model (named by ?7, ?8, ...), joined by UNION ALL: each walks the
+-- indexes of its model and stops after ?2 rows it may take, however long the queue.
+-- (PostgreSQL takes the models as one array: its order differs.)
 UPDATE jobs SET status = 'in_progress', lease_id = lower(hex(randomblob(16))),
     lease_expires_at = ?3, attempts = attempts + 1, node_id = ?4, started_at = ?1
 WHERE seq IN (SELECT seq FROM ({candidates}) ORDER BY priority DESC, seq LIMIT ?2)
 RETURNING {job_columns};
 
 -- name: claim_candidates
+-- Two walks: the jobs pinned to no node (jobs_queued), and those pinned to this node, by
+-- its id ?4 or its name ?5 (jobs_queued_node): jobs pinned to other nodes are not read.
+-- A job pinned to labels only for a node carrying each of them (no label of the job
+-- missing from ?6); an unpinned job passes at the first test.
 SELECT * FROM (
     SELECT seq, priority FROM jobs
-    WHERE status = 'queued' AND model = {model} AND (expires_at IS NULL OR expires_at > ?1)
+    WHERE status = 'queued' AND pin_node IS NULL AND model = {model}
+      AND (expires_at IS NULL OR expires_at > ?1)
+      AND (pin_labels IS NULL OR NOT EXISTS (
+          SELECT 1 FROM json_each(pin_labels) AS want
+          WHERE NOT EXISTS (SELECT 1 FROM json_each(?6) AS have
+                            WHERE have.key = want.key AND have.value = want.value)))
+    ORDER BY priority DESC, seq LIMIT ?2
+)
+UNION ALL
+SELECT * FROM (
+    SELECT seq, priority FROM jobs
+    WHERE status = 'queued' AND pin_node IS NOT NULL AND model = {model}
+      AND pin_node IN (?4, ?5) AND (expires_at IS NULL OR expires_at > ?1)
+      AND (pin_labels IS NULL OR NOT EXISTS (
+          SELECT 1 FROM json_each(pin_labels) AS want
+          WHERE NOT EXISTS (SELECT 1 FROM json_each(?6) AS have
+                            WHERE have.key = want.key AND have.value = want.value)))
     ORDER BY priority DESC, seq LIMIT ?2
 );
 
@@ -193,11 +220,11 @@ ON CONFLICT (model, priority) DO UPDATE SET queued = queued + excluded.queued;
 -- ======================================================================== nodes
 
 -- name: upsert_node
-INSERT INTO nodes ({node_columns}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+INSERT INTO nodes ({node_columns}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
 ON CONFLICT (id) DO UPDATE SET name = excluded.name, owner = excluded.owner,
     models = excluded.models, capacity = excluded.capacity, hardware = excluded.hardware,
     version = excluded.version, registered_at = excluded.registered_at,
-    last_seen = excluded.last_seen, stats = excluded.stats;
+    last_seen = excluded.last_seen, stats = excluded.stats, labels = excluded.labels;
 
 -- name: forget_stale_namesakes
 -- A node registering: rows of earlier nodes of the same key (?1) and name (?2), not seen
