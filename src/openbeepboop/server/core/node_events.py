@@ -11,7 +11,7 @@ heartbeats stopped for `node_ttl_seconds`), which ends the stream.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.errors import NotFound
@@ -39,7 +39,7 @@ def state_event(name: str, model: JSON) -> JSON:
 
 async def node_events(
     queue: Queue, node_id: str, shown: Callable[[Node], JSON]
-) -> AsyncIterator[JSON]:
+) -> AsyncGenerator[JSON, None]:
     """The node's events until it is gone; NotFound for a node that never registered or
     is no longer live. `shown` renders the first `node` event."""
     node = await queue.live_node(node_id)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
 import orjson
@@ -18,7 +16,7 @@ from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import admin_key, any_key
 from openbeepboop.server.http.outbound import JSONResponse, key_json, node_json
 from openbeepboop.server.http.state import app_state
-from openbeepboop.server.http.streaming import KEEPALIVE_SECONDS
+from openbeepboop.server.http.streaming import with_keepalive
 from openbeepboop.server.models import ApiKey, Node, Role
 
 router = APIRouter(tags=["operations"], route_class=CheckedRoute)
@@ -99,37 +97,20 @@ async def node_event_stream(request: Request, node_id: str, key: AnyKey) -> Resp
     events = node_events(state.queue, node_id, node_json)
     first = await anext(events)  # a node that is not live: 404 before the stream starts
     return StreamingResponse(
-        with_keepalive(first, events),
+        _node_sse(first, events),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
 
-async def with_keepalive(
-    first: dict[str, Any], events: AsyncIterator[dict[str, Any]]
+async def _node_sse(
+    first: dict[str, Any], events: AsyncGenerator[dict[str, Any], None]
 ) -> AsyncIterator[bytes]:
     """`data: {event}` lines, a comment line while nothing happens for a while."""
     yield b"data: " + orjson.dumps(first) + b"\n\n"
-    pending: asyncio.Future[dict[str, Any]] | None = None
-    try:
-        while True:
-            pending = pending or asyncio.ensure_future(anext(events))
-            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_SECONDS)
-            if not done:
-                yield b": keep-alive\n\n"
-                continue
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
-                break
-            pending = None
-            yield b"data: " + orjson.dumps(event) + b"\n\n"
-        yield b"data: [DONE]\n\n"
-    finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
+    async for event in with_keepalive(events):
+        yield b": keep-alive\n\n" if event is None else b"data: " + orjson.dumps(event) + b"\n\n"
+    yield b"data: [DONE]\n\n"
 
 
 @router.get("/v1/stats", summary="Queue depth and counts per model")

@@ -17,19 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 
 from openbeepboop.server.core.auth import KeyRing
 from openbeepboop.server.core.choices import Tally
-from openbeepboop.server.core.events import JobEvent, job_events
+from openbeepboop.server.core.events import job_events
 from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.errors import DomainError
 from openbeepboop.server.models import JSON, Job, JobStatus
 
 KEEPALIVE_SECONDS = 15.0
+T = TypeVar("T")
 REVOKED: JSON = {
     "error": {
         "message": "the API key of this stream was revoked",
@@ -139,30 +140,41 @@ async def stream_events(
     the data) with SSE ids for `Last-Event-ID`, then `data: [DONE]`. While nothing
     happens (a long wait in the queue) a comment line every `keepalive` seconds keeps
     proxies from closing the connection."""
-    events = job_events(queue, job, after)
-    pending: asyncio.Future[JobEvent] | None = None
+    async for event in with_keepalive(job_events(queue, job, after), keepalive):
+        if event is None:
+            yield b": keep-alive\n\n"
+            continue
+        payload = orjson.dumps({"type": event.type, **event.data})
+        yield b"id: %d\ndata: %s\n\n" % (event.id, payload)
+    yield b"data: [DONE]\n\n"
+
+
+async def with_keepalive(
+    items: AsyncGenerator[T, None], every: float = KEEPALIVE_SECONDS
+) -> AsyncIterator[T | None]:
+    """`items`, with a None between them whenever none came for `every` seconds (the cue
+    for an SSE comment line). `items` is closed at the end, or when the reader stops."""
+    pending: asyncio.Future[T] | None = None
     try:
         while True:
             if pending is None:
-                pending = asyncio.ensure_future(anext(events))
-            done, _ = await asyncio.wait({pending}, timeout=keepalive)
+                pending = asyncio.ensure_future(anext(items))
+            done, _ = await asyncio.wait({pending}, timeout=every)
             if not done:
-                yield b": keep-alive\n\n"
+                yield None
                 continue
             try:
-                event = pending.result()
+                item = pending.result()
             except StopAsyncIteration:
-                break
+                return
             pending = None
-            payload = orjson.dumps({"type": event.type, **event.data})
-            yield b"id: %d\ndata: %s\n\n" % (event.id, payload)
-        yield b"data: [DONE]\n\n"
+            yield item
     finally:
         if pending is not None and not pending.done():
             pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                 await pending
-        await events.aclose()
+        await items.aclose()
 
 
 async def while_key_active(
