@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
+from openbeepboop.cli.labels import parse_labels
 from openbeepboop.client import (
     APIConnectionError,
     AuthenticationError,
@@ -194,7 +195,7 @@ def submit(
     if node is not None:
         params["node"] = node
     if labels:
-        params["node_labels"] = _labels(labels)
+        params["node_labels"] = parse_labels(labels)
     job = client.chat.completions.create(**params)
     if stream:
         _stream_tokens(job)
@@ -210,17 +211,6 @@ def submit(
             _print_json(job.data)
     if not as_json:
         click.echo(_answer_text(job))
-
-
-def _labels(given: tuple[str, ...]) -> dict[str, str]:
-    """`--label KEY=VALUE` options as an object (UsageError when one has no `=`)."""
-    out = {}
-    for item in given:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.UsageError(f"--label takes KEY=VALUE, not {item!r}")
-        out[key] = value
-    return out
 
 
 def _show_progress(event: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ import click
 import httpx
 from pydantic import ValidationError
 
+from openbeepboop.cli.labels import parse_labels
 from openbeepboop.cli.loop import run as run_loop
 from openbeepboop.node.backends import PluginError, backend_class, installed_backends
 from openbeepboop.node.config import (
@@ -272,7 +273,7 @@ def setup(
     if name:
         data["node"] = {"name": name}
     if labels:
-        data.setdefault("node", {})["labels"] = _labels(labels)
+        data.setdefault("node", {})["labels"] = parse_labels(labels)
     try:
         config = NodeConfig.model_validate(data)
     except ValidationError as exc:
@@ -296,17 +297,6 @@ def setup(
             f"Wrote {config_path}. Start the node with:\n"
             f"  openbeepboop-node run --config {config_path}"
         )
-
-
-def _labels(given: tuple[str, ...]) -> dict[str, str]:
-    """`--label KEY=VALUE` options as the config's `labels` table."""
-    out = {}
-    for item in given:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.UsageError(f"--label takes KEY=VALUE, not {item!r}")
-        out[key] = value
-    return out
 
 
 def _load(config_path: Path) -> NodeConfig:
