@@ -183,7 +183,10 @@ def submit(
         params["temperature"] = temperature
     job = client.chat.completions.create(**params)
     if stream:
-        _stream_tokens(job)
+        try:
+            _stream_tokens(job)
+        except KeyboardInterrupt:
+            _cancel_on_interrupt(job)
         return
     if not wait:
         _print_json(job.data) if as_json else click.echo(job.id)
@@ -191,11 +194,32 @@ def submit(
     click.echo(f"queued {job.id}; waiting...", err=True)
     try:
         job.get(wait=True, timeout=timeout)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\n{job.id} keeps running; cancel it with openbeepboop-client cancel {job.id}",
+            err=True,
+        )
+        sys.exit(130)
     finally:
         if as_json:
             _print_json(job.data)
     if not as_json:
         click.echo(_answer_text(job))
+
+
+def _cancel_on_interrupt(job: Job) -> None:
+    """Ctrl+C while tokens stream: the job is cancelled (its node stops generating
+    within about a second), then exit 130 as a shell expects after SIGINT."""
+    click.echo()
+    try:
+        job.cancel()
+    except OpenBeepBoopError as exc:
+        click.echo(f"could not cancel {job.id}: {exc}", err=True)
+        sys.exit(130)
+    status = job.data.get("status")
+    said = f"cancelled {job.id}" if status == "cancelled" else f"{job.id} already {status}"
+    click.echo(said, err=True)
+    sys.exit(130)
 
 
 def _stream_tokens(job: Job) -> None:
