@@ -408,6 +408,24 @@ async def test_the_cancel_watch_stops_a_job_long_before_the_next_heartbeat(
     assert job not in server.results
 
 
+async def test_jobs_starting_in_a_burst_share_a_few_watches(
+    server: FakeServer, make_runner: Make, serving: Any
+) -> None:
+    hang = ScriptedBackend(*["hang"] * 40)
+    model = {"name": "slow", "backend": "echo", "concurrency": 40}
+    runner = make_runner([model], {"slow": hang}, heartbeat_seconds=60)
+    await serving(runner)
+    for i in range(40):
+        server.add(f"job {i}", model="slow")
+        await asyncio.sleep(0.005)  # one by one, over 0.2 s
+    await until(lambda: len(runner.running) == 40)
+    last = max(runner.running, key=lambda j: int(j.split("_")[1]))
+    server.cancelled.add(last)  # the last job to start is watched too
+    await until(lambda: last not in runner.running, timeout=1)
+    assert server.watches <= 5
+    runner.stop()
+
+
 async def test_without_the_watch_on_the_server_cancels_come_with_heartbeats(
     server: FakeServer, make_runner: Make, serving: Any
 ) -> None:

@@ -11,9 +11,11 @@ milliseconds whatever the job does, yet costs one idle connection and nothing el
 while no job is cancelled (none at all while no job runs).
 
 A job that starts while the poll is open is not in it: the poll is dropped (its
-connection closed, which ends it on the server too) and made again for the new set.
-Jobs that end stay in the open poll until it answers, which is harmless: the server
-reports only cancelled ones. A server without the call (404) leaves cancels to the
+connection closed, which ends it on the server too) and made again for the new set,
+at most every RENEW_SECONDS so that a node starting hundreds of jobs a second does not
+make a call for each (a job cancelled in its first RENEW_SECONDS is heard of that much
+later). Jobs that end stay in the open poll until it answers, which is harmless: the
+server reports only cancelled ones. A server without the call (404) leaves cancels to the
 heartbeat, as before it existed."""
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from openbeepboop.node.session import Session
 
 log = logging.getLogger("openbeepboop.node")
 WATCH_SECONDS = 30.0  # one long-poll's length (the server may cut it shorter)
+RENEW_SECONDS = 0.2  # the shortest life of a poll dropped for new jobs
 RETRY_SECONDS = 1.0  # after a failed poll; the heartbeat still carries cancels meanwhile
 
 
@@ -55,10 +58,14 @@ class CancelWatch:
             await self._watch_once(leases)
 
     async def _watch_once(self, leases: dict[str, str]) -> None:
+        renew_at = asyncio.get_running_loop().time() + RENEW_SECONDS
         poll = asyncio.ensure_future(self._session.watch(leases, WATCH_SECONDS))
         changed = asyncio.ensure_future(self._changed.wait())
         try:
             await asyncio.wait({poll, changed}, return_when=asyncio.FIRST_COMPLETED)
+            if not poll.done():  # new jobs: let more start before the poll is made again
+                delay = renew_at - asyncio.get_running_loop().time()
+                await asyncio.wait({poll}, timeout=max(delay, 0))
         finally:
             for waiting in (poll, changed):
                 if not waiting.done():
@@ -69,13 +76,17 @@ class CancelWatch:
         try:
             cancelled = poll.result()
         except ServerRefused as exc:
-            if exc.status in (404, 405):
+            if exc.status in (404, 405) and exc.code != "node_not_registered":
                 self.supported = False
                 log.warning("the server has no cancel watch; cancels come with heartbeats")
                 return
             await self._pause(f"{exc.status} {exc.message}")
             return
         except ServerUnreachable as exc:
+            await self._pause(str(exc))
+            return
+        except Exception as exc:  # an answer not as documented: the heartbeat still works
+            log.warning("cancel watch failed", extra={"why": f"{type(exc).__name__}: {exc}"})
             await self._pause(str(exc))
             return
         for job_id in cancelled:

@@ -57,6 +57,7 @@ SERVED_CACHE_SECONDS = 1.0
 # a synchronous call checks this often that a live node still serves its model
 SERVED_CHECK_SECONDS = 2.0
 NODE_FORGET_SECONDS = 60.0  # how often the reaper forgets long-gone nodes
+WATCH_READ_SECONDS = 0.02  # a node's cancel watch reads its jobs at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,8 +610,10 @@ class Queue:
         with self.notifier.listen(job_topic(j) for j in leases) as event:
             if caller is not None:
                 caller.watch(event)
+            loop = asyncio.get_running_loop()
             while True:  # listening first, then reading: no cancel is missed
                 event.clear()
+                read_at = loop.time()
                 cancelled = await self._cancelled(leases)
                 remaining = deadline - self._clock()
                 if cancelled or remaining <= 0 or self.closing:
@@ -621,6 +624,8 @@ class Queue:
                     await asyncio.wait_for(event.wait(), remaining)
                 except TimeoutError:
                     return await self._cancelled(leases)
+                # the watched jobs' ends wake it too: on a busy node, one read for many
+                await asyncio.sleep(read_at + WATCH_READ_SECONDS - loop.time())
 
     async def _cancelled(self, leases: Mapping[str, str]) -> list[str]:
         jobs = await self.store.get_jobs(list(leases)) if leases else []
