@@ -46,6 +46,7 @@ class FakeServer:
         self.lost: set[str] = set()  # lease ids
         self.unreachable: set[str] = set()  # calls that fail as if the server were down
         self.registrations = 0
+        self.watches = 0
         self.failed_submits = 0
         self.node_id = ""
         self.closed = False
@@ -97,6 +98,16 @@ class FakeServer:
             "lost": [lease for lease in lease_ids if lease in self.lost],
             "cancelled": sorted(j for j in self.cancelled if j in jobs),
         }
+
+    async def watch(self, node_id: str, leases: dict[str, str], wait: float) -> list[str]:
+        self._check("watch", node_id)
+        self.watches += 1
+        deadline = time.monotonic() + wait
+        while True:
+            found = [j for j in leases if j in self.cancelled]
+            if found or time.monotonic() >= deadline:
+                return found
+            await asyncio.sleep(0.01)
 
     async def events(self, node_id: str, events: list[JSON]) -> int:
         self._check("events", node_id)
@@ -374,6 +385,66 @@ async def test_the_heartbeat_stops_a_job_the_server_no_longer_wants(
     runner.stop()
     assert await asyncio.wait_for(task, 3) == 0
     assert job not in server.results  # nothing sent for it
+
+
+async def test_the_cancel_watch_stops_a_job_long_before_the_next_heartbeat(
+    server: FakeServer, make_runner: Make, serving: Any
+) -> None:
+    hang = ScriptedBackend("hang")
+    runner = make_runner(
+        [{"name": "slow", "backend": "echo"}], {"slow": hang}, heartbeat_seconds=60
+    )
+    task = await serving(runner)
+    job = server.add("x", model="slow")
+    await until(hang.started.is_set)
+    await until(lambda: server.watches >= 1)
+    server.cancelled.add(job)
+    started = time.monotonic()
+    await until(lambda: len(runner.running) == 0, timeout=1)
+    assert time.monotonic() - started < 0.5
+    assert server.heartbeats == []  # the watch, not a heartbeat
+    runner.stop()
+    assert await asyncio.wait_for(task, 3) == 0
+    assert job not in server.results
+
+
+async def test_jobs_starting_in_a_burst_share_a_few_watches(
+    server: FakeServer, make_runner: Make, serving: Any
+) -> None:
+    hang = ScriptedBackend(*["hang"] * 40)
+    model = {"name": "slow", "backend": "echo", "concurrency": 40}
+    runner = make_runner([model], {"slow": hang}, heartbeat_seconds=60)
+    await serving(runner)
+    for i in range(40):
+        server.add(f"job {i}", model="slow")
+        await asyncio.sleep(0.005)  # one by one, over 0.2 s
+    await until(lambda: len(runner.running) == 40)
+    last = max(runner.running, key=lambda j: int(j.split("_")[1]))
+    server.cancelled.add(last)  # the last job to start is watched too
+    await until(lambda: last not in runner.running, timeout=1)
+    assert server.watches <= 5
+    runner.stop()
+
+
+async def test_without_the_watch_on_the_server_cancels_come_with_heartbeats(
+    server: FakeServer, make_runner: Make, serving: Any
+) -> None:
+    async def no_watch(node_id: str, leases: dict[str, str], wait: float) -> list[str]:
+        server.watches += 1
+        raise ServerRefused(404, "not_found", "Not Found")
+
+    server.watch = no_watch  # type: ignore[method-assign]
+    hang = ScriptedBackend("hang")
+    runner = make_runner([{"name": "slow", "backend": "echo"}], {"slow": hang})
+    task = await serving(runner)
+    job = server.add("x", model="slow")
+    await until(hang.started.is_set)
+    await until(lambda: not runner.cancel_watch.supported)
+    server.cancelled.add(job)
+    await until(lambda: len(runner.running) == 0)
+    assert server.watches == 1  # asked once, then left to the heartbeat
+    runner.stop()
+    assert await asyncio.wait_for(task, 3) == 0
 
 
 async def test_a_result_waits_in_the_outbox_while_the_server_is_away(

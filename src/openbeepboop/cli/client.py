@@ -188,17 +188,16 @@ def submit(
         {"role": "user", "content": prompt}
     ]
     params: dict[str, Any] = {"model": model, "messages": messages, "priority": priority}
-    if max_tokens is not None:
-        params["max_tokens"] = max_tokens
-    if temperature is not None:
-        params["temperature"] = temperature
-    if node is not None:
-        params["node"] = node
+    given = {"max_tokens": max_tokens, "temperature": temperature, "node": node}
+    params.update({k: v for k, v in given.items() if v is not None})
     if labels:
         params["node_labels"] = parse_labels(labels)
     job = client.chat.completions.create(**params)
     if stream:
-        _stream_tokens(job)
+        try:
+            _stream_tokens(job)
+        except KeyboardInterrupt:
+            _cancel_on_interrupt(job)
         return
     if not wait:
         _print_json(job.data) if as_json else click.echo(job.id)
@@ -206,6 +205,12 @@ def submit(
     click.echo(f"queued {job.id}; waiting...", err=True)
     try:
         job.get(wait=True, timeout=timeout)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\n{job.id} keeps running; cancel it with openbeepboop-client cancel {job.id}",
+            err=True,
+        )
+        sys.exit(130)
     finally:
         if as_json:
             _print_json(job.data)
@@ -222,6 +227,21 @@ def _show_progress(event: dict[str, Any]) -> None:
     if event["type"] == "downloading" and event.get("total"):
         line += f" {int(event.get('bytes') or 0) / 1e6:.0f}/{int(event['total']) / 1e6:.0f} MB"
     click.echo("\r" + line, nl=fraction >= 1.0, err=True)
+
+
+def _cancel_on_interrupt(job: Job) -> None:
+    """Ctrl+C while tokens stream: the job is cancelled (its node stops generating
+    within about a second), then exit 130 as a shell expects after SIGINT."""
+    click.echo()
+    try:
+        job.cancel()
+    except OpenBeepBoopError as exc:
+        click.echo(f"could not cancel {job.id}: {exc}", err=True)
+        sys.exit(130)
+    status = job.data.get("status")
+    said = f"cancelled {job.id}" if status == "cancelled" else f"{job.id} already {status}"
+    click.echo(said, err=True)
+    sys.exit(130)
 
 
 def _stream_tokens(job: Job) -> None:

@@ -117,8 +117,11 @@ class Job:
         return self.stream()
 
     def _iterate(self, source: AsyncIterator[T]) -> Iterator[T]:
+        steps: list[asyncio.Future[T]] = []  # the step under way, for `_close`
+
         async def step() -> T:
-            return await anext(source)
+            steps[:] = [asyncio.ensure_future(anext(source))]
+            return await steps[0]
 
         try:
             while True:
@@ -127,7 +130,7 @@ class Job:
                 except StopAsyncIteration:
                     return
         finally:
-            self._loop.run(source.aclose())  # type: ignore[attr-defined]
+            self._loop.run(_close(source, steps))
 
     def get(self, wait: bool = True, timeout: float | None = None) -> Any:
         """The OpenAI-shaped result; see `AsyncJob.get`."""
@@ -273,3 +276,13 @@ class Client:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+async def _close(source: AsyncIterator[Any], steps: list[asyncio.Future[Any]]) -> None:
+    """Close an async generator once its last step has ended: a step interrupted in
+    the calling thread (Ctrl+C) is still being cancelled on the loop, and closing the
+    generator meanwhile would raise "aclose(): asynchronous generator is already
+    running"."""
+    if steps:
+        await asyncio.wait(steps)
+    await source.aclose()  # type: ignore[attr-defined]

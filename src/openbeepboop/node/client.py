@@ -40,6 +40,8 @@ class ServerClient(Protocol):
 
     async def heartbeat(self, node_id: str, lease_ids: list[str], stats: JSON) -> JSON: ...
 
+    async def watch(self, node_id: str, leases: dict[str, str], wait: float) -> list[str]: ...
+
     async def events(self, node_id: str, events: list[JSON]) -> int: ...
 
     async def submit(self, node_id: str, results: list[JSON]) -> list[JSON]: ...
@@ -138,6 +140,12 @@ class NodeClient:
     async def heartbeat(self, node_id: str, lease_ids: list[str], stats: JSON) -> JSON:
         body = {"node_id": node_id, "lease_ids": lease_ids, "stats": stats}
         return dict(await self._post("/internal/queue/heartbeat", body))
+
+    async def watch(self, node_id: str, leases: dict[str, str], wait: float) -> list[str]:
+        items = [{"job_id": job, "lease_id": lease} for job, lease in leases.items()]
+        body = {"node_id": node_id, "leases": items, "wait": wait}
+        answer = await self._post("/internal/queue/watch", body, read_timeout=wait + 30)
+        return [str(job_id) for job_id in answer["cancelled"]]
 
     async def events(self, node_id: str, events: list[JSON]) -> int:
         body = {"node_id": node_id, "events": events}

@@ -170,6 +170,10 @@ class Running:
             if flight.job.lease_id in lease_ids:
                 self.stop(flight.job.id, reason)
 
+    def leases(self) -> dict[str, str]:
+        """Job id -> lease id of every running job not being stopped already."""
+        return {j: f.job.lease_id for j, f in self._jobs.items() if f.stop_reason is None}
+
     def lease_ids(self) -> list[str]:
         return [f.job.lease_id for f in self._jobs.values()]
 

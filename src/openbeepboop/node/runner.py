@@ -8,6 +8,7 @@ them, runs each job's task and owns the lifecycle:
 - `Executor`: runs a job on its model's backend (executor.py)
 - `DeltaPusher`: the text of streamed jobs, batched (deltas.py)
 - `Heartbeat`: leases renewed, cancelled and lost jobs stopped (heartbeat.py)
+- `CancelWatch`: a long-poll that hears of a cancelled running job at once (cancel_watch.py)
 - `Uploader`: results through the outbox to the server (uploader.py)
 
 Stopping (SIGTERM/SIGINT): fetching stops, running jobs get `drain_seconds` to finish,
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openbeepboop.node.backends.base import JSON, Backend, ModelConfig
+from openbeepboop.node.cancel_watch import CancelWatch
 from openbeepboop.node.client import NodeClient, ServerClient, ServerRefused, ServerUnreachable
 from openbeepboop.node.config import NodeConfig, read_model_entry
 from openbeepboop.node.deltas import DeltaPusher
@@ -108,6 +110,7 @@ class NodeRunner:
             pending=self.outbox.lease_ids,
             back=self.uploader.server_back,
         )
+        self.cancel_watch = CancelWatch(self.session, self.running)
         self.fetcher = Fetcher(
             self.session,
             list(self.slots.values()),
@@ -176,7 +179,12 @@ class NodeRunner:
         return 0
 
     async def _serve(self, batch: bool) -> None:
-        loops = [self.heartbeat.run(), self.uploader.run(), self.deltas.run()]
+        loops = [
+            self.heartbeat.run(),
+            self.uploader.run(),
+            self.deltas.run(),
+            self.cancel_watch.run(),
+        ]
         if self.config.node.on_demand and not batch:
             loops.append(self.on_demand.run())
         background = [asyncio.create_task(loop) for loop in loops]
@@ -251,6 +259,7 @@ class NodeRunner:
             return
         slot.running += 1
         self.running.add(job, asyncio.create_task(self._run_job(slot, job)))
+        self.cancel_watch.started()
         log.info("job started", extra=self._fields(job))
 
     def _reject(self, bad: MalformedJob) -> None:

@@ -68,6 +68,11 @@ class Session:
         """Extend `lease_ids`; the answer lists the leases lost and the jobs cancelled."""
         return await self._call(lambda node: self.client.heartbeat(node, lease_ids, stats))
 
+    async def watch(self, leases: dict[str, str], wait: float) -> list[str]:
+        """The jobs among `leases` (job id -> lease id) cancelled; a long-poll of `wait`
+        seconds that answers as soon as one is."""
+        return await self._call(lambda node: self.client.watch(node, leases, wait))
+
     async def events(self, events: list[JSON]) -> int:
         """Push text deltas of running jobs."""
         return await self._call(lambda node: self.client.events(node, events))

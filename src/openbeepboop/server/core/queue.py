@@ -12,7 +12,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -58,6 +58,7 @@ SERVED_CACHE_SECONDS = 1.0
 # a synchronous call checks this often that a live node still serves its model
 SERVED_CHECK_SECONDS = 2.0
 NODE_FORGET_SECONDS = 60.0  # how often the reaper forgets long-gone nodes
+WATCH_READ_SECONDS = 0.02  # a node's cancel watch reads its jobs at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +281,8 @@ class Queue:
         return await self.queue_position(outcome.job)
 
     async def cancel(self, key: ApiKey, job_id: str) -> Job:
-        """Cancel a job that is not final; its node hears of it in the heartbeat reply."""
+        """Cancel a job that is not final; its node hears of it through its `watch` (else
+        in its next heartbeat's reply)."""
         before = await self.get(key, job_id)
         job = await self.store.cancel_job(job_id, self._clock())
         if job is None:
@@ -633,6 +635,47 @@ class Queue:
         return await self.store.heartbeat(
             node_id, lease_ids, self.config.lease_seconds, self._clock()
         )
+
+    async def watch(
+        self,
+        key: ApiKey,
+        node_id: str,
+        leases: Mapping[str, str],
+        wait: float,
+        caller: Caller | None = None,
+    ) -> list[str]:
+        """The jobs among `leases` (job id -> lease id) cancelled under those leases;
+        with `wait`, a long-poll held until one is (or `wait` seconds pass, or `caller`
+        leaves). A job's topic fires on its cancel, here or on another server, so a
+        node hears of it in milliseconds rather than at its next heartbeat."""
+        await self._check_node(key, node_id)
+        wait = min(max(wait, 0.0), self.config.max_poll_wait_seconds)
+        deadline = self._clock() + wait
+        with self.notifier.listen(job_topic(j) for j in leases) as event:
+            if caller is not None:
+                caller.watch(event)
+            loop = asyncio.get_running_loop()
+            while True:  # listening first, then reading: no cancel is missed
+                event.clear()
+                read_at = loop.time()
+                cancelled = await self._cancelled(leases)
+                remaining = deadline - self._clock()
+                if cancelled or remaining <= 0 or self.closing:
+                    return cancelled
+                if caller is not None and caller.gone:
+                    return []
+                try:
+                    await asyncio.wait_for(event.wait(), remaining)
+                except TimeoutError:
+                    return await self._cancelled(leases)
+                # the watched jobs' ends wake it too: on a busy node, one read for many
+                await asyncio.sleep(read_at + WATCH_READ_SECONDS - loop.time())
+
+    async def _cancelled(self, leases: Mapping[str, str]) -> list[str]:
+        jobs = await self.store.get_jobs(list(leases)) if leases else []
+        return [
+            j.id for j in jobs if j.status is JobStatus.CANCELLED and j.lease_id == leases.get(j.id)
+        ]
 
     async def submit_results(
         self, key: ApiKey, node_id: str | None, results: Sequence[NodeResult]

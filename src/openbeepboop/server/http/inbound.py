@@ -192,6 +192,19 @@ class HeartbeatBody(_Open):
     stats: dict[str, Any] = Field(default_factory=dict)
 
 
+class WatchedLease(_Open):
+    job_id: str = Field(min_length=1)
+    lease_id: str = Field(min_length=1)
+
+
+class WatchBody(_Open):
+    """`/internal/queue/watch`: the running jobs to watch for a cancel, and how long."""
+
+    node_id: str = Field(min_length=1)
+    leases: list[WatchedLease] = Field(max_length=100_000)
+    wait: float = Field(0, ge=0)
+
+
 class NodeError(_Open):
     message: str = ""
     code: str = "node_error"

@@ -1,4 +1,5 @@
-"""The node protocol (node keys only): register, fetch, heartbeat, submit results."""
+"""The node protocol (node keys only): register, fetch, heartbeat, watch for cancels,
+push deltas, submit results."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from openbeepboop.server.http.inbound import (
     HeartbeatBody,
     RegisterBody,
     SubmitResultsBody,
+    WatchBody,
 )
 from openbeepboop.server.http.outbound import JSONResponse
 from openbeepboop.server.http.presence import ConnectionCaller, LeasedJobs
@@ -65,6 +67,19 @@ async def heartbeat(request: Request, body: HeartbeatBody, key: Key) -> Response
             "lease_expires_at": outcome.lease_expires_at,
         }
     )
+
+
+@router.post("/queue/watch", summary="Long-poll: hear at once of cancelled running jobs")
+async def watch(request: Request, body: WatchBody, key: Key) -> Response:
+    caller = ConnectionCaller(request)
+    leases = {item.job_id: item.lease_id for item in body.leases}
+    try:
+        cancelled = await app_state(request).queue.watch(
+            key, body.node_id, leases, body.wait, caller
+        )
+    finally:
+        caller.close()
+    return JSONResponse({"cancelled": cancelled})
 
 
 @router.post("/queue/events", summary="Push token deltas of running jobs (batched)")

@@ -128,7 +128,7 @@ RETURNING {job_columns};
 SELECT id, status FROM jobs WHERE id IN (SELECT value FROM json_each(?1));
 
 -- name: cancel_job
--- A job that is not final is cancelled at ?2 (its node hears of it at its heartbeat).
+-- A job that is not final is cancelled at ?2 (its node hears of it through its watch, or heartbeat).
 UPDATE jobs SET status = 'cancelled', finished_at = ?2
 WHERE id = ?1 AND status IN ('queued', 'in_progress')
 RETURNING {job_columns};
