@@ -124,13 +124,23 @@ async def one_try(client: AsyncClient, model: str, seed: int) -> dict[str, float
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) the process used so far, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system) the node process and its children (the model's worker
+    process, where llama.cpp generates) used so far, from /proc (Linux)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if entry.name == str(pid) or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 async def quiet_after(pid: int, since: float, window: float = 0.1, busy: float = 0.25) -> float:
-    """Seconds from `since` until the process went quiet: the start of the first
+    """Seconds from `since` until the node (with its workers) went quiet: the start of the first
     `window` in which it used less than `busy` of a CPU (a generation keeps its threads
     busy, near 2 CPUs here; CPU time comes in 10 ms ticks, so the node's own loops show
     up as a tick now and then). Good to about `window`."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -216,8 +217,12 @@ class BackendExecutor:
         last = Chunk()
         streamed = job.streamed
         try:
-            async with asyncio.timeout(self.config.timeout_seconds):
-                async for chunk in self._backend.execute(job.endpoint, job.request):
+            # aclosing: a cancel that lands outside the generator (while the first piece
+            # is pushed) still closes it at once, so the backend stops generating (a
+            # worker is told to drop the job) rather than when it is garbage-collected
+            chunks = self._backend.execute(job.endpoint, job.request)
+            async with asyncio.timeout(self.config.timeout_seconds), _closing(chunks):
+                async for chunk in chunks:
                     self._waiting.pop(job.id, None)
                     if chunk.text or chunk.choices:
                         parts.append(chunk.text)
@@ -241,3 +246,14 @@ class BackendExecutor:
             return last.response
         finish = last.finish_reason or "stop"
         return build_response(job.endpoint, job.id, job.request, "".join(parts), finish, last.usage)
+
+
+@asynccontextmanager
+async def _closing(chunks: AsyncIterator[Chunk]) -> AsyncIterator[AsyncIterator[Chunk]]:
+    """`chunks`, closed on the way out when it can be (an async generator can)."""
+    try:
+        yield chunks
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
