@@ -260,8 +260,11 @@ class WorkerBackend:
             queue.put_nowait({**_EOF, "why": f"exit code {code}"})
 
     def _relay_progress(self, message: JSON) -> None:
-        done, total = message.get("done"), message.get("total")
-        self._progress(str(message["state"]), float(message["fraction"]), done, total)
+        state, fraction = str(message["state"]), float(message["fraction"])
+        if message.get("done") is None:
+            self._progress(state, fraction)
+        else:
+            self._progress(state, fraction, message["done"], message.get("total"))
 
     def _send(self, message: JSON) -> None:
         if self._proc is None:

@@ -47,7 +47,10 @@ class _Worker:
         self.jobs: dict[str, asyncio.Task[None]] = {}
 
     def send(self, message: JSON) -> None:
-        self._out.write(orjson.dumps(message) + b"\n")
+        try:
+            self._out.write(orjson.dumps(message) + b"\n")
+        except BrokenPipeError:  # the node is gone: nobody is left to answer
+            os._exit(0)
 
     def progress(
         self, state: str, fraction: float, done: int | None = None, total: int | None = None
