@@ -19,6 +19,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -250,13 +251,16 @@ class AsyncJob:
                     if response.status_code >= 400:
                         await response.aread()
                         raise from_response(response.status_code, response.json(), response.headers)
-                    async for sse in source.aiter_sse():
-                        if sse.data == "[DONE]":
-                            return
-                        failures = 0
-                        if sse.id:
-                            last = int(sse.id)
-                        yield json.loads(sse.data)
+                    # closed here, not left to the garbage collector: a generator it
+                    # finalizes schedules its close on a loop that may be closing
+                    async with aclosing(source.aiter_sse()) as sses:
+                        async for sse in sses:
+                            if sse.data == "[DONE]":
+                                return
+                            failures = 0
+                            if sse.id:
+                                last = int(sse.id)
+                            yield json.loads(sse.data)
                 return
             except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
                 failures += 1
