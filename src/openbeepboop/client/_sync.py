@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -50,6 +51,13 @@ class _Loop:
             raise
 
     def stop(self) -> None:
+        """Finish what is left on the loop (async generators the garbage collector
+        handed to it to close, and their tasks), then stop and close it: a task still
+        pending when the loop closes is printed as "Task was destroyed but it is
+        pending" at exit."""
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(_drain(), self.loop).result(timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
@@ -286,3 +294,17 @@ async def _close(source: AsyncIterator[Any], steps: list[asyncio.Future[Any]]) -
     if steps:
         await asyncio.wait(steps)
     await source.aclose()  # type: ignore[attr-defined]
+
+
+async def _drain() -> None:
+    """Close the loop's remaining async generators and let their pending tasks end (or
+    cancel them after a moment)."""
+    loop = asyncio.get_running_loop()
+    await loop.shutdown_asyncgens()
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    if others:
+        _, pending = await asyncio.wait(others, timeout=2.0)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
