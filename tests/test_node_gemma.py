@@ -102,6 +102,35 @@ def test_gemma_job_through_the_async_path(gemma_node: tuple[ServerProcess, httpx
     assert job["result"]["choices"][0]["message"]["content"].strip()
 
 
+def test_openai_sdk_responses_on_gemma(gemma_node: tuple[ServerProcess, httpx.Client]) -> None:
+    """`responses.create` on the real model: plain, streamed, chained."""
+    import openai
+
+    server, _ = gemma_node
+    client = openai.OpenAI(
+        base_url=server.url + "/v1", api_key=server.keys["client_key"], max_retries=0
+    )
+    first = client.responses.create(
+        model="gemma-3-270m", input="Name three colours.", max_output_tokens=16, temperature=0
+    )
+    assert first.status in ("completed", "incomplete") and first.usage is not None
+    assert first.usage.output_tokens > 0
+    with client.responses.stream(
+        model="gemma-3-270m", input="Write about the sea.", max_output_tokens=16
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text
+    chained = client.responses.create(
+        model="gemma-3-270m",
+        input="And one more?",
+        previous_response_id=first.id,
+        max_output_tokens=16,
+    )
+    assert chained.previous_response_id == first.id and chained.usage is not None
+    assert chained.usage.input_tokens > first.usage.input_tokens  # the earlier turns went in
+
+
 def test_openai_sdk_on_gemma_plain_streamed_and_batched(
     gemma_node: tuple[ServerProcess, httpx.Client],
 ) -> None:

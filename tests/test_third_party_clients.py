@@ -488,3 +488,30 @@ def test_llm_cli_tools_stream(rig: Rig, target: Target, tmp_path: Path) -> None:
     ][-2:]
     assert [b["stream"] for b in asked] == [True, True], asked
     assert [b["messages"][-1]["role"] for b in asked] == ["user", "tool"], asked
+
+
+@pytest.mark.parametrize("model", ["cl-oa", "cl-lite"])
+def test_openai_sdk_responses_against_a_provider(
+    rig: Rig, server_sdk: openai.OpenAI, model: str
+) -> None:
+    """`responses.create` through a node whose provider has only chat completions:
+    plain, streamed (typed events adding up to the text) and chained with
+    `previous_response_id` (the provider is sent the earlier turns)."""
+    first = server_sdk.responses.create(model=model, input="Ada Lovelace")
+    assert first.status == "completed" and first.output_text == "Ada Lovelace"
+    with server_sdk.responses.stream(model=model, input="Grace Hopper") as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == "Grace Hopper"
+    rig.mock.control(reset=True)
+    chained = server_sdk.responses.create(
+        model=model, input="Alan Turing", previous_response_id=first.id
+    )
+    assert chained.output_text == "Alan Turing"
+    [sent] = [r for r in rig.mock.requests() if r["path"].endswith("/chat/completions")]
+    said = [(m["role"], m["content"]) for m in sent["body"]["messages"]]
+    assert said == [
+        ("user", "Ada Lovelace"),
+        ("assistant", "Ada Lovelace"),
+        ("user", "Alan Turing"),
+    ]
