@@ -16,7 +16,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
 	-DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/cmake/llama-cpp-text-only.cmake
 
-.PHONY: help install test lint format run bench soak lock clean
+.PHONY: help install browser test lint format run bench soak lock clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -44,7 +44,15 @@ $(STAMP): pyproject.toml requirements.lock | $(BIN)/python
 INSTALL_STAMP ?= $(STAMP)
 install: $(INSTALL_STAMP)  ## create .venv and install the project with every extra
 
-test: install  ## lint, type-check and run the whole test suite
+# The web interface's browser tests drive Debian's Chromium through Playwright (whose own
+# browser download cannot run on these machines): install it when it is missing.
+CHROMIUM ?= /usr/bin/chromium
+browser:  ## install Debian's Chromium for the browser tests (apt), unless it is there
+	@command -v $(CHROMIUM) >/dev/null 2>&1 || { \
+	  echo "installing chromium with apt for the browser tests" >&2; \
+	  apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: install browser  ## lint, type-check and run the whole test suite
 	$(BIN)/python -m ruff check src tests bench
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest

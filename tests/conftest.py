@@ -243,3 +243,8 @@ def postgres() -> str:
     from tests.pg import require_postgres
 
     return require_postgres()
+
+
+# The web interface's browser fixtures (`chrome`, `web`), module-scoped, for tests/test_web_*.py;
+# imported last: tests/browser.py imports this module's ServerProcess.
+from tests.browser import chrome, web  # noqa: E402, F401

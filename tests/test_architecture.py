@@ -16,8 +16,18 @@ FORBIDDEN = {
     "openbeepboop.client": ["openbeepboop.server", "openbeepboop.node", "openbeepboop.cli"],
     "openbeepboop.node": ["openbeepboop.server", "openbeepboop.client", "openbeepboop.cli"],
     "openbeepboop.server": ["openbeepboop.cli", "openbeepboop.node", "openbeepboop.client"],
-    "openbeepboop.server.core": ["openbeepboop.server.http"],
-    "openbeepboop.server.store": ["openbeepboop.server.core", "openbeepboop.server.http"],
+    "openbeepboop.server.core": ["openbeepboop.server.http", "openbeepboop.server.web"],
+    "openbeepboop.server.store": [
+        "openbeepboop.server.core",
+        "openbeepboop.server.http",
+        "openbeepboop.server.web",
+    ],
+    # the web interface's pages work through the core, as the API's routes do
+    "openbeepboop.server.web": [
+        "openbeepboop.server.store.sqlite",
+        "openbeepboop.server.store.postgres",
+        "openbeepboop.server.store.sql_store",
+    ],
     "openbeepboop.server.models": ["openbeepboop.server.core", "openbeepboop.server.store"],
     "openbeepboop.server.errors": ["openbeepboop.server.core", "openbeepboop.server.store"],
     "openbeepboop.server.topics": ["openbeepboop.server.core", "openbeepboop.server.store"],

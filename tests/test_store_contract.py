@@ -30,6 +30,7 @@ from openbeepboop.server.models import (
     Role,
     StoredFile,
     Template,
+    WebSession,
 )
 from openbeepboop.server.store.base import Store
 from openbeepboop.server.store.sqlite import SqliteStore
@@ -661,6 +662,20 @@ async def test_keys_create_lookup_list_revoke(store: Store) -> None:
     revoked = await store.revoke_key(issued.record.id, T0 + 1)
     assert revoked is not None and not revoked.active
     assert await store.revoke_key("key_nope", T0) is None
+
+
+async def test_web_sessions_create_get_expire_delete_prune(store: Store) -> None:
+    live = WebSession("h1", "keyhash", "csrf1", T0, T0 + 100)
+    old = WebSession("h2", "keyhash", "csrf2", T0 - 200, T0 - 100)
+    await store.create_session(live)
+    await store.create_session(old)
+    assert await store.get_session("h1", T0) == live
+    assert await store.get_session("h1", T0 + 100) is None  # expired at its expiry
+    assert await store.get_session("h2", T0) is None
+    assert await store.prune_sessions(T0) == 1
+    assert await store.delete_session("h1") is True
+    assert await store.delete_session("h1") is False
+    assert await store.get_session("h1", T0) is None
 
 
 # -- durability ------------------------------------------------------------------------

@@ -238,6 +238,18 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSession:
+    """A browser's login (the web interface): only the hash of its cookie is kept, with
+    the hash of the key it logged in with and the token its forms must carry (CSRF)."""
+
+    id_hash: str
+    key_hash: str
+    csrf: str
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class JobFilter:
     """Which jobs a listing returns."""
 

@@ -165,6 +165,14 @@ class ServerSettings(BaseSettings):
         True,
         description="Serve the hottest calls past FastAPI's routing (same answers, less CPU).",
     )
+    web_ui: Literal["on", "off", "loopback"] = Field(
+        "on",
+        description="The web interface at /: on, off, or loopback (answered only to "
+        "browsers on this machine; the API is not affected).",
+    )
+    web_session_seconds: float = Field(
+        7 * DAY, gt=0, description="How long a web interface login lasts."
+    )
     log_level: str = Field("info", description="uvicorn log level.")
 
     @classmethod

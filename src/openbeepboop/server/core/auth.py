@@ -88,12 +88,17 @@ class KeyRing:
                 "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key"
             )
         digest = hash_key(secret)
+        if not looks_like_key(secret) and digest not in self._cache:  # not worth a lookup
+            raise AuthenticationFailed("invalid API key")
+        return await self.authenticate_hash(digest)
+
+    async def authenticate_hash(self, digest: str) -> ApiKey:
+        """The active key whose hash is `digest` (a web session keeps it), or
+        AuthenticationFailed."""
         now = self._clock()
         cached = self._cache.get(digest)
         if cached is not None and now - cached[1] < CACHE_SECONDS:
             key = cached[0]
-        elif not looks_like_key(secret):  # not worth a lookup
-            raise AuthenticationFailed("invalid API key")
         else:
             key = await self._store.get_key_by_hash(digest)
             if len(self._cache) > 10_000:

@@ -18,6 +18,7 @@ from openbeepboop.server.core.batches import BatchConfig, Batches
 from openbeepboop.server.core.files import Files
 from openbeepboop.server.core.queue import Queue, QueueConfig
 from openbeepboop.server.core.retention import Retention, RetentionConfig
+from openbeepboop.server.core.sessions import Sessions
 from openbeepboop.server.http import (
     errors,
     fastlane,
@@ -38,6 +39,7 @@ from openbeepboop.server.http.state import AppState, app_state
 from openbeepboop.server.settings import ServerSettings
 from openbeepboop.server.store import factory
 from openbeepboop.server.store.base import SharedStore, Store
+from openbeepboop.server.web import site
 
 
 class QueueApp(FastAPI):
@@ -152,6 +154,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
             shared=store.hit_counters if isinstance(store, SharedStore) else None,
         ),
         metrics=metrics,
+        sessions=Sessions(store, keyring, settings.web_session_seconds),
     )
     errors.install(app)
     app.include_router(routes_client.router)
@@ -161,6 +164,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     app.include_router(ws.router)
     app.include_router(routes_node.router)
     app.include_router(routes_ops.router)
+    site.install(app, settings)
     if settings.fast_lane:
         app.lanes = fastlane.lanes([routes_client.router, routes_node.router])
     app.add_middleware(MetricsMiddleware, metrics=metrics)

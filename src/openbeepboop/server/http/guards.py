@@ -11,6 +11,8 @@ from fastapi import Request
 from starlette.exceptions import HTTPException
 
 from openbeepboop.server.core.auth import require_role
+from openbeepboop.server.core.sessions import same_token
+from openbeepboop.server.errors import PermissionDenied
 from openbeepboop.server.http.errors import error_body
 from openbeepboop.server.http.state import AppState, app_state
 from openbeepboop.server.models import ApiKey, Role
@@ -164,8 +166,34 @@ async def authenticate(state: AppState, secret: str | None, *roles: Role) -> Api
     return key
 
 
+SESSION_COOKIE = "obb_session"
+CSRF_HEADER = "x-csrf-token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+async def session_key(request: Request, *roles: Role) -> ApiKey:
+    """The key behind the web interface's session cookie, in one of `roles`, counted
+    against its rate limit. A call that changes something must also carry the session's
+    CSRF token in `X-CSRF-Token` (the pages' scripts send it)."""
+    state = app_state(request)
+    key, session = await state.sessions.resolve(request.cookies.get(SESSION_COOKIE))
+    if request.method not in SAFE_METHODS and not same_token(
+        request.headers.get(CSRF_HEADER), session.csrf
+    ):
+        raise PermissionDenied(
+            "a call with the session cookie must carry the session's token in 'X-CSRF-Token'",
+            code="csrf_failed",
+        )
+    require_role(key, *roles)
+    await state.rate_limiter.hit(key)
+    return key
+
+
 def _key_of(request: Request, *roles: Role) -> Awaitable[ApiKey]:
+    """The key of an `Authorization: Bearer` header, else of the session cookie."""
     secret = bearer(request.headers.get("authorization"))
+    if secret is None and SESSION_COOKIE in request.cookies:
+        return session_key(request, *roles)
     return authenticate(app_state(request), secret, *roles)
 
 

@@ -14,6 +14,7 @@ from openbeepboop.server.core.auth import KeyRing
 from openbeepboop.server.core.batches import Batches
 from openbeepboop.server.core.files import Files
 from openbeepboop.server.core.queue import Queue
+from openbeepboop.server.core.sessions import Sessions
 from openbeepboop.server.http.metrics import Metrics
 from openbeepboop.server.http.ratelimit import KeyRateLimiter
 from openbeepboop.server.settings import ServerSettings
@@ -31,6 +32,7 @@ class AppState:
     keyring: KeyRing
     rate_limiter: KeyRateLimiter
     metrics: Metrics
+    sessions: Sessions
 
 
 def app_state(conn: HTTPConnection | Starlette) -> AppState:

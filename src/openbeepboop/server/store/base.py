@@ -27,6 +27,7 @@ from openbeepboop.server.models import (
     StoredFile,
     SubmitOutcome,
     Template,
+    WebSession,
 )
 
 
@@ -153,6 +154,20 @@ class Store(Protocol):
 
     async def revoke_key(self, key_id: str, now: float) -> ApiKey | None:
         """Mark a key revoked; None when unknown."""
+
+    # -- web sessions (the web interface's logins) ----------------------------------
+
+    async def create_session(self, session: WebSession) -> None:
+        """Keep a new session."""
+
+    async def get_session(self, id_hash: str, now: float) -> WebSession | None:
+        """The session whose cookie hashes to `id_hash`, unless it expired by `now`."""
+
+    async def delete_session(self, id_hash: str) -> bool:
+        """Forget a session (logout); False if there was none."""
+
+    async def prune_sessions(self, now: float) -> int:
+        """Delete the sessions expired by `now`; how many."""
 
     # -- files ----------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from openbeepboop.server.models import (
     Role,
     StoredFile,
     Template,
+    WebSession,
 )
 
 JOB_COLUMNS = (
@@ -39,6 +40,7 @@ NODE_COLUMNS = (
     "id, name, owner, models, capacity, hardware, version, registered_at, last_seen, stats, labels"
 )
 KEY_COLUMNS = "id, role, key_hash, prefix, name, created_at, revoked_at"
+SESSION_COLUMNS = "id_hash, key_hash, csrf, created_at, expires_at"
 FILE_COLUMNS = "id, owner, purpose, filename, bytes, created_at, lines, seq, expires_at"
 TEMPLATE_COLUMNS = "owner, name, description, streams, created_at, updated_at"
 BATCH_FIELDS = tuple(field.name for field in fields(Batch) if field.name != "seq")
@@ -52,6 +54,7 @@ COLUMN_LISTS = {
     "jobs_qualified": ", ".join(f"jobs.{c}" for c in JOB_COLUMNS.split(", ")),
     "node_columns": NODE_COLUMNS,
     "key_columns": KEY_COLUMNS,
+    "session_columns": SESSION_COLUMNS,
     "file_columns": FILE_COLUMNS,
     "template_columns": TEMPLATE_COLUMNS,
     "batch_columns": BATCH_COLUMNS,
@@ -195,6 +198,19 @@ def api_key(row: Row) -> ApiKey:
         created_at=row[5],
         revoked_at=row[6],
     )
+
+
+def web_session(row: Row) -> WebSession:
+    """A `web_sessions` row selected as SESSION_COLUMNS."""
+    return WebSession(
+        id_hash=row[0], key_hash=row[1], csrf=row[2], created_at=row[3], expires_at=row[4]
+    )
+
+
+def web_session_values(session: WebSession) -> tuple[Any, ...]:
+    """A session as SESSION_COLUMNS values."""
+    s = session
+    return (s.id_hash, s.key_hash, s.csrf, float(s.created_at), float(s.expires_at))
 
 
 def api_key_values(key: ApiKey) -> tuple[Any, ...]:

@@ -30,6 +30,7 @@ from openbeepboop.server.models import (
     ReapOutcome,
     StoredFile,
     Template,
+    WebSession,
 )
 from openbeepboop.server.store import outcomes, rows
 from openbeepboop.server.store.queries import Queries
@@ -253,6 +254,21 @@ class SqlStore(ABC):
         steps = [(self._q["revoke_key"], (key_id, float(now))), (self._q["get_key"], (key_id,))]
         _, found = await self._transaction(steps, IDEMPOTENT)
         return rows.api_key(found[0]) if found else None
+
+    # -- web sessions -------------------------------------------------------------
+
+    async def create_session(self, session: WebSession) -> None:
+        await self._change(self._q["insert_session"], rows.web_session_values(session))
+
+    async def get_session(self, id_hash: str, now: float) -> WebSession | None:
+        row = await self._first("get_session", id_hash, float(now))
+        return None if row is None else rows.web_session(row)
+
+    async def delete_session(self, id_hash: str) -> bool:
+        return await self._change(self._q["delete_session"], (id_hash,), IDEMPOTENT) > 0
+
+    async def prune_sessions(self, now: float) -> int:
+        return await self._change(self._q["prune_sessions"], (float(now),), IDEMPOTENT)
 
     # -- files ------------------------------------------------------------------
 

@@ -280,6 +280,20 @@ UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL;
 -- name: get_key
 SELECT {key_columns} FROM api_keys WHERE id = $1;
 
+-- ======================================================================== web sessions
+
+-- name: insert_session
+INSERT INTO web_sessions ({session_columns}) VALUES ($1, $2, $3, $4, $5);
+
+-- name: get_session
+SELECT {session_columns} FROM web_sessions WHERE id_hash = $1 AND expires_at > $2;
+
+-- name: delete_session
+DELETE FROM web_sessions WHERE id_hash = $1;
+
+-- name: prune_sessions
+DELETE FROM web_sessions WHERE expires_at <= $1;
+
 -- ======================================================================== files
 
 -- name: put_file_part
