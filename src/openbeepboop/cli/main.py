@@ -77,6 +77,7 @@ def _banner(url: str, model: str, settings: ServerSettings, keys: dict[str, str]
     return f"""
 OpenBeepBoop is serving {model!r} at {url}
 {key_line}
+  web interface: {url}/ (log in with {"a key above" if keys else "the client key"})
 
 Try it:
   export OPENBEEPBOOP_BASE_URL={url}

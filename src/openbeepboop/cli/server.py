@@ -192,7 +192,10 @@ def start(data_dir: Path | None, host: str | None, port: int | None, access_log:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     server = make_server(create_app(settings), settings, access_log)
-    click.echo(f"OpenBeepBoop server on http://{settings.host}:{settings.port}", err=True)
+    url = f"http://{settings.host}:{settings.port}"
+    click.echo(f"OpenBeepBoop server on {url}", err=True)
+    if settings.web_ui != "off":
+        click.echo(f"Web interface: {url}/ (log in with an API key)", err=True)
     server.run()
     if not server.started:
         sys.exit(3)  # uvicorn logged why (e.g. the port is taken)
