@@ -1,0 +1,38 @@
+"""The Nodes page in a real Chromium: the echo node with its model and state, a live
+"s ago" for its last heartbeat, swapped in over Server-Sent Events without a reload."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from tests.browser import Site, tab
+
+
+def test_the_echo_node_shows_its_model_state_and_a_live_heartbeat(
+    chrome: Any, web: Site
+) -> None:
+    with tab(chrome, web.url) as t:
+        t.login(web.key("client"), then="/nodes")
+        node = t.page.locator(f"article.node[data-node='{web.node_id}']")
+        assert node.locator("tr[data-model=echo] .state").inner_text() in ("ready", "busy")
+        assert re.fullmatch(r"\d+ s ago", node.locator(".heartbeat").inner_text())
+        assert node.locator("dt:has-text('Tokens/s')").count() == 1
+        assert "echo" in node.locator("tr[data-model=echo]").inner_text()
+        # the list is swapped in live: a marked node article is replaced, the page kept
+        t.page.evaluate("window.__kept = 1")
+        t.page.evaluate("document.querySelector('article.node').dataset.old = 'yes'")
+        t.page.wait_for_selector(f"article.node[data-node='{web.node_id}']:not([data-old])")
+        assert t.page.evaluate("window.__kept") == 1
+        first = t.page.get_attribute(".heartbeat", "data-ts")
+        t.page.wait_for_function(
+            "ts => document.querySelector('.heartbeat').getAttribute('data-ts') !== ts",
+            arg=first,
+        )
+        assert re.fullmatch(r"\d+ s ago", t.page.inner_text(".heartbeat"))
+        t.page.click("article.node summary")
+        assert "CPU" in node.locator("dl.hardware").inner_text()
+        width = t.page.evaluate("document.documentElement.scrollWidth")
+        t.shot("nodes")
+        assert width <= 1280
+        t.assert_clean()
