@@ -9,9 +9,7 @@ from typing import Any
 from tests.browser import Site, tab
 
 
-def test_the_echo_node_shows_its_model_state_and_a_live_heartbeat(
-    chrome: Any, web: Site
-) -> None:
+def test_the_echo_node_shows_its_model_state_and_a_live_heartbeat(chrome: Any, web: Site) -> None:
     with tab(chrome, web.url) as t:
         t.login(web.key("client"), then="/nodes")
         node = t.page.locator(f"article.node[data-node='{web.node_id}']")

@@ -131,15 +131,16 @@ class Dashboard:
             yield seen
             while not self._closed:
                 async with self._changed:
-                    await self._changed.wait_for(
-                        lambda: self._closed or (self._latest or seen).tick > seen.tick
-                    )
+                    await self._changed.wait_for(self._newer_than(seen.tick))
                 if self._closed or self._latest is None:
                     return
                 seen = self._latest
                 yield seen
         finally:
             self._watchers -= 1
+
+    def _newer_than(self, tick: int) -> Callable[[], bool]:
+        return lambda: self._closed or (self._latest is not None and self._latest.tick > tick)
 
     def history(self) -> dict[str, list[list[float]]]:
         """The chart series (uPlot's columns): throughput per step as jobs/s, completed
@@ -219,9 +220,7 @@ class Dashboard:
         if until <= since:
             return []
         found: dict[int, dict[str, tuple[int, int]]] = {}
-        for i, model, status, n in await self.queue.store.finished_counts(
-            since, until, self.step
-        ):
+        for i, model, status, n in await self.queue.store.finished_counts(since, until, self.step):
             done, failed = found.setdefault(i, {}).get(model, (0, 0))
             if status == JobStatus.COMPLETED.value:
                 done += n
@@ -234,7 +233,9 @@ class Dashboard:
         self._counted_until = until
         return added
 
-    def _lines(self, counts: dict[str, dict[str, int]], nodes: list[Node], now: float) -> list[ModelLine]:
+    def _lines(
+        self, counts: dict[str, dict[str, int]], nodes: list[Node], now: float
+    ) -> list[ModelLine]:
         """One line per model that has jobs or a live node serving it."""
         recent: dict[str, tuple[int, int]] = {}
         for bucket in self._buckets:

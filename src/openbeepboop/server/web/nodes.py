@@ -92,7 +92,7 @@ def hardware_view(hw: dict[str, Any]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     if hw.get("cpu"):
         cpus = _number(hw.get("cpus"))
-        out.append(("CPU", f"{hw['cpu']}" + (f" × {cpus:g}" if cpus else "")))
+        out.append(("CPU", f"{hw['cpu']}" + (f", {cpus:g} CPUs" if cpus else "")))
     ram = _number(hw.get("ram_bytes"))
     if ram:
         out.append(("RAM", _gib(ram)))

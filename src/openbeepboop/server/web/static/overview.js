@@ -30,7 +30,7 @@
       width: s.width, height: s.height, series: series,
       scales: { x: { time: true }, y: { range: function (u, lo, hi) { return [0, Math.max(1, hi)]; } } },
       axes: [axis, Object.assign({ size: 44 }, axis)],
-      legend: { live: true }
+      legend: { live: false }
     };
   }
 
