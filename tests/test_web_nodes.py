@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from openbeepboop.server.models import Node
+from openbeepboop.server.web.nodes import node_view
+from openbeepboop.server.web.pages import make_templates
 from tests.browser import Site, tab
 
 
@@ -34,3 +37,35 @@ def test_the_echo_node_shows_its_model_state_and_a_live_heartbeat(chrome: Any, w
         assert width <= 375, f"the page scrolls sideways: {width} px"
         t.shot("nodes")
         t.assert_clean()
+
+
+def test_download_progress_errors_and_odd_stats_render() -> None:
+    """What a heartbeat reports is the node's word: progress and errors show, a stat of
+    the wrong type is left out rather than breaking the page."""
+    node = Node(
+        "node_x",
+        "gpu-box",
+        "key_1",
+        [{"name": "big"}, {"name": "small"}, {"name": "bad"}],
+        4,
+        {"cpu": "EPYC", "cpus": 64, "gpus": [{"name": "A100", "memory_bytes": 80 * 2**30}]},
+        "0.1.0",
+        0.0,
+        100.0,
+        stats={
+            "load": "high",  # not a number: left out
+            "tokens_per_second": 812.25,
+            "models": [
+                {"name": "big", "state": "downloading", "progress": 0.4},
+                {"name": "small", "state": "loading", "progress": 0.75},
+                {"name": "bad", "state": "error", "error": "<b>out of memory</b>"},
+            ],
+        },
+        labels={"gpu": "a100"},
+    )
+    html = make_templates().env.get_template("nodes_list.html").render(nodes=[node_view(node)])
+    assert '<progress value="0.4" max="1"' in html and "40 %" in html
+    assert '<progress value="0.75" max="1"' in html and "75 %" in html
+    assert "&lt;b&gt;out of memory&lt;/b&gt;" in html  # escaped
+    assert "812.2" in html and "gpu=a100" in html and "A100 (80.0 GiB)" in html
+    assert "Load</dt><dd>\u2013" in html  # a dash

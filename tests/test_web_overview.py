@@ -3,15 +3,10 @@ submitted from outside (no reload), the charts, the live stream's login, dark mo
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from openbeepboop.server.core.dashboard import Dashboard
-from openbeepboop.server.core.queue import Queue, QueueConfig
-from openbeepboop.server.store.sqlite import SqliteStore
 from tests.browser import Site, tab
 from tests.nodes import cancel_job, get_job, submit_chat, wait_until
 
@@ -94,43 +89,3 @@ def test_the_event_stream_needs_a_login_and_sends_history_then_counts(web: Site)
                 if len(names) >= 4:
                     break
         assert names[:4] == ["history", "counts", "points", "counts"]
-
-
-def test_one_sampler_serves_every_watcher_and_stops_when_they_leave(tmp_path: Path) -> None:
-    """Ten watchers cost one store read per step, not ten; no watcher, no reads."""
-
-    async def scenario() -> None:
-        store = SqliteStore(tmp_path / "db.sqlite3")
-        await store.open()
-        reads = {"stats": 0}
-        real_stats = store.stats
-
-        async def counted() -> dict[str, dict[str, int]]:
-            reads["stats"] += 1
-            return await real_stats()
-
-        store.stats = counted  # type: ignore[method-assign]
-        dashboard = Dashboard(Queue(store, QueueConfig()), step=0.05, lag=0.0)
-
-        async def watch(n: int) -> list[int]:
-            ticks = []
-            async for snap in dashboard.watch():
-                ticks.append(snap.tick)
-                if len(ticks) == n:
-                    return ticks
-            return ticks
-
-        try:
-            seen = await asyncio.gather(*(watch(6) for _ in range(10)))
-            assert all(len(t) == 6 for t in seen)
-            assert reads["stats"] <= 8, reads  # ~6 samples for 10 watchers
-            await asyncio.sleep(0.2)  # the last watcher left: the sampler stops
-            before = reads["stats"]
-            await asyncio.sleep(0.3)
-            assert reads["stats"] == before and dashboard.watchers == 0
-            assert len(dashboard.history()["depth"][0]) == reads["stats"]
-        finally:
-            await dashboard.close()
-            await store.close()
-
-    asyncio.run(scenario())

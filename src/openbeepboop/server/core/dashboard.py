@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,8 +121,9 @@ class Dashboard:
                 return latest
             return await self._sample()
 
-    async def watch(self) -> AsyncIterator[Snapshot]:
-        """The current snapshot, then each new one, until the server shuts down."""
+    async def watch(self) -> AsyncGenerator[Snapshot, None]:
+        """The current snapshot, then each new one, until the server shuts down (close it
+        with `contextlib.aclosing`: the watcher is counted until then)."""
         self._watchers += 1
         if self._task is None and not self._closed:
             self._task = asyncio.create_task(self._run())

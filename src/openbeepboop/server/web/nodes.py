@@ -6,6 +6,7 @@ viewer. Any logged-in key sees the nodes, as `GET /v1/nodes` shows them to any k
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,8 +38,9 @@ async def nodes_events(request: Request, seen: AnyViewer) -> Response:
 
 
 async def _events(request: Request, dashboard: Dashboard) -> AsyncIterator[bytes]:
-    async for snap in dashboard.watch():
-        yield _tick(request, snap)
+    async with contextlib.aclosing(dashboard.watch()) as snaps:
+        async for snap in snaps:
+            yield _tick(request, snap)
 
 
 def _tick(request: Request, snap: Snapshot) -> bytes:

@@ -7,6 +7,7 @@ The counts are queue-wide (every key's jobs), as `GET /v1/stats` shows them to a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import orjson
@@ -39,8 +40,9 @@ async def overview_events(request: Request, seen: AnyViewer) -> Response:
 
 async def _events(request: Request, dashboard: Dashboard) -> AsyncIterator[bytes]:
     yield sse_event("history", orjson.dumps(dashboard.history()).decode())
-    async for snap in dashboard.watch():
-        yield _tick(request, snap, dashboard.step)
+    async with contextlib.aclosing(dashboard.watch()) as snaps:
+        async for snap in snaps:
+            yield _tick(request, snap, dashboard.step)
 
 
 def _tick(request: Request, snap: Snapshot, step: float) -> bytes:
