@@ -15,6 +15,7 @@ finish was stamped just before a sample but committed just after it is not misse
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
@@ -23,6 +24,8 @@ from typing import Any
 
 from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.models import JobStatus, Node
+
+log = logging.getLogger("openbeepboop.server")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,9 +173,12 @@ class Dashboard:
         try:
             while self._watchers > 0 and not self.queue.closing:
                 began = self._clock()
-                async with self._lock:
-                    if self._latest is None or began - self._latest.at >= self.step / 2:
-                        await self._sample()
+                try:
+                    async with self._lock:
+                        if self._latest is None or began - self._latest.at >= self.step / 2:
+                            await self._sample()
+                except Exception:  # a store hiccup: the watchers wait for the next step
+                    log.exception("dashboard sample failed")
                 async with self._changed:
                     self._changed.notify_all()
                 await asyncio.sleep(max(0.1, self.step - (self._clock() - began)))
