@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from tests.browser import Site, tab
+from tests.browser import PHONE, Site, tab
 from tests.nodes import cancel_job, get_job, submit_chat, wait_until
 
 
@@ -56,6 +56,11 @@ def test_the_counts_change_live_while_jobs_are_submitted_from_outside(
             "() => window.OBB_OVERVIEW.charts.throughput.columns[1].some(v => v > 0)"
         )
         assert t.page.locator(".chart .u-legend").first.is_visible()
+        t.page.set_viewport_size(PHONE)  # the charts follow the width
+        t.page.wait_for_function(
+            "() => [...document.querySelectorAll('.chart .uplot')]"
+            ".every(u => u.getBoundingClientRect().right <= window.innerWidth)"
+        )
         t.shot("overview")
         t.assert_clean()
 
