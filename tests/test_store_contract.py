@@ -609,6 +609,26 @@ async def test_stats_counters_equal_a_full_count_after_a_mixed_lifecycle(store: 
     assert all(n > 0 for by in stats.values() for n in by.values())  # no empty statuses
 
 
+async def test_finished_counts_by_step_model_and_status(store: Store) -> None:
+    """The overview's throughput: jobs that completed or failed in a window, per step."""
+    await submit(store, *[new_job(model="m" if i % 2 else "x") for i in range(6)])
+    jobs = await fetch(store, ["m", "x"], n=6)
+    ok = [NodeResult(j.id, j.lease_id, RESULT) for j in jobs[:3]]
+    bad = [NodeResult(j.id, j.lease_id, error={"m": "no"}, retryable=False) for j in jobs[3:4]]
+    await store.submit_results(ok[:2], T0 + 1)
+    await store.submit_results([ok[2], *bad], T0 + 12)
+    await store.cancel_job(jobs[4].id, T0 + 13)  # cancelled: not counted
+    counts = await store.finished_counts(T0, T0 + 20, 10)
+    expected: dict[tuple[int, str, str], int] = {}
+    for step, result in ((0, ok[0]), (0, ok[1]), (1, ok[2]), (1, bad[0])):
+        job = next(j for j in jobs if j.id == result.job_id)
+        status = "completed" if result in ok else "failed"
+        expected[(step, job.model, status)] = expected.get((step, job.model, status), 0) + 1
+    assert {(i, m, s): n for i, m, s, n in counts} == expected
+    assert await store.finished_counts(T0 + 12, T0 + 13, 1) != []
+    assert await store.finished_counts(T0 + 2, T0 + 12, 5) == []  # the window is [since, until)
+
+
 # -- nodes and keys --------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from openbeepboop import __version__
 from openbeepboop.server.core.assistants import Assistants
 from openbeepboop.server.core.auth import KeyRing
 from openbeepboop.server.core.batches import BatchConfig, Batches
+from openbeepboop.server.core.dashboard import Dashboard
 from openbeepboop.server.core.files import Files
 from openbeepboop.server.core.queue import Queue, QueueConfig
 from openbeepboop.server.core.retention import Retention, RetentionConfig
@@ -109,6 +110,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     )
     metrics = Metrics()
     keyring = KeyRing(store)
+    dashboard = Dashboard(queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -126,6 +128,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await dashboard.close()  # ends the pages' live streams
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -155,6 +158,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         ),
         metrics=metrics,
         sessions=Sessions(store, keyring, settings.web_session_seconds),
+        dashboard=dashboard,
     )
     errors.install(app)
     app.include_router(routes_client.router)

@@ -12,6 +12,7 @@ from starlette.requests import HTTPConnection
 from openbeepboop.server.core.assistants import Assistants
 from openbeepboop.server.core.auth import KeyRing
 from openbeepboop.server.core.batches import Batches
+from openbeepboop.server.core.dashboard import Dashboard
 from openbeepboop.server.core.files import Files
 from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.core.sessions import Sessions
@@ -33,6 +34,7 @@ class AppState:
     rate_limiter: KeyRateLimiter
     metrics: Metrics
     sessions: Sessions
+    dashboard: Dashboard  # the web pages' shared live sampler (started by a viewer)
 
 
 def app_state(conn: HTTPConnection | Starlette) -> AppState:

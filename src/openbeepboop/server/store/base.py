@@ -123,6 +123,13 @@ class Store(Protocol):
         """Job counts per model per status (counters kept as jobs change: a read of a few
         rows however many jobs are stored); a status without jobs is left out."""
 
+    async def finished_counts(
+        self, since: float, until: float, step: float
+    ) -> list[tuple[int, str, str, int]]:
+        """Jobs that completed or failed with `finished_at` in [since, until), counted per
+        (step index, model, status): the step index is `(finished_at - since) // step`.
+        Reads only the jobs of that window (an index on status and finished_at)."""
+
     # -- nodes ----------------------------------------------------------------
 
     async def register_node(self, node: Node, stale_before: float | None = None) -> None:

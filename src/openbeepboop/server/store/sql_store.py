@@ -211,6 +211,15 @@ class SqlStore(ABC):
             out.setdefault(model, {})[status] = int(count)
         return out
 
+    async def finished_counts(
+        self, since: float, until: float, step: float
+    ) -> list[tuple[int, str, str, int]]:
+        args = (float(since), float(until), float(step))
+        return [
+            (int(i), str(model), str(status), int(n))
+            for i, model, status, n in await self._read(self._q["finished_counts"], args)
+        ]
+
     # -- nodes ------------------------------------------------------------------
 
     async def register_node(self, node: Node, stale_before: float | None = None) -> None:

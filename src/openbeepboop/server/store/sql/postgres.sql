@@ -213,6 +213,15 @@ SELECT count(*) FROM jobs WHERE owner = $1 AND status IN ('queued', 'in_progress
 -- Jobs per model and status: the sums of the deltas the triggers of migration 0007 keep.
 SELECT model, status, sum(n) FROM job_counts GROUP BY model, status HAVING sum(n) > 0;
 
+-- name: finished_counts
+-- Jobs that completed or failed with finished_at in [$1, $2), per step of $3 seconds
+-- from $1, model and status (the overview's throughput); the index jobs_finished
+-- (status, finished_at) reads only the jobs of that window.
+SELECT floor((finished_at - $1) / $3)::bigint AS step, model, status, count(*)
+FROM jobs
+WHERE status IN ('completed', 'failed') AND finished_at >= $1 AND finished_at < $2
+GROUP BY step, model, status;
+
 -- name: fold_job_counts
 -- The deltas in job_counts folded into one row per (model, status), with each reaper
 -- pass. A delta committed meanwhile is not deleted (not in this snapshot) and stays; two

@@ -182,6 +182,15 @@ SELECT count(*) FROM jobs WHERE owner = ?1 AND status IN ('queued', 'in_progress
 -- Jobs per model and status: the counters the triggers of migration 0007 keep.
 SELECT model, status, n FROM job_counts WHERE n > 0;
 
+-- name: finished_counts
+-- Jobs that completed or failed with finished_at in [?1, ?2), per step of ?3 seconds
+-- from ?1, model and status (the overview's throughput); the index jobs_finished
+-- (status, finished_at) reads only the jobs of that window.
+SELECT CAST((finished_at - ?1) / ?3 AS INTEGER) AS step, model, status, count(*)
+FROM jobs
+WHERE status IN ('completed', 'failed') AND finished_at >= ?1 AND finished_at < ?2
+GROUP BY step, model, status;
+
 -- name: track_queued
 -- Run once on the writer's connection (a script): counters of queued jobs per model and
 -- priority, in a TEMP table (the writer is the only connection that changes jobs). The
