@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -263,10 +264,10 @@ class Queue:
         return job
 
     async def list_jobs(self, key: ApiKey, flt: JobFilter) -> list[Job]:
+        """The jobs `key` may see that match `flt`, newest first (an admin's `flt.owner`
+        narrows to one key; a client's is always its own)."""
         owner = None if key.role is Role.ADMIN else key.id
-        return await self.store.list_jobs(
-            JobFilter(owner or flt.owner, flt.status, flt.model, flt.limit, flt.after_seq)
-        )
+        return await self.store.list_jobs(dataclasses.replace(flt, owner=owner or flt.owner))
 
     async def queue_position(self, job: Job) -> int | None:
         """How many queued jobs of its model run before `job` (None unless queued)."""
