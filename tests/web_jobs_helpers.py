@@ -4,6 +4,7 @@ long enough to watch it on a page."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,5 +55,36 @@ def submit(web: Site, key: str, content: str, model: str = "echo", **body: Any) 
 
 def job(web: Site, key: str, job_id: str) -> dict[str, Any]:
     r = httpx.get(f"{web.url}/v1/jobs/{job_id}", headers=auth(key), timeout=10)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def start_batch(web: Site, key: str, lines: list[dict[str, Any]]) -> str:
+    """Upload `lines` as a JSONL file (purpose batch) and run it as a batch; its id."""
+    text = "\n".join(json.dumps(line) for line in lines) + "\n"
+    r = httpx.post(
+        web.url + "/v1/files",
+        headers=auth(key),
+        files={"file": ("questions.jsonl", text.encode(), "application/jsonl")},
+        data={"purpose": "batch"},
+    )
+    assert r.status_code == 200, r.text
+    r = httpx.post(
+        web.url + "/v1/batches",
+        headers=auth(key),
+        json={"input_file_id": r.json()["id"], "endpoint": "/v1/chat/completions"},
+    )
+    assert r.status_code == 200, r.text
+    return str(r.json()["id"])
+
+
+def chat_line(custom_id: str, content: str, model: str = "echo") -> dict[str, Any]:
+    """One line of a batch input file."""
+    body = {"model": model, "messages": [{"role": "user", "content": content}]}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def batch(web: Site, key: str, batch_id: str) -> dict[str, Any]:
+    r = httpx.get(f"{web.url}/v1/batches/{batch_id}", headers=auth(key), timeout=10)
     assert r.status_code == 200, r.text
     return dict(r.json())

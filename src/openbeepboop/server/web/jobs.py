@@ -22,7 +22,11 @@ from openbeepboop.server.web.pages import AnyViewer, Viewer, checked_form, rende
 
 router = APIRouter(include_in_schema=False)
 
-RANGES = {"1h": ("last hour", 3_600.0), "24h": ("last day", 86_400.0), "7d": ("last week", 604_800.0)}
+RANGES = {
+    "1h": ("last hour", 3_600.0),
+    "24h": ("last day", 86_400.0),
+    "7d": ("last week", 604_800.0),
+}
 PAGE_SIZES = (20, 50, 100, 200)
 FIELDS = ("status", "model", "key", "batch", "range", "from", "to", "limit")
 
