@@ -9,10 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 
 from tests.browser import Site, tab
+from tests.nodes import auth
 from tests.web_jobs_helpers import batch, chat_line, new_client_key, slow_node, start_batch
 
 
@@ -100,3 +102,21 @@ def test_a_client_never_sees_another_keys_batches(chrome: Any, web: Site) -> Non
         t.go(f"/batches/{theirs}")
         expect(t.page.locator("#batch-status")).to_have_text("completed", timeout=15_000)
         t.assert_clean()
+
+
+def test_a_file_downloads_under_its_own_name(web: Site) -> None:
+    key = web.key("client")
+    name = "日本 réponses.jsonl"
+    up = httpx.post(
+        web.url + "/v1/files",
+        headers=auth(key),
+        files={"file": (name, json.dumps(chat_line("x", "hi")).encode(), "application/jsonl")},
+        data={"purpose": "batch"},
+    )
+    assert up.status_code == 200, up.text
+    r = httpx.get(f"{web.url}/v1/files/{up.json()['id']}/content", headers=auth(key))
+    assert r.status_code == 200
+    disposition = r.headers["content-disposition"]
+    assert disposition.startswith("attachment; ")
+    assert "filename*=UTF-8''%E6%97%A5%E6%9C%AC%20r%C3%A9ponses.jsonl" in disposition
+    assert 'filename="__ r_ponses.jsonl"' in disposition

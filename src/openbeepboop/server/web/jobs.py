@@ -122,7 +122,7 @@ async def jobs_page(request: Request, seen: AnyViewer) -> Response:
         "q": query.values,
         "statuses": [s.value for s in JobStatus],
         "ranges": RANGES,
-        "page_sizes": PAGE_SIZES,
+        "page_sizes": sorted({*PAGE_SIZES, size}),
         "keys": keys,
         "key_names": {k.id: key_label(k) for k in keys},
         "older": query.url(after=shown[-1].id) if len(jobs) > size else "",
