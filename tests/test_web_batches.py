@@ -15,7 +15,14 @@ from playwright.sync_api import expect
 
 from tests.browser import Site, tab
 from tests.nodes import auth
-from tests.web_jobs_helpers import batch, chat_line, new_client_key, slow_node, start_batch
+from tests.web_jobs_helpers import (
+    batch,
+    chat_line,
+    fits_a_phone,
+    new_client_key,
+    slow_node,
+    start_batch,
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +66,14 @@ def test_a_batch_shows_progress_and_its_output_downloads(chrome: Any, web: Site,
         }
         assert answers == {f"r{i}": _words(n) for i, n in enumerate((10, 30, 50))}
         t.shot("batch")
+        fits_a_phone(t)
         t.go("/batches")
         row = t.page.locator(f"[data-batch={batch_id}]")
         expect(row.locator(".status")).to_have_text("completed")
         assert row.locator("progress").get_attribute("value") == "3"
         expect(row.locator("a", has_text="output")).to_have_count(1)
         t.shot("batches")
+        fits_a_phone(t)
         t.assert_clean()
 
 

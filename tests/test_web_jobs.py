@@ -13,7 +13,7 @@ from playwright.sync_api import expect
 
 from tests.browser import Site, tab
 from tests.nodes import wait_jobs
-from tests.web_jobs_helpers import job, new_client_key, slow_node, submit
+from tests.web_jobs_helpers import fits_a_phone, job, new_client_key, slow_node, submit
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,7 @@ def test_a_job_page_shows_its_answer_and_timings(chrome: Any, web: Site) -> None
         t.page.click("text=Full result (JSON)")
         expect(t.page.locator("#result-json")).to_contain_text('"finish_reason"')
         t.shot("job")
+        fits_a_phone(t)
         t.assert_clean()
 
 
@@ -55,7 +56,7 @@ def test_a_running_job_turns_completed_without_reload(chrome: Any, web: Site, sl
         # pieces arrive while it runs, then the final state replaces the live one
         t.page.wait_for_function(
             "document.getElementById('job-status').textContent === 'in_progress'"
-            " && document.getElementById('job-answer').textContent.length > 0"
+            " && document.getElementById('job-answer').textContent.startsWith('w0 w1')"
         )
         expect(t.page.locator("#job-status")).to_have_text("completed", timeout=20_000)
         expect(t.page.locator("#job-answer")).to_have_text(words)
@@ -122,6 +123,7 @@ def test_filters_and_pages(chrome: Any, web: Site) -> None:
         expect(t.page.locator("#jobs-table tbody tr")).to_have_count(2)
         assert _rows(t) == waiting[::-1]
         t.shot("jobs")
+        fits_a_phone(t)
         # plain GETs work too (shared URLs)
         t.go("/jobs?model=nobody-serves-this&range=1h")
         assert _rows(t) == waiting[::-1]

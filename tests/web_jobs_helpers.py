@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from tests.browser import Site
+from tests.browser import PHONE, Site, Tab
 from tests.nodes import Procs, auth, node_id_of, start_node, write_config
 
 SLOW = {"name": "slow", "backend": "echo", "token_delay_ms": 100}
@@ -88,3 +88,15 @@ def batch(web: Site, key: str, batch_id: str) -> dict[str, Any]:
     r = httpx.get(f"{web.url}/v1/batches/{batch_id}", headers=auth(key), timeout=10)
     assert r.status_code == 200, r.text
     return dict(r.json())
+
+
+def fits_a_phone(t: Tab) -> None:
+    """At 375 px wide the page does not scroll sideways (tables scroll in their box)."""
+    before = t.page.viewport_size
+    t.page.set_viewport_size(PHONE)
+    try:
+        width = t.page.evaluate("document.documentElement.scrollWidth")
+        assert width <= PHONE["width"], f"{t.page.url} is {width} px wide at 375 px"
+    finally:
+        if before:
+            t.page.set_viewport_size(before)
