@@ -20,6 +20,14 @@
       status.textContent = value;
       status.className = "status status-" + value;
     }
+    function showStarted(ev) {
+      var cell = document.querySelector("#job-timings tr[data-step=started] td");
+      if (cell && ev.started_at) {
+        cell.textContent = new Date(ev.started_at * 1000).toISOString().slice(0, 19).replace("T", " ") + "Z";
+      }
+      var node = document.getElementById("job-node");
+      if (node && ev.node_id && node.textContent.trim() === "none yet") node.textContent = ev.node_id;
+    }
     function finish() {
       if (done) return;
       done = true;
@@ -40,6 +48,7 @@
       } else if (ev.type === "started") {
         setStatus("in_progress");
         note.textContent = "running";
+        showStarted(ev);
       } else if (ev.type === "token") {
         text += ev.t;
         answer.textContent = text;
