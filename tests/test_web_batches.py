@@ -129,3 +129,21 @@ def test_a_file_downloads_under_its_own_name(web: Site) -> None:
     assert disposition.startswith("attachment; ")
     assert "filename*=UTF-8''%E6%97%A5%E6%9C%AC%20r%C3%A9ponses.jsonl" in disposition
     assert 'filename="__ r_ponses.jsonl"' in disposition
+
+
+def test_a_poll_answers_only_the_live_part(web: Site) -> None:
+    key = web.key("client")
+    batch_id = start_batch(web, key, [chat_line("p", "waits", model="nobody-serves-this")])
+    with httpx.Client(base_url=web.url) as browser:
+        token = browser.get("/login").text.split('name="csrf_token" value="')[1].split('"')[0]
+        browser.post("/login", data={"csrf_token": token, "api_key": key})
+        page = browser.get(f"/batches/{batch_id}")
+        assert "<html" in page.text and 'hx-trigger="every 3s"' in page.text
+        for path, root in (
+            (f"/batches/{batch_id}", "batch-detail"),
+            ("/batches", "batches-results"),
+        ):
+            poll = browser.get(path, headers={"HX-Request": "true"})
+            assert poll.status_code == 200 and "<html" not in poll.text
+            assert f'id="{root}"' in poll.text and 'hx-trigger="every 3s"' in poll.text
+    httpx.post(f"{web.url}/v1/batches/{batch_id}/cancel", headers=auth(key))
