@@ -140,6 +140,7 @@ def test_filters_and_pages(chrome: Any, web: Site) -> None:
             ("limit=0", "a number from 1 to 200"),
             ("range=1y", "time range"),
             ("after=job_nope", "unknown cursor"),
+            ("from=2026-01-02T00:00&to=2026-01-01T00:00", "must come before"),
         ]:
             r = _logged_in(plain, web, bee["key"]).get(f"/jobs?{query}")
             assert r.status_code == 400 and words in r.text, (query, r.status_code)

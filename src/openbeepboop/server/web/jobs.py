@@ -64,39 +64,55 @@ def job_query(params: dict[str, str], seen: Viewer, now: float) -> JobQuery:
     """The filters of the query string `params` as a JobFilter (the cursor aside)."""
     values = {k: params.get(k, "").strip() for k in (*FIELDS, "after")}
     problems: list[str] = []
-    status = None
-    if values["status"]:
-        try:
-            status = JobStatus(values["status"])
-        except ValueError:
-            names = ", ".join(s.value for s in JobStatus)
-            problems.append(f"unknown status {values['status']!r}: one of {names}")
-    after = None
-    if values["range"]:
-        if values["range"] in RANGES:
-            after = now - RANGES[values["range"]][1]
-        else:
-            problems.append(f"unknown time range {values['range']!r}: 1h, 24h or 7d")
-    start = parse_time(values["from"], "from", problems)
-    end = parse_time(values["to"], "to", problems)
-    if start is not None:
-        after = start if after is None else max(after, start)
-    limit = 50
-    if values["limit"]:
-        if values["limit"].isdigit() and 1 <= int(values["limit"]) <= 200:
-            limit = int(values["limit"])
-        else:
-            problems.append("'limit' must be a number from 1 to 200")
+    after, before = created_range(values, now, problems)
     flt = JobFilter(
         owner=(values["key"] or None) if seen.admin else seen.owner,
-        status=status,
+        status=status_of(values["status"], problems),
         model=values["model"] or None,
-        limit=limit + 1,
+        limit=page_size(values["limit"], problems) + 1,
         batch_id=values["batch"] or None,
         created_after=after,
-        created_before=end,
+        created_before=before,
     )
     return JobQuery(values, flt, problems)
+
+
+def status_of(text: str, problems: list[str]) -> JobStatus | None:
+    if not text:
+        return None
+    try:
+        return JobStatus(text)
+    except ValueError:
+        names = ", ".join(s.value for s in JobStatus)
+        problems.append(f"unknown status {text!r}: one of {names}")
+        return None
+
+
+def page_size(text: str, problems: list[str]) -> int:
+    if not text:
+        return 50
+    if text.isdigit() and 1 <= int(text) <= 200:
+        return int(text)
+    problems.append("'limit' must be a number from 1 to 200")
+    return 50
+
+
+def created_range(
+    values: dict[str, str], now: float, problems: list[str]
+) -> tuple[float | None, float | None]:
+    """(created at or after, created before) from `range`, `from` and `to`."""
+    after = None
+    if values["range"] in RANGES:
+        after = now - RANGES[values["range"]][1]
+    elif values["range"]:
+        problems.append(f"unknown time range {values['range']!r}: 1h, 24h or 7d")
+    start = parse_time(values["from"], "from", problems)
+    end = parse_time(values["to"], "to", problems)
+    if start is not None and end is not None and start >= end:
+        problems.append("'from' must come before 'to'")
+    if start is not None:
+        after = start if after is None else max(after, start)
+    return after, end
 
 
 @router.get("/jobs")
