@@ -152,6 +152,22 @@ async def test_list_jobs_filters_and_pages_newest_first(store: Store) -> None:
     assert by_model == []
 
 
+async def test_list_jobs_by_batch_and_creation_time(store: Store) -> None:
+    early = await submit(store, new_job(), new_job(batch_id="batch_x"), now=T0)
+    late = await submit(store, new_job(batch_id="batch_x"), new_job(owner="b"), now=T0 + 60)
+    in_batch = await store.list_jobs(JobFilter(batch_id="batch_x"))
+    assert [j.id for j in in_batch] == [late[0], early[1]]
+    since = await store.list_jobs(JobFilter(created_after=T0 + 60))
+    assert [j.id for j in since] == late[::-1]
+    until = await store.list_jobs(JobFilter(created_before=T0 + 60))
+    assert [j.id for j in until] == early[::-1]
+    both = JobFilter(owner="alice", batch_id="batch_x", created_after=T0, created_before=T0 + 1)
+    assert [j.id for j in await store.list_jobs(both)] == [early[1]]
+    cursor = in_batch[0].seq  # older than the late batch job, still since T0
+    paged = await store.list_jobs(JobFilter(created_after=T0, limit=1, after_seq=cursor))
+    assert [j.id for j in paged] == [early[1]]
+
+
 async def test_list_jobs_by_status(store: Store) -> None:
     a, _b = await submit(store, new_job(), new_job())
     await store.cancel_job(a, T0)

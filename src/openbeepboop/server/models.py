@@ -257,7 +257,10 @@ class JobFilter:
     status: JobStatus | None = None
     model: str | None = None
     limit: int = 20
-    after_seq: int | None = None
+    after_seq: int | None = None  # older than this job (seq), newest first
+    batch_id: str | None = None
+    created_after: float | None = None  # created at or after (epoch seconds)
+    created_before: float | None = None  # created strictly before
 
 
 @dataclass(frozen=True, slots=True)

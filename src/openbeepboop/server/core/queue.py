@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -22,6 +23,7 @@ from openbeepboop.server.core.deltas import DeltaHub
 from openbeepboop.server.core.notify import Notifier
 from openbeepboop.server.core.passes import one_pass
 from openbeepboop.server.core.pins import Pin, check_known, serving
+from openbeepboop.server.core.responses import RESPONSE_KEY
 from openbeepboop.server.errors import (
     InvalidRequest,
     JobFailed,
@@ -262,11 +264,31 @@ class Queue:
             raise NotFound(f"no job with id {job_id!r}", param="job_id", code="job_not_found")
         return job
 
-    async def list_jobs(self, key: ApiKey, flt: JobFilter) -> list[Job]:
-        owner = None if key.role is Role.ADMIN else key.id
-        return await self.store.list_jobs(
-            JobFilter(owner or flt.owner, flt.status, flt.model, flt.limit, flt.after_seq)
+    async def rerun(self, key: ApiKey, job_id: str) -> Job:
+        """A new job with the request of `job_id` (one `key` may see), owned by `key`: same
+        endpoint, body, priority, attempts, pins and metadata; not in a batch, with no
+        idempotency key or expiry of its own."""
+        old = await self.get(key, job_id)
+        metadata = old.metadata
+        if isinstance(metadata, dict):  # a Response's bookkeeping belongs to the first run
+            metadata = {k: v for k, v in metadata.items() if k != RESPONSE_KEY} or None
+        again = JobRequest(
+            endpoint=old.endpoint,
+            body=old.request,
+            priority=old.priority,
+            max_attempts=old.max_attempts,
+            metadata=metadata,
+            custom_id=old.custom_id,
+            node=old.pin_node,
+            node_labels=old.pin_labels,
         )
+        return (await self.submit(key, [again]))[0].job
+
+    async def list_jobs(self, key: ApiKey, flt: JobFilter) -> list[Job]:
+        """The jobs `key` may see that match `flt`, newest first (an admin's `flt.owner`
+        narrows to one key; a client's is always its own)."""
+        owner = None if key.role is Role.ADMIN else key.id
+        return await self.store.list_jobs(dataclasses.replace(flt, owner=owner or flt.owner))
 
     async def queue_position(self, job: Job) -> int | None:
         """How many queued jobs of its model run before `job` (None unless queued)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
@@ -132,9 +133,17 @@ async def file_content(request: Request, file_id: str, key: Key) -> Response:
         media_type="application/jsonl",
         headers={
             "Content-Length": str(found.bytes),
-            "Content-Disposition": f'attachment; filename="{found.filename}"',
+            "Content-Disposition": attachment(found.filename),
         },
     )
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition that downloads under `filename` (RFC 6266): an ASCII
+    stand-in for old clients, and the name itself UTF-8 encoded (a header holds only
+    Latin-1: a name in another script was a 500)."""
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 @router.delete("/v1/files/{file_id}", summary="Delete a file")

@@ -47,7 +47,8 @@ class Queries:
 
     def listing(self, name: str, limit: int | None = None, **filters: Any) -> tuple[str, list[Any]]:
         """Query `name` with `{where}` made of the filters that are not None (`before_seq`:
-        `seq <` it, others: equal) and `{limit}` the next parameter; and its arguments."""
+        `seq <` it, `created_after`: `created_at >=` it, `created_before`: `created_at <`
+        it, others: equal) and `{limit}` the next parameter; and its arguments."""
         where = ["1 = 1"]
         args: list[Any] = []
         for column, value in filters.items():
@@ -55,12 +56,20 @@ class Queries:
                 continue
             args.append(value)
             mark = f"{self.mark}{len(args)}"
-            where.append(f"seq < {mark}" if column == "before_seq" else f"{column} = {mark}")
+            where.append(f"{_RANGES.get(column, f'{column} =')} {mark}")
         sql = self._sql[name].replace("{where}", " AND ".join(where))
         if limit is not None:
             args.append(limit)
             sql = sql.replace("{limit}", f"{self.mark}{len(args)}")
         return sql, args
+
+
+# listing filters that are ranges rather than equalities
+_RANGES = {
+    "before_seq": "seq <",
+    "created_after": "created_at >=",
+    "created_before": "created_at <",
+}
 
 
 def _load(dialect: str) -> dict[str, str]:

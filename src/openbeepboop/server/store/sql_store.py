@@ -129,7 +129,10 @@ class SqlStore(ABC):
             owner=flt.owner,
             model=flt.model,
             status=status,
+            batch_id=flt.batch_id,
             before_seq=flt.after_seq,
+            created_after=flt.created_after,
+            created_before=flt.created_before,
         )
 
     async def queue_position(self, job: Job) -> int:

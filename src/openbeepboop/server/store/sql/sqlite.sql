@@ -24,7 +24,8 @@ SELECT {job_columns} FROM jobs WHERE id = ?1;
 SELECT {job_columns} FROM jobs WHERE id IN (SELECT value FROM json_each(?1));
 
 -- name: list_jobs
--- {where}: the listing's filters (owner, status, model, seq < cursor), filled in by code.
+-- {where}: the listing's filters (owner, status, model, batch, seq < cursor, created_at
+-- range), filled in by code.
 SELECT {job_columns} FROM jobs WHERE {where} ORDER BY seq DESC LIMIT {limit};
 
 -- name: queue_position
