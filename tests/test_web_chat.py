@@ -8,10 +8,21 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.browser import PHONE, Site, Tab, tab
-from tests.nodes import Procs, echo_model, get_job, new_server, node_id_of, start_node, write_config
+from tests.nodes import (
+    Procs,
+    auth,
+    echo_model,
+    get_job,
+    new_server,
+    node_id_of,
+    start_node,
+    wait_until,
+    write_config,
+)
 
 WORDS = " ".join(f"word{i}" for i in range(40))
 TOKEN_DELAY_MS = 25
@@ -126,14 +137,29 @@ def test_an_answer_asked_for_whole_and_html_in_it_stays_text(chrome: Any, web: S
         t.assert_clean()
 
 
-def test_stop_cancels_the_job(chrome: Any, web: Site) -> None:
+def _running(web: Site) -> bool:
+    r = httpx.get(
+        web.url + "/v1/jobs?status=in_progress", headers=auth(web.key("client")), timeout=10
+    )
+    return any((j["custom_id"] or "").startswith("chat-") for j in r.json()["data"])
+
+
+@pytest.mark.parametrize("mode", ["stream", "whole", "job"])
+def test_stop_cancels_the_job(chrome: Any, web: Site, mode: str) -> None:
     with tab(chrome, web.url) as t:
         _chat(t, web.key("client"))
+        if mode == "whole":
+            t.page.uncheck("#chat-stream")
+        if mode == "job":
+            t.page.check("#chat-as-job")
         t.page.fill("#chat-prompt", " ".join(f"w{i}" for i in range(400)))  # ~10 s
         t.page.click("#chat-send")
-        t.page.wait_for_function(
-            "() => document.querySelector('#chat-log .answer')?.textContent.length > 20"
-        )
+        if mode == "whole":  # nothing shows before the end: wait for the job to run
+            wait_until(lambda: _running(web), 10, "the chat's job to start")
+        else:
+            t.page.wait_for_function(
+                "() => document.querySelector('#chat-log .answer')?.textContent.length > 20"
+            )
         t.page.click("#chat-stop")
         answer = t.page.locator("#chat-log .msg.assistant")
         t.page.wait_for_selector("#chat-log .msg.assistant:not([aria-busy])")

@@ -149,6 +149,7 @@
     } catch (e) {
       // not JSON: keep the status
     }
+    if (response.status === 401) message += " (the session has ended: reload the page to log in again)";
     return new ApiError(message);
   }
 
@@ -403,7 +404,7 @@
       await mode(r, body);
       if (r.stopped) return;
       turns.push({ role: "user", content: prompt }, { role: "assistant", content: turn.text });
-      status(r.cancelled ? "The job was cancelled." : "");
+      status(r.cancelled ? "The job was cancelled." : "Answered.");
     } catch (error) {
       if (r.stopped) return;
       failed(turn, error);
