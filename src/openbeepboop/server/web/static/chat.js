@@ -284,6 +284,7 @@
         break;
       case "cancelled":
         turn.event("cancelled");
+        turn.say("the job was cancelled", "warn");
         r.cancelled = true;
         break;
       case "failed":
