@@ -7,7 +7,9 @@ from starlette.responses import Response
 
 from openbeepboop.server.web.pages import AnyViewer, render
 
-router = APIRouter(include_in_schema=False)
+# the tag site.py looks for to answer errors as pages (FastAPI 0.165 hands the handler
+# the route as declared here, without the tags include_router added)
+router = APIRouter(include_in_schema=False, tags=["web"])
 
 
 @router.get("/chat")
