@@ -91,3 +91,18 @@ async def test_a_login_with_a_bad_form_is_a_page_not_a_crash(tmp_path: Path) -> 
             r = await api.http.post("/login", data=data)
             assert r.status_code in (400, 403), r.text
             assert "text/html" in r.headers["content-type"]
+
+
+async def test_a_page_error_is_a_page_and_an_api_error_stays_json(tmp_path: Path) -> None:
+    async with serve_in_process(tmp_path) as api:
+        form = (await api.http.get("/login")).text
+        token = form.split('name="csrf_token" value="')[1].split('"')[0]
+        r = await api.http.post("/login", data={"csrf_token": token, "api_key": api.client})
+        assert r.status_code == 303
+        for path, status in (("/jobs/job_nope", 404), ("/keys", 403)):
+            page = await api.http.get(path)
+            assert page.status_code == status, path
+            assert "text/html" in page.headers["content-type"], path
+            assert 'role="alert"' in page.text
+        r = await api.http.get("/v1/jobs/job_nope")
+        assert r.status_code == 404 and r.json()["error"]["code"]

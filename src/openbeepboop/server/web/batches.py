@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import RedirectResponse, Response
 
 from openbeepboop.server.errors import NotFound
@@ -19,9 +19,16 @@ from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import ApiKey, Batch, BatchStatus, StoredFile
 from openbeepboop.server.web.jobs import key_label
 from openbeepboop.server.web.login import safe_next
-from openbeepboop.server.web.pages import AnyViewer, Viewer, checked_form, render, secure_headers
+from openbeepboop.server.web.pages import (
+    AnyViewer,
+    Viewer,
+    checked_form,
+    page_router,
+    render,
+    secure_headers,
+)
 
-router = APIRouter(include_in_schema=False)
+router = page_router()
 
 PAGE = 20
 POLL_SECONDS = 3  # how often an open batch's part of the page is fetched again

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
-from openbeepboop.server.web.pages import AnyViewer, render
+from openbeepboop.server.web.pages import AnyViewer, page_router, render
 
 # the tag site.py looks for to answer errors as pages (FastAPI 0.165 hands the handler
 # the route as declared here, without the tags include_router added)
-router = APIRouter(include_in_schema=False, tags=["web"])
+router = page_router()
 
 
 @router.get("/chat")

@@ -11,16 +11,23 @@ from typing import Any
 from urllib.parse import urlencode
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import RedirectResponse, Response
 
 from openbeepboop.server.core.events import result_text
 from openbeepboop.server.errors import NotFound
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import ApiKey, Job, JobFilter, JobStatus
-from openbeepboop.server.web.pages import AnyViewer, Viewer, checked_form, render, secure_headers
+from openbeepboop.server.web.pages import (
+    AnyViewer,
+    Viewer,
+    checked_form,
+    page_router,
+    render,
+    secure_headers,
+)
 
-router = APIRouter(include_in_schema=False)
+router = page_router()
 
 RANGES = {
     "1h": ("last hour", 3_600.0),

@@ -6,18 +6,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import RedirectResponse, Response
 
 from openbeepboop.server.core.keys import IssuedKey
 from openbeepboop.server.http.guards import SESSION_COOKIE
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import ApiKey, Role
-from openbeepboop.server.web.pages import AdminViewer, Viewer, checked_form, render, secure_headers
+from openbeepboop.server.web.pages import (
+    AdminViewer,
+    Viewer,
+    checked_form,
+    page_router,
+    render,
+    secure_headers,
+)
 
 # the tag site.py looks for to answer errors as pages (FastAPI 0.165 hands the handler
 # the route as declared here, without the tags include_router added)
-router = APIRouter(include_in_schema=False, tags=["web"])
+router = page_router()
 MAX_NAME = 256  # as the API's NewKeyBody
 ROLES = [Role.CLIENT, Role.ADMIN, Role.NODE]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import RedirectResponse, Response
 
 from openbeepboop.server.core.sessions import same_token
@@ -17,11 +17,12 @@ from openbeepboop.server.web.pages import (
     AnyViewer,
     check_reach,
     checked_form,
+    page_router,
     render,
     secure_headers,
 )
 
-router = APIRouter(include_in_schema=False)
+router = page_router()
 LOGIN_COOKIE = "obb_login_csrf"  # the login form's own CSRF token (double submit)
 
 

@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
 from openbeepboop.server.core.dashboard import Dashboard, Snapshot
@@ -18,9 +18,9 @@ from openbeepboop.server.core.node_events import model_states
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import Node
 from openbeepboop.server.web.live import event_stream, fragment, sse_event
-from openbeepboop.server.web.pages import AnyViewer, render
+from openbeepboop.server.web.pages import AnyViewer, page_router, render
 
-router = APIRouter(include_in_schema=False)
+router = page_router()
 LIST = "nodes_list.html"
 
 

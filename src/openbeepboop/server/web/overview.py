@@ -11,15 +11,15 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
 from openbeepboop.server.core.dashboard import Dashboard, Snapshot
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.web.live import event_stream, fragment, sse_event
-from openbeepboop.server.web.pages import AnyViewer, render
+from openbeepboop.server.web.pages import AnyViewer, page_router, render
 
-router = APIRouter(include_in_schema=False)
+router = page_router()
 COUNTS = "overview_counts.html"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import FormData
 from starlette.responses import HTMLResponse, Response
 from starlette.templating import Jinja2Templates
@@ -37,6 +37,13 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 CSRF_FIELD = "csrf_token"
+WEB_TAG = "web"  # the tag of every page's route: their errors answer as pages (site.py)
+
+
+def page_router() -> APIRouter:
+    """A router of pages: not in the OpenAPI document (they are not the API), tagged
+    so that their errors answer as pages."""
+    return APIRouter(include_in_schema=False, tags=[WEB_TAG])
 
 
 def web_dir() -> Path:

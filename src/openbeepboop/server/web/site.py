@@ -15,14 +15,13 @@ from openbeepboop.server.http.errors import STATUS
 from openbeepboop.server.settings import ServerSettings
 from openbeepboop.server.web import batches, chat, jobs, keys, login, nodes, overview
 from openbeepboop.server.web.pages import (
+    WEB_TAG,
     LoginNeeded,
     login_url,
     make_templates,
     render,
     web_dir,
 )
-
-WEB_TAG = "web"  # the tag of the pages' routes: their errors are pages too
 
 
 def install(app: FastAPI, settings: ServerSettings) -> None:
@@ -33,7 +32,7 @@ def install(app: FastAPI, settings: ServerSettings) -> None:
     app.state.web_templates = make_templates()
     app.mount("/static", StaticFiles(directory=web_dir() / "static"), name="static")
     for module in (login, overview, nodes, jobs, batches, chat, keys):
-        app.include_router(module.router, tags=[WEB_TAG])
+        app.include_router(module.router)
     app.add_exception_handler(LoginNeeded, _to_login)
     _errors_as_pages(app)
 
