@@ -53,12 +53,12 @@ browser:  ## install Debian's Chromium for the browser tests (apt), unless it is
 	  apt-get update -qq && apt-get install -y -qq chromium; }
 
 test: install browser  ## lint, type-check and run the whole test suite
-	$(BIN)/python -m ruff check src tests bench
+	$(BIN)/python -m ruff check src tests bench tools
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
 
 lint: install  ## ruff and mypy only
-	$(BIN)/python -m ruff check src tests bench
+	$(BIN)/python -m ruff check src tests bench tools
 	$(BIN)/python -m ruff format --check src tests bench
 	$(BIN)/python -m mypy
 
