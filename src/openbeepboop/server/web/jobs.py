@@ -17,7 +17,7 @@ from starlette.responses import RedirectResponse, Response
 from openbeepboop.server.core.events import result_text
 from openbeepboop.server.errors import NotFound
 from openbeepboop.server.http.state import app_state
-from openbeepboop.server.models import ApiKey, Job, JobFilter, JobStatus
+from openbeepboop.server.models import ApiKey, Job, JobFilter, JobStatus, Role
 from openbeepboop.server.web.pages import (
     AnyViewer,
     Viewer,
@@ -138,6 +138,7 @@ async def jobs_page(request: Request, seen: AnyViewer) -> Response:
     size = query.flt.limit - 1
     shown = jobs[:size]
     keys = await state.keyring.list_keys() if seen.admin else [seen.key]
+    keys = [k for k in keys if k.role is not Role.NODE]  # node keys own no jobs
     context = {
         "title": "Jobs",
         "jobs": shown,
