@@ -86,7 +86,10 @@ def browser() -> Iterator[Any]:
 
 @dataclass
 class Tab:
-    """A page in its own browser context, recording console errors and page errors."""
+    """A page in its own browser context, recording console errors and page errors.
+
+    The pages' CSP forbids eval: give `page.wait_for_function` a function ("() => ..."),
+    never a bare expression, which Playwright would evaluate with eval when it polls."""
 
     page: Any
     base: str

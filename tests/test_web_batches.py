@@ -47,9 +47,9 @@ def test_a_batch_shows_progress_and_its_output_downloads(chrome: Any, web: Site,
         bar = t.page.locator("#batch-detail progress")
         # seen part-way: some lines done, not all (the fragment is polled every 3 s)
         t.page.wait_for_function(
-            "(() => { const p = document.querySelector('#batch-detail progress');"
+            "() => { const p = document.querySelector('#batch-detail progress');"
             " return p && p.value >= 1 && p.value < 3 &&"
-            " document.getElementById('batch-status').textContent === 'in_progress'; })()",
+            " document.getElementById('batch-status').textContent === 'in_progress'; }",
             timeout=20_000,
         )
         expect(status).to_have_text("completed", timeout=30_000)
@@ -143,6 +143,9 @@ def test_a_poll_answers_only_the_live_part(web: Site) -> None:
             (f"/batches/{batch_id}", "batch-detail"),
             ("/batches", "batches-results"),
         ):
+            # opening the page reads afresh (a poll may answer from a read up to 2 s old,
+            # made before this batch existed)
+            assert browser.get(path).status_code == 200
             poll = browser.get(path, headers={"HX-Request": "true"})
             assert poll.status_code == 200 and "<html" not in poll.text
             assert f'id="{root}"' in poll.text and 'hx-trigger="every 3s"' in poll.text

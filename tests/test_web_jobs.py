@@ -55,7 +55,7 @@ def test_a_running_job_turns_completed_without_reload(chrome: Any, web: Site, sl
         t.page.evaluate("window.__same_page = true")
         # pieces arrive while it runs, then the final state replaces the live one
         t.page.wait_for_function(
-            "document.getElementById('job-status').textContent === 'in_progress'"
+            "() => document.getElementById('job-status').textContent === 'in_progress'"
             " && document.getElementById('job-answer').textContent.startsWith('w0 w1')"
         )
         expect(t.page.locator("#job-status")).to_have_text("completed", timeout=20_000)
