@@ -230,10 +230,13 @@ class Dht:
         await self._server.listen(port, interface=host)
 
     async def join(self, addrs: Sequence[tuple[str, int]]) -> int:
-        """Bootstrap through `addrs` (host names allowed); the contacts known after."""
-        resolved = [a for a in await resolve(addrs) if a != ("127.0.0.1", self.port)]
-        if resolved:
-            await self._server.bootstrap(resolved)
+        """Bootstrap through those of `addrs` (host names allowed) not yet in the routing
+        table; the contacts known after. Cheap to repeat: a bootstrap peer that was down
+        is joined once it answers."""
+        known = {(c.host, c.port) for c in self.contacts()} | {("127.0.0.1", self.port)}
+        missing = [a for a in await resolve(addrs) if a not in known]
+        if missing:
+            await self._server.bootstrap(missing)
         return len(self.contacts())
 
     async def put(self, key: str, value: str) -> bool:
