@@ -122,6 +122,20 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is unty
             return False
         return name != "store" or _stored_value(args[2])
 
+    def _timeout(self, msg_id: bytes) -> None:
+        # the library sets the result even when the caller was cancelled meanwhile
+        future, _ = self._outstanding.pop(msg_id, (None, None))
+        if future is not None and not future.done():
+            future.set_result((False, None))
+
+    def close(self) -> None:
+        """Stop every pending request's timer (at shutdown)."""
+        for future, timer in self._outstanding.values():
+            timer.cancel()
+            if not future.done():
+                future.set_result((False, None))
+        self._outstanding.clear()
+
     def welcome_if_new(self, node: Node) -> None:
         """One contact per address: a new id from an address the table already holds
         replaces the old one (a restarted peer), so a flood of made-up ids from one
@@ -275,4 +289,6 @@ class Dht:
         ]
 
     def stop(self) -> None:
+        if self._server.protocol is not None:
+            self.protocol.close()
         self._server.stop()

@@ -117,10 +117,14 @@ class SwarmMember:
         self._dht.stop()
 
     async def beat(self) -> None:
-        """Join if alone, publish, read the view, then the registered work."""
-        if self.config.bootstrap:
-            await self._dht.join(self.config.bootstrap)
+        """Publish, join through bootstrap peers not yet known, read the view, then
+        the registered work."""
         await self.publish()
+        if self.config.bootstrap:
+            joined = not self._dht.contacts()
+            await self._dht.join(self.config.bootstrap)
+            if joined and self._dht.contacts():  # first contact: tell the swarm at once
+                await self.publish()
         await self.refresh()
         self.beats += 1
         members = self.members()
