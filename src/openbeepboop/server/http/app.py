@@ -26,6 +26,7 @@ from openbeepboop.server.http import (
     fastlane,
     routes_batch,
     routes_client,
+    routes_llamanet,
     routes_node,
     routes_ops,
     routes_responses,
@@ -179,6 +180,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     app.include_router(ws.router)
     app.include_router(routes_node.router)
     app.include_router(routes_ops.router)
+    app.include_router(routes_llamanet.router)
     site.install(app, settings)
     if settings.fast_lane:
         app.lanes = fastlane.lanes([routes_client.router, routes_node.router])
