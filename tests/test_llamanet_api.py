@@ -230,7 +230,7 @@ def test_bad_json_keys_and_models(setup: Setup) -> None:
         assert_openai_error(httpx.get(setup.url + path), 401)
 
 
-def test_two_models_need_a_name_and_a_stream_ends_with_its_error(setup: Setup) -> None:
+def test_two_models_need_a_name_and_streams_end_with_their_error(setup: Setup) -> None:
     procs = Procs()
     try:
         slow = echo_model(name="slow", token_delay_ms=300)
@@ -254,6 +254,22 @@ def test_two_models_need_a_name_and_a_stream_ends_with_its_error(setup: Setup) -
         assert last["finished"] is True and last["error"]["code"] == "job_cancelled", last
         assert set(last["error"]) == {"message", "type", "param", "code"}
         assert len(rest) < 8  # it ended early
+        # a key revoked mid-stream: the last event carries the revocation
+        made = post(setup, "/v1/admin/keys", {"role": "client", "name": "brief"}, role="admin")
+        assert made.status_code == 201, made.text
+        headers = auth(made.json()["key"])
+        with httpx.stream(
+            "POST", setup.url + "/generate/stream", json=body, headers=headers, timeout=20
+        ) as r:
+            lines = r.iter_lines()
+            first = next(json.loads(x[6:]) for x in lines if x.startswith("data: "))
+            assert first == {"text": "one", "finished": False}
+            revoked = post(setup, f"/v1/admin/keys/{made.json()['id']}/revoke", {}, role="admin")
+            assert revoked.status_code == 200, revoked.text
+            rest = [json.loads(x[6:]) for x in lines if x.startswith("data: ")]
+        last = rest[-1]
+        assert last["finished"] is True and last["error"]["code"] == "api_key_revoked", last
+        assert len(rest) < 8
     finally:
         procs.close()
 
