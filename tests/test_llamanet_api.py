@@ -185,6 +185,7 @@ def test_status_and_info(setup: Setup) -> None:
         assert info["models"] == ["echo"]  # served: not the model nobody serves
         assert info["dht"] is None and info["url"] == setup.url
         assert info["version"] == status["version"] and info["started_at"] > 0
+        assert get(setup, "/dht/status").json()["id"] == status["id"]  # one identity
     finally:
         for job_id in ids:
             cancel_job(setup.server, job_id)
@@ -248,6 +249,9 @@ def test_two_models_need_a_name_and_streams_end_with_their_error(setup: Setup) -
             lines = r.iter_lines()
             first = next(json.loads(x[6:]) for x in lines if x.startswith("data: "))
             assert first == {"text": "one", "finished": False}
+            running = get(setup, "/status").json()
+            assert running["models"]["slow"] == {"queued": 0, "running": 1, "nodes": 1}
+            assert running["running"] == 1 and running["nodes"] == 2
             cancel_job(setup.server, r.headers["x-openbeepboop-job-id"])
             rest = [json.loads(x[6:]) for x in lines if x.startswith("data: ")]
         last = rest[-1]

@@ -2,8 +2,9 @@
 and `GET /info` (LlamaNet's native API) and the record a swarm member publishes.
 
 The field names follow the swarm's `MemberRecord` (swarm/records.py): per model `queued`,
-`running` and `nodes`, the same three as totals, and `tokens_per_s`. Two reads of the
-store, both cheap: the per-model job counters (`stats`) and the live nodes.
+`running` and `nodes`, the same three as totals, and `tokens_per_s`. As in the record
+(core/load.py), only this server's own nodes count, not the swarm's forwarder. Two reads
+of the store, both cheap: the per-model job counters (`stats`) and the live nodes.
 """
 
 from __future__ import annotations
@@ -13,20 +14,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from openbeepboop.server.core.identity import ServerIdentity
+from openbeepboop.server.core.load import own_node
 from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.models import JobStatus, Node
-
-
-@dataclass(frozen=True, slots=True)
-class ServerIdentity:
-    """Who this server is: a stable id, a name for people, the public base URL clients
-    reach it at, the version it runs and when it started (unix time)."""
-
-    id: str
-    name: str
-    url: str
-    version: str
-    started_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +65,7 @@ async def read_status(
 ) -> ServerStatus:
     """This server's status now."""
     counts = await queue.store.stats()
-    nodes = await queue.live_nodes()
+    nodes = [n for n in await queue.live_nodes() if own_node(n)]
     models = model_counts(counts, nodes)
     queued = sum(c.queued for c in models.values())
     running = sum(c.running for c in models.values())

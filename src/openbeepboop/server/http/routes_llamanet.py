@@ -5,26 +5,21 @@ server is). docs/http-api.md, "LlamaNet's native API"."""
 
 from __future__ import annotations
 
-import re
-import socket
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response, StreamingResponse
 
-from openbeepboop import __version__
 from openbeepboop.server.core.generate import ENDPOINT, generated, pick_model
 from openbeepboop.server.core.queue import JobRequest, Queue
-from openbeepboop.server.core.status import ServerIdentity, ServerStatus, read_status
+from openbeepboop.server.core.status import ServerStatus, read_status
 from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import any_key, client_key
 from openbeepboop.server.http.llamanet_stream import generate_stream
 from openbeepboop.server.http.outbound import JSONResponse
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import ApiKey
-from openbeepboop.server.settings import ServerSettings
 
 router = APIRouter(tags=["llamanet"], route_class=CheckedRoute)
 ClientKey = Annotated[ApiKey, Depends(client_key)]
@@ -122,13 +117,15 @@ async def generate_streamed(request: Request, body: GenerateBody, key: ClientKey
 
 @router.get("/status", summary="This server's load (LlamaNet)")
 async def status(request: Request, key: AnyKey) -> Response:
-    now = await read_status(app_state(request).queue, identity(request))
+    state = app_state(request)
+    now = await read_status(state.queue, state.identity)
     return JSONResponse(status_json(now))
 
 
 @router.get("/info", summary="Who this server is (LlamaNet)")
 async def info(request: Request, key: AnyKey) -> Response:
-    now = await read_status(app_state(request).queue, identity(request))
+    state = app_state(request)
+    now = await read_status(state.queue, state.identity)
     return JSONResponse(
         {
             "id": now.id,
@@ -170,39 +167,3 @@ def status_json(now: ServerStatus) -> dict[str, Any]:
         "tps": now.tokens_per_s,
         "queue_depth": now.queued,
     }
-
-
-# -- who this server is ------------------------------------------------------------------
-
-_NOT_IN_ID = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def identity(request: Request) -> ServerIdentity:
-    """The server's identity: `AppState.identity` where the app has one; otherwise one
-    made from the settings, the first time it is asked for (kept on the app)."""
-    state = app_state(request)
-    given = getattr(state, "identity", None)
-    if given is not None:
-        return ServerIdentity(given.id, given.name, given.url, given.version, given.started_at)
-    kept = getattr(request.app.state, "llamanet_identity", None)
-    if isinstance(kept, ServerIdentity):
-        return kept
-    made = identity_from_settings(state.settings, str(request.base_url), time.time())
-    request.app.state.llamanet_identity = made
-    return made
-
-
-def identity_from_settings(
-    settings: ServerSettings, base_url: str, started_at: float
-) -> ServerIdentity:
-    """An identity from `server_id`, `server_name` and `public_url` where the settings
-    have them, else from the host name, the port and the URL this request came to."""
-    host = socket.gethostname() or "server"
-    made_id = _NOT_IN_ID.sub("-", f"{host}-{settings.port}").strip("-.")[:64] or "server"
-    return ServerIdentity(
-        id=str(getattr(settings, "server_id", None) or made_id),
-        name=str(getattr(settings, "server_name", None) or host),
-        url=str(getattr(settings, "public_url", None) or base_url).rstrip("/"),
-        version=__version__,
-        started_at=started_at,
-    )
