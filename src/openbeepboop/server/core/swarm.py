@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from openbeepboop.server.core.identity import ServerIdentity
-from openbeepboop.server.core.load import Load
 from openbeepboop.server.core.passes import one_pass
+from openbeepboop.server.core.status import ServerStatus
 from openbeepboop.swarm.dht import Dht
 from openbeepboop.swarm.records import (
     ALL_NODES,
+    MAX_MODELS,
     MAX_TTL,
     MemberRecord,
     ModelLoad,
@@ -60,16 +61,16 @@ class SwarmMember:
     def __init__(
         self,
         config: SwarmConfig,
-        read_load: Callable[[], Awaitable[Load]],
+        read_status: Callable[[], Awaitable[ServerStatus]],
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self._read_load = read_load
+        self._read_status = read_status
         self._clock = clock
         self._monotonic = monotonic
         self._storage = RecordStorage(config.secret, monotonic)
-        self._dht = Dht(self._storage)
+        self._dht = Dht(self._storage, timeout=self.dht_timeout)
         self._view: dict[str, tuple[MemberRecord, float]] = {}  # id -> (record, since)
         self._beats: list[tuple[str, Beat]] = []
         self.revocations = ""  # digest of known revocations, published (core/swarm_keys.py)
@@ -85,8 +86,18 @@ class SwarmMember:
         return self.config.secret
 
     @property
+    def dht_timeout(self) -> float:
+        """How long a DHT request waits for a reply: up to 2 s, less with a short
+        heartbeat (a peer that died costs a heartbeat at most this, a few times)."""
+        return min(2.0, max(0.3, self.config.heartbeat))
+
+    @property
     def ttl(self) -> float:
-        return min(MAX_TTL, max(1.0, TTL_BEATS * self.config.heartbeat))
+        """A record's life without a refresh: three heartbeats, and at least one
+        heartbeat plus four DHT timeouts (a heartbeat that waits on dead peers must
+        not let live members' records lapse)."""
+        beats = max(TTL_BEATS * self.config.heartbeat, self.config.heartbeat + 4 * self.dht_timeout)
+        return min(MAX_TTL, max(1.0, beats))
 
     @property
     def dht_address(self) -> str:
@@ -133,9 +144,8 @@ class SwarmMember:
 
     async def record(self) -> MemberRecord:
         """This server's record now, signed."""
-        load = await self._read_load()
+        status = await self._read_status()
         ident = self.config.identity
-        now = self._clock()
         return MemberRecord(
             id=ident.id,
             name=ident.name,
@@ -143,13 +153,13 @@ class SwarmMember:
             dht=self.dht_address,
             version=ident.version,
             started_at=ident.started_at,
-            ts=now,
+            ts=self._clock(),
             ttl=self.ttl,
-            models=dict(sorted(load.models.items())[:64]),
-            queued=load.queued,
-            running=load.running,
-            nodes=load.nodes,
-            tokens_per_s=round(load.tokens_per_s, 3),
+            models=published_models(status),
+            queued=status.queued,
+            running=status.running,
+            nodes=status.nodes,
+            tokens_per_s=status.tokens_per_s,
             revocations=self.revocations,
         ).signed(self.secret)
 
@@ -174,8 +184,9 @@ class SwarmMember:
     def members(self, include_self: bool = False) -> list[MemberRecord]:
         """The live members' records (the others', unless `include_self`), by id."""
         now = self._monotonic()
-        for member_id in [i for i, (r, at) in self._view.items() if now - at > r.ttl]:
-            del self._view[member_id]
+        for member_id, (record, at) in list(self._view.items()):
+            if now - at > record.ttl and member_id != self.member_id:  # never this server
+                del self._view[member_id]
         return sorted(
             (r for r, _ in self._view.values() if include_self or r.id != self.member_id),
             key=lambda r: r.id,
@@ -213,6 +224,17 @@ class SwarmMember:
             "dropped_datagrams": self._dht.protocol.dropped,
             "rejected_records": self._storage.rejected,
         }
+
+
+def published_models(status: ServerStatus) -> dict[str, ModelLoad]:
+    """The models a record can carry (names up to 128 characters, `MAX_MODELS` of
+    them): those a node serves first, then those with the most work."""
+    fits = [(m, c) for m, c in status.models.items() if len(m) <= 128]
+    fits.sort(key=lambda mc: (mc[1].nodes == 0, -(mc[1].queued + mc[1].running), mc[0]))
+    return {
+        m: ModelLoad(queued=c.queued, running=c.running, nodes=c.nodes)
+        for m, c in fits[:MAX_MODELS]
+    }
 
 
 def quiet_library_logs() -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from openbeepboop.server.core.identity import ServerIdentity, advertised_host, swarm_secret_of
 from openbeepboop.server.core.queue import Queue
+from openbeepboop.server.core.status import read_status
 from openbeepboop.server.settings import ConfigError, ServerSettings
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ def swarm_member(
     if settings.dht_port is None:
         return None
     try:
-        from openbeepboop.server.core.load import read_load
         from openbeepboop.server.core.swarm import SwarmConfig, SwarmMember
         from openbeepboop.swarm.secret import SwarmSecret
     except ImportError as exc:
@@ -39,4 +39,4 @@ def swarm_member(
         bootstrap=tuple(settings.bootstrap_addresses),
         heartbeat=settings.heartbeat_interval,
     )
-    return SwarmMember(config, lambda: read_load(queue))
+    return SwarmMember(config, lambda: read_status(queue, identity))
