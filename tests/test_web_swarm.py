@@ -31,6 +31,8 @@ from tests.nodes import (
 
 SECRET = "web-swarm-test-secret-0123456789"
 HEARTBEAT = "0.5"  # records expire after three: 1.5 s
+# a model name as long as a Hugging Face one, for the 375 px check
+LONG = {**echo_model(), "name": "bartowski/Meta-Llama-3.1-70B-Instruct-GGUF:Q4_K_M"}
 
 
 @dataclass
@@ -70,7 +72,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         a_status = dht_status(a)
         b = new_server(root / "b", **swarm_env("beta", OPENBEEPBOOP_BOOTSTRAP=a_status["dht"]))
         servers.append(b)
-        node_id_of(start_node(procs, write_config(root / "node" / "node.toml", b, [echo_model()])))
+        config = write_config(root / "node" / "node.toml", b, [echo_model(), LONG])
+        node_id_of(start_node(procs, config))
         b_status = dht_status(b)
 
         def b_serves_echo() -> bool:
@@ -111,6 +114,7 @@ def test_members_models_and_peers_live_and_a_killed_member_drops_off(
         assert theirs.locator("dd.nodes").inner_text() == "1"
         echo = theirs.locator("tr[data-model=echo] td")
         assert echo.all_inner_texts() == ["0", "0", "1"]  # queued, running, nodes
+        assert theirs.locator("tr[data-model]").count() == 2
         assert mine.locator("tr[data-model]").count() == 0  # A has no node
         assert re.search(r"up \d+ (s|min)", theirs.locator("header").inner_text())
         peer = page.locator(f"table.peers tr[data-peer='{pair.b_dht}']")
