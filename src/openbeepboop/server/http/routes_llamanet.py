@@ -5,7 +5,7 @@ server is). docs/http-api.md, "LlamaNet's native API"."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -20,6 +20,9 @@ from openbeepboop.server.http.llamanet_stream import generate_stream
 from openbeepboop.server.http.outbound import JSONResponse
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.models import ApiKey
+
+if TYPE_CHECKING:  # the swarm's module needs its extra: only when configured
+    from openbeepboop.server.core.swarm import SwarmMember
 
 router = APIRouter(tags=["llamanet"], route_class=CheckedRoute)
 ClientKey = Annotated[ApiKey, Depends(client_key)]
@@ -137,9 +140,19 @@ async def info(request: Request, key: AnyKey) -> Response:
             "uptime": now.uptime,
             "models": now.served,
             "api": ["openai", "llamanet"],
-            "dht": None,
+            "dht": None if state.swarm is None else dht_json(state.swarm),
         }
     )
+
+
+def dht_json(swarm: SwarmMember) -> dict[str, object]:
+    """The swarm membership in brief (GET /dht/status has the whole of it)."""
+    return {
+        "address": swarm.dht_address,
+        "swarm": swarm.secret.fingerprint(),
+        "members": len(swarm.members(include_self=True)),
+        "heartbeat_interval": swarm.config.heartbeat,
+    }
 
 
 def status_json(now: ServerStatus) -> dict[str, Any]:
