@@ -22,6 +22,7 @@ from openbeepboop.server.core.signed_keys import (
     adopted_record,
     looks_signed,
     new_signed_key,
+    signed_by,
 )
 from openbeepboop.server.errors import AuthenticationFailed, NotFound, PermissionDenied
 from openbeepboop.server.models import ApiKey, Role, SwarmRevocation
@@ -130,8 +131,11 @@ class KeyRing:
         if not looks_like_key(secret) and digest not in self._cache:  # not worth a lookup
             raise AuthenticationFailed("invalid API key")
         key = await self._lookup(digest)
-        if key is None and self._signer is not None:
-            key = await self._adopt(secret, digest)
+        if self._signer is not None:
+            if key is None:
+                key = await self._adopt(secret, digest)
+            elif not signed_by(secret, self._signer):  # made under a secret since replaced
+                raise AuthenticationFailed("invalid API key")
         return _active(key)
 
     async def authenticate_hash(self, digest: str) -> ApiKey:

@@ -34,9 +34,7 @@ def peer_header(secret: SwarmSecret, method: str, route: str, now: float) -> str
     return f"{seconds}.{secret.mac(PURPOSE, _signed(method, route, seconds)).hex()}"
 
 
-def check_peer(
-    secret: SwarmSecret, method: str, route: str, value: str | None, now: float
-) -> None:
+def check_peer(secret: SwarmSecret, method: str, route: str, value: str | None, now: float) -> None:
     """Nothing when `value` is a fresh header of a member of this swarm for `route`;
     AuthenticationFailed (HTTP 401) when it is missing, wrong or stale."""
     if not value:

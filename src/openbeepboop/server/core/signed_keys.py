@@ -34,9 +34,7 @@ RANDOM_BYTES = 32
 MAC_BYTES = 16
 SWARM_ROLES = frozenset({Role.CLIENT, Role.NODE})  # an admin key stays with its server
 _B64 = r"[A-Za-z0-9_-]"
-SIGNED = re.compile(
-    rf"^obb_(client|node)_{VERSION}([0-9a-f]{{16}})({_B64}{{43}})({_B64}{{22}})$"
-)
+SIGNED = re.compile(rf"^obb_(client|node)_{VERSION}([0-9a-f]{{16}})({_B64}{{43}})({_B64}{{22}})$")
 KEY_ID = re.compile(r"^key_[0-9a-f]{16}$")
 
 
@@ -95,6 +93,13 @@ def verified_id(secret: str, signer: SwarmSecret) -> str | None:
     if not signer.verify(PURPOSE, _signed_bytes(role, hex_id, random), mac):
         return None
     return "key_" + hex_id
+
+
+def signed_by(secret: str, signer: SwarmSecret) -> bool:
+    """False only for a key in the signed format that `signer` did not sign (the swarm's
+    secret was replaced since it was made: rotation ends such keys everywhere); a key in
+    today's local format (never of that length) is not a signed key at all."""
+    return SIGNED.match(secret) is None or verified_id(secret, signer) is not None
 
 
 def adopted_record(secret: str, signer: SwarmSecret, now: float) -> ApiKey | None:

@@ -97,6 +97,7 @@ class SwarmKeys:
         self._fetch = fetch
         self._ids: frozenset[str] = frozenset()
         self._digest = ""
+        self._failures: dict[str, str] = {}  # member id -> the error last logged
 
     def digest(self) -> str:
         """What this member publishes as `MemberRecord.revocations` (as of the last
@@ -140,10 +141,19 @@ class SwarmKeys:
             try:
                 items = parse_revocations(await fetch(url))
             except Exception as exc:  # one member down or refusing: the others go on
-                log.warning("revocations of member %s (%s): %s", record.name, url, exc)
+                self._failed(record, url, exc)
                 continue
+            self._failures.pop(record.id, None)
             added += await self.add(items)
         return added
+
+    def _failed(self, record: MemberRecord, url: str, exc: Exception) -> None:
+        """Log a member's failure once (then at DEBUG until it changes or heals): the
+        pass is retried every heartbeat."""
+        what = f"{type(exc).__name__}: {exc}"
+        level = logging.DEBUG if self._failures.get(record.id) == what else logging.WARNING
+        self._failures[record.id] = what
+        log.log(level, "revocations of member %s (%s): %s", record.name, url, what)
 
     async def add(self, items: Sequence[SwarmRevocation]) -> int:
         """Record revocations learnt from a member; the keys they name stop here at once."""
