@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,17 @@ async def test_many_first_requests_at_once_keep_one_record(
     found = await asyncio.gather(*(r.authenticate(issued.secret) for r in rings for _ in "xy"))
     assert {k.id for k in found} == {issued.record.id}
     assert [k.id for k in await b.list_keys()] == [issued.record.id]
+
+
+async def test_a_swarm_key_whose_id_is_taken_here_is_refused_not_a_500(
+    stores: tuple[SqliteStore, SqliteStore],
+) -> None:
+    a, b = stores
+    issued = await KeyRing(a, signer=SECRET).create(Role.CLIENT)
+    squatter = new_key(Role.CLIENT).record
+    await b.create_key(replace(squatter, id=issued.record.id))
+    with pytest.raises(AuthenticationFailed, match="invalid API key"):
+        await KeyRing(b, signer=SECRET).authenticate(issued.secret)
 
 
 async def test_revoking_a_swarm_key_records_it_for_the_swarm(

@@ -93,6 +93,13 @@ def test_keys_made_on_one_member_work_on_the_other_until_revoked(
     assert client["key"].startswith("obb_client_s1") and node["key"].startswith("obb_node_s1")
     assert _status(b, client["key"]) == 200
     assert _status(b, node["key"]) == 200
+    r = httpx.post(
+        b.url + "/internal/nodes/register",
+        json={"name": "roaming-node", "models": [{"name": "echo"}]},
+        headers=_auth(node["key"]),
+        timeout=5,
+    )
+    assert r.status_code == 200, r.text  # a node key of A serves B
     seen = httpx.get(b.url + "/v1/admin/keys", headers=_auth(b.keys["admin_key"]), timeout=5)
     kept = {k["id"]: k for k in seen.json()["data"]}
     assert kept[client["id"]]["name"] == "swarm key" and kept[node["id"]]["role"] == "node"

@@ -173,8 +173,9 @@ class KeyRing:
             await self._store.create_key(record)
         except Exception:  # another request (or replica) kept it first: read theirs
             found = await self._store.get_key_by_hash(digest)
-            if found is None:
-                raise
+            if found is None:  # the store answers: another key has that id here
+                log.warning("swarm key %s not kept: a key of that id exists here", record.id)
+                return None
             record = found
         else:
             log.info("swarm key %s (%s) seen for the first time: kept", record.id, record.role)
