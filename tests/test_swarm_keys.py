@@ -250,21 +250,33 @@ async def test_sync_pulls_from_members_whose_digest_differs_and_stops_the_keys(
     assert asked == []
 
 
-async def test_a_beat_hands_the_digest_to_the_publisher(
+async def test_the_publisher_always_holds_the_digest(
     stores: tuple[SqliteStore, SqliteStore],
 ) -> None:
-    _, b = stores
-    await b.add_revocations([SwarmRevocation("key_0123456789abcdef", 1.0, "x")])
+    """Learnt from the store, from a member, or revoked here: the next record says it."""
+    a, _ = stores
+    await a.add_revocations([SwarmRevocation("key_0123456789abcdef", 1.0, "x")])
 
     class Publisher:
         revocations = ""
 
     async def fetch(url: str) -> Any:
-        raise AssertionError("no member to ask")
+        return [{"key_id": "key_00000000000000aa", "revoked_at": 2.0, "origin": "b"}]
 
+    ring = KeyRing(a, signer=SECRET)
+    keys = SwarmKeys(a, ring, fetch)
     publisher = Publisher()
-    await SwarmKeys(b, KeyRing(b, signer=SECRET), fetch).beat([], publisher)
+    keys.publish_to(publisher)
+    assert publisher.revocations == ""
+    await keys.refresh()
     assert publisher.revocations == digest_of(["key_0123456789abcdef"])
+    await keys.sync([record("b", "ffffffffffffffff")])
+    ids = ["key_0123456789abcdef", "key_00000000000000aa"]
+    assert publisher.revocations == digest_of(ids)
+    issued = await ring.create(Role.CLIENT)
+    await ring.revoke(issued.record.id)  # no store read needed: at once
+    assert publisher.revocations == digest_of([*ids, issued.record.id])
+    assert keys.digest() == await keys.refresh()
 
 
 def test_what_a_member_answers_is_checked_item_by_item() -> None:

@@ -53,6 +53,7 @@ class KeyRing:
         self._origin = origin  # this server's id, on the revocations it records
         self._cache: dict[str, tuple[ApiKey | None, float]] = {}
         self._watched: dict[str, set[asyncio.Event]] = {}  # key id -> its open streams
+        self._swarm_listeners: list[Callable[[SwarmRevocation], None]] = []
 
     @property
     def signer(self) -> SwarmSecret | None:
@@ -76,9 +77,16 @@ class KeyRing:
             raise NotFound(f"no key with id {key_id!r}", param="key_id")
         if looks_signed(key):  # the other members of the swarm learn it
             revoked_at = self._clock() if key.revoked_at is None else key.revoked_at
-            await self._store.add_revocations([SwarmRevocation(key_id, revoked_at, self._origin)])
+            revocation = SwarmRevocation(key_id, revoked_at, self._origin)
+            await self._store.add_revocations([revocation])
+            for listener in self._swarm_listeners:
+                listener(revocation)
         self.forget([key_id])
         return key
+
+    def on_swarm_revocation(self, listener: Callable[[SwarmRevocation], None]) -> None:
+        """Call `listener` with each swarm key revoked here (the gossip's digest)."""
+        self._swarm_listeners.append(listener)
 
     def forget(self, key_ids: Iterable[str]) -> None:
         """Keys revoked elsewhere (by the swarm): dropped from the cache, so that they

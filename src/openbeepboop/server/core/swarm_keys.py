@@ -89,7 +89,8 @@ def revocation_json(r: SwarmRevocation) -> dict[str, Any]:
 
 
 class SwarmKeys:
-    """This member's view of the swarm's revocations, and the gossip pass."""
+    """This member's view of the swarm's revocations, and the gossip pass. The swarm
+    member publishes `digest()` (`publish_to`) and calls `sync` every heartbeat."""
 
     def __init__(self, store: Store, keyring: KeyRing, fetch: Fetch) -> None:
         self._store = store
@@ -98,6 +99,8 @@ class SwarmKeys:
         self._ids: frozenset[str] = frozenset()
         self._digest = ""
         self._failures: dict[str, str] = {}  # member id -> the error last logged
+        self._publisher: Publishes | None = None
+        keyring.on_swarm_revocation(self._revoked_here)
 
     def digest(self) -> str:
         """What this member publishes as `MemberRecord.revocations` (as of the last
@@ -116,13 +119,11 @@ class SwarmKeys:
         await self.revocations()
         return self._digest
 
-    async def beat(self, members: Sequence[MemberRecord], publisher: Publishes) -> int:
-        """The swarm heartbeat's work (`SwarmMember.on_beat`): a gossip pass, then the
-        digest handed to the publisher for the next record."""
-        try:
-            return await self.sync(members)
-        finally:
-            publisher.revocations = self._digest
+    def publish_to(self, publisher: Publishes) -> None:
+        """Keep `publisher.revocations` (the swarm member's next record) equal to the
+        digest from now on: a key revoked here is in the very next record."""
+        self._publisher = publisher
+        publisher.revocations = self._digest
 
     async def sync(self, members: Sequence[MemberRecord]) -> int:
         """One gossip pass over the other members' records (each heartbeat): how many
@@ -167,6 +168,15 @@ class SwarmKeys:
         await self.refresh()
         return added
 
+    def _revoked_here(self, revocation: SwarmRevocation) -> None:
+        """A swarm key revoked on this server (told by the keyring)."""
+        self._learn_ids(self._ids | {revocation.key_id})
+
     def _learn(self, found: Sequence[SwarmRevocation]) -> None:
-        self._ids = frozenset(r.key_id for r in found)
-        self._digest = digest_of(self._ids)
+        self._learn_ids(frozenset(r.key_id for r in found))
+
+    def _learn_ids(self, ids: frozenset[str]) -> None:
+        self._ids = ids
+        self._digest = digest_of(ids)
+        if self._publisher is not None:
+            self._publisher.revocations = self._digest

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 from collections.abc import AsyncIterator
 from typing import Any
@@ -123,7 +122,8 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     keyring = KeyRing(store, signer=signer, origin=identity.id)
     swarm_keys = None if signer is None else SwarmKeys(store, keyring, PeerFetch(signer))
     if swarm is not None and swarm_keys is not None:  # revocations gossiped each heartbeat
-        swarm.on_beat("key revocations", functools.partial(swarm_keys.beat, publisher=swarm))
+        swarm_keys.publish_to(swarm)
+        swarm.on_beat("key revocations", swarm_keys.sync)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -140,7 +140,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
             tasks.append(asyncio.create_task(retention.run(settings.prune_interval_seconds)))
         if swarm is not None:
             if swarm_keys is not None:  # the first record already says what we know
-                swarm.revocations = await swarm_keys.refresh()
+                await swarm_keys.refresh()
             await swarm.start()
             tasks.append(asyncio.create_task(swarm.run()))
         try:
