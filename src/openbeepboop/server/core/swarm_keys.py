@@ -103,8 +103,8 @@ class SwarmKeys:
         keyring.on_swarm_revocation(self._revoked_here)
 
     def digest(self) -> str:
-        """What this member publishes as `MemberRecord.revocations` (as of the last
-        `refresh` or `sync`)."""
+        """What this member publishes as `MemberRecord.revocations`: current with every
+        revocation made here, learnt by `sync`, or read by `refresh`."""
         return self._digest
 
     async def revocations(self) -> list[SwarmRevocation]:
