@@ -192,6 +192,8 @@ def serve(
 async def _serve(
     settings: ServerSettings, create_app: Any, make_server: Any, runner_cls: Any, node_config: Any
 ) -> int:
+    from openbeepboop.cli import forwarder
+
     loop = asyncio.get_running_loop()
     runner = runner_cls(node_config)
     try:
@@ -199,6 +201,7 @@ async def _serve(
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(swarm_line(app), err=True, nl=False)
+    forwarder.install(app)  # in a swarm: other members' models served through them
     server = make_server(app, settings, on_signal=lambda: loop.call_soon_threadsafe(runner.stop))
     node = asyncio.create_task(runner.run(install_signals=False))
     node.add_done_callback(lambda _: setattr(server, "should_exit", True))

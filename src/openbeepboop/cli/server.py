@@ -226,6 +226,7 @@ def start(
     one (e.g. OPENBEEPBOOP_LEASE_SECONDS, OPENBEEPBOOP_DATABASE_URL), and flags override both.
     With --dht-port the server joins a swarm (docs/swarm.md).
     """
+    from openbeepboop.cli import forwarder
     from openbeepboop.server.http.app import create_app
     from openbeepboop.server.http.serving import make_server
 
@@ -240,6 +241,7 @@ def start(
         app = create_app(settings)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    forwarder.install(app)  # in a swarm: other members' models served through them
     server = make_server(app, settings, access_log)
     url = f"http://{settings.host}:{settings.port}"
     click.echo(f"OpenBeepBoop server on {url}", err=True)

@@ -221,6 +221,14 @@ class ServerSettings(BaseSettings):
         "http://HOST:PORT (with this machine's address when HOST is 0.0.0.0).",
     )
 
+    forward_concurrency: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="In a swarm: jobs per model forwarded to other members at once (for "
+        "models none of this server's own nodes serve).",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -69,6 +69,20 @@ def new_signed_key(
     return IssuedKey(secret=secret, record=_record(secret, role, hex_id, name, now))
 
 
+def derived_key(role: Role, signer: SwarmSecret, label: str) -> IssuedKey:
+    """The signed key that `label` names in the swarm of `signer`: the same on every
+    member and across restarts (its id and random bytes are HMACs of `label`, purpose
+    "keys-derived"), so any member can make it and every member accepts it. The swarm's
+    forwarder authenticates with `derived_key(Role.CLIENT, secret, "forward:" + member_id)`."""
+    if role not in SWARM_ROLES:
+        raise ValueError(f"a {role.value} key is not signed for the swarm")
+    hex_id = signer.mac("keys-derived", b"id\x00" + label.encode())[:8].hex()
+    random = signer.mac("keys-derived", b"random\x00" + label.encode())
+    mac = signer.mac(PURPOSE, _signed_bytes(role.value, hex_id, random))[:MAC_BYTES]
+    secret = f"obb_{role.value}_{VERSION}{hex_id}{_b64(random)}{_b64(mac)}"
+    return IssuedKey(secret=secret, record=_record(secret, role, hex_id, label[:64], None))
+
+
 def _record(secret: str, role: Role, hex_id: str, name: str, now: float | None) -> ApiKey:
     return ApiKey(
         id="key_" + hex_id,
