@@ -35,7 +35,7 @@ from tests.nodes import (
 )
 
 PLUGIN = Path(__file__).with_name("plugin_backend")
-BUILT_IN = "echo, litellm, llama_cpp, openai"
+BUILT_IN = "echo, litellm, llama_cpp, openai, swarm"
 
 
 def install_plugin(target: Path, project: Path = PLUGIN) -> Path:

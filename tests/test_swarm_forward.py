@@ -265,9 +265,7 @@ async def _run(backend: SwarmBackend, content: str = "hi") -> list[Chunk]:
 
 
 def _backend(targets: list[str]) -> SwarmBackend:
-    config = SwarmModel(
-        name="m", backend="swarm", api_key="obb_client_x", forwarded_by="srv_a"
-    )
+    config = SwarmModel(name="m", backend="swarm", api_key="obb_client_x", forwarded_by="srv_a")
     return SwarmBackend(config, targets=lambda model: targets if model == "m" else [])
 
 
