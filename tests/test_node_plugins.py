@@ -125,7 +125,7 @@ def test_a_missing_backend_is_named(tmp_path: Path) -> None:
 
 def test_an_installed_plugin_is_listed_among_the_known(tmp_path: Path, with_plugin: Path) -> None:
     message = load_error(config_file(tmp_path / "node.toml", {"name": "x", "backend": "foo"}))
-    assert f"installed: {BUILT_IN}, reverse" in message, message
+    assert "installed: echo, litellm, llama_cpp, openai, reverse, swarm" in message, message
 
 
 @pytest.mark.parametrize(
@@ -222,11 +222,12 @@ def test_setup_lists_the_backends_that_are_installed(plugin_site: Path) -> None:
     without = node_cli("setup", "--help", env=child_env())
     with_it = node_cli("setup", "--help", env=plugin_env(plugin_site))
     assert without.returncode == with_it.returncode == 0, without.stderr + with_it.stderr
-    assert "[echo|litellm|llama_cpp|openai]" in backend_option(without.stdout)
-    assert "[echo|litellm|llama_cpp|openai|reverse]" in backend_option(with_it.stdout)
+    assert "[echo|litellm|llama_cpp|openai|swarm]" in backend_option(without.stdout)
+    assert "[echo|litellm|llama_cpp|openai|reverse|swarm]" in backend_option(with_it.stdout)
     refused = node_cli("setup", "--backend", "reverse", "--no-check", env=child_env())
     assert refused.returncode == 2
-    assert "'reverse' is not one of 'echo', 'litellm', 'llama_cpp', 'openai'" in refused.stderr
+    known = "'echo', 'litellm', 'llama_cpp', 'openai', 'swarm'"
+    assert f"'reverse' is not one of {known}" in refused.stderr
 
 
 @pytest.mark.slow
@@ -257,7 +258,8 @@ def test_the_wizard_asks_for_a_plugin_key_and_writes_its_defaults(
         dimensions=(50, 250),
     )
     try:
-        child.expect(r"Backend \(echo, litellm, llama_cpp, openai, reverse\) \[llama_cpp\]: ")
+        known = "echo, litellm, llama_cpp, openai, reverse, swarm"
+        child.expect(rf"Backend \({known}\) \[llama_cpp\]: ")
         child.sendline("reverse")
         child.expect(r"Model name clients will ask for \[reverse\]: ")
         child.sendline("")
