@@ -8,6 +8,7 @@ small HTTP servers on loopback."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,7 +112,9 @@ def _openai(server: ServerProcess) -> OpenAI:
 
 def test_a_lists_the_model_only_c_serves_beside_its_own(forwarding: Chain) -> None:
     assert {"only-c", "echo"} <= _models(forwarding.a)
-    assert "echo" not in _models(forwarding.c)  # C forwards nothing it was not asked for
+    # every member serves every model: B both through the others, C A's echo through A
+    wait_until(lambda: {"only-c", "echo"} <= _models(forwarding.b), 20, "B to list both")
+    wait_until(lambda: "echo" in _models(forwarding.c), 20, "C to list A's echo")
     nodes = httpx.get(
         forwarding.a.url + "/v1/nodes", headers=auth(forwarding.a.keys["admin_key"]), timeout=5
     ).json()["data"]
@@ -312,6 +315,37 @@ async def test_the_backend_fails_retryably_when_no_member_answers(
     finally:
         await backend.close()
         await busy.cleanup()
+
+
+async def test_an_error_after_output_is_not_retried_elsewhere(upstreams: dict[str, Any]) -> None:
+    """A member that dies mid-stream fails the attempt: sending the job to the next one
+    would repeat the text the client already has."""
+
+    async def dies(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        piece = {"choices": [{"index": 0, "delta": {"content": "half"}}]}
+        await response.write(b"data: " + json.dumps(piece).encode() + b"\n\n")
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    dying, dying_url = await _serve(dies)
+    ok, ok_url = await _serve(upstreams["ok"])
+    backend = _backend([dying_url, ok_url])
+    got: list[str] = []
+    request = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}  # streamed
+    try:
+        await backend.load(_noop)
+        with pytest.raises(BackendError) as failed:
+            async for chunk in backend.execute("/v1/chat/completions", request):
+                got.append(chunk.text)
+        assert failed.value.retryable
+        assert got == ["half"] and upstreams["seen"] == []
+    finally:
+        await backend.close()
+        await dying.cleanup()
+        await ok.cleanup()
 
 
 class _Inner:

@@ -114,6 +114,8 @@ class Forwarder:
         for model, forwarded in list(self._nodes.items()):
             if forwarded.task.done():
                 del self._nodes[model]
+                if _failed(forwarded.task):  # e.g. its key was revoked: check it again
+                    self._node_key = None
         for model, beat in list(self._last_wanted.items()):
             running = model in self._nodes
             if self._beats - beat >= REMOVE_AFTER_BEATS:
@@ -235,6 +237,13 @@ class NotTwice:
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+def _failed(task: asyncio.Task[int]) -> bool:
+    """Whether a forward node's run ended in an error (rather than stopped)."""
+    if task.cancelled():
+        return False
+    return task.exception() is not None or task.result() != 0
 
 
 def install(app: Any) -> Forwarder | None:
