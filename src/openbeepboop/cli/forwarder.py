@@ -95,10 +95,6 @@ class Forwarder:
         self._last_wanted: dict[str, int] = {}  # model -> the beat that last wanted it
         self._beats = 0
 
-    def models(self) -> list[str]:
-        """The models forwarded now."""
-        return sorted(m for m, f in self._nodes.items() if not f.task.done())
-
     def targets(self, model: str) -> list[str]:
         """The base URLs of the members serving `model` with their own nodes, least
         loaded first (never this server: its record is not among the others')."""
@@ -125,14 +121,6 @@ class Forwarder:
                     self._nodes[model].runner.stop()
             elif not running:
                 await self._start(model)
-
-    async def close(self) -> None:
-        """Stop every forward node (running jobs released) and wait for them."""
-        for forwarded in self._nodes.values():
-            forwarded.runner.stop()
-            forwarded.runner.stop()
-        await asyncio.gather(*(f.task for f in self._nodes.values()), return_exceptions=True)
-        self._nodes.clear()
 
     async def _start(self, model: str) -> None:
         key = await self._key()
