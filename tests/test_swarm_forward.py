@@ -29,7 +29,9 @@ from openbeepboop.node.backends.swarm import (
     SwarmModel,
 )
 from openbeepboop.node.jobs import LeasedJob, Outcome
+from openbeepboop.server.core.identity import ServerIdentity
 from openbeepboop.server.core.signed_keys import derived_key, verified_id
+from openbeepboop.server.core.swarm import SwarmConfig, SwarmMember
 from openbeepboop.server.models import Role
 from openbeepboop.server.settings import load_settings
 from openbeepboop.swarm.records import MemberRecord, ModelLoad
@@ -208,6 +210,25 @@ def test_the_forwarder_targets_members_serving_the_model_in_order_never_itself(
     assert forwarder.targets("m") == ["http://c:1", "http://b:1"]
     assert forwarder.targets("other") == []
     assert loopback_url(settings) == "http://127.0.0.1:8123"
+
+
+def test_the_least_loaded_member_is_the_first_target(tmp_path: Path) -> None:
+    """With the member's own view of the swarm: queued jobs of the model first, then
+    running jobs per node."""
+    identity = ServerIdentity("srv_a", "a", "http://a:1", "0", 1.0)
+    config = SwarmConfig(identity, SwarmSecret(SECRET), "127.0.0.1", 0, "127.0.0.1", (), 1.0)
+
+    async def no_status() -> Any:
+        raise AssertionError("not read here")
+
+    member = SwarmMember(config, no_status)
+    loads = {"srv_b": ModelLoad(queued=5, nodes=1), "srv_c": ModelLoad(queued=0, nodes=1)}
+    loads |= {"srv_d": ModelLoad(queued=0, running=4, nodes=1), "srv_e": ModelLoad(nodes=0)}
+    for member_id, load in loads.items():
+        record = _record(member_id, f"http://{member_id[-1]}:1")
+        member._see(record.model_copy(update={"models": {"m": load}}))
+    forwarder = Forwarder(member, None, None, load_settings(tmp_path))  # type: ignore[arg-type]
+    assert forwarder.targets("m") == ["http://c:1", "http://d:1", "http://b:1"]
 
 
 def test_the_forward_client_key_is_derived_from_the_member_id_and_signed() -> None:
