@@ -129,7 +129,7 @@ class Discovery:
                 from openbeepboop.swarm.storage import NoStorage
             except ImportError as exc:
                 raise SwarmExtraMissing(EXTRA_MISSING, code="swarm_extra_missing") from exc
-            dht = Dht(NoStorage(), timeout=self.dht_timeout)
+            dht = Dht(NoStorage(), timeout=self.dht_timeout, client=True)
             await dht.start(self.host, 0)
             self._dht = dht
         if not await self._dht.join(self.bootstrap):
