@@ -12,7 +12,7 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from openbeepboop.server.web import batches, chat, jobs, keys, login, nodes, overview
+from openbeepboop.server.web import batches, chat, jobs, keys, login, nodes, overview, swarm
 from tests.conftest import Api, serve_in_process
 
 STREAMS = {"/overview/events", "/nodes/events"}  # endless: checked once, not fuzzed
@@ -20,7 +20,7 @@ STREAMS = {"/overview/events", "/nodes/events"}  # endless: checked once, not fu
 
 def _routes() -> list[tuple[str, str]]:
     found = []
-    for module in (login, overview, nodes, jobs, batches, chat, keys):
+    for module in (login, overview, nodes, swarm, jobs, batches, chat, keys):
         for route in module.router.routes:
             for method in sorted(route.methods):  # type: ignore[attr-defined]
                 found.append((method, route.path))  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ import click
 from openbeepboop.cli.client import main as client_group
 from openbeepboop.cli.loop import run as run_loop
 from openbeepboop.cli.node import main as node_group
+from openbeepboop.cli.server import SWARM_BOOTSTRAP, SWARM_DHT_PORT, swarm_line
 from openbeepboop.cli.server import main as server_group
 from openbeepboop.private_paths import write_private
 from openbeepboop.server.settings import (
@@ -131,6 +132,8 @@ def _node_config(settings: ServerSettings, node_key: str, models: list[dict[str,
     show_default=True,
     help="Also serve the built-in `echo` model (instant answers, for checks).",
 )
+@SWARM_DHT_PORT
+@SWARM_BOOTSTRAP
 def serve(
     data_dir: Path | None,
     host: str | None,
@@ -138,6 +141,8 @@ def serve(
     model_name: str,
     model_path: str | None,
     echo: bool,
+    dht_port: int | None,
+    bootstrap: str | None,
 ) -> None:
     """A server and an embedded node on a local model, in one process.
 
@@ -150,7 +155,9 @@ def serve(
     from openbeepboop.server.http.serving import make_server
 
     try:
-        settings = load_settings(data_dir, host=host, port=port)
+        settings = load_settings(
+            data_dir, host=host, port=port, dht_port=dht_port, bootstrap=bootstrap
+        )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     keys = None
@@ -182,7 +189,11 @@ async def _serve(
 ) -> int:
     loop = asyncio.get_running_loop()
     runner = runner_cls(node_config)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(swarm_line(app), err=True, nl=False)
     server = make_server(app, settings, on_signal=lambda: loop.call_soon_threadsafe(runner.stop))
     node = asyncio.create_task(runner.run(install_signals=False))
     node.add_done_callback(lambda _: setattr(server, "should_exit", True))

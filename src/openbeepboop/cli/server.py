@@ -33,6 +33,32 @@ DATA_DIR = click.option(
 JSON_OUT = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
+SWARM_DHT_PORT = click.option(
+    "--dht-port",
+    type=click.IntRange(0, 65535),
+    help="Join a swarm: UDP port of this server's DHT node, 0 for any "
+    "(OPENBEEPBOOP_DHT_PORT or DHT_PORT).",
+)
+SWARM_BOOTSTRAP = click.option(
+    "--bootstrap",
+    metavar="HOST:PORT,...",
+    help="DHT addresses of swarm members to join through "
+    "(OPENBEEPBOOP_BOOTSTRAP or BOOTSTRAP_NODES).",
+)
+
+
+def swarm_line(app: Any) -> str:
+    """One line for the console about the swarm membership ('' without one)."""
+    swarm = getattr(app, "obb", None) and app.obb.swarm
+    if swarm is None:
+        return ""
+    port = swarm.config.dht_port or "any free port"
+    return (
+        f"Swarm member {swarm.member_id} (swarm {swarm.secret.fingerprint()}): "
+        f"DHT on UDP {swarm.config.dht_host}:{port}\n"
+    )
+
+
 def _settings(data_dir: Path | None, **overrides: Any) -> ServerSettings:
     try:
         return load_settings(data_dir, **overrides)
@@ -175,25 +201,40 @@ def setup(
 @click.option("--host", help="Address to listen on (OPENBEEPBOOP_HOST) [127.0.0.1].")
 @click.option("--port", type=int, help="Port to listen on (OPENBEEPBOOP_PORT) [8000].")
 @click.option("--access-log", is_flag=True, help="Log every request.")
-def start(data_dir: Path | None, host: str | None, port: int | None, access_log: bool) -> None:
+@SWARM_DHT_PORT
+@SWARM_BOOTSTRAP
+def start(
+    data_dir: Path | None,
+    host: str | None,
+    port: int | None,
+    access_log: bool,
+    dht_port: int | None,
+    bootstrap: str | None,
+) -> None:
     """Serve the API until SIGTERM or SIGINT. Migrations are applied first.
 
     Settings come from DIR/server.toml; an OPENBEEPBOOP_<NAME> variable overrides each
     one (e.g. OPENBEEPBOOP_LEASE_SECONDS, OPENBEEPBOOP_DATABASE_URL), and flags override both.
+    With --dht-port the server joins a swarm (docs/swarm.md).
     """
     from openbeepboop.server.http.app import create_app
     from openbeepboop.server.http.serving import make_server
 
-    settings = _settings(data_dir, host=host, port=port)
+    settings = _settings(data_dir, host=host, port=port, dht_port=dht_port, bootstrap=bootstrap)
     _require_setup(settings)
     if settings.uses_postgres:
         _prepare_database(settings)  # one clear line when PostgreSQL is not there
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    server = make_server(create_app(settings), settings, access_log)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    server = make_server(app, settings, access_log)
     url = f"http://{settings.host}:{settings.port}"
     click.echo(f"OpenBeepBoop server on {url}", err=True)
+    click.echo(swarm_line(app), err=True, nl=False)
     if settings.web_ui != "off":
         click.echo(f"Web interface: {url}/ (log in with an API key)", err=True)
     server.run()

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
 import tomli_w
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -42,7 +42,9 @@ class ServerSettings(BaseSettings):
     """Everything the server reads at start. Field names are the TOML keys; the
     environment variable is `OPENBEEPBOOP_` + the name in upper case."""
 
-    model_config = SettingsConfigDict(env_prefix="OPENBEEPBOOP_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="OPENBEEPBOOP_", extra="forbid", frozen=True, populate_by_name=True
+    )
 
     data_dir: Path = Field(default_factory=default_data_dir, description="Where files live.")
     host: str = Field("127.0.0.1", description="Address to listen on.")
@@ -174,6 +176,50 @@ class ServerSettings(BaseSettings):
         7 * DAY, gt=0, description="How long a web interface login lasts."
     )
     log_level: str = Field("info", description="uvicorn log level.")
+    # the swarm (docs/swarm.md); LlamaNet's DHT_PORT, BOOTSTRAP_NODES and HEARTBEAT_INTERVAL
+    # are read too, below the OPENBEEPBOOP_ names
+    dht_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        validation_alias=AliasChoices("openbeepboop_dht_port", "DHT_PORT"),
+        description="Join a swarm: the UDP port of this server's Kademlia DHT node (0: any "
+        "free port); empty: no swarm.",
+    )
+    dht_host: str = Field(
+        "", description="Address the DHT node listens on; empty: the same as `host`."
+    )
+    bootstrap: str = Field(
+        "",
+        validation_alias=AliasChoices("openbeepboop_bootstrap", "BOOTSTRAP_NODES"),
+        description="DHT addresses of swarm members to join through: host:port,host:port.",
+    )
+    heartbeat_interval: float = Field(
+        10.0,
+        ge=0.2,
+        le=200,
+        validation_alias=AliasChoices("openbeepboop_heartbeat_interval", "HEARTBEAT_INTERVAL"),
+        description="Seconds between republishing this server's record in the DHT (a record "
+        "expires after three intervals without one).",
+    )
+    swarm_secret: str = Field(
+        "",
+        description="The secret every member of the swarm shares (16 characters or more); "
+        "empty: one is made and kept in DIR/swarm-secret (a swarm of one until it is shared).",
+    )
+    server_id: str = Field(
+        "",
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})?$",
+        description="This server's id in the swarm; empty: made once and kept in DIR/server-id.",
+    )
+    server_name: str = Field(
+        "", max_length=64, description="A name people recognise; empty: the host name."
+    )
+    public_url: str = Field(
+        "",
+        description="The URL other members and clients reach this server at; empty: "
+        "http://HOST:PORT (with this machine's address when HOST is 0.0.0.0).",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -188,6 +234,36 @@ class ServerSettings(BaseSettings):
         data_dir = Path(given or os.environ.get("OPENBEEPBOOP_DATA_DIR") or default_data_dir())
         toml = TomlConfigSettingsSource(settings_cls, toml_file=data_dir / CONFIG_NAME)
         return (init_settings, env_settings, toml)
+
+    @field_validator("bootstrap", mode="before")
+    @classmethod
+    def _addresses(cls, value: object) -> object:
+        if isinstance(value, list | tuple):  # TOML may give a list
+            value = ",".join(str(v) for v in value)
+        if isinstance(value, str):
+            parse_addresses(value)  # raises ValueError with the bad entry
+            return ",".join(a.strip() for a in value.split(",") if a.strip())
+        return value
+
+    @field_validator("swarm_secret")
+    @classmethod
+    def _secret_length(cls, value: str) -> str:
+        if value and len(value) < 16:
+            raise ValueError("the swarm secret must be at least 16 characters")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not (value.startswith(("http://", "https://")) and urlsplit(value).hostname):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value
+
+    @property
+    def bootstrap_addresses(self) -> list[tuple[str, int]]:
+        """`bootstrap` as (host, port) pairs."""
+        return parse_addresses(self.bootstrap)
 
     @property
     def config_path(self) -> Path:
@@ -231,6 +307,22 @@ class ServerSettings(BaseSettings):
 
 
 SQLITE_SCHEME = "sqlite:///"
+
+
+def parse_addresses(text: str) -> list[tuple[str, int]]:
+    """`host:port,host:port` as pairs; ValueError naming the first bad one."""
+    out = []
+    for item in (a.strip() for a in text.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{item!r} is not host:port")
+        out.append((host, int(port)))
+    return out
+
+
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 

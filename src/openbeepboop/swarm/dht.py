@@ -131,6 +131,20 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is unty
             return False
         return name != "store" or _stored_value(args[2])
 
+    def _timeout(self, msg_id: bytes) -> None:
+        # the library sets the result even when the caller was cancelled meanwhile
+        future, _ = self._outstanding.pop(msg_id, (None, None))
+        if future is not None and not future.done():
+            future.set_result((False, None))
+
+    def close(self) -> None:
+        """Stop every pending request's timer (at shutdown)."""
+        for future, timer in self._outstanding.values():
+            timer.cancel()
+            if not future.done():
+                future.set_result((False, None))
+        self._outstanding.clear()
+
     def welcome_if_new(self, node: Node) -> None:
         """One contact per address: a new id from an address the table already holds
         replaces the old one (a restarted peer), so a flood of made-up ids from one
@@ -250,10 +264,13 @@ class Dht:
         await self._server.listen(port, interface=host)
 
     async def join(self, addrs: Sequence[tuple[str, int]]) -> int:
-        """Bootstrap through `addrs` (host names allowed); the contacts known after."""
-        resolved = [a for a in await resolve(addrs) if a != ("127.0.0.1", self.port)]
-        if resolved:
-            await self._server.bootstrap(resolved)
+        """Bootstrap through those of `addrs` (host names allowed) not yet in the routing
+        table; the contacts known after. Cheap to repeat: a bootstrap peer that was down
+        is joined once it answers."""
+        known = {(c.host, c.port) for c in self.contacts()} | {("127.0.0.1", self.port)}
+        missing = [a for a in await resolve(addrs) if a not in known]
+        if missing:
+            await self._server.bootstrap(missing)
         return len(self.contacts())
 
     async def put(self, key: str, value: str) -> bool:
@@ -292,4 +309,6 @@ class Dht:
         ]
 
     def stop(self) -> None:
+        if self._server.protocol is not None:
+            self.protocol.close()
         self._server.stop()

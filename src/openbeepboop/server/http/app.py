@@ -17,6 +17,7 @@ from openbeepboop.server.core.auth import KeyRing
 from openbeepboop.server.core.batches import BatchConfig, Batches
 from openbeepboop.server.core.dashboard import Dashboard
 from openbeepboop.server.core.files import Files
+from openbeepboop.server.core.identity import identity_of
 from openbeepboop.server.core.queue import Queue, QueueConfig
 from openbeepboop.server.core.retention import Retention, RetentionConfig
 from openbeepboop.server.core.sessions import Sessions
@@ -25,6 +26,7 @@ from openbeepboop.server.http import (
     fastlane,
     routes_batch,
     routes_client,
+    routes_llamanet,
     routes_node,
     routes_ops,
     routes_responses,
@@ -37,6 +39,7 @@ from openbeepboop.server.http.inbound import JobBatch, JobSpec
 from openbeepboop.server.http.metrics import Metrics, MetricsMiddleware
 from openbeepboop.server.http.ratelimit import KeyRateLimiter
 from openbeepboop.server.http.state import AppState, app_state
+from openbeepboop.server.http.swarm_setup import swarm_member
 from openbeepboop.server.settings import ServerSettings
 from openbeepboop.server.store import factory
 from openbeepboop.server.store.base import SharedStore, Store
@@ -111,6 +114,8 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     metrics = Metrics()
     keyring = KeyRing(store)
     dashboard = Dashboard(queue)
+    identity = identity_of(settings)
+    swarm = swarm_member(settings, identity, queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -125,6 +130,9 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         ]
         if settings.prune_interval_seconds > 0:
             tasks.append(asyncio.create_task(retention.run(settings.prune_interval_seconds)))
+        if swarm is not None:
+            await swarm.start()
+            tasks.append(asyncio.create_task(swarm.run()))
         try:
             yield
         finally:
@@ -134,6 +142,8 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if swarm is not None:
+                swarm.stop()
             await store.close()
 
     app = QueueApp(
@@ -159,6 +169,8 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         metrics=metrics,
         sessions=Sessions(store, keyring, settings.web_session_seconds),
         dashboard=dashboard,
+        identity=identity,
+        swarm=swarm,
     )
     errors.install(app)
     app.include_router(routes_client.router)
@@ -168,6 +180,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     app.include_router(ws.router)
     app.include_router(routes_node.router)
     app.include_router(routes_ops.router)
+    app.include_router(routes_llamanet.router)
     site.install(app, settings)
     if settings.fast_lane:
         app.lanes = fastlane.lanes([routes_client.router, routes_node.router])

@@ -113,6 +113,14 @@ async def _node_sse(
     yield b"data: [DONE]\n\n"
 
 
+@router.get("/dht/status", summary="This server's DHT node: peers, routing table, records")
+async def dht_status(request: Request, key: AnyKey) -> Response:
+    swarm = app_state(request).swarm
+    if swarm is None:
+        return JSONResponse({"enabled": False, "id": app_state(request).identity.id})
+    return JSONResponse(swarm.status())
+
+
 @router.get("/v1/stats", summary="Queue depth and counts per model")
 async def stats(request: Request, key: AnyKey) -> Response:
     return JSONResponse(await app_state(request).queue.stats())

@@ -4,7 +4,7 @@ found with `app_state(request)` (the app keeps it as its attribute `obb`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
@@ -14,11 +14,15 @@ from openbeepboop.server.core.auth import KeyRing
 from openbeepboop.server.core.batches import Batches
 from openbeepboop.server.core.dashboard import Dashboard
 from openbeepboop.server.core.files import Files
+from openbeepboop.server.core.identity import ServerIdentity
 from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.core.sessions import Sessions
 from openbeepboop.server.http.metrics import Metrics
 from openbeepboop.server.http.ratelimit import KeyRateLimiter
 from openbeepboop.server.settings import ServerSettings
+
+if TYPE_CHECKING:  # the swarm needs the `swarm` extra: imported only when configured
+    from openbeepboop.server.core.swarm import SwarmMember
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +39,8 @@ class AppState:
     metrics: Metrics
     sessions: Sessions
     dashboard: Dashboard  # the web pages' shared live sampler (started by a viewer)
+    identity: ServerIdentity  # this server's id, name and URL (/status, /info, the swarm)
+    swarm: SwarmMember | None = None  # this server's swarm membership, when it has one
 
 
 def app_state(conn: HTTPConnection | Starlette) -> AppState:

@@ -13,7 +13,7 @@ from starlette.staticfiles import StaticFiles
 from openbeepboop.server import errors as e
 from openbeepboop.server.http.errors import STATUS
 from openbeepboop.server.settings import ServerSettings
-from openbeepboop.server.web import batches, chat, jobs, keys, login, nodes, overview
+from openbeepboop.server.web import batches, chat, jobs, keys, login, nodes, overview, swarm
 from openbeepboop.server.web.pages import (
     WEB_TAG,
     LoginNeeded,
@@ -30,8 +30,9 @@ def install(app: FastAPI, settings: ServerSettings) -> None:
     if settings.web_ui == "off":
         return
     app.state.web_templates = make_templates()
+    app.state.web_swarm_feed = swarm.SwarmFeed()
     app.mount("/static", StaticFiles(directory=web_dir() / "static"), name="static")
-    for module in (login, overview, nodes, jobs, batches, chat, keys):
+    for module in (login, overview, nodes, swarm, jobs, batches, chat, keys):
         app.include_router(module.router)
     app.add_exception_handler(LoginNeeded, _to_login)
     _errors_as_pages(app)
