@@ -106,7 +106,7 @@ def member_id(server: ServerProcess, fallback: str) -> str:
     """The server's own id where it has a `/status` that says (the record must match
     what the server answers), else `fallback`."""
     try:
-        r = httpx.get(server.url + "/status", timeout=5)
+        r = httpx.get(server.url + "/status", headers=auth(server.keys["client_key"]), timeout=5)
         data = r.json() if r.status_code == 200 else {}
     except (httpx.HTTPError, ValueError):
         data = {}

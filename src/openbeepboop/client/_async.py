@@ -144,6 +144,8 @@ class AsyncClient:
         headers = {"User-Agent": f"openbeepboop-client/{__version__}"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        if self.discovery is not None:
+            self.discovery.headers = dict(headers)
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout, connect=10)
         )

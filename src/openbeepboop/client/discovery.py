@@ -8,10 +8,15 @@ queue depth (plus what this client sent there since the record was made), then t
 per second (faster first), then the member's whole queue. A member found unreachable is
 left out for `down_seconds` (tried last if nothing else is left).
 
-Before a member is used its `GET /status` is asked (no key is sent): a member that
-answers with another id is dropped (the URL now belongs to someone else), one that does
-not answer is marked down, and load figures in the answer replace the record's (they are
-newer). A server without `/status` keeps its record.
+Before a member is used its `GET /status` is asked (with the client's key, as every
+call): a member that answers with another id is dropped (the URL now belongs to someone
+else), one that does not answer is marked down, and load figures in the answer replace
+the record's (they are newer). A server without `/status` (or refusing the key there)
+keeps its record.
+
+The client holds no swarm secret, so it cannot check a record's signature itself: it
+reads what the members stored (they store only records that verify), and trusts the DHT
+peers it asks to pass those on unchanged. Bootstrap from members you trust.
 
 The DHT needs the `swarm` extra (kademlia); it is imported on first use only.
 """
@@ -90,6 +95,7 @@ class Discovery:
     probe_timeout: float = 2.0
     dht_timeout: float = 1.0  # seconds for a DHT peer's reply (a dead one costs this)
     host: str = "0.0.0.0"
+    headers: dict[str, str] = field(default_factory=dict)  # for `/status`: the key
     _dht: Dht | None = None
     _lock: asyncio.Lock | None = None
     _seen: dict[str, Seen] = field(default_factory=dict)
@@ -143,7 +149,7 @@ class Discovery:
 
     async def _confirm(self, records: list[MemberRecord]) -> list[MemberRecord]:
         """Each member's `/status`, asked at once; see the module's docstring."""
-        async with httpx.AsyncClient(timeout=self.probe_timeout) as http:
+        async with httpx.AsyncClient(timeout=self.probe_timeout, headers=self.headers) as http:
             answers = await asyncio.gather(*(self._probe(http, r) for r in records))
         return [r for r, keep in zip(records, answers, strict=True) if keep is not None]
 
