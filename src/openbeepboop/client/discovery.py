@@ -96,12 +96,15 @@ class Discovery:
     dht_timeout: float = 1.0  # seconds for a DHT peer's reply (a dead one costs this)
     host: str = "0.0.0.0"
     headers: dict[str, str] = field(default_factory=dict)  # for `/status`: the key
-    _dht: Dht | None = None
-    _lock: asyncio.Lock | None = None
-    _seen: dict[str, Seen] = field(default_factory=dict)
-    _down: dict[str, float] = field(default_factory=dict)  # url -> monotonic until
-    _sent: dict[str, list[float]] = field(default_factory=dict)  # url -> wall times
-    _status: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    _dht: Dht | None = field(default=None, init=False)
+    _lock: asyncio.Lock | None = field(default=None, init=False)
+    _seen: dict[str, Seen] = field(default_factory=dict, init=False)
+    _down: dict[str, float] = field(default_factory=dict, init=False)  # url -> until
+    _sent: dict[str, list[float]] = field(default_factory=dict, init=False)  # wall times
+    # url -> (wall time, monotonic time, the answer) of its last `/status`
+    _status: dict[str, tuple[float, float, dict[str, Any]]] = field(
+        default_factory=dict, init=False
+    )
 
     async def members(self, model: str | None = None) -> list[MemberRecord]:
         """The live members' records under the model's key (every member's for None),
@@ -155,20 +158,25 @@ class Discovery:
 
     async def _probe(self, http: httpx.AsyncClient, record: MemberRecord) -> MemberRecord | None:
         url = record.url.rstrip("/")
-        try:
-            r = await http.get(url + "/status")
-        except httpx.HTTPError:
-            self.mark_down(url)
-            return record  # kept, ranked last while down: the record may be right
-        data = _json_dict(r) if r.status_code == 200 else None
+        held = self._status.get(url)
+        if held is not None and time.monotonic() - held[1] < self.ttl:
+            data: dict[str, Any] | None = held[2]  # asked for another key's lookup just now
+        else:
+            try:
+                r = await http.get(url + "/status")
+            except httpx.HTTPError:
+                self.mark_down(url)
+                return record  # kept, ranked last while down: the record may be right
+            data = _json_dict(r) if r.status_code == 200 else None
         if data is None:
             return record
         other = data.get("id") or data.get("node_id")
         if isinstance(other, str) and other and other != record.id:
             log.warning("swarm member %s: %s answers as %s; left out", record.id, url, other)
             return None
-        self._down.pop(url, None)
-        self._status[url] = (time.time(), data)
+        if held is None or held[2] is not data:
+            self._down.pop(url, None)
+            self._status[url] = (time.time(), time.monotonic(), data)
         return record
 
     # -- ranking ----------------------------------------------------------------------
@@ -182,7 +190,7 @@ class Discovery:
         for record in records:
             url = record.url.rstrip("/")
             load, total, nodes, rate = self._load(record, model)
-            since = self._status.get(url, (record.ts, {}))[0]
+            since = self._status.get(url, (record.ts, 0.0, {}))[0]
             pending = self.sent_since(url, since)
             down = self._down.get(url, 0.0) > now
             scored.append(((down, nodes == 0, load + pending, -rate, total + pending), url))
@@ -200,7 +208,7 @@ class Discovery:
         entry = record.models.get(model) if model is not None else None
         load = entry or ModelLoad(queued=record.queued, running=0, nodes=record.nodes)
         total, rate = record.queued, record.tokens_per_s
-        status = self._status.get(record.url.rstrip("/"), (0.0, {}))[1]
+        status = self._status.get(record.url.rstrip("/"), (0.0, 0.0, {}))[2]
         models = status.get("models")
         fresh = models.get(model) if isinstance(models, dict) and model is not None else None
         if isinstance(fresh, dict):
