@@ -74,9 +74,13 @@ class Members:
 
         self.run(put())
 
-    def close(self) -> None:
+    async def _stop(self) -> None:
         for dht in self.nodes:
-            self.loop.call_soon_threadsafe(dht.stop)
+            dht.stop()
+        await asyncio.sleep(0.05)  # the transports close their sockets on the next turns
+
+    def close(self) -> None:
+        self.run(self._stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
         self.loop.close()

@@ -166,6 +166,7 @@ class AsyncClient:
         await self._http.aclose()
         if self.discovery is not None:
             self.discovery.close()
+            await asyncio.sleep(0)  # the DHT's transport closes its socket on the next turn
 
     async def request(
         self,
@@ -328,8 +329,9 @@ class AsyncClient:
         method = "POST" if action else "GET"
         home = await self.home()
         try:
-            return home, await self.request(method, path, base=home)
-        except NotFoundError:
+            swarm = self.discovery is not None  # others to ask: no retries here
+            return home, await self.request(method, path, base=home, retry=not swarm)
+        except (NotFoundError, APIConnectionError):
             if self.discovery is None:
                 raise
             for url in await self.candidates(None):
@@ -442,9 +444,11 @@ class AsyncJob:
                     [self.id], wait=min(remaining, LONG_POLL), base=self.base_url, retry=not movable
                 )
             except OpenBeepBoopError as exc:
-                if not movable or not _unreachable(exc):
+                if not movable or not _retryable(exc):
                     raise
-                if down.long_enough():
+                if not _unreachable(exc):  # 429: the server is there, and busy
+                    await asyncio.sleep(getattr(exc, "retry_after", None) or 1.0)
+                elif down.long_enough():
                     await self.fail_over(down.seconds())
                     down.reset()
                 else:
@@ -693,9 +697,11 @@ class Jobs:
                 [*group][:POLL_CHUNK], hold, True, base=base, retry=not movable
             )
         except OpenBeepBoopError as exc:
-            if not movable or not _unreachable(exc):
+            if not movable or not _retryable(exc):
                 raise
-            if down.long_enough():
+            if not _unreachable(exc):  # 429: the server is there, and busy
+                await asyncio.sleep(getattr(exc, "retry_after", None) or 1.0)
+            elif down.long_enough():
                 seconds = down.seconds()
                 for job in group.values():
                     await job.fail_over(seconds)
