@@ -29,6 +29,7 @@ from openbeepboop.server.models import (
     NodeResult,
     Role,
     StoredFile,
+    SwarmRevocation,
     Template,
     WebSession,
 )
@@ -698,6 +699,37 @@ async def test_keys_create_lookup_list_revoke(store: Store) -> None:
     revoked = await store.revoke_key(issued.record.id, T0 + 1)
     assert revoked is not None and not revoked.active
     assert await store.revoke_key("key_nope", T0) is None
+
+
+async def test_swarm_revocations_add_list_get_and_revoke_known_keys(store: Store) -> None:
+    here = new_key(Role.CLIENT, "swarm key", now=T0)
+    other = new_key(Role.NODE, "local", now=T0)
+    await store.create_key(here.record)
+    await store.create_key(other.record)
+    first = SwarmRevocation(here.record.id, T0 + 5, "server-a")
+    assert await store.add_revocations([]) == 0
+    assert await store.add_revocations([first, first, SwarmRevocation("key_00", T0, "b")]) == 2
+    # a known id keeps its first record; the new ones alone are counted
+    again = SwarmRevocation(here.record.id, T0 + 9, "server-c")
+    assert await store.add_revocations([again, SwarmRevocation("key_01", T0, "")]) == 1
+    assert await store.list_revocations() == [
+        SwarmRevocation("key_00", T0, "b"),
+        SwarmRevocation("key_01", T0, ""),
+        first,
+    ]
+    assert await store.get_revocation(here.record.id) == first
+    assert await store.get_revocation(other.record.id) is None
+    # the key kept here that a revocation names is revoked with it, at the swarm's time
+    revoked = await store.get_key_by_hash(here.record.key_hash)
+    assert revoked is not None and revoked.revoked_at == T0 + 5
+    kept = await store.get_key_by_hash(other.record.key_hash)
+    assert kept is not None and kept.active
+    # a key stored after its revocation is revoked by the next recording
+    late = new_key(Role.CLIENT, now=T0)
+    await store.create_key(late.record)
+    assert await store.add_revocations([SwarmRevocation(late.record.id, T0 + 7, "a")]) == 1
+    found = await store.get_key_by_hash(late.record.key_hash)
+    assert found is not None and found.revoked_at == T0 + 7
 
 
 async def test_web_sessions_create_get_expire_delete_prune(store: Store) -> None:

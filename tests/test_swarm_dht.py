@@ -234,6 +234,13 @@ def test_a_server_outside_a_swarm_says_so(server_process) -> None:  # type: igno
     assert r.json()["enabled"] is False
 
 
+@pytest.fixture(scope="module")
+def set_up(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("swarm-settings") / "d"
+    cli("setup", "--non-interactive", "--data-dir", str(data_dir), "--json")
+    return data_dir
+
+
 @pytest.mark.parametrize(
     ("env", "flags", "message"),
     [
@@ -244,10 +251,9 @@ def test_a_server_outside_a_swarm_says_so(server_process) -> None:  # type: igno
     ],
 )
 def test_swarm_settings_mistakes_are_one_clear_line(
-    tmp_path: Path, env: dict[str, str], flags: list[str], message: str
+    set_up: Path, env: dict[str, str], flags: list[str], message: str
 ) -> None:
-    data_dir = tmp_path / "d"
-    cli("setup", "--non-interactive", "--data-dir", str(data_dir), "--json")
+    data_dir = set_up
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENBEEPBOOP_")}
     out = subprocess.run(
         [

@@ -47,14 +47,19 @@ def _write_secret(path: Path, value: str) -> None:
 async def _first_setup(settings: ServerSettings) -> dict[str, str]:
     """Config, database and keys for a new data directory."""
     from openbeepboop.server.core.auth import KeyRing
+    from openbeepboop.server.core.swarm_keys import key_signer
     from openbeepboop.server.http.app import open_store
     from openbeepboop.server.models import Role
 
+    try:
+        signer = key_signer(settings)  # in a swarm: client and node keys work swarm-wide
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
     write_settings(settings.data_dir, {"host": settings.host, "port": settings.port})
     store = open_store(settings)
     await store.open()
     try:
-        ring = KeyRing(store)
+        ring = KeyRing(store, signer=signer)
         keys = {role.value: (await ring.create(role, "serve")).secret for role in Role}
     finally:
         await store.close()

@@ -76,7 +76,16 @@ def _require_setup(settings: ServerSettings) -> None:
 
 
 def _with_store(settings: ServerSettings, fn: Callable[[KeyRing], Awaitable[T]]) -> T:
-    return _on_store(settings, lambda store: fn(KeyRing(store)))
+    return _on_store(settings, lambda store: fn(_keyring(settings, store)))
+
+
+def _keyring(settings: ServerSettings, store: Store) -> KeyRing:
+    """The server's keyring: with a swarm secret, client and node keys made here work on
+    every member of the swarm (docs/security.md)."""
+    from openbeepboop.server.core.identity import identity_of
+    from openbeepboop.server.core.swarm_keys import key_signer
+
+    return KeyRing(store, signer=key_signer(settings), origin=identity_of(settings).id)
 
 
 def _on_store(settings: ServerSettings, fn: Callable[[Store], Awaitable[T]]) -> T:

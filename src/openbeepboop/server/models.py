@@ -238,6 +238,16 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class SwarmRevocation:
+    """A swarm key revoked on some member (`origin`, its server id): every member learns
+    it, and the key stops working there too (core/swarm_keys.py)."""
+
+    key_id: str
+    revoked_at: float
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
 class WebSession:
     """A browser's login (the web interface): only the hash of its cookie is kept, with
     the hash of the key it logged in with and the token its forms must carry (CSRF)."""

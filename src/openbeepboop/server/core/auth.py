@@ -1,5 +1,10 @@
 """Key management and authentication, over the store; and the watch that tells open
-streams (WebSockets, event streams) that their key was revoked."""
+streams (WebSockets, event streams) that their key was revoked.
+
+In a swarm (a swarm secret given), client and node keys are signed (core/signed_keys.py):
+a member that meets one it has not seen verifies it, checks the swarm's revocations and
+keeps it from then on; revoking one here records the revocation for the other members
+(core/swarm_keys.py carries it to them)."""
 
 from __future__ import annotations
 
@@ -7,13 +12,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 
 from openbeepboop.server.core.keys import IssuedKey, hash_key, looks_like_key, new_key
 from openbeepboop.server.core.passes import one_pass
+from openbeepboop.server.core.signed_keys import (
+    SWARM_ROLES,
+    adopted_record,
+    looks_signed,
+    new_signed_key,
+    signed_by,
+)
 from openbeepboop.server.errors import AuthenticationFailed, NotFound, PermissionDenied
-from openbeepboop.server.models import ApiKey, Role
+from openbeepboop.server.models import ApiKey, Role, SwarmRevocation
 from openbeepboop.server.store.base import Store
+from openbeepboop.swarm.secret import SwarmSecret
 
 log = logging.getLogger("openbeepboop.auth")
 
@@ -26,14 +40,31 @@ class KeyRing:
     has open (`watch`) is told at once here, and within a recheck interval
     (`run_recheck`) on every other server."""
 
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+        signer: SwarmSecret | None = None,
+        origin: str = "",
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._signer = signer  # the swarm secret: client and node keys work swarm-wide
+        self._origin = origin  # this server's id, on the revocations it records
         self._cache: dict[str, tuple[ApiKey | None, float]] = {}
         self._watched: dict[str, set[asyncio.Event]] = {}  # key id -> its open streams
+        self._swarm_listeners: list[Callable[[SwarmRevocation], None]] = []
+
+    @property
+    def signer(self) -> SwarmSecret | None:
+        """The swarm secret keys are signed with, or None (keys stay on this server)."""
+        return self._signer
 
     async def create(self, role: Role, name: str = "") -> IssuedKey:
-        issued = new_key(role, name, now=self._clock())
+        if self._signer is not None and role in SWARM_ROLES:
+            issued = new_signed_key(role, self._signer, name, now=self._clock())
+        else:
+            issued = new_key(role, name, now=self._clock())
         await self._store.create_key(issued.record)
         return issued
 
@@ -44,9 +75,26 @@ class KeyRing:
         key = await self._store.revoke_key(key_id, self._clock())
         if key is None:
             raise NotFound(f"no key with id {key_id!r}", param="key_id")
-        self._cache = {h: v for h, v in self._cache.items() if v[0] is None or v[0].id != key_id}
-        self._revoked(key_id)
+        if looks_signed(key):  # the other members of the swarm learn it
+            revoked_at = self._clock() if key.revoked_at is None else key.revoked_at
+            revocation = SwarmRevocation(key_id, revoked_at, self._origin)
+            await self._store.add_revocations([revocation])
+            for listener in self._swarm_listeners:
+                listener(revocation)
+        self.forget([key_id])
         return key
+
+    def on_swarm_revocation(self, listener: Callable[[SwarmRevocation], None]) -> None:
+        """Call `listener` with each swarm key revoked here (the gossip's digest)."""
+        self._swarm_listeners.append(listener)
+
+    def forget(self, key_ids: Iterable[str]) -> None:
+        """Keys revoked elsewhere (by the swarm): dropped from the cache, so that they
+        stop here at once, and their open streams told."""
+        gone = set(key_ids)
+        self._cache = {h: v for h, v in self._cache.items() if v[0] is None or v[0].id not in gone}
+        for key_id in gone:
+            self._revoked(key_id)
 
     @contextlib.contextmanager
     def watch(self, key_id: str) -> Iterator[asyncio.Event]:
@@ -90,23 +138,67 @@ class KeyRing:
         digest = hash_key(secret)
         if not looks_like_key(secret) and digest not in self._cache:  # not worth a lookup
             raise AuthenticationFailed("invalid API key")
-        return await self.authenticate_hash(digest)
+        key = await self._lookup(digest)
+        if self._signer is not None:
+            if key is None:
+                key = await self._adopt(secret, digest)
+            elif not signed_by(secret, self._signer):  # made under a secret since replaced
+                raise AuthenticationFailed("invalid API key")
+        return _active(key)
 
     async def authenticate_hash(self, digest: str) -> ApiKey:
         """The active key whose hash is `digest` (a web session keeps it), or
         AuthenticationFailed."""
+        return _active(await self._lookup(digest))
+
+    async def _lookup(self, digest: str) -> ApiKey | None:
+        """The key with this hash, through a cache of `CACHE_SECONDS`."""
         now = self._clock()
         cached = self._cache.get(digest)
         if cached is not None and now - cached[1] < CACHE_SECONDS:
-            key = cached[0]
-        else:
-            key = await self._store.get_key_by_hash(digest)
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[digest] = (key, now)
-        if key is None or not key.active:
-            raise AuthenticationFailed("invalid API key" if key is None else "API key revoked")
+            return cached[0]
+        key = await self._store.get_key_by_hash(digest)
+        self._remember(digest, key, now)
         return key
+
+    def _remember(self, digest: str, key: ApiKey | None, now: float) -> None:
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (key, now)
+
+    async def _adopt(self, secret: str, digest: str) -> ApiKey | None:
+        """A swarm key met here for the first time: kept (revoked already if the swarm
+        revoked it) when its signature verifies; None when it does not."""
+        assert self._signer is not None
+        now = self._clock()
+        record = adopted_record(secret, self._signer, now)
+        if record is None:
+            return None
+        revocation = await self._store.get_revocation(record.id)
+        if revocation is not None:
+            record = replace(record, revoked_at=revocation.revoked_at)
+        try:
+            await self._store.create_key(record)
+        except Exception:  # another request (or replica) kept it first: read theirs
+            found = await self._store.get_key_by_hash(digest)
+            if found is None:  # the store answers: another key has that id here
+                log.warning("swarm key %s not kept: a key of that id exists here", record.id)
+                return None
+            record = found
+        else:
+            log.info("swarm key %s (%s) seen for the first time: kept", record.id, record.role)
+            if revocation is None and await self._store.get_revocation(record.id) is not None:
+                # its revocation arrived between the check and the insert
+                record = await self._store.revoke_key(record.id, now) or record
+        self._remember(digest, record, now)
+        return record
+
+
+def _active(key: ApiKey | None) -> ApiKey:
+    """`key` if it is active, else AuthenticationFailed (unknown or revoked)."""
+    if key is None or not key.active:
+        raise AuthenticationFailed("invalid API key" if key is None else "API key revoked")
+    return key
 
 
 def require_role(key: ApiKey, *roles: Role) -> None:

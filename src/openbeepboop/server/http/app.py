@@ -21,6 +21,7 @@ from openbeepboop.server.core.identity import identity_of
 from openbeepboop.server.core.queue import Queue, QueueConfig
 from openbeepboop.server.core.retention import Retention, RetentionConfig
 from openbeepboop.server.core.sessions import Sessions
+from openbeepboop.server.core.swarm_keys import SwarmKeys, key_signer
 from openbeepboop.server.http import (
     errors,
     fastlane,
@@ -30,6 +31,7 @@ from openbeepboop.server.http import (
     routes_node,
     routes_ops,
     routes_responses,
+    routes_swarm_keys,
     routes_templates,
     ws,
 )
@@ -39,6 +41,7 @@ from openbeepboop.server.http.inbound import JobBatch, JobSpec
 from openbeepboop.server.http.metrics import Metrics, MetricsMiddleware
 from openbeepboop.server.http.ratelimit import KeyRateLimiter
 from openbeepboop.server.http.state import AppState, app_state
+from openbeepboop.server.http.swarm_peers import PeerFetch
 from openbeepboop.server.http.swarm_setup import swarm_member
 from openbeepboop.server.settings import ServerSettings
 from openbeepboop.server.store import factory
@@ -112,10 +115,15 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         store, queue, files, assistants, BatchConfig(priority=settings.batch_priority)
     )
     metrics = Metrics()
-    keyring = KeyRing(store)
     dashboard = Dashboard(queue)
     identity = identity_of(settings)
     swarm = swarm_member(settings, identity, queue)
+    signer = key_signer(settings)  # client and node keys work on every member
+    keyring = KeyRing(store, signer=signer, origin=identity.id)
+    swarm_keys = None if signer is None else SwarmKeys(store, keyring, PeerFetch(signer))
+    if swarm is not None and swarm_keys is not None:  # revocations gossiped each heartbeat
+        swarm_keys.publish_to(swarm)
+        swarm.on_beat("key revocations", swarm_keys.sync)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -131,6 +139,8 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         if settings.prune_interval_seconds > 0:
             tasks.append(asyncio.create_task(retention.run(settings.prune_interval_seconds)))
         if swarm is not None:
+            if swarm_keys is not None:  # the first record already says what we know
+                await swarm_keys.refresh()
             await swarm.start()
             tasks.append(asyncio.create_task(swarm.run()))
         try:
@@ -171,6 +181,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         dashboard=dashboard,
         identity=identity,
         swarm=swarm,
+        swarm_keys=swarm_keys,
     )
     errors.install(app)
     app.include_router(routes_client.router)
@@ -181,6 +192,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     app.include_router(routes_node.router)
     app.include_router(routes_ops.router)
     app.include_router(routes_llamanet.router)
+    app.include_router(routes_swarm_keys.router)
     site.install(app, settings)
     if settings.fast_lane:
         app.lanes = fastlane.lanes([routes_client.router, routes_node.router])

@@ -17,6 +17,7 @@ from openbeepboop.server.core.files import Files
 from openbeepboop.server.core.identity import ServerIdentity
 from openbeepboop.server.core.queue import Queue
 from openbeepboop.server.core.sessions import Sessions
+from openbeepboop.server.core.swarm_keys import SwarmKeys
 from openbeepboop.server.http.metrics import Metrics
 from openbeepboop.server.http.ratelimit import KeyRateLimiter
 from openbeepboop.server.settings import ServerSettings
@@ -41,6 +42,7 @@ class AppState:
     dashboard: Dashboard  # the web pages' shared live sampler (started by a viewer)
     identity: ServerIdentity  # this server's id, name and URL (/status, /info, the swarm)
     swarm: SwarmMember | None = None  # this server's swarm membership, when it has one
+    swarm_keys: SwarmKeys | None = None  # the swarm's revocations (None: in no swarm)
 
 
 def app_state(conn: HTTPConnection | Starlette) -> AppState:

@@ -26,6 +26,7 @@ from openbeepboop.server.models import (
     ResultOutcome,
     StoredFile,
     SubmitOutcome,
+    SwarmRevocation,
     Template,
     WebSession,
 )
@@ -161,6 +162,19 @@ class Store(Protocol):
 
     async def revoke_key(self, key_id: str, now: float) -> ApiKey | None:
         """Mark a key revoked; None when unknown."""
+
+    # -- swarm revocations (keys revoked anywhere in a swarm) ------------------------
+
+    async def add_revocations(self, items: Sequence[SwarmRevocation]) -> int:
+        """Record the revocations not yet known (by key id; a known one keeps its first
+        record), and revoke every key kept here that the recorded ones name, in one
+        transaction; how many were new."""
+
+    async def list_revocations(self) -> list[SwarmRevocation]:
+        """Every recorded revocation, by key id."""
+
+    async def get_revocation(self, key_id: str) -> SwarmRevocation | None:
+        """The revocation of this key id, or None."""
 
     # -- web sessions (the web interface's logins) ----------------------------------
 

@@ -26,6 +26,7 @@ from openbeepboop.server.models import (
     Node,
     Role,
     StoredFile,
+    SwarmRevocation,
     Template,
     WebSession,
 )
@@ -205,6 +206,11 @@ def web_session(row: Row) -> WebSession:
     return WebSession(
         id_hash=row[0], key_hash=row[1], csrf=row[2], created_at=row[3], expires_at=row[4]
     )
+
+
+def revocation(row: Row) -> SwarmRevocation:
+    """A `swarm_revocations` row (key_id, revoked_at, origin)."""
+    return SwarmRevocation(key_id=row[0], revoked_at=float(row[1]), origin=row[2])
 
 
 def web_session_values(session: WebSession) -> tuple[Any, ...]:

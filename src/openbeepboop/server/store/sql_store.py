@@ -29,6 +29,7 @@ from openbeepboop.server.models import (
     Node,
     ReapOutcome,
     StoredFile,
+    SwarmRevocation,
     Template,
     WebSession,
 )
@@ -266,6 +267,28 @@ class SqlStore(ABC):
         steps = [(self._q["revoke_key"], (key_id, float(now))), (self._q["get_key"], (key_id,))]
         _, found = await self._transaction(steps, IDEMPOTENT)
         return rows.api_key(found[0]) if found else None
+
+    # -- swarm revocations ----------------------------------------------------------
+
+    async def add_revocations(self, items: Sequence[SwarmRevocation]) -> int:
+        fresh = list({r.key_id: r for r in items}.values())
+        if not fresh:
+            return 0
+        columns = (
+            self._array([r.key_id for r in fresh]),
+            self._array([float(r.revoked_at) for r in fresh]),
+            self._array([r.origin for r in fresh]),
+        )
+        steps = [(self._q["add_revocations"], columns), (self._q["revoke_swarm_revoked_keys"], ())]
+        added, _ = await self._transaction(steps, IDEMPOTENT)
+        return len(added)
+
+    async def list_revocations(self) -> list[SwarmRevocation]:
+        return [rows.revocation(r) for r in await self._read(self._q["list_revocations"], ())]
+
+    async def get_revocation(self, key_id: str) -> SwarmRevocation | None:
+        row = await self._first("get_revocation", key_id)
+        return None if row is None else rows.revocation(row)
 
     # -- web sessions -------------------------------------------------------------
 

@@ -274,6 +274,30 @@ UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL;
 -- name: get_key
 SELECT {key_columns} FROM api_keys WHERE id = ?1;
 
+-- name: add_revocations
+-- Swarm revocations (key ids ?1, times ?2, origins ?3: JSON arrays of one length) not
+-- yet known here: the ids of the new ones.
+INSERT INTO swarm_revocations (key_id, revoked_at, origin)
+SELECT k.value, t.value, o.value
+FROM json_each(?1) AS k JOIN json_each(?2) AS t ON t.key = k.key
+JOIN json_each(?3) AS o ON o.key = k.key
+WHERE true
+ON CONFLICT (key_id) DO NOTHING
+RETURNING key_id;
+
+-- name: revoke_swarm_revoked_keys
+-- Every key here that the swarm revoked, and that is not yet revoked here, is now
+-- (in the transaction of add_revocations: a key never outlives its revocation).
+UPDATE api_keys SET revoked_at = r.revoked_at
+FROM swarm_revocations AS r
+WHERE r.key_id = api_keys.id AND api_keys.revoked_at IS NULL;
+
+-- name: list_revocations
+SELECT key_id, revoked_at, origin FROM swarm_revocations ORDER BY key_id;
+
+-- name: get_revocation
+SELECT key_id, revoked_at, origin FROM swarm_revocations WHERE key_id = ?1;
+
 -- ======================================================================== web sessions
 
 -- name: insert_session
