@@ -5,8 +5,8 @@ Until servers publish their own records, the swarm here is three DHT member node
 this process (`Dht(RecordStorage(secret))` on loopback, on a thread with its own loop)
 that publish signed records whose URLs are two REAL servers, each with a real echo node.
 Server B's queue is really deeper for `echo`: five jobs pinned to a registered node that
-never fetches. Both servers share one data directory's keys (copied before they start),
-as a swarm's shared keys would let one client key work on both.
+never fetches. Both servers hold the swarm secret (without a DHT port), so a client key
+made on A is a swarm key that B accepts too.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from openbeepboop.swarm.secret import SwarmSecret
 from openbeepboop.swarm.storage import RecordStorage
 from tests.conftest import ServerProcess, cli, free_port
 from tests.nodes import Procs, auth, child_env, node_id_of, start_node, write_config
+from tests.swarms import SECRET as SWARM_SECRET
 
 T = TypeVar("T")
 SECRET = SwarmSecret("a swarm secret for tests only")
@@ -160,10 +160,11 @@ def hold_jobs(server: ServerProcess, count: int) -> None:
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     root = tmp_path_factory.mktemp("swarm")
-    keys = cli("setup", "--non-interactive", "--data-dir", str(root / "a"), "--json")
-    shutil.copytree(root / "a", root / "b")  # the same keys on both servers
-    env = {"OPENBEEPBOOP_RATE_LIMIT": ""}
-    servers = {n: ServerProcess(root / n, free_port(), keys, env) for n in ("a", "b")}
+    env = {"OPENBEEPBOOP_RATE_LIMIT": "", "OPENBEEPBOOP_SWARM_SECRET": SWARM_SECRET}
+    servers = {}
+    for n in ("a", "b"):
+        keys = cli("setup", "--non-interactive", "--data-dir", str(root / n), "--json", env=env)
+        servers[n] = ServerProcess(root / n, free_port(), keys, env)
     procs = {n: Procs() for n in servers}
     members = Members()
     try:
@@ -179,7 +180,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
         a, b = servers["a"], servers["b"]
         members.publish(0, record(a, member_id(a, "member-a"), "room-a", 0, 40.0))
         members.publish(1, record(b, member_id(b, "member-b"), "room-b", B_QUEUED, 90.0))
-        yield Swarm(members, a, b, procs, keys["client_key"])
+        yield Swarm(members, a, b, procs, a.keys["client_key"])  # a swarm key: B takes it
     finally:
         members.close()
         for p in procs.values():

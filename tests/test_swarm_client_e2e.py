@@ -4,13 +4,11 @@ all three, spreads 300 submits by load, and keeps every job's result when the se
 would pick next is killed mid-run: its unfinished jobs are submitted again elsewhere and
 reported in `job.failovers`; no later submit goes to it; its record expires.
 
-The members share one data directory's keys (copied before their first start, so each
-still makes its own server id), so one client key works on all three.
+The client's key is a swarm key made on A: B and C accept it too.
 """
 
 from __future__ import annotations
 
-import shutil
 import signal
 import time
 from collections import Counter
@@ -43,7 +41,6 @@ class Member:
 class Trio:
     members: list[Member]
     key: str
-    admin: str
 
     def by_url(self, url: str) -> Member:
         return next(m for m in self.members if m.server.url == url)
@@ -57,9 +54,6 @@ def seen_by(member: Member, admin: str) -> int:
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trio]:
     root = tmp_path_factory.mktemp("trio")
-    keys = cli("setup", "--non-interactive", "--data-dir", str(root / "m0"), "--json")
-    for i in (1, 2):
-        shutil.copytree(root / "m0", root / f"m{i}")
     members: list[Member] = []
     try:
         for i in range(3):
@@ -71,6 +65,8 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trio]:
                 "OPENBEEPBOOP_SWARM_SECRET": SECRET,
                 "OPENBEEPBOOP_HEARTBEAT_INTERVAL": "0.5",
             }
+            data = str(root / f"m{i}")
+            keys = cli("setup", "--non-interactive", "--data-dir", data, "--json", env=env)
             server = ServerProcess(root / f"m{i}", free_port(), keys, env)
             members.append(Member(server, f"127.0.0.1:{port}", Procs()))
             server.start()
@@ -78,11 +74,11 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trio]:
             config = write_config(root / f"node{i}" / "node.toml", server, [echo])
             node_id_of(start_node(members[-1].node, config, tag=f"node{i}"))
         wait_until(
-            lambda: all(seen_by(m, keys["admin_key"]) == 3 for m in members),
+            lambda: all(seen_by(m, m.server.keys["admin_key"]) == 3 for m in members),
             30,
             "every member to see the other two",
         )
-        yield Trio(members, keys["client_key"], keys["admin_key"])
+        yield Trio(members, members[0].server.keys["client_key"])  # a swarm key
     finally:
         for m in members:
             m.node.close()
