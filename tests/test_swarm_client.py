@@ -272,8 +272,8 @@ def test_bad_bootstrap_answers_in_one_line(swarm: Swarm, tmp_path: Path) -> None
 
 def test_a_dead_server_is_passed_over_and_its_jobs_move(swarm: Swarm) -> None:
     """Runs last: it kills B. A job waited for on B is submitted again on A (recorded
-    and logged); a stream that had begun on B raises instead of repeating itself; new
-    submits that name B first go to A."""
+    and logged), and so is one whose stream had not begun; a stream that had begun on B
+    raises instead of repeating itself; new submits that name B first go to A."""
 
     async def scenario() -> None:
         client = AsyncClient(
@@ -286,7 +286,8 @@ def test_a_dead_server_is_passed_over_and_its_jobs_move(swarm: Swarm) -> None:
         async with client:
             streamed = await client.chat.completions.create(**ask(LONG))
             moved = await client.chat.completions.create(**ask(LONG + " moved"))
-            assert streamed.base_url == moved.base_url == swarm.b.url
+            waiting = await client.chat.completions.create(**ask(LONG + " waiting"))
+            assert streamed.base_url == moved.base_url == waiting.base_url == swarm.b.url
             old_id = moved.id
             pieces = streamed.stream()
             first = await anext(pieces)
@@ -302,6 +303,10 @@ def test_a_dead_server_is_passed_over_and_its_jobs_move(swarm: Swarm) -> None:
             assert moved.base_url == swarm.a.url and moved.id != old_id
             assert moved.failovers == [(swarm.b.url, old_id)]
             assert time.monotonic() - started < 15
+            # a stream that had not begun when its server died follows the job elsewhere
+            text = "".join([piece async for piece in waiting.stream()])
+            assert text == LONG + " waiting"
+            assert waiting.base_url == swarm.a.url and len(waiting.failovers) == 1
 
     asyncio.run(scenario())
     with Client(swarm.b.url, swarm.key, bootstrap=swarm.members.bootstrap) as client:
