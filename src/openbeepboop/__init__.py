@@ -28,6 +28,7 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "ServerError",
+    "StreamInterruptedError",
     "__version__",
 ]
 
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
         PermissionDeniedError,
         RateLimitError,
         ServerError,
+        StreamInterruptedError,
     )
 
 

@@ -1,4 +1,4 @@
-"""`openbeepboop-client`: submit, poll, get, cancel, list, models, status.
+"""`openbeepboop-client`: submit, poll, get, cancel, list, models, status, swarm.
 
 Data goes to stdout (`--json` for scripts), progress and errors to stderr. Exit codes:
 0 ok, 1 the job failed (or was cancelled or expired), 2 usage, 3 server unreachable,
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -62,14 +63,27 @@ def _connected(fn: F) -> F:
         show_envvar=True,
         help="A client key [the one `openbeepboop serve` saved locally].",
     )
+    @click.option(
+        "--bootstrap",
+        envvar="OPENBEEPBOOP_BOOTSTRAP",
+        show_envvar=True,
+        metavar="HOST:PORT,...",
+        help="A swarm's DHT address(es): find the least loaded server there, and fail over.",
+    )
     @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
     @functools.wraps(fn)
-    def wrapper(base_url: str | None, api_key: str | None, **kwargs: Any) -> Any:
+    def wrapper(
+        base_url: str | None, api_key: str | None, bootstrap: str | None, **kwargs: Any
+    ) -> Any:
         ctx = click.get_current_context()
         base_url = _before_command(ctx, "base_url", base_url)
         api_key = _before_command(ctx, "api_key", api_key)
+        bootstrap = _before_command(ctx, "bootstrap", bootstrap)
         kwargs["as_json"] = _before_command(ctx, "as_json", kwargs["as_json"])
-        client = Client(base_url, api_key)
+        try:
+            client = Client(base_url, api_key, bootstrap=bootstrap or None)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--bootstrap") from exc
         try:
             return fn(client, **kwargs)
         except OpenBeepBoopError as exc:
@@ -106,9 +120,14 @@ def _answer_text(job: Job) -> str:
 # the common options may come before the command too; after it they win
 @click.option("--base-url", help="Server URL (also accepted after the command).")
 @click.option("--api-key", help="A client key (also accepted after the command).")
+@click.option("--bootstrap", help="A swarm's DHT address(es) (also accepted after the command).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
-def main(base_url: str | None, api_key: str | None, as_json: bool) -> None:
+def main(base_url: str | None, api_key: str | None, bootstrap: str | None, as_json: bool) -> None:
     """Submit jobs to an OpenBeepBoop server and collect their results."""
+    # the DHT library logs an error for every peer that did not reply in time: routine for a
+    # client's lookups, noise on a terminal (the client's own warnings stay)
+    for name in ("rpcudp", "kademlia"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 @main.command()
@@ -476,6 +495,78 @@ def status(client: Client, watch: bool, interval: float, as_json: bool) -> None:
             while True:
                 stats, nodes = snapshot()
                 live.update(Text(_status_text(stats, nodes)))
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+
+
+def _swarm_rows(client: Client) -> list[dict[str, Any]]:
+    """What the swarm's DHT lists, one dict per member (the record, plus its uptime,
+    the record's age and whether the member answered its `/status` just now)."""
+    now = time.time()
+    discovery = client.discovery
+    rows = []
+    for record in client.swarm_members():
+        row = record.model_dump(exclude={"sig", "v"})
+        row["uptime"] = round(record.uptime, 1)
+        row["age"] = round(max(0.0, now - record.ts), 1)
+        row["reachable"] = discovery is None or not discovery.is_down(record.url)
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["name"] or r["id"], r["id"]))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _swarm_text(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "the swarm lists no member"
+    lines = [f"{len(rows)} member(s)"]
+    for r in rows:
+        state = "" if r["reachable"] else "  UNREACHABLE"
+        lines.append(
+            f"{r['name'] or '-'}  ({r['id']}, {r['version'] or '?'})  {r['url']}{state}\n"
+            f"  queued {r['queued']}  running {r['running']}  nodes {r['nodes']}  "
+            f"{r['tokens_per_s']:.1f} tok/s  up {_duration(r['uptime'])}  "
+            f"record {r['age']:.0f} s old"
+        )
+        for name, load in sorted(r["models"].items()):
+            lines.append(
+                f"  {name:<28} queued {load['queued']:<6} running {load['running']:<4} "
+                f"nodes {load['nodes']}"
+            )
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl+C.")
+@click.option("--interval", type=float, default=3.0, show_default=True)
+@_connected
+def swarm(client: Client, watch: bool, interval: float, as_json: bool) -> None:
+    """The servers a swarm's DHT lists (--bootstrap): id, name, URL, models with their
+    queue depth, running jobs and nodes, tokens/s, uptime and the record's age."""
+    if client.discovery is None:
+        raise click.UsageError("give --bootstrap HOST:PORT (or set OPENBEEPBOOP_BOOTSTRAP)")
+    if not watch:
+        rows = _swarm_rows(client)
+        _print_json(rows) if as_json else click.echo(_swarm_text(rows))
+        return
+    try:
+        if as_json:  # one JSON document a line, for scripts that follow the swarm
+            while True:
+                _print_json(_swarm_rows(client))
+                sys.stdout.flush()
+                time.sleep(interval)
+        from rich.live import Live
+        from rich.text import Text
+
+        with Live(Text("..."), refresh_per_second=4, screen=False) as live:
+            while True:
+                live.update(Text(_swarm_text(_swarm_rows(client))))
                 time.sleep(interval)
     except KeyboardInterrupt:
         pass

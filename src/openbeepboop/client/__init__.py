@@ -14,6 +14,7 @@ from openbeepboop.client.errors import (
     PermissionDeniedError,
     RateLimitError,
     ServerError,
+    StreamInterruptedError,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "ServerError",
+    "StreamInterruptedError",
 ]

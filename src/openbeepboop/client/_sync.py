@@ -17,7 +17,7 @@ import builtins
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from openbeepboop.client._async import (
     AsyncClient,
@@ -27,7 +27,10 @@ from openbeepboop.client._async import (
     Results,
     Templates,
 )
-from openbeepboop.client.errors import JobFailedError
+from openbeepboop.client.errors import JobFailedError, StreamInterruptedError
+
+if TYPE_CHECKING:
+    from openbeepboop.swarm.records import MemberRecord
 
 T = TypeVar("T")
 
@@ -76,6 +79,17 @@ class Job:
         return self._job.id
 
     @property
+    def base_url(self) -> str:
+        """The server the job lives on."""
+        return self._job.base_url
+
+    @property
+    def failovers(self) -> list[tuple[str, str]]:
+        """(server, job id) of each earlier copy of this job, left on a server that
+        stopped answering (see `AsyncJob.fail_over`)."""
+        return self._job.failovers
+
+    @property
     def status(self) -> str:
         """The job's status, fresh from the server."""
         if not self._job.done:
@@ -111,13 +125,17 @@ class Job:
 
     def events(self, after: int | None = None) -> Iterator[dict[str, Any]]:
         """The job's live events; see `AsyncJob.events`."""
-        return self._iterate(self._job.events(after))
+        try:
+            yield from self._iterate(self._job.events(after))
+        except StreamInterruptedError as exc:
+            exc.job = self
+            raise
 
     def stream(self) -> Iterator[str]:
         """The answer's text as it is made; see `AsyncJob.stream`."""
         try:
             yield from self._iterate(self._job.stream())
-        except JobFailedError as exc:
+        except (JobFailedError, StreamInterruptedError) as exc:
             exc.job = self
             raise
 
@@ -256,14 +274,28 @@ class Client:
         *,
         timeout: float = 60.0,
         max_retries: int = 3,
+        bootstrap: str | Sequence[str] | None = None,
+        failover_after: float = 5.0,
     ) -> None:
         self._loop = _Loop()
 
         async def make() -> AsyncClient:
-            return AsyncClient(base_url, api_key, timeout=timeout, max_retries=max_retries)
+            return AsyncClient(
+                base_url,
+                api_key,
+                timeout=timeout,
+                max_retries=max_retries,
+                bootstrap=bootstrap,
+                failover_after=failover_after,
+            )
 
-        self._async = self._loop.run(make())
+        try:
+            self._async = self._loop.run(make())
+        except BaseException:
+            self._loop.stop()
+            raise
         self.base_url = self._async.base_url
+        self.discovery = self._async.discovery
         self.chat = _SyncChat(self._loop, self._async.chat.completions)
         self.completions = _SyncCompletions(self._loop, self._async.completions)
         self.embeddings = _SyncCompletions(self._loop, self._async.embeddings)
@@ -274,6 +306,10 @@ class Client:
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """A raw API call (parsed JSON), with the client's retries and errors."""
         return self._loop.run(self._async.request(method, path, **kwargs))
+
+    def swarm_members(self, model: str | None = None) -> builtins.list[MemberRecord]:
+        """The members the swarm's DHT lists; see `AsyncClient.swarm_members`."""
+        return self._loop.run(self._async.swarm_members(model))
 
     def close(self) -> None:
         self._loop.run(self._async.close())

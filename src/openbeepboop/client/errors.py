@@ -33,6 +33,17 @@ class APIConnectionError(OpenBeepBoopError):
     """The server could not be reached (down, wrong URL, network)."""
 
 
+class StreamInterruptedError(APIConnectionError):
+    """A job's event stream was lost and could not be resumed. `content` says whether
+    part of the answer had come already (it is never sent again: the caller decides);
+    `job` is the job, which may still finish on its server."""
+
+    def __init__(self, message: str, *, job: Any, content: bool) -> None:
+        super().__init__(message, code="stream_interrupted")
+        self.job = job
+        self.content = content
+
+
 class APIStatusError(OpenBeepBoopError):
     """The server answered with an error status."""
 

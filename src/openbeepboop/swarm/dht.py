@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,14 @@ log = logging.getLogger("openbeepboop.swarm")
 MAX_DATAGRAM = 65_507
 MAX_INFLIGHT = 256
 REQUESTS = {"ping": 1, "store": 3, "find_node": 2, "find_value": 2}
+# A client's node id begins with this mark: members answer it but never take it into
+# their routing tables (a client leaves soon; as a contact it would only cost the next
+# lookups a timeout each, until it is found dead).
+CLIENT_MARK = b"obb-client:"
+
+
+def client_node_id() -> bytes:
+    return CLIENT_MARK + os.urandom(20 - len(CLIENT_MARK))
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +148,8 @@ class SwarmProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is unty
     def welcome_if_new(self, node: Node) -> None:
         """One contact per address: a new id from an address the table already holds
         replaces the old one (a restarted peer), so a flood of made-up ids from one
-        socket takes one slot, not the table."""
-        if not self.router.is_new_node(node):
+        socket takes one slot, not the table. A client (`CLIENT_MARK`) is never taken in."""
+        if bytes(node.id).startswith(CLIENT_MARK) or not self.router.is_new_node(node):
             return
         for bucket in self.router.buckets:
             for held in bucket.get_nodes():
@@ -188,8 +197,10 @@ class _AllValues(ValueSpiderCrawl):  # type: ignore[misc]
 
 
 class _Server(Server):  # type: ignore[misc]
-    def __init__(self, storage: IStorage, ksize: int, alpha: int, timeout: float) -> None:
-        super().__init__(ksize=ksize, alpha=alpha, storage=storage)
+    def __init__(
+        self, storage: IStorage, ksize: int, alpha: int, timeout: float, node_id: bytes | None
+    ) -> None:
+        super().__init__(ksize=ksize, alpha=alpha, node_id=node_id, storage=storage)
         self._timeout = timeout
 
     def _create_protocol(self) -> SwarmProtocol:
@@ -220,9 +231,18 @@ class Dht:
     """One DHT node: listen, join through bootstrap addresses, store and read values."""
 
     def __init__(
-        self, storage: IStorage, *, ksize: int = 20, alpha: int = 3, timeout: float = 2.0
+        self,
+        storage: IStorage,
+        *,
+        ksize: int = 20,
+        alpha: int = 3,
+        timeout: float = 2.0,
+        client: bool = False,
     ) -> None:
-        self._server = _Server(storage, ksize, alpha, timeout)
+        """`client`: a node that only looks up (`CLIENT_MARK`): members leave it out of
+        their routing tables."""
+        node_id = client_node_id() if client else None
+        self._server = _Server(storage, ksize, alpha, timeout, node_id)
         self.storage = storage
 
     @property

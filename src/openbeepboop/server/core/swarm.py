@@ -263,4 +263,5 @@ def _summary(record: MemberRecord) -> dict[str, Any]:
         "running": record.running,
         "nodes": record.nodes,
         "tokens_per_s": record.tokens_per_s,
+        "revocations": record.revocations,
     }
