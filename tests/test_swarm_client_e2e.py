@@ -4,7 +4,8 @@ all three, spreads 300 submits by load, and keeps every job's result when the se
 would pick next is killed mid-run: its unfinished jobs are submitted again elsewhere and
 reported in `job.failovers`; no later submit goes to it; its record expires.
 
-The client's key is a swarm key made on A: B and C accept it too.
+The client's key is a swarm key made on A: B and C accept it too; another, revoked on A
+(with the CLI), is refused by C within a minute.
 """
 
 from __future__ import annotations
@@ -87,6 +88,33 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trio]:
 
 def ask(i: int) -> dict[str, object]:
     return {"model": "echo", "messages": [{"role": "user", "content": f"job {i}"}]}
+
+
+def test_a_key_revoked_on_a_stops_working_on_c_within_a_minute(trio: Trio) -> None:
+    a, _, c = trio.members
+    env = a.server.env
+    made = cli(
+        "keys",
+        "create",
+        "--data-dir",
+        str(a.server.data_dir),
+        "--role",
+        "client",
+        "--json",
+        env=env,
+    )
+    models = c.server.url + "/v1/models"
+    assert httpx.get(models, headers=auth(made["key"]), timeout=5).status_code == 200
+    cli("keys", "revoke", "--data-dir", str(a.server.data_dir), made["id"], "--json", env=env)
+    revoked = time.monotonic()
+    wait_until(
+        lambda: httpx.get(models, headers=auth(made["key"]), timeout=5).status_code == 401,
+        60,
+        "C to refuse the key revoked on A",
+    )
+    assert time.monotonic() - revoked < 60
+    # the others keep working
+    assert httpx.get(models, headers=auth(trio.key), timeout=5).status_code == 200
 
 
 def test_one_address_300_submits_and_a_member_killed_mid_run(trio: Trio) -> None:
