@@ -50,10 +50,9 @@ from tests.nodes import (
     wait_until,
     write_config,
 )
-from tests.nodes import new_server as start_server
+from tests.swarms import SECRET, start_member
 
 pytestmark = pytest.mark.filterwarnings(SERVER_LOG_WARNING)
-SECRET = "a swarm secret for the forwarding test"
 WORDS = "forwarded from a to c and back again"
 
 
@@ -64,27 +63,17 @@ class Chain:
     c: ServerProcess
 
 
-def _member(data_dir: Path, dht: int, bootstrap: int | None) -> ServerProcess:
-    env = {
-        "OPENBEEPBOOP_SWARM_SECRET": SECRET,
-        "OPENBEEPBOOP_DHT_PORT": str(dht),
-        "OPENBEEPBOOP_HEARTBEAT_INTERVAL": "0.5",
-        "OPENBEEPBOOP_MODEL_WAIT_SECONDS": "10",
-    }
-    if bootstrap is not None:
-        env["OPENBEEPBOOP_BOOTSTRAP"] = f"127.0.0.1:{bootstrap}"
-    return start_server(data_dir, **env)
-
-
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     base = tmp_path_factory.mktemp("forward")
-    ports = [free_port() for _ in range(3)]
     servers: list[ServerProcess] = []
     procs = Procs()
     try:
-        for i, name in enumerate("abc"):
-            servers.append(_member(base / name, ports[i], ports[i - 1] if i else None))
+        boot = ""
+        for name in "abc":
+            member = start_member(base / name, boot, OPENBEEPBOOP_MODEL_WAIT_SECONDS="10")
+            servers.append(member.server)
+            boot = member.dht
         a, b, c = servers
         only_c = echo_model(token_delay_ms=30, name="only-c")
         node_id_of(start_node(procs, write_config(base / "c-node.toml", c, [only_c]), tag="c"))

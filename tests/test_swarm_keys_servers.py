@@ -5,10 +5,8 @@ members' revocation route admits only members."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,28 +17,10 @@ from openbeepboop.server.core.signed_keys import new_signed_key
 from openbeepboop.server.models import Role
 from openbeepboop.swarm.secret import SwarmSecret
 from tests.conftest import ServerProcess, cli
-from tests.nodes import new_server, wait_until
+from tests.nodes import wait_until
+from tests.swarms import SECRET, start_member
 
-SECRET = "swarm-keys-test-secret-0123456789"
 HEARTBEAT = 0.5
-
-
-def _udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _member(data_dir: Path, bootstrap: str = "") -> tuple[ServerProcess, str]:
-    port = _udp_port()
-    server = new_server(
-        data_dir,
-        OPENBEEPBOOP_DHT_PORT=str(port),
-        OPENBEEPBOOP_BOOTSTRAP=bootstrap,
-        OPENBEEPBOOP_SWARM_SECRET=SECRET,
-        OPENBEEPBOOP_HEARTBEAT_INTERVAL=str(HEARTBEAT),
-    )
-    return server, f"127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +29,10 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProce
     root = tmp_path_factory.mktemp("swarm-keys")
     started: list[ServerProcess] = []
     try:
-        a, a_dht = _member(root / "a")
+        first = start_member(root / "a", heartbeat=HEARTBEAT)
+        a = first.server
         started.append(a)
-        b, _ = _member(root / "b", bootstrap=a_dht)
+        b = start_member(root / "b", bootstrap=first.dht, heartbeat=HEARTBEAT).server
         started.append(b)
         wait_until(lambda: all(len(_members(s)) == 2 for s in started), 30, "A and B to meet")
         yield a, b
