@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -22,6 +23,7 @@ from openbeepboop.server.errors import IdempotencyMismatch
 from openbeepboop.server.models import (
     Batch,
     BatchStatus,
+    CacheSummary,
     JobFilter,
     JobStatus,
     NewJob,
@@ -1040,3 +1042,72 @@ async def test_hit_counters_are_atomic_under_concurrency(store: Store) -> None:
     counts = await asyncio.gather(*(store.hit_counters(names) for _ in range(40)))
     for name in names:
         assert sorted(c[name][0] for c in counts) == list(range(1, 41))
+
+
+# -- response cache ---------------------------------------------------------------------
+
+
+async def _complete(store: Store, job_id: str, result: dict[str, Any], now: float) -> None:
+    [leased] = [j for j in await fetch(store, now=now) if j.id == job_id]
+    [outcome] = await store.submit_results(
+        [NodeResult(job_id, leased.lease_id, result=result)], now
+    )
+    assert outcome.accepted
+
+
+async def test_cache_keeps_the_answer_of_a_completed_job_with_a_cache_key(store: Store) -> None:
+    [kept, other] = await submit(store, new_job(cache_key="k1"), new_job(text="no key"))
+    assert await store.cache_lookup(["k1"], T0) == {}  # nothing until it completes
+    await _complete(store, kept, RESULT, T0 + 1)
+    await _complete(store, other, {"other": True}, T0 + 1)
+    assert await store.cache_lookup(["k1", "k2"], T0) == {"k1": RESULT}
+    held = await store.cache_summary()
+    assert (held.entries, held.hits) == (1, 0)
+    assert held.bytes == len(json.dumps(RESULT, separators=(",", ":")))
+    # made at T0 + 1: a lookup wanting answers from after that finds nothing (expired)
+    assert await store.cache_lookup(["k1"], T0 + 2) == {}
+    job = await store.get_job(kept)
+    assert job is not None and job.cache_key == "k1" and not job.cached
+
+
+async def test_cache_a_cached_result_is_stored_completed_and_never_queued(store: Store) -> None:
+    [outcome] = await store.submit_jobs([new_job(cached_result=RESULT)], T0, positions=True)
+    job = outcome.job
+    assert (job.status, job.cached, job.result, job.finished_at) == (
+        JobStatus.COMPLETED,
+        True,
+        RESULT,
+        T0,
+    )
+    stored = await store.get_job(job.id)
+    assert stored is not None and stored.cached and stored.result == RESULT
+    assert stored.status is JobStatus.COMPLETED and stored.attempts == 0
+    assert await fetch(store) == []  # no node ever gets it
+    assert (await store.stats())["m"] == {"completed": 1}
+    assert await store.count_active("alice") == 0
+
+
+async def test_cache_a_refreshed_answer_replaces_the_old_one(store: Store) -> None:
+    [first] = await submit(store, new_job(cache_key="k"))
+    await _complete(store, first, {"n": 1}, T0 + 1)
+    [second] = await submit(store, new_job(cache_key="k", text="again"), now=T0 + 2)
+    await _complete(store, second, {"n": 2}, T0 + 3)
+    assert await store.cache_lookup(["k"], T0) == {"k": {"n": 2}}
+    assert (await store.cache_summary()).entries == 1
+
+
+async def test_cache_used_trim_and_clear(store: Store) -> None:
+    ids = await submit(store, *[new_job(cache_key=f"k{i}", text=str(i)) for i in range(4)])
+    for i, job_id in enumerate(ids):
+        await _complete(store, job_id, {"answer": "x" * 100, "i": i}, T0 + i)
+    size = (await store.cache_summary()).bytes // 4
+    await store.cache_used({"k0": 3, "k1": 1}, T0 + 10)  # k0, k1 now the most recent
+    assert (await store.cache_summary()).hits == 4
+    # nothing made before T0: the size bound alone takes the least recently used (k2, k3)
+    assert await store.cache_trim(T0 - 1, max_bytes=2 * size) == 2
+    assert set(await store.cache_lookup([f"k{i}" for i in range(4)], 0.0)) == {"k0", "k1"}
+    assert await store.cache_trim(T0 + 0.5, max_bytes=10 * size) == 1  # k0 made at T0
+    assert set(await store.cache_lookup(["k0", "k1"], 0.0)) == {"k1"}
+    assert await store.cache_clear("other-model") == 0
+    assert await store.cache_clear() == 1
+    assert await store.cache_summary() == CacheSummary(0, 0, 0)

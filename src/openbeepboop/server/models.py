@@ -68,9 +68,12 @@ class NewJob:
     batch_id: str | None = None
     pin_node: str | None = None  # only a node of this name or id may run it
     pin_labels: dict[str, str] | None = None  # only a node carrying all these labels
+    cache_key: str | None = None  # its answer is kept in the response cache (core/cache.py)
+    cached_result: JSON | None = None  # answered from the cache: stored completed
 
     def queued(self, job_id: str, seq: int, now: float) -> Job:
-        """The job as the store has just inserted it."""
+        """The job as the store has just inserted it (completed, when `cached_result`)."""
+        done = self.cached_result is not None
         return Job(
             id=job_id,
             seq=int(seq),
@@ -78,11 +81,16 @@ class NewJob:
             endpoint=self.endpoint,
             model=self.model,
             request=self.request,
-            status=JobStatus.QUEUED,
+            status=JobStatus.COMPLETED if done else JobStatus.QUEUED,
             priority=self.priority,
             max_attempts=self.max_attempts,
             attempts=0,
             created_at=now,
+            started_at=now if done else None,
+            finished_at=now if done else None,
+            result=self.cached_result,
+            cache_key=self.cache_key,
+            cached=done,
             metadata=self.metadata,
             custom_id=self.custom_id,
             request_hash=self.request_hash,
@@ -124,6 +132,8 @@ class Job:
     batch_id: str | None = None
     pin_node: str | None = None  # as submitted (NewJob)
     pin_labels: dict[str, str] | None = None
+    cache_key: str | None = None  # as submitted (NewJob)
+    cached: bool = False  # answered from the response cache, no node ran it
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +245,16 @@ class ApiKey:
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSummary:
+    """What the response cache holds: entries, their bytes, and the hits counted into
+    the store so far (each server adds its own at each reaper pass)."""
+
+    entries: int
+    bytes: int
+    hits: int
 
 
 @dataclass(frozen=True, slots=True)

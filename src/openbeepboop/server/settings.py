@@ -229,6 +229,32 @@ class ServerSettings(BaseSettings):
         "models none of this server's own nodes serve).",
     )
 
+    cache_policy: Literal["deterministic", "all", "opt-in", "off"] = Field(
+        "deterministic",
+        description="Which requests the response cache answers and keeps without being "
+        "asked (docs/cache.md): deterministic (temperature 0, a seed, embeddings), all, "
+        "opt-in (only requests asking with `cache`), or off (no cache on this server).",
+    )
+    cache_ttl_seconds: float = Field(
+        30 * 86400.0, ge=0, description="How long a cached answer is used; 0: forever."
+    )
+    cache_max_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="The cache's size bound: beyond it the least recently used answers go.",
+    )
+    cache_models: dict[str, Literal["deterministic", "all", "opt-in", "off"]] = Field(
+        default_factory=dict, description="Per model, a cache_policy of its own."
+    )
+    cache_scope: Literal["shared", "private", "off"] = Field(
+        "shared",
+        description="Whose answers a key's requests may be given: shared (any key's "
+        "answer to the same request), private (only its own), off (never cached).",
+    )
+    cache_keys: dict[str, Literal["shared", "private", "off"]] = Field(
+        default_factory=dict, description="Per key (by id or name), a cache_scope of its own."
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 
 from openbeepboop.server.core import responses
 from openbeepboop.server.core.assistants import Assistants
+from openbeepboop.server.core.cache import take_mode
 from openbeepboop.server.core.files import (
     BATCH_PURPOSE,
     OUTPUT_PURPOSE,
@@ -347,12 +348,13 @@ class Batches:
         """The job a line becomes (an assistant template rendered first); a pin in its
         body (`node`, `node_labels`) is the job's, not the model's."""
         body, node, labels = take_pin(line.body)
+        body, cache = take_mode(body)
         if "template" in body:
             body = await self.assistants.body_for_line(batch.owner, body)
         request = self._request(batch, replace(line, body=body))
-        if node is None and labels is None:
+        if node is None and labels is None and cache is None:
             return request
-        return replace(request, node=node, node_labels=labels)
+        return replace(request, node=node, node_labels=labels, cache=cache)
 
     def _request(self, batch: Batch, line: BatchLine) -> JobRequest:
         endpoint, body, metadata = line.url, line.body, None

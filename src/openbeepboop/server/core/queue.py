@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from openbeepboop.server.core.cache import CacheConfig, CachePlan, ResponseCache
 from openbeepboop.server.core.deltas import DeltaHub
 from openbeepboop.server.core.notify import Notifier
 from openbeepboop.server.core.passes import one_pass
@@ -113,6 +114,7 @@ class JobRequest:
     batch_id: str | None = None
     node: str | None = None  # pinned to the node of this name or id (core/pins.py)
     node_labels: dict[str, str] | None = None  # pinned to nodes carrying these labels
+    cache: str | None = None  # "use", "skip" or "refresh" (core/cache.py); None: by policy
 
     @property
     def pin(self) -> Pin | None:
@@ -149,11 +151,13 @@ class Queue:
         config: QueueConfig,
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.notifier = notifier or Notifier()
         self._clock = clock
+        self.cache = cache or ResponseCache(store, CacheConfig(), clock)
         self._node_owner: dict[str, str] = {}
         # node id -> (name, labels): what its claims match pinned jobs against
         self._node_ident: dict[str, tuple[str, dict[str, str]]] = {}
@@ -179,31 +183,60 @@ class Queue:
         durable: bool = True,
         positions: bool = False,
     ) -> list[SubmitOutcome]:
-        """Queue jobs for `key` (all or none); idempotent replays return the first job.
+        """Queue jobs for `key` (all or none); idempotent replays return the first job;
+        a request the response cache answers is stored completed (`cached`).
         `durable=False` only where the caller is told nothing before the result (see
         `Store.submit_jobs`); `positions`: the outcomes say where new jobs stand."""
         if not requests:
             raise InvalidRequest("no jobs to submit", param="jobs")
-        await self._check_active_limit(key, len(requests))
-        return await self._queue_jobs(key.id, requests, durable, positions)
+        scope = self.cache.scope_of(key)
+        plans = [self.cache.plan(key.id, scope, r) for r in requests]
+        return await self._submit_planned(key, requests, plans, None, durable, positions)
+
+    async def _submit_planned(
+        self,
+        key: ApiKey,
+        requests: Sequence[JobRequest],
+        plans: Sequence[CachePlan],
+        answers: Mapping[str, JSON] | None,
+        durable: bool,
+        positions: bool,
+    ) -> list[SubmitOutcome]:
+        if answers is None:
+            answers = await self.cache.lookup(plans)
+        unanswered = sum(p.key not in answers for p in plans)
+        await self._check_active_limit(key, unanswered)
+        return await self._queue_jobs(key.id, requests, durable, positions, plans, answers)
 
     async def enqueue(self, owner: str, requests: Sequence[JobRequest]) -> list[SubmitOutcome]:
         """Queue jobs for `owner` without the active-job check: batch lines, which were
         counted against it when their batch was created (core/batches.py)."""
-        return await self._queue_jobs(owner, requests, durable=True, positions=False)
+        scope = await self.cache.scope_of_owner(owner)
+        plans = [self.cache.plan(owner, scope, r) for r in requests]
+        answers = await self.cache.lookup(plans)
+        return await self._queue_jobs(owner, requests, True, False, plans, answers)
 
     async def _queue_jobs(
-        self, owner: str, requests: Sequence[JobRequest], durable: bool, positions: bool
+        self,
+        owner: str,
+        requests: Sequence[JobRequest],
+        durable: bool,
+        positions: bool,
+        plans: Sequence[CachePlan],
+        answers: Mapping[str, JSON],
     ) -> list[SubmitOutcome]:
         now = self._clock()
-        new = [self._new_job(owner, r, now) for r in requests]
+        new = [
+            self.cache.attach(self._new_job(owner, r, now), plan, answers)
+            for r, plan in zip(requests, plans, strict=True)
+        ]
         pins = [p for p in {repr(r.pin): r.pin for r in requests}.values() if p is not None]
         if pins:  # a pin no node could ever satisfy is a clear 400, not a wait forever
             check_known(pins, await self.store.list_nodes(0.0))
         outcomes = await self.store.submit_jobs(new, now, durable, positions)
-        created = [o.job for o in outcomes if o.created]
-        self._count_active(owner, len(created))
-        self.notifier.publish({model_topic(j.model) for j in created})
+        queued = [o.job for o in outcomes if o.created and not o.job.cached]
+        self._count_active(owner, len(queued))
+        self.notifier.publish({model_topic(j.model) for j in queued})
         return outcomes
 
     def _new_job(self, owner: str, req: JobRequest, now: float) -> NewJob:
@@ -475,8 +508,12 @@ class Queue:
         Unavailable after the wait."""
         if request.pin is not None:  # the pin's 400 before a wait for its node
             check_known([request.pin], await self.store.list_nodes(0.0))
-        await self.wait_for_model(str(request.body.get("model", "")), request.pin)
-        return (await self.submit(key, [request], durable))[0].job
+        plan = self.cache.plan(key.id, self.cache.scope_of(key), request)
+        answers = await self.cache.lookup([plan])
+        if not answers:  # the cache answers without any node
+            await self.wait_for_model(str(request.body.get("model", "")), request.pin)
+        outcomes = await self._submit_planned(key, [request], [plan], answers, durable, False)
+        return outcomes[0].job
 
     async def wait_for_model(self, model: str, pin: Pin | None = None) -> None:
         """Return once a live node serves `model` (one `pin` allows). A model no node ever
@@ -877,6 +914,7 @@ class Queue:
         forgot_at = -every
         while True:
             await one_pass("reaper", self.reap, log)
+            await one_pass("response cache", self.cache.flush, log)
             if time.monotonic() - forgot_at >= every:
                 forgot_at = time.monotonic()
                 await one_pass("node expiry", self.forget_nodes, log)

@@ -15,6 +15,7 @@ from openbeepboop import __version__
 from openbeepboop.server.core.assistants import Assistants
 from openbeepboop.server.core.auth import KeyRing
 from openbeepboop.server.core.batches import BatchConfig, Batches
+from openbeepboop.server.core.cache import CacheConfig, ResponseCache
 from openbeepboop.server.core.dashboard import Dashboard
 from openbeepboop.server.core.files import Files
 from openbeepboop.server.core.identity import identity_of
@@ -76,6 +77,18 @@ def queue_config(settings: ServerSettings) -> QueueConfig:
     )
 
 
+def cache_config(settings: ServerSettings) -> CacheConfig:
+    return CacheConfig(
+        enabled=settings.cache_policy != "off",
+        policy=settings.cache_policy,
+        ttl_seconds=settings.cache_ttl_seconds,
+        max_bytes=settings.cache_max_bytes,
+        models=settings.cache_models,
+        keys=settings.cache_keys,
+        scope=settings.cache_scope,
+    )
+
+
 def retention_config(settings: ServerSettings) -> RetentionConfig:
     return RetentionConfig(
         completed_seconds=settings.keep_completed_jobs_seconds,
@@ -107,7 +120,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     """Build the server. The store is opened and closed with the app's lifespan, and the
     lease reaper and the pruner (core/retention.py) run while the app does."""
     store = store or open_store(settings)
-    queue = Queue(store, queue_config(settings))
+    queue = Queue(store, queue_config(settings), cache=ResponseCache(store, cache_config(settings)))
     files = files_of(store, settings)
     retention = Retention(store, retention_config(settings))
     assistants = Assistants(store, queue)

@@ -23,6 +23,7 @@ OUR_FIELDS = (
     "custom_id",
     "node",
     "node_labels",
+    "cache",
 )
 # A node label (config `[node] labels`, a job's `node_labels`): short strings both sides.
 LabelName = Annotated[str, Field(min_length=1, max_length=64)]
@@ -58,6 +59,11 @@ class Knobs(BaseModel):
     )
     node_labels: Labels | None = Field(
         None, max_length=32, description="Run only on a node carrying all these labels."
+    )
+    cache: Literal["use", "skip", "refresh"] | None = Field(
+        None,
+        description="Response cache: look up and keep (use), neither (skip), or run "
+        "and keep the new answer (refresh); unset: the server's policy (docs/cache.md).",
     )
 
 

@@ -14,7 +14,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 ASGIApp = Any
@@ -72,6 +77,37 @@ class RequestStats:
         yield latency
 
 
+class CacheStats:
+    """The response cache's counters as last read (core/cache.py `summary`), turned
+    into metric families at scrape time."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        v = self.values
+        yield CounterMetricFamily(
+            "openbeepboop_cache_hits",
+            "Requests answered from the response cache by this server.",
+            value=v.get("hits", 0),
+        )
+        yield CounterMetricFamily(
+            "openbeepboop_cache_misses",
+            "Requests looked up in the response cache and not found, by this server.",
+            value=v.get("misses", 0),
+        )
+        entries = GaugeMetricFamily(
+            "openbeepboop_cache_entries", "Answers held by the response cache."
+        )
+        entries.add_metric([], v.get("entries", 0))
+        yield entries
+        size = GaugeMetricFamily(
+            "openbeepboop_cache_bytes", "Bytes of the answers held by the response cache."
+        )
+        size.add_metric([], v.get("bytes", 0))
+        yield size
+
+
 class Metrics:
     """HTTP request counts and latencies, and queue gauges refreshed at scrape time."""
 
@@ -88,12 +124,15 @@ class Metrics:
             registry=self.registry,
         )
         self.nodes = Gauge("openbeepboop_live_nodes", "Live nodes.", registry=self.registry)
+        self.cache = CacheStats()
+        self.registry.register(self.cache)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one request and its latency."""
         self.requests.observe(method, route, status, seconds)
 
-    def render(self, stats: dict[str, Any]) -> bytes:
+    def render(self, stats: dict[str, Any], cache: dict[str, int] | None = None) -> bytes:
+        self.cache.values = cache or {}
         self.jobs.clear()
         for model, counts in stats.get("models", {}).items():
             for status, n in counts.items():

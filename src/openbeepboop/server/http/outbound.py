@@ -45,6 +45,7 @@ def job_json(job: Job, queue_position: int | None = None) -> dict[str, Any]:
         "node": job.pin_node,
         "node_labels": job.pin_labels,
         "node_id": job.node_id,
+        "cached": job.cached,
         "result": job.result,
         "error": job.error,
     }

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response, StreamingResponse
 
+from openbeepboop.server.core.cache import MODES
 from openbeepboop.server.core.queue import JobRequest
 from openbeepboop.server.errors import InvalidRequest, NotFound
 from openbeepboop.server.http.bodies import CheckedRoute
@@ -29,9 +30,10 @@ from openbeepboop.server.http.inbound import (
 from openbeepboop.server.http.outbound import JSONResponse, job_json, page
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.http.streaming import stream_events, stream_job, while_key_active
-from openbeepboop.server.models import ApiKey, JobFilter, JobStatus
+from openbeepboop.server.models import ApiKey, Job, JobFilter, JobStatus
 
 router = APIRouter(tags=["jobs"], route_class=CheckedRoute)
+CACHE_HEADER = "x-openbeepboop-cache"
 Key = Annotated[ApiKey, Depends(client_key)]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 
@@ -45,7 +47,33 @@ def _wants_async(prefer: str | None) -> bool:
     return any(p.split("=")[0].strip().lower() == "respond-async" for p in prefer.split(","))
 
 
-def _job_request(endpoint: str, body: Knobs, idempotency_key: str | None) -> JobRequest:
+def _cache_header(request: Request) -> str | None:
+    """`X-OpenBeepBoop-Cache: use|skip|refresh`, the request's cache mode when its body
+    does not give one (`cache`)."""
+    value = request.headers.get(CACHE_HEADER)
+    if value is None:
+        return None
+    mode = value.strip().lower()
+    if mode not in MODES:
+        raise InvalidRequest(
+            f"{CACHE_HEADER} must be one of {', '.join(MODES)}, not {value!r}",
+            param=CACHE_HEADER,
+        )
+    return mode
+
+
+def _cache_outcome(job: Job, req: JobRequest) -> dict[str, str]:
+    """The `x-openbeepboop-cache` response header: hit, miss, refresh or bypass."""
+    if job.cached:
+        return {CACHE_HEADER: "hit"}
+    if job.cache_key is None:
+        return {CACHE_HEADER: "bypass"}
+    return {CACHE_HEADER: "refresh" if req.cache == "refresh" else "miss"}
+
+
+def _job_request(
+    endpoint: str, body: Knobs, idempotency_key: str | None, cache: str | None = None
+) -> JobRequest:
     payload = body.model_dump(exclude_unset=True, exclude=set(OUR_FIELDS))
     return JobRequest(
         endpoint=endpoint,
@@ -59,6 +87,7 @@ def _job_request(endpoint: str, body: Knobs, idempotency_key: str | None) -> Job
         ttl_seconds=body.ttl_seconds,
         node=body.node,
         node_labels=body.node_labels,
+        cache=body.cache or cache,
     )
 
 
@@ -76,11 +105,13 @@ async def _openai_call(
             headers={
                 "Location": f"/v1/jobs/{outcome.job.id}",
                 "Preference-Applied": "respond-async",
+                **_cache_outcome(outcome.job, req),
             },
         )
     if req.endpoint == "/v1/embeddings":  # never streamed; the body goes as given
         job, result = await queue.complete(key, req)
-        return JSONResponse(result, headers={"x-openbeepboop-job-id": job.id})
+        headers = {"x-openbeepboop-job-id": job.id, **_cache_outcome(job, req)}
+        return JSONResponse(result, headers=headers)
     if req.body.get("stream"):
         job = await queue.submit_when_served(key, req)
         options = req.body.get("stream_options")
@@ -92,14 +123,19 @@ async def _openai_call(
                 stream_job(queue, job, usage, lambda: queue.abandon_when_unserved(key, job, req)),
             ),
             media_type="text/event-stream",
-            headers={"x-openbeepboop-job-id": job.id, "Cache-Control": "no-cache"},
+            headers={
+                "x-openbeepboop-job-id": job.id,
+                "Cache-Control": "no-cache",
+                **_cache_outcome(job, req),
+            },
         )
     if "stream" not in req.body:
         # the caller takes the answer whole: say so, and a node may ask its upstream for
         # a plain answer instead of a stream (LiteLLM's stream costs ~0.7 ms per chunk)
         req = dataclasses.replace(req, body={**req.body, "stream": False})
     job, result = await queue.complete(key, req)
-    return JSONResponse(result, headers={"x-openbeepboop-job-id": job.id})
+    headers = {"x-openbeepboop-job-id": job.id, **_cache_outcome(job, req)}
+    return JSONResponse(result, headers=headers)
 
 
 @router.post("/v1/chat/completions", summary="Chat completion (sync, or a job when async)")
@@ -110,7 +146,7 @@ async def chat_completions(
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    req = _job_request("/v1/chat/completions", body, idempotency_key)
+    req = _job_request("/v1/chat/completions", body, idempotency_key, _cache_header(request))
     return await _openai_call(request, key, req, prefer)
 
 
@@ -122,7 +158,7 @@ async def completions(
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    req = _job_request("/v1/completions", body, idempotency_key)
+    req = _job_request("/v1/completions", body, idempotency_key, _cache_header(request))
     return await _openai_call(request, key, req, prefer)
 
 
@@ -134,7 +170,7 @@ async def embeddings(
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    req = _job_request("/v1/embeddings", body, idempotency_key)
+    req = _job_request("/v1/embeddings", body, idempotency_key, _cache_header(request))
     # OpenAI's embeddings endpoint ignores `stream`: so does ours (the job never has it)
     kept = {k: v for k, v in req.body.items() if k not in ("stream", "stream_options")}
     return await _openai_call(request, key, dataclasses.replace(req, body=kept), prefer)
@@ -170,12 +206,14 @@ async def _render_templates(request: Request, key: ApiKey, specs: list[JobSpec])
     return out
 
 
-def _spec_request(spec: JobSpec, header_key: str | None, loc: tuple[str | int, ...]) -> JobRequest:
+def _spec_request(
+    spec: JobSpec, header_key: str | None, loc: tuple[str | int, ...], cache: str | None = None
+) -> JobRequest:
     if spec.body is None:
         raise InvalidRequest("a job needs 'body' (or 'template' and 'query')", param="body")
     endpoint_model = ENDPOINT_BODIES[spec.endpoint]
     checked = _validate(endpoint_model, spec.body, (*loc, "body"))
-    req = _job_request(spec.endpoint, checked, spec.idempotency_key or header_key)
+    req = _job_request(spec.endpoint, checked, spec.idempotency_key or header_key, cache)
     # our knobs may sit beside the body (batch-line style) or inside it; beside wins
     beside = {name: getattr(spec, name) for name in OUR_FIELDS if name in spec.model_fields_set}
     return dataclasses.replace(req, **beside) if beside else req  # replace() is slow
@@ -219,19 +257,20 @@ async def create_jobs(
                 param="Idempotency-Key",
             )
         specs = await _render_templates(request, key, body.jobs)
-        reqs = [_spec_request(s, None, ("body", "jobs", i)) for i, s in enumerate(specs)]
+        cache = _cache_header(request)
+        reqs = [_spec_request(s, None, ("body", "jobs", i), cache) for i, s in enumerate(specs)]
         outcomes = await queue.submit(key, reqs)
         return JSONResponse(
             {"object": "list", "data": [job_json(o.job) for o in outcomes]}, status_code=202
         )
     [spec] = await _render_templates(request, key, [_validate(JobSpec, raw, ("body",))])
-    req = _spec_request(spec, idempotency_key, ("body",))
+    req = _spec_request(spec, idempotency_key, ("body",), _cache_header(request))
     outcome = (await queue.submit(key, [req], positions=True))[0]
     position = await queue.submitted_position(outcome)
     return JSONResponse(
         job_json(outcome.job, position),
         status_code=202 if outcome.created else 200,
-        headers={"Location": f"/v1/jobs/{outcome.job.id}"},
+        headers={"Location": f"/v1/jobs/{outcome.job.id}", **_cache_outcome(outcome.job, req)},
     )
 
 

@@ -43,7 +43,7 @@ async def metrics(request: Request) -> Response:
     state = app_state(request)
     if not state.settings.metrics_public:
         await any_key(request)
-    body = state.metrics.render(await state.queue.stats())
+    body = state.metrics.render(await state.queue.stats(), await state.queue.cache.summary())
     return Response(body, media_type=state.metrics.content_type)
 
 
@@ -123,7 +123,8 @@ async def dht_status(request: Request, key: AnyKey) -> Response:
 
 @router.get("/v1/stats", summary="Queue depth and counts per model")
 async def stats(request: Request, key: AnyKey) -> Response:
-    return JSONResponse(await app_state(request).queue.stats())
+    queue = app_state(request).queue
+    return JSONResponse({**await queue.stats(), "cache": await queue.cache.summary()})
 
 
 class NewKeyBody(BaseModel):

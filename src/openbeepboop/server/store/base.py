@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from openbeepboop.server.models import (
+    JSON,
     ApiKey,
     Batch,
+    CacheSummary,
     HeartbeatOutcome,
     Job,
     JobFilter,
@@ -290,6 +292,27 @@ class Store(Protocol):
 
     async def delete_template(self, owner: str, name: str) -> bool:
         """Delete one template; False when there was none."""
+
+    # -- response cache (core/cache.py) --------------------------------------------
+    # A job submitted with a `cache_key` has its result kept under that key when it
+    # completes (in that transaction, by the schema); a job submitted with a
+    # `cached_result` is stored completed and `cached`.
+
+    async def cache_lookup(self, keys: Sequence[str], fresh_after: float) -> dict[str, JSON]:
+        """The answers kept under `keys`, made at or after `fresh_after`, by key."""
+
+    async def cache_used(self, hits: Mapping[str, int], now: float) -> None:
+        """Add hits counted since the last call to their answers, last used at `now`."""
+
+    async def cache_trim(self, stale_before: float, max_bytes: int) -> int:
+        """Delete the answers made before `stale_before`, then the least recently used
+        ones until the rest hold at most `max_bytes`; how many went."""
+
+    async def cache_summary(self) -> CacheSummary:
+        """How many answers, their bytes, and their hits counted so far."""
+
+    async def cache_clear(self, model: str | None = None) -> int:
+        """Delete every answer (of `model`, when given); how many went."""
 
     # -- rate limits ------------------------------------------------------------
 

@@ -121,7 +121,7 @@ class PostgresStore(SqlStore):
             places = {}
             if positions:
                 for job_id, nj in zip(ids, jobs, strict=True):
-                    if job_id in seqs:
+                    if job_id in seqs and nj.cached_result is None:
                         args = (nj.model, nj.priority, seqs[job_id])
                         places[job_id] = int(await conn.fetchval(ahead, *args))
             replays = [j for i, j in zip(ids, jobs, strict=True) if i not in seqs]

@@ -35,7 +35,7 @@ JOB_COLUMNS = (
     "seq, id, owner, endpoint, model, request, request_hash, status, priority, max_attempts, "
     "attempts, metadata, custom_id, idempotency_key, created_at, expires_at, started_at, "
     "finished_at, lease_id, lease_expires_at, node_id, result, error, batch_id, pin_node, "
-    "pin_labels"
+    "pin_labels, cache_key, cached"
 )
 NODE_COLUMNS = (
     "id, name, owner, models, capacity, hardware, version, registered_at, last_seen, stats, labels"
@@ -126,6 +126,8 @@ def job(row: Row) -> Job:
         batch_id=row[23],
         pin_node=row[24],
         pin_labels=_loads(row[25]),
+        cache_key=row[26],
+        cached=bool(row[27]),
     )
 
 
@@ -146,6 +148,8 @@ def new_job_values(nj: NewJob) -> tuple[Any, ...]:
         nj.batch_id,
         nj.pin_node,
         json_or_null(nj.pin_labels),
+        nj.cache_key,
+        json_or_null(nj.cached_result),
     )
 
 

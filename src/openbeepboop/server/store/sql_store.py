@@ -18,9 +18,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+import orjson
+
 from openbeepboop.server.models import (
+    JSON,
     ApiKey,
     Batch,
+    CacheSummary,
     HeartbeatOutcome,
     Job,
     JobFilter,
@@ -68,6 +72,7 @@ UNSYNCED = Write(idempotent=True, durable=False)  # lease renewals, contact: los
 CLAIM = Write(durable=False)  # applied once; lost to a power cut, the job only runs again
 COUNT = Write(durable=False)  # a request counter: lost to a power cut, a window starts over
 Steps = Sequence[tuple[str, Sequence[Any]]]
+TRIM_ROWS = 1000  # response cache answers deleted per statement
 
 
 class SqlStore(ABC):
@@ -434,6 +439,47 @@ class SqlStore(ABC):
         return await self._change(self._q["delete_template"], (owner, name)) > 0
 
     # -- rate limits --------------------------------------------------------------
+
+    # -- response cache -----------------------------------------------------------
+
+    async def cache_lookup(self, keys: Sequence[str], fresh_after: float) -> dict[str, JSON]:
+        if not keys:
+            return {}
+        found = await self._read(self._q["cache_lookup"], (self._array(keys), fresh_after))
+        return {r[0]: orjson.loads(r[1]) for r in found}
+
+    async def cache_used(self, hits: Mapping[str, int], now: float) -> None:
+        if hits:
+            keys, counts = list(hits), [int(n) for n in hits.values()]
+            args = (self._array(keys), self._array(counts), now)
+            await self._change(self._q["cache_used"], args, UNSYNCED)
+
+    async def cache_trim(self, stale_before: float, max_bytes: int) -> int:
+        gone = 0
+        while changed := await self._change(
+            self._q["cache_expire"], (stale_before, TRIM_ROWS), UNSYNCED
+        ):
+            gone += changed
+        total = (await self.cache_summary()).bytes
+        while total > max_bytes:
+            oldest = await self._read(self._q["cache_oldest_used"], (TRIM_ROWS,))
+            victims: list[str] = []
+            for key, size in oldest:
+                if total <= max_bytes:
+                    break
+                victims.append(key)
+                total -= int(size)
+            if not victims:
+                break
+            gone += await self._change(self._q["cache_delete"], (self._array(victims),), UNSYNCED)
+        return gone
+
+    async def cache_summary(self) -> CacheSummary:
+        row = await self._first("cache_summary")
+        return CacheSummary(0, 0, 0) if row is None else CacheSummary(*map(int, row))
+
+    async def cache_clear(self, model: str | None = None) -> int:
+        return await self._change(self._q["cache_clear"], (model,))
 
     async def hit_counters(self, windows: Mapping[str, float]) -> dict[str, tuple[int, float]]:
         if not windows:

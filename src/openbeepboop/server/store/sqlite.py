@@ -124,6 +124,9 @@ class SqliteStore(SqlStore):
             job_id = rows.new_job_id()
             args = (job_id, *rows.new_job_values(nj), now)
             seq = conn.execute(self._q["insert_job"], args).lastrowid or 0
+            if nj.cached_result is not None:  # completed at once: never queued
+                out.append(SubmitOutcome(nj.queued(job_id, seq, now), True))
+                continue
             position = None
             if positions:  # counted now, so that the next one counts it
                 conn.execute(self._q["count_queued"], (nj.model, nj.priority, 1))

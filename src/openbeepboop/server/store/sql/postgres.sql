@@ -15,19 +15,24 @@ JOIN unnest($1::text[], $2::text[]) AS k(owner, key)
 
 -- name: insert_jobs
 -- New jobs, queued, in order; a job whose (owner, idempotency_key) exists is skipped
--- (the caller looks it up). $1..$15 are columns as arrays, $16 now.
+-- (the caller looks it up). $1..$17 are columns as arrays, $18 now. A job with an answer
+-- from the response cache ($17) is completed at once and marked cached.
 INSERT INTO jobs (id, owner, endpoint, model, request, request_hash, status, priority,
                   max_attempts, metadata, custom_id, idempotency_key, expires_at, batch_id,
-                  pin_node, pin_labels, created_at)
-SELECT t.id, t.owner, t.endpoint, t.model, t.request, t.request_hash, 'queued', t.priority,
+                  pin_node, pin_labels, cache_key, result, cached, started_at, finished_at,
+                  created_at)
+SELECT t.id, t.owner, t.endpoint, t.model, t.request, t.request_hash,
+       CASE WHEN t.result IS NULL THEN 'queued' ELSE 'completed' END, t.priority,
        t.max_attempts, t.metadata, t.custom_id, t.idempotency_key, t.expires_at, t.batch_id,
-       t.pin_node, t.pin_labels, $16
+       t.pin_node, t.pin_labels, t.cache_key, t.result, (t.result IS NOT NULL)::int,
+       CASE WHEN t.result IS NULL THEN NULL ELSE $18::float8 END,
+       CASE WHEN t.result IS NULL THEN NULL ELSE $18::float8 END, $18
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
             $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[],
-            $12::float8[], $13::text[], $14::text[], $15::text[])
+            $12::float8[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[])
      WITH ORDINALITY AS t(id, owner, endpoint, model, request, request_hash, priority,
                           max_attempts, metadata, custom_id, idempotency_key, expires_at,
-                          batch_id, pin_node, pin_labels, ord)
+                          batch_id, pin_node, pin_labels, cache_key, result, ord)
 ORDER BY t.ord
 ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id, seq;
@@ -497,3 +502,37 @@ ON CONFLICT (name) DO UPDATE SET
                 ELSE rate_counters.hits + 1 END,
     window_start = greatest(rate_counters.window_start, excluded.window_start)
 RETURNING name, hits, window_start;
+
+-- ======================================================================== response cache
+
+-- name: cache_lookup
+-- The answers kept under the keys $1, made at or after $2 (older ones expired; the
+-- reaper deletes them).
+SELECT key, result FROM response_cache WHERE key = ANY($1::text[]) AND created_at >= $2;
+
+-- name: cache_used
+-- Hits counted by a server since its last pass: $1 keys, $2 how many hits each
+-- (pairwise), last used at $3.
+UPDATE response_cache SET hits = hits + u.n, used_at = greatest(used_at, $3)
+FROM unnest($1::text[], $2::bigint[]) AS u(key, n)
+WHERE response_cache.key = u.key;
+
+-- name: cache_expire
+-- Up to $2 answers made before $1.
+DELETE FROM response_cache
+WHERE key IN (SELECT key FROM response_cache WHERE created_at < $1 LIMIT $2);
+
+-- name: cache_summary
+SELECT count(*), coalesce(sum(bytes), 0), coalesce(sum(hits), 0) FROM response_cache;
+
+-- name: cache_oldest_used
+-- The least recently used answers, $1 of them: what eviction takes first.
+SELECT key, bytes FROM response_cache ORDER BY used_at, key LIMIT $1;
+
+-- name: cache_delete
+-- The answers under the keys $1.
+DELETE FROM response_cache WHERE key = ANY($1::text[]);
+
+-- name: cache_clear
+-- Every answer, or those of model $1.
+DELETE FROM response_cache WHERE $1::text IS NULL OR model = $1;

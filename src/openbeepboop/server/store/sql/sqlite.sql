@@ -10,11 +10,16 @@
 SELECT {job_columns} FROM jobs WHERE owner = ?1 AND idempotency_key = ?2;
 
 -- name: insert_job
--- A new job, queued.
+-- A new job, queued; or, with an answer from the response cache (?17), completed at once
+-- and marked cached (its cache_key ?16 is then NULL: nothing to keep).
 INSERT INTO jobs (id, owner, endpoint, model, request, request_hash, status, priority,
                   max_attempts, metadata, custom_id, idempotency_key, expires_at, batch_id,
-                  pin_node, pin_labels, created_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16);
+                  pin_node, pin_labels, cache_key, result, cached, started_at, finished_at,
+                  created_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, CASE WHEN ?17 IS NULL THEN 'queued' ELSE 'completed' END,
+        ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?17 IS NOT NULL,
+        CASE WHEN ?17 IS NULL THEN NULL ELSE ?18 END,
+        CASE WHEN ?17 IS NULL THEN NULL ELSE ?18 END, ?18);
 
 -- name: get_job
 SELECT {job_columns} FROM jobs WHERE id = ?1;
@@ -483,3 +488,39 @@ ON CONFLICT (name) DO UPDATE SET
                 ELSE rate_counters.hits + 1 END,
     window_start = max(rate_counters.window_start, excluded.window_start)
 RETURNING name, hits, window_start;
+
+-- ======================================================================== response cache
+
+-- name: cache_lookup
+-- The answers kept under the keys ?1 (a JSON array), made at or after ?2 (older ones
+-- expired; the reaper deletes them).
+SELECT key, result FROM response_cache
+WHERE key IN (SELECT value FROM json_each(?1)) AND created_at >= ?2;
+
+-- name: cache_used
+-- Hits counted by a server since its last pass: ?1 keys, ?2 how many hits each (JSON
+-- arrays, pairwise), last used at ?3.
+UPDATE response_cache SET hits = hits + u.n, used_at = max(used_at, ?3)
+FROM (SELECT k.value AS key, n.value AS n FROM json_each(?1) AS k
+      JOIN json_each(?2) AS n ON n.key = k.key) AS u
+WHERE response_cache.key = u.key;
+
+-- name: cache_expire
+-- Up to ?2 answers made before ?1.
+DELETE FROM response_cache
+WHERE key IN (SELECT key FROM response_cache WHERE created_at < ?1 LIMIT ?2);
+
+-- name: cache_summary
+SELECT count(*), coalesce(sum(bytes), 0), coalesce(sum(hits), 0) FROM response_cache;
+
+-- name: cache_oldest_used
+-- The least recently used answers, ?1 of them: what eviction takes first.
+SELECT key, bytes FROM response_cache ORDER BY used_at, key LIMIT ?1;
+
+-- name: cache_delete
+-- The answers under the keys ?1 (a JSON array).
+DELETE FROM response_cache WHERE key IN (SELECT value FROM json_each(?1));
+
+-- name: cache_clear
+-- Every answer, or those of model ?1.
+DELETE FROM response_cache WHERE ?1 IS NULL OR model = ?1;
