@@ -214,6 +214,45 @@ def test_a_synchronous_call_waits_on_one_replica_for_a_result_recorded_by_the_ot
     assert answer.usage is not None and answer.usage.completion_tokens == 3
 
 
+def test_the_response_cache_is_shared_by_the_replicas(two: Replicas, tmp_path: Path) -> None:
+    # asked through replica 0 (node A answers "slow"), then through replica 1 with another
+    # key: the same bytes, from the cache in the shared database, no node involved
+    ask = {"model": "slow", "messages": [{"role": "user", "content": "cache me"}], "seed": 1}
+    made = cli(
+        "keys",
+        "create",
+        "--role",
+        "client",
+        "--data-dir",
+        str(two.servers[0].data_dir),
+        "--json",
+        env=two.servers[0].env,
+    )
+    first = httpx.post(
+        two.client(0).url + "/v1/chat/completions",
+        json=ask,
+        headers=auth(two.keys["client_key"]),
+        timeout=30,
+    )
+    assert first.status_code == 200 and first.headers["x-openbeepboop-cache"] == "miss"
+    client = openai.OpenAI(base_url=two.client(1).url + "/v1", api_key=made["key"])
+    raw = client.chat.completions.with_raw_response.create(
+        model="slow", messages=ask["messages"], seed=1
+    )
+    assert raw.headers["x-openbeepboop-cache"] == "hit"
+    assert raw.http_response.content == first.content
+    # the admin empties it from the command line while both replicas run
+    env = two.servers[0].env
+    data_dir = str(two.servers[0].data_dir)
+    held = cli("cache", "stats", "--data-dir", data_dir, "--json", env=env)
+    assert held["entries"] >= 1 and held["bytes"] > 0
+    assert cli("cache", "clear", "--data-dir", data_dir, "--json", env=env)["deleted"] >= 1
+    again = client.chat.completions.with_raw_response.create(
+        model="slow", messages=ask["messages"], seed=1
+    )
+    assert again.headers["x-openbeepboop-cache"] == "miss"
+
+
 def test_cancel_and_poll_through_the_other_replica(two: Replicas, http: httpx.Client) -> None:
     a, b = two.client(0), two.client(1)
     job_id = submit(http, a, "wait for me", model="stuck")

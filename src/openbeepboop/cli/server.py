@@ -492,5 +492,35 @@ def keys_revoke(data_dir: Path | None, key_id: str, as_json: bool) -> None:
         click.echo(f"revoked {key.id}")
 
 
+@main.group()
+def cache() -> None:
+    """Look at and empty the response cache (docs/cache.md)."""
+
+
+@cache.command("stats")
+@DATA_DIR
+@JSON_OUT
+def cache_stats(data_dir: Path | None, as_json: bool) -> None:
+    """How many answers the cache holds, their size, and their hits so far."""
+    held = _on_store(_settings(data_dir), lambda store: store.cache_summary())
+    if as_json:
+        click.echo(json.dumps({"entries": held.entries, "bytes": held.bytes, "hits": held.hits}))
+    else:
+        click.echo(f"{held.entries} answers, {held.bytes} bytes, {held.hits} hits")
+
+
+@cache.command("clear")
+@DATA_DIR
+@click.option("--model", default=None, help="Only the answers of this model.")
+@JSON_OUT
+def cache_clear(data_dir: Path | None, model: str | None, as_json: bool) -> None:
+    """Delete cached answers (every one, or one model's); safe while servers run."""
+    gone = _on_store(_settings(data_dir), lambda store: store.cache_clear(model))
+    if as_json:
+        click.echo(json.dumps({"deleted": gone, "model": model}))
+    else:
+        click.echo(f"deleted {gone} cached answer{'s' if gone != 1 else ''}")
+
+
 if __name__ == "__main__":
     main()
