@@ -28,16 +28,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import orjson
 
 from openbeepboop.server.errors import InvalidRequest
 from openbeepboop.server.models import JSON, ApiKey, CacheSummary, NewJob
 from openbeepboop.server.store.base import Store
-
-if TYPE_CHECKING:
-    from openbeepboop.server.core.queue import JobRequest
 
 Mode = Literal["use", "skip", "refresh"]
 Policy = Literal["deterministic", "all", "opt-in", "off"]
@@ -48,6 +45,21 @@ UNKEYED = frozenset({"stream", "stream_options", "user"})
 KEY_VERSION = 1  # part of every key: a change of what is hashed starts a new cache
 TRIM_SECONDS = 30.0  # eviction runs at most this often (it sums the cache's bytes)
 OWNER_SCOPE_SECONDS = 10.0  # how long a batch owner's key is remembered for its scope
+
+
+class Asked(Protocol):
+    """What the cache reads of a request (core/queue.py's JobRequest)."""
+
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def body(self) -> JSON: ...
+    @property
+    def node(self) -> str | None: ...
+    @property
+    def node_labels(self) -> dict[str, str] | None: ...
+    @property
+    def cache(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +118,7 @@ def take_mode(body: JSON) -> tuple[JSON, str | None]:
     return {k: v for k, v in body.items() if k != "cache"}, mode
 
 
-def cache_key(req: JobRequest, private_to: str | None) -> str:
+def cache_key(req: Asked, private_to: str | None) -> str:
     """The hash of what was asked (see the module docstring)."""
     body = {k: v for k, v in req.body.items() if k not in UNKEYED}
     asked = [KEY_VERSION, req.endpoint, body, req.node, req.node_labels or None, private_to]
@@ -150,7 +162,7 @@ class ResponseCache:
         self._owners[owner] = (now, scope)
         return scope
 
-    def plan(self, owner: str, scope: Scope, req: JobRequest) -> CachePlan:
+    def plan(self, owner: str, scope: Scope, req: Asked) -> CachePlan:
         """What to do for `req` of the key `owner` whose scope is `scope`."""
         config = self.config
         if not config.enabled or scope == "off" or req.cache == "skip":
