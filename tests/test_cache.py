@@ -215,3 +215,18 @@ async def test_scopes_private_and_off(served: Any) -> None:
         assert (await post(api, chat(temperature=0))).headers[CACHE] == "bypass"
         assert (await post(api, chat(temperature=0))).headers[CACHE] == "bypass"
         assert node.served == 2
+
+
+async def test_rerun_runs_on_a_node_and_replaces_the_cached_answer(served: Any) -> None:
+    async with served() as (api, node):
+        first = await post(api, chat(temperature=0))
+        hit = await post(api, chat(temperature=0))
+        assert hit.headers[CACHE] == "hit"
+        state = app_state(api.app)
+        key = await state.keyring.authenticate(api.client)
+        again = await state.queue.rerun(key, hit.headers["x-openbeepboop-job-id"])
+        assert not again.cached and again.cache_key is not None  # queued for a node
+        done = await state.queue.wait_for(again.id, 5)
+        assert done.result != first.json() and node.served == 2
+        latest = await post(api, chat(temperature=0))
+        assert latest.headers[CACHE] == "hit" and latest.json() == done.result

@@ -300,7 +300,8 @@ class Queue:
     async def rerun(self, key: ApiKey, job_id: str) -> Job:
         """A new job with the request of `job_id` (one `key` may see), owned by `key`: same
         endpoint, body, priority, attempts, pins and metadata; not in a batch, with no
-        idempotency key or expiry of its own."""
+        idempotency key or expiry of its own; run on a node even when the response cache
+        holds its answer (which it then replaces)."""
         old = await self.get(key, job_id)
         metadata = old.metadata
         if isinstance(metadata, dict):  # a Response's bookkeeping belongs to the first run
@@ -314,6 +315,8 @@ class Queue:
             custom_id=old.custom_id,
             node=old.pin_node,
             node_labels=old.pin_labels,
+            # run again for real: a cached answer is replaced, never served
+            cache="refresh" if old.cache_key is not None or old.cached else "skip",
         )
         return (await self.submit(key, [again]))[0].job
 
