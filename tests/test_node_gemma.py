@@ -165,6 +165,8 @@ def test_openai_sdk_on_gemma_plain_streamed_and_batched(
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
+        # the model itself, token by token: not the response cache's answer to `plain`
+        extra_body={"cache": "skip"},
     )
     pieces, usage, finish = [], None, None
     for chunk in stream:
