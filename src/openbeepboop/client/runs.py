@@ -633,7 +633,7 @@ async def resume_run(client: AsyncClient, run: RunSummary, **options: Any) -> Ru
     saved = {
         k: v
         for k, v in (record.header.get("options") or {}).items()
-        if k in RunOptions.__dataclass_fields__
+        if k in RunOptions.__dataclass_fields__ and k != "wait_s"  # wait_s: this session's
     }
     settings = RunOptions(**{**saved, **{k: v for k, v in options.items() if v is not None}})
     settings.check()
