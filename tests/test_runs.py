@@ -232,3 +232,40 @@ def test_one_async_client_across_repeated_asyncio_run(
         assert answers == [f"round {n}", *(f"{n}-{i}" for i in range(30))]
     assert len({id(h) for h in used}) == 3  # one HTTP client per loop...
     assert all(h.is_closed for h in used)  # ...closed with its loop
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "openbeepboop.cli.client", *args]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+def test_cli_file_run_from_openai_variables_with_heartbeats_on_stderr(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    requests = tmp_path / "q.jsonl"
+    requests.write_text("".join(f"prompt {i}\n" for i in range(16)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBEEPBOOP_", "OPENAI_"))}
+    env |= {"OPENBEEPBOOP_STATE_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1"}
+    env["OPENBEEPBOOP_DATA_DIR"] = str(tmp_path / "no-saved-key")
+    openai = {"OPENAI_BASE_URL": server.url + "/v1", "OPENAI_API_KEY": server.keys["client_key"]}
+
+    out = cli(
+        "submit",
+        "--file",
+        str(requests),
+        "--heartbeat",
+        "0.2",
+        env={**env, **openai, "OPENAI_MODEL": "slow"},
+    )
+    assert out.returncode == 0, out.stderr
+    beats = [line for line in out.stderr.splitlines() if " in flight, " in line]
+    assert len(beats) >= 2 and "/16 done, 0 failed" in beats[0], out.stderr
+    lines = [json.loads(x) for x in (tmp_path / "q.results.jsonl").read_text().splitlines()]
+    assert sorted(x["response"]["body"]["model"] for x in lines) == ["slow"] * 16
+    assert find_run("q.jsonl", tmp_path / "runs").status == "finished"
+
+    # the OpenAI key is not sent to a server named by OPENBEEPBOOP_BASE_URL: refused, exit 4
+    elsewhere = {**env, **openai, "OPENBEEPBOOP_BASE_URL": server.url}
+    refused = cli("models", env=elsewhere)
+    assert refused.returncode == 4 and "OPENBEEPBOOP_API_KEY" in refused.stderr
+    assert server.keys["client_key"] not in refused.stderr
