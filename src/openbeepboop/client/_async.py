@@ -57,6 +57,14 @@ from openbeepboop.client.errors import (
     from_response,
 )
 from openbeepboop.client.types import typed_result
+from openbeepboop.client.wire import (
+    BULK_CHUNK,
+    FINAL,
+    KNOBS,
+    LONG_POLL,
+    POLL_CHUNK,
+    Resubmit,
+)
 
 if TYPE_CHECKING:
     from openbeepboop.client.discovery import Discovery
@@ -65,20 +73,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("openbeepboop.client")
 
-FINAL = frozenset({"completed", "failed", "cancelled", "expired"})
-KNOBS = (
-    "priority",
-    "max_attempts",
-    "expires_at",
-    "ttl_seconds",
-    "metadata",
-    "custom_id",
-    "node",
-    "node_labels",
-)
-LONG_POLL = 30.0  # seconds per long-poll; the server caps it too
-BULK_CHUNK = 1000
-POLL_CHUNK = 5000
 DOWN_RETRY = 0.5  # seconds between tries of an unreachable server before failing over
 CONTENT = frozenset({"token", "delta"})  # events that carry the answer
 
@@ -88,17 +82,6 @@ def _unreachable(exc: BaseException) -> bool:
     return isinstance(exc, APIConnectionError) or (
         isinstance(exc, ServerError) and exc.status in (502, 503, 504)
     )
-
-
-@dataclass(frozen=True)
-class Resubmit:
-    """How a job was submitted, to submit it again elsewhere (same idempotency key)."""
-
-    model: str | None
-    path: str
-    body: Any
-    headers: dict[str, str] | None
-    bulk: bool = False  # body is {"jobs": [spec]}: the job is answer["data"][0]
 
 
 def _retryable(exc: BaseException) -> bool:
