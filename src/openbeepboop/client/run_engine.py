@@ -8,6 +8,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,12 +66,21 @@ class Session:
         return RunOutcome(self.summary, sorted(results, key=_index) if ordered else results)
 
     async def stream(self) -> AsyncGenerator[RunResult, None]:
-        """Every result of the run: earlier ones first, then as they come."""
+        """Every result of the run: earlier ones first, then as they come. The state
+        file is closed (fsync'd) however it ends."""
+        try:
+            for i in sorted(self.record.done):
+                result = self._result(i, self.record.done[i], reused=True)
+                self.results[i] = result
+                yield result
+            async with aclosing(self._run()) as results:
+                async for result in results:
+                    yield result
+        finally:
+            self.writer.close()
+
+    async def _run(self) -> AsyncGenerator[RunResult, None]:
         record = self.record
-        for i in sorted(record.done):
-            result = self._result(i, record.done[i], reused=True)
-            self.results[i] = result
-            yield result
         pending = deque(i for i in sorted(record.requests) if i not in record.done)
         outs = [i for i in pending if i in record.submitted]
         pending = deque(i for i in pending if i not in record.submitted)
@@ -114,7 +124,6 @@ class Session:
             self._finish()
         finally:
             await _stop(work, beat)
-            self.writer.close()
 
     def _finish(self) -> None:
         if self.record.status != "finished":
@@ -209,7 +218,7 @@ class _Engine:
         self.pending = pending
         self.queue = queue
         options = session.options
-        self.window = max(1, options.max_outstanding // options.num_workers)
+        self.window = min(POLL_CHUNK, max(1, options.max_outstanding // options.num_workers))
         self.mine: list[dict[str, _Out]] = [{} for _ in range(options.num_workers)]
         self.limiter = None
         if options.rpm:
@@ -230,6 +239,8 @@ class _Engine:
             async with asyncio.TaskGroup() as group:
                 for mine in self.mine:
                     group.create_task(self._worker(mine))
+        except ExceptionGroup as failed:  # the first worker's error is the run's
+            raise failed.exceptions[0] from None
         finally:
             self.queue.put_nowait(None)
 
