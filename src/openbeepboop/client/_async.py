@@ -162,15 +162,25 @@ class AsyncClient:
         return held.http
 
     async def run_batched(self, requests: Iterable[Any], **options: Any) -> RunOutcome:
-        """Run many requests as one resumable run and return its results (see
-        `openbeepboop.client.runs.run_batched` for the options)."""
+        """Run many requests as one resumable run; every result, in input order.
+
+            outcome = await client.run_batched(prompts, name="eval-v3", model="llama3")
+
+        `requests`: OpenAI chat bodies, batch lines `{custom_id, url, body}`, prompt
+        objects or strings. Options: `name`, `metadata`, `model`, `ordered` (True),
+        `max_outstanding` (MAX_OUTSTANDING, 1000), `num_workers` (BATCH_NUM_WORKERS, 4),
+        `heartbeat_s` (10), `max_failures` (25; 0 never), `rpm` (RPM, 0: no limit),
+        `timeout_s` (TIMEOUT_S, 0: none), `max_attempts` (MAX_ATTEMPTS), `wait_s`,
+        `resume` (True), `run_id`, `state_dir`. Raises `RunAbortedError` (with
+        `.outcome`) after `max_failures` failed jobs. See docs/client.md, "Running a
+        batch"."""
         from openbeepboop.client import runs
 
         return await runs.run_batched(self, requests, **options)
 
     def iter_batched(self, requests: Iterable[Any], **options: Any) -> AsyncIterator[RunResult]:
-        """As `run_batched`, yielding each result as it is ready (as completed unless
-        `ordered=True`)."""
+        """As `run_batched`, yielding each result as it finishes (`ordered=True`: in
+        input order). Leaving the loop stops the run; it stays resumable."""
         from openbeepboop.client import runs
 
         return runs.iter_batched(self, requests, **options)
