@@ -278,3 +278,21 @@ def test_cli_file_run_from_openai_variables_with_heartbeats_on_stderr(
     refused = cli("models", env=elsewhere)
     assert refused.returncode == 4 and "OPENBEEPBOOP_API_KEY" in refused.stderr
     assert server.keys["client_key"] not in refused.stderr
+
+
+def test_leaving_the_loop_early_stops_the_run_and_the_same_call_finishes_it(
+    server: ServerProcess, client: Client, runs_dir: Path
+) -> None:
+    requests = [
+        {"model": "slow", "messages": [{"role": "user", "content": f"{i}"}]} for i in range(16)
+    ]
+    before = job_count(server)
+    for _ in client.iter_batched(requests, name="left", max_outstanding=4, num_workers=1):
+        break
+    stopped = find_run("left")
+    assert stopped.status == "incomplete" and stopped.submitted <= 8
+    time.sleep(2 * SLOW_MS / 1000)
+    assert job_count(server) - before == stopped.submitted  # nothing sent after the break
+    outcome = client.run_batched(requests, name="left")
+    assert [r.text for r in outcome] == [str(i) for i in range(16)]
+    assert job_count(server) - before == 16
