@@ -119,11 +119,13 @@ class Session:
                 raise work.exception()  # type: ignore[misc]
             if engine.aborting:
                 await _stop(work)
+                await engine.settle()
                 await engine.cancel_outstanding()
                 raise self._abort()
             self._finish()
         finally:
             await _stop(work, beat)
+            await engine.settle()
 
     def _finish(self) -> None:
         if self.record.status != "finished":
@@ -220,6 +222,7 @@ class _Engine:
         options = session.options
         self.window = min(POLL_CHUNK, max(1, options.max_outstanding // options.num_workers))
         self.mine: list[dict[str, _Out]] = [{} for _ in range(options.num_workers)]
+        self.submits: set[asyncio.Task[None]] = set()
         self.limiter = None
         if options.rpm:
             from aiolimiter import AsyncLimiter
@@ -233,6 +236,11 @@ class _Engine:
 
     def outstanding(self) -> int:
         return sum(len(m) for m in self.mine)
+
+    async def settle(self) -> None:
+        """Let the submits under way end and be recorded (their jobs exist now)."""
+        if self.submits:
+            await asyncio.gather(*self.submits, return_exceptions=True)
 
     async def work(self) -> None:
         try:
@@ -248,7 +256,11 @@ class _Engine:
         while not self.aborting:
             room = min(self.window - len(mine), BULK_CHUNK, len(self.pending))
             if room > 0:
-                await self._submit([self.pending.popleft() for _ in range(room)], mine)
+                # shielded: a run stopped meanwhile still records the jobs it created
+                batch = [self.pending.popleft() for _ in range(room)]
+                self.submits = {t for t in self.submits if not t.done()}
+                self.submits.add(submit := asyncio.create_task(self._submit(batch, mine)))
+                await asyncio.shield(submit)
             if mine:
                 await self._poll(mine)
             elif not self.pending:
