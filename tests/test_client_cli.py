@@ -33,6 +33,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AllInOne]:
 def env_for(serve: AllInOne, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBEEPBOOP_")}
     env.update(OPENBEEPBOOP_BASE_URL=serve.url, OPENBEEPBOOP_API_KEY=serve.key)
+    env["OPENBEEPBOOP_STATE_DIR"] = str(serve.data_dir.parent / "runs")
     env.update(extra)
     return env
 

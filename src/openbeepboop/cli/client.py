@@ -31,9 +31,17 @@ from openbeepboop.client import (
     OpenBeepBoopError,
     PermissionDeniedError,
 )
+from openbeepboop.client.runs import RunAbortedError
 
 F = TypeVar("F", bound=Callable[..., Any])
+URL_VARS = ["OPENBEEPBOOP_BASE_URL", "OPENAI_BASE_URL"]
+KEY_VARS = ["OPENBEEPBOOP_API_KEY", "OPENAI_API_KEY"]
+KEY_HELP = (
+    "A client key [the one `openbeepboop serve` saved locally]. OPENAI_API_KEY is used "
+    "only with a server named by OPENAI_BASE_URL."
+)
 EXIT = {
+    RunAbortedError: 1,
     JobFailedError: 1,
     APIConnectionError: 3,
     AuthenticationError: 4,
@@ -53,15 +61,15 @@ def _connected(fn: F) -> F:
 
     @click.option(
         "--base-url",
-        envvar="OPENBEEPBOOP_BASE_URL",
+        envvar=URL_VARS,
         show_envvar=True,
         help="Server URL [http://127.0.0.1:8000].",
     )
     @click.option(
         "--api-key",
-        envvar="OPENBEEPBOOP_API_KEY",
+        envvar=KEY_VARS,
         show_envvar=True,
-        help="A client key [the one `openbeepboop serve` saved locally].",
+        help=KEY_HELP,
     )
     @click.option(
         "--bootstrap",
@@ -76,8 +84,8 @@ def _connected(fn: F) -> F:
         base_url: str | None, api_key: str | None, bootstrap: str | None, **kwargs: Any
     ) -> Any:
         ctx = click.get_current_context()
-        base_url = _before_command(ctx, "base_url", base_url)
-        api_key = _before_command(ctx, "api_key", api_key)
+        base_url = _given(ctx, "base_url", base_url)
+        api_key = _given(ctx, "api_key", api_key)
         bootstrap = _before_command(ctx, "bootstrap", bootstrap)
         kwargs["as_json"] = _before_command(ctx, "as_json", kwargs["as_json"])
         try:
@@ -97,10 +105,24 @@ def _connected(fn: F) -> F:
 def _before_command(ctx: click.Context, name: str, value: Any) -> Any:
     """The common option `name` as given after the command, else as given before it
     (`openbeepboop-client --api-key K models`), else from the environment or default."""
-    given_before = ctx.find_root().params.get(name)
+    root = ctx.find_root()
+    given_before = root.params.get(name)
     if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
         return value
+    if root.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+        return given_before
     return given_before if given_before not in (None, False) else value
+
+
+def _given(ctx: click.Context, name: str, value: Any) -> Any:
+    """The URL or key as given on the command line (before or after the command), else
+    None: the library reads the environment itself, with its rule that OPENAI_API_KEY
+    goes only to the server OPENAI_BASE_URL names."""
+    command_line = click.core.ParameterSource.COMMANDLINE
+    if ctx.get_parameter_source(name) is command_line:
+        return value
+    root = ctx.find_root()
+    return root.params.get(name) if root.get_parameter_source(name) is command_line else None
 
 
 def _print_json(data: Any) -> None:
@@ -115,12 +137,121 @@ def _answer_text(job: Job) -> str:
     return str(choice.get("text") or "")
 
 
+def _batch_options(fn: F) -> F:
+    """The batch runner's options of `submit --file`, gathered into `batch`."""
+    options = [
+        click.option(
+            "--max-outstanding",
+            type=click.IntRange(min=1),
+            envvar="MAX_OUTSTANDING",
+            show_envvar=True,
+            help="With --file: jobs submitted and not finished at once [1000].",
+        ),
+        click.option(
+            "--workers",
+            "num_workers",
+            type=click.IntRange(min=1),
+            envvar="BATCH_NUM_WORKERS",
+            show_envvar=True,
+            help="With --file: loops that submit and poll a share of them each [4].",
+        ),
+        click.option(
+            "--rpm",
+            type=click.IntRange(min=0),
+            envvar="RPM",
+            show_envvar=True,
+            help="With --file: submits per minute, 0 for no limit [0].",
+        ),
+        click.option(
+            "--request-timeout",
+            "timeout_s",
+            type=click.FloatRange(min=0),
+            envvar="TIMEOUT_S",
+            show_envvar=True,
+            help="With --file: cancel a job not done this many seconds after its submit "
+            "(it counts as failed), 0 for no limit [0].",
+        ),
+        click.option(
+            "--max-failures",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="With --file: give up after this many failed jobs (0: never).",
+        ),
+        click.option(
+            "--heartbeat",
+            "heartbeat_s",
+            type=click.FloatRange(min=0.01),
+            default=10.0,
+            show_default=True,
+            help="With --file: seconds between progress lines on stderr.",
+        ),
+        click.option(
+            "--state-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            envvar="OPENBEEPBOOP_STATE_DIR",
+            show_envvar=True,
+            help="With --file: where run state files live [$CACHE_DIR/runs, else the "
+            "user state directory].",
+        ),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        kwargs["batch"] = {k: kwargs.pop(k) for k in BATCH_KNOBS}
+        return fn(**kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+BATCH_KNOBS = (
+    "max_outstanding",
+    "num_workers",
+    "rpm",
+    "timeout_s",
+    "max_failures",
+    "heartbeat_s",
+    "state_dir",
+)
+
+
+def _log_heartbeats() -> None:
+    """The batch runner's log lines (heartbeats, resume, abort) on stderr."""
+    handler = logging.StreamHandler(_Stderr())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("openbeepboop.client.runs")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+class _Stderr:
+    """sys.stderr as it is when written to (a progress display may have replaced it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="openbeepboop")
 # the common options may come before the command too; after it they win
-@click.option("--base-url", help="Server URL (also accepted after the command).")
-@click.option("--api-key", help="A client key (also accepted after the command).")
-@click.option("--bootstrap", help="A swarm's DHT address(es) (also accepted after the command).")
+@click.option(
+    "--base-url",
+    envvar=URL_VARS,
+    show_envvar=True,
+    help="Server URL (also accepted after the command).",
+)
+@click.option("--api-key", envvar=KEY_VARS, show_envvar=True, help=KEY_HELP)
+@click.option(
+    "--bootstrap",
+    envvar="OPENBEEPBOOP_BOOTSTRAP",
+    show_envvar=True,
+    help="A swarm's DHT address(es) (also accepted after the command).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 def main(base_url: str | None, api_key: str | None, bootstrap: str | None, as_json: bool) -> None:
     """Submit jobs to an OpenBeepBoop server and collect their results."""
@@ -136,7 +267,7 @@ def main(base_url: str | None, api_key: str | None, bootstrap: str | None, as_js
     "--model",
     "-m",
     default="gemma-3-270m",
-    envvar="OPENBEEPBOOP_MODEL",
+    envvar=["OPENBEEPBOOP_MODEL", "OPENAI_MODEL"],
     show_default=True,
     show_envvar=True,
 )
@@ -174,6 +305,14 @@ def main(base_url: str | None, api_key: str | None, bootstrap: str | None, as_js
     is_flag=True,
     help="With --file: run lines again that an earlier run of the same content submitted.",
 )
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    envvar="MAX_ATTEMPTS",
+    show_envvar=True,
+    help="Attempts the server gives each job [the server's setting].",
+)
+@_batch_options
 @_connected
 def submit(
     client: Client,
@@ -191,13 +330,26 @@ def submit(
     file: Path | None,
     output: Path | None,
     fresh: bool,
+    max_attempts: int | None,
+    batch: dict[str, Any],
     as_json: bool,
 ) -> None:
-    """Queue PROMPT (prints the job id), or with --wait print the answer."""
+    """Queue PROMPT (prints the job id), or with --wait print the answer. With --file,
+    run a file of requests as one resumable run (heartbeat lines on stderr)."""
     if file is not None:
         from openbeepboop.cli.batch_file import run_file
 
-        summary = run_file(client, file, output, model=model, timeout=timeout, fresh=fresh)
+        _log_heartbeats()
+        summary = run_file(
+            client,
+            file,
+            output,
+            model=model,
+            timeout=timeout,
+            fresh=fresh,
+            max_attempts=max_attempts,
+            **batch,
+        )
         if as_json:
             _print_json(summary)
         sys.exit(1 if summary["failed"] else 0)
@@ -208,6 +360,7 @@ def submit(
     ]
     params: dict[str, Any] = {"model": model, "messages": messages, "priority": priority}
     given = {"max_tokens": max_tokens, "temperature": temperature, "node": node}
+    given["max_attempts"] = max_attempts
     params.update({k: v for k, v in given.items() if v is not None})
     if labels:
         params["node_labels"] = parse_labels(labels)

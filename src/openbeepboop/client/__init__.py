@@ -16,6 +16,7 @@ from openbeepboop.client.errors import (
     ServerError,
     StreamInterruptedError,
 )
+from openbeepboop.client.run_types import RunAbortedError, RunOutcome, RunResult
 
 __all__ = [
     "APIConnectionError",
@@ -32,6 +33,9 @@ __all__ = [
     "OpenBeepBoopError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RunAbortedError",
+    "RunOutcome",
+    "RunResult",
     "ServerError",
     "StreamInterruptedError",
 ]

@@ -26,10 +26,10 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
@@ -44,6 +44,7 @@ from tenacity import (
 )
 
 from openbeepboop import __version__
+from openbeepboop.client.config import default_model, endpoint
 from openbeepboop.client.errors import (
     APIConnectionError,
     JobFailedError,
@@ -56,28 +57,22 @@ from openbeepboop.client.errors import (
     from_response,
 )
 from openbeepboop.client.types import typed_result
+from openbeepboop.client.wire import (
+    BULK_CHUNK,
+    FINAL,
+    KNOBS,
+    LONG_POLL,
+    POLL_CHUNK,
+    Resubmit,
+)
 
 if TYPE_CHECKING:
     from openbeepboop.client.discovery import Discovery
+    from openbeepboop.client.runs import RunOutcome, RunResult
     from openbeepboop.swarm.records import MemberRecord
 
 log = logging.getLogger("openbeepboop.client")
 
-DEFAULT_BASE_URL = "http://127.0.0.1:8000"
-FINAL = frozenset({"completed", "failed", "cancelled", "expired"})
-KNOBS = (
-    "priority",
-    "max_attempts",
-    "expires_at",
-    "ttl_seconds",
-    "metadata",
-    "custom_id",
-    "node",
-    "node_labels",
-)
-LONG_POLL = 30.0  # seconds per long-poll; the server caps it too
-BULK_CHUNK = 1000
-POLL_CHUNK = 5000
 DOWN_RETRY = 0.5  # seconds between tries of an unreachable server before failing over
 CONTENT = frozenset({"token", "delta"})  # events that carry the answer
 
@@ -87,17 +82,6 @@ def _unreachable(exc: BaseException) -> bool:
     return isinstance(exc, APIConnectionError) or (
         isinstance(exc, ServerError) and exc.status in (502, 503, 504)
     )
-
-
-@dataclass(frozen=True)
-class Resubmit:
-    """How a job was submitted, to submit it again elsewhere (same idempotency key)."""
-
-    model: str | None
-    path: str
-    body: Any
-    headers: dict[str, str] | None
-    bulk: bool = False  # body is {"jobs": [spec]}: the job is answer["data"][0]
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -115,8 +99,9 @@ def _wait(state: RetryCallState) -> float:
 
 
 class AsyncClient:
-    """The asynchronous client. Arguments default to `OPENBEEPBOOP_BASE_URL` and
-    `OPENBEEPBOOP_API_KEY`."""
+    """The asynchronous client. Arguments default to `OPENBEEPBOOP_BASE_URL`,
+    `OPENBEEPBOOP_API_KEY` and `OPENBEEPBOOP_MODEL` (then `OPENAI_*`; see `config.py`).
+    One client may serve several event loops in turn (repeated `asyncio.run()`)."""
 
     def __init__(
         self,
@@ -127,10 +112,12 @@ class AsyncClient:
         max_retries: int = 3,
         bootstrap: str | Sequence[str] | None = None,
         failover_after: float = 5.0,
+        model: str | None = None,
     ) -> None:
-        explicit = base_url or os.environ.get("OPENBEEPBOOP_BASE_URL")
-        self.base_url = (explicit or DEFAULT_BASE_URL).rstrip("/").removesuffix("/v1")
-        self._explicit_base = bool(explicit)
+        where = endpoint(base_url, api_key)
+        self.base_url = where.base_url
+        self._explicit_base = where.explicit
+        self.model = default_model(model)
         if bootstrap is None:
             bootstrap = os.environ.get("OPENBEEPBOOP_BOOTSTRAP") or None
         self.discovery: Discovery | None = None
@@ -139,15 +126,18 @@ class AsyncClient:
 
             self.discovery = Discovery(parse_bootstrap(bootstrap))
         self.failover_after = failover_after
-        self.api_key = api_key or os.environ.get("OPENBEEPBOOP_API_KEY") or local_client_key()
+        self.api_key = where.api_key
         self.max_retries = max_retries
         headers = {"User-Agent": f"openbeepboop-client/{__version__}"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         if self.discovery is not None:
             self.discovery.headers = dict(headers)
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout, connect=10)
+        self._headers = headers
+        self._timeout = httpx.Timeout(timeout, connect=10)
+        # one HTTP client per event loop: the client outlives `asyncio.run()` calls
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopHttp] = (
+            weakref.WeakKeyDictionary()
         )
         self.chat = _Chat(self)
         self.completions = Completions(self, "/v1/completions")
@@ -156,6 +146,45 @@ class AsyncClient:
         self.results = Results(self)
         self.templates = Templates(self)
 
+    async def http(self) -> httpx.AsyncClient:
+        """The HTTP client of the running event loop, made on first use. It is closed
+        with the loop (`asyncio.run` shuts down async generators before it closes the
+        loop, and one of those closes it), or by `close()`."""
+        loop = asyncio.get_running_loop()
+        held = self._loops.get(loop)
+        if held is None:
+            http = httpx.AsyncClient(
+                base_url=self.base_url, headers=self._headers, timeout=self._timeout
+            )
+            held = _LoopHttp(http, _close_with_loop(http))
+            await anext(held.guard)  # started: the loop now knows it, and will close it
+            self._loops[loop] = held
+        return held.http
+
+    async def run_batched(self, requests: Iterable[Any], **options: Any) -> RunOutcome:
+        """Run many requests as one resumable run; every result, in input order.
+
+            outcome = await client.run_batched(prompts, name="eval-v3", model="llama3")
+
+        `requests`: OpenAI chat bodies, batch lines `{custom_id, url, body}`, prompt
+        objects or strings. Options: `name`, `metadata`, `model`, `ordered` (True),
+        `max_outstanding` (MAX_OUTSTANDING, 1000), `num_workers` (BATCH_NUM_WORKERS, 4),
+        `heartbeat_s` (10), `max_failures` (25; 0 never), `rpm` (RPM, 0: no limit),
+        `timeout_s` (TIMEOUT_S, 0: none), `max_attempts` (MAX_ATTEMPTS), `wait_s`,
+        `resume` (True), `run_id`, `state_dir`. Raises `RunAbortedError` (with
+        `.outcome`) after `max_failures` failed jobs. See docs/client.md, "Running a
+        batch"."""
+        from openbeepboop.client import runs
+
+        return await runs.run_batched(self, requests, **options)
+
+    def iter_batched(self, requests: Iterable[Any], **options: Any) -> AsyncIterator[RunResult]:
+        """As `run_batched`, yielding each result as it finishes (`ordered=True`: in
+        input order). Leaving the loop stops the run; it stays resumable."""
+        from openbeepboop.client import runs
+
+        return runs.iter_batched(self, requests, **options)
+
     async def __aenter__(self) -> AsyncClient:
         return self
 
@@ -163,7 +192,9 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._http.aclose()
+        held = self._loops.pop(asyncio.get_running_loop(), None)
+        if held is not None:
+            await held.guard.aclose()
         if self.discovery is not None:
             self.discovery.close()
             await asyncio.sleep(0)  # the DHT's transport closes its socket on the next turn
@@ -207,7 +238,7 @@ class AsyncClient:
     ) -> Any:
         timeout = httpx.Timeout(read_timeout, connect=10) if read_timeout else None
         try:
-            r = await self._http.request(
+            r = await (await self.http()).request(
                 method,
                 base + path,
                 json=body,
@@ -476,7 +507,7 @@ class AsyncJob:
             headers = {} if last is None else {"Last-Event-ID": str(last)}
             try:
                 async with aconnect_sse(
-                    client._http,
+                    await client.http(),
                     "GET",
                     f"{self.base_url}/v1/jobs/{self.id}/events",
                     headers=headers,
@@ -785,21 +816,6 @@ class Results:
         return [AsyncJob(self._client, d, home) for d in answer["data"]]
 
 
-def local_client_key() -> str | None:
-    """The client key `openbeepboop serve` saved in its default data directory, if any:
-    on the machine that runs the all-in-one server, clients need no setup."""
-    import platformdirs
-
-    data_dir = os.environ.get("OPENBEEPBOOP_DATA_DIR") or platformdirs.user_data_dir(
-        "openbeepboop", appauthor=False
-    )
-    path = Path(data_dir) / "client.key"
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
-
-
 def _key() -> str:
     return "obb-" + uuid.uuid4().hex
 
@@ -828,6 +844,21 @@ async def _submit_bulk(client: AsyncClient, specs: Sequence[dict[str, Any]]) -> 
             for s, d in zip(chunk, data, strict=True)
         ]
     return jobs
+
+
+@dataclass
+class _LoopHttp:
+    """One event loop's HTTP client, and the async generator that closes it with the loop."""
+
+    http: httpx.AsyncClient
+    guard: AsyncGenerator[None, None]
+
+
+async def _close_with_loop(http: httpx.AsyncClient) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        await http.aclose()
 
 
 class _Down:

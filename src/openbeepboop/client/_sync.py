@@ -30,6 +30,7 @@ from openbeepboop.client._async import (
 from openbeepboop.client.errors import JobFailedError, StreamInterruptedError
 
 if TYPE_CHECKING:
+    from openbeepboop.client.runs import RunOutcome, RunResult
     from openbeepboop.swarm.records import MemberRecord
 
 T = TypeVar("T")
@@ -143,20 +144,7 @@ class Job:
         return self.stream()
 
     def _iterate(self, source: AsyncIterator[T]) -> Iterator[T]:
-        steps: list[asyncio.Future[T]] = []  # the step under way, for `_close`
-
-        async def step() -> T:
-            steps[:] = [asyncio.ensure_future(anext(source))]
-            return await steps[0]
-
-        try:
-            while True:
-                try:
-                    yield self._loop.run(step())
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._loop.run(_close(source, steps))
+        return _iterate(self._loop, source)
 
     def get(self, wait: bool = True, timeout: float | None = None) -> Any:
         """The OpenAI-shaped result; see `AsyncJob.get`."""
@@ -276,6 +264,7 @@ class Client:
         max_retries: int = 3,
         bootstrap: str | Sequence[str] | None = None,
         failover_after: float = 5.0,
+        model: str | None = None,
     ) -> None:
         self._loop = _Loop()
 
@@ -287,6 +276,7 @@ class Client:
                 max_retries=max_retries,
                 bootstrap=bootstrap,
                 failover_after=failover_after,
+                model=model,
             )
 
         try:
@@ -295,6 +285,7 @@ class Client:
             self._loop.stop()
             raise
         self.base_url = self._async.base_url
+        self.model = self._async.model
         self.discovery = self._async.discovery
         self.chat = _SyncChat(self._loop, self._async.chat.completions)
         self.completions = _SyncCompletions(self._loop, self._async.completions)
@@ -306,6 +297,15 @@ class Client:
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """A raw API call (parsed JSON), with the client's retries and errors."""
         return self._loop.run(self._async.request(method, path, **kwargs))
+
+    def run_batched(self, requests: Iterable[Any], **options: Any) -> RunOutcome:
+        """Run many requests as one resumable run; see `AsyncClient.run_batched`.
+        Ctrl+C stops it; the same call again resumes it."""
+        return self._loop.run(self._async.run_batched(requests, **options))
+
+    def iter_batched(self, requests: Iterable[Any], **options: Any) -> Iterator[RunResult]:
+        """The results of a run as they come; see `AsyncClient.iter_batched`."""
+        return _iterate(self._loop, self._async.iter_batched(requests, **options))
 
     def swarm_members(self, model: str | None = None) -> builtins.list[MemberRecord]:
         """The members the swarm's DHT lists; see `AsyncClient.swarm_members`."""
@@ -320,6 +320,24 @@ class Client:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _iterate(loop: _Loop, source: AsyncIterator[T]) -> Iterator[T]:
+    """An async iterator on the client's loop, stepped from this thread."""
+    steps: list[asyncio.Future[T]] = []  # the step under way, for `_close`
+
+    async def step() -> T:
+        steps[:] = [asyncio.ensure_future(anext(source))]
+        return await steps[0]
+
+    try:
+        while True:
+            try:
+                yield loop.run(step())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run(_close(source, steps))
 
 
 async def _close(source: AsyncIterator[Any], steps: list[asyncio.Future[Any]]) -> None:
