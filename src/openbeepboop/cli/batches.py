@@ -1,0 +1,525 @@
+"""`openbeepboop-client batches`: every batch in one place, the server's and this machine's.
+
+Two kinds of batch: the server's OpenAI batches (`batch_…`, made with `/v1/batches`) and
+the local runs of the client's batch runner (`run_…`, a state file each, see
+`openbeepboop.client.runs`). `status` lists both; `cancel`, `resume` and `results` take
+either (a run also by its name or a unique prefix of its id). Exit codes as for the other
+commands: 1 something failed, 2 usage, 3 server unreachable, 4 key refused, 5 not found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import click
+import httpx
+
+from openbeepboop.client import (
+    APIConnectionError,
+    AsyncClient,
+    Client,
+    NotFoundError,
+    OpenBeepBoopError,
+    runs,
+)
+from openbeepboop.client.errors import from_response
+
+F = TypeVar("F", bound=Callable[..., Any])
+# server batch states that cancel can still act on
+ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+CANCELLABLE = ("validating", "in_progress")
+PAGE = 100
+
+
+class Refused(Exception):
+    """A user mistake the command reports in one line, with its exit code."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Row:
+    """One batch as `status` shows it."""
+
+    kind: str  # "server" | "local"
+    id: str
+    name: str | None
+    status: str
+    total: int
+    completed: int
+    failed: int
+    created_at: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def progress(self) -> float:
+        return (self.completed + self.failed) / self.total if self.total else 0.0
+
+    @property
+    def final(self) -> bool:
+        if self.kind == "server":
+            return self.status not in ACTIVE
+        return self.status != "incomplete"
+
+    @property
+    def cancellable(self) -> bool:
+        return self.status in CANCELLABLE if self.kind == "server" else not self.final
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["progress"] = round(self.progress, 4)
+        data.update(data.pop("detail"))
+        return data
+
+
+def server_row(batch: dict[str, Any]) -> Row:
+    counts = batch.get("request_counts") or {}
+    metadata = batch.get("metadata") or {}
+    return Row(
+        "server",
+        batch["id"],
+        metadata.get("name"),
+        batch["status"],
+        int(counts.get("total") or 0),
+        int(counts.get("completed") or 0),
+        int(counts.get("failed") or 0),
+        float(batch.get("created_at") or 0),
+        {"endpoint": batch.get("endpoint"), "metadata": metadata},
+    )
+
+
+def local_row(run: runs.RunSummary) -> Row:
+    return Row(
+        "local",
+        run.id,
+        run.name,
+        run.status,
+        run.total,
+        run.done - run.failed,
+        run.failed,
+        run.created_at,
+        {"path": str(run.path), "base_url": run.base_url, "metadata": run.metadata},
+    )
+
+
+# -- the connection ------------------------------------------------------------------------
+
+
+@dataclass
+class Conn:
+    """The common options; clients are made when a command first needs one (a local
+    run's results need no server)."""
+
+    base_url: str | None
+    api_key: str | None
+    bootstrap: str | None
+    state_dir: Path | None
+    clients: dict[str, Client] = field(default_factory=dict)
+
+    def client(self, url: str | None = None) -> Client:
+        """The client for the server given (`url`: a run's server, unless --base-url)."""
+        url = self.base_url or url
+        key = url or ""
+        if key not in self.clients:
+            bootstrap = None if url else self.bootstrap
+            try:
+                self.clients[key] = Client(url, self.api_key, bootstrap=bootstrap)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--bootstrap") from exc
+        return self.clients[key]
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+    def server_batches(self) -> list[dict[str, Any]]:
+        """Every batch of the key, all pages, newest first."""
+        found: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            query = f"?limit={PAGE}" + (f"&after={after}" if after else "")
+            page = self.client().request("GET", "/v1/batches" + query)
+            found += page["data"]
+            if not page.get("has_more") or not page["data"]:
+                return found
+            after = page["last_id"]
+
+    def local_runs(self) -> list[runs.RunSummary]:
+        return runs.list_runs(self.state_dir)
+
+    def find(self, ref: str) -> Row:
+        """A server batch by id, else a local run by id, unique id prefix or name."""
+        if ref.startswith("batch_"):
+            try:
+                return server_row(self.client().request("GET", f"/v1/batches/{ref}"))
+            except NotFoundError:
+                pass
+        try:
+            return local_row(runs.find_run(ref, self.state_dir))
+        except LookupError as exc:
+            raise Refused(f"no server batch or local run {ref!r} ({_reason(exc)})", 5) from exc
+
+    def download(self, file_id: str, out: IO[bytes]) -> None:
+        """A file's bytes from the Files API into `out`, as they arrive."""
+        client = self.client()
+        url = f"{client.base_url}/v1/files/{file_id}/content"
+        key = self.api_key or _client_key()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        try:
+            with httpx.stream("GET", url, headers=headers, timeout=60) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise from_response(r.status_code, _json_or_text(r))
+                for chunk in r.iter_bytes():
+                    out.write(chunk)
+        except httpx.HTTPError as exc:
+            raise APIConnectionError(
+                f"cannot reach the OpenBeepBoop server at {url}: {exc}"
+            ) from exc
+
+
+def _client_key() -> str | None:
+    """The key `Client()` uses when none is given (the environment, else the local one)."""
+    import os
+
+    from openbeepboop.client._async import local_client_key
+
+    return os.environ.get("OPENBEEPBOOP_API_KEY") or local_client_key()
+
+
+def _json_or_text(r: httpx.Response) -> Any:
+    try:
+        return r.json()
+    except ValueError:
+        return {"error": {"message": r.text[:500]}}
+
+
+def _reason(exc: LookupError) -> str:
+    return str(exc.args[0]) if exc.args else str(exc)
+
+
+def _connected(fn: F) -> F:
+    """The common options of `openbeepboop-client` (given before or after the command),
+    the client errors and `Refused` as one line and an exit code."""
+
+    @click.option(
+        "--base-url",
+        envvar="OPENBEEPBOOP_BASE_URL",
+        show_envvar=True,
+        help="Server URL [http://127.0.0.1:8000; a local run: the server it ran on].",
+    )
+    @click.option(
+        "--api-key",
+        envvar="OPENBEEPBOOP_API_KEY",
+        show_envvar=True,
+        help="A client key [the one `openbeepboop serve` saved locally].",
+    )
+    @click.option(
+        "--bootstrap",
+        envvar="OPENBEEPBOOP_BOOTSTRAP",
+        show_envvar=True,
+        metavar="HOST:PORT,...",
+        help="A swarm's DHT address(es): use the least loaded server there.",
+    )
+    @click.option(
+        "--state-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Where local runs keep their state files [see docs/client.md].",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+    @functools.wraps(fn)
+    def wrapper(
+        base_url: str | None,
+        api_key: str | None,
+        bootstrap: str | None,
+        state_dir: Path | None,
+        **kwargs: Any,
+    ) -> Any:
+        # cli/client.py imports this module to register the group: import it back lazily
+        from openbeepboop.cli.client import _before_command, _fail
+
+        ctx = click.get_current_context()
+        conn = Conn(
+            _before_command(ctx, "base_url", base_url),
+            _before_command(ctx, "api_key", api_key),
+            _before_command(ctx, "bootstrap", bootstrap) or None,
+            state_dir,
+        )
+        kwargs["as_json"] = _before_command(ctx, "as_json", kwargs["as_json"])
+        try:
+            return fn(conn, **kwargs)
+        except Refused as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.code)
+        except OpenBeepBoopError as exc:
+            _fail(exc)
+        finally:
+            conn.close()
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False))
+
+
+# -- status ----------------------------------------------------------------------------
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
+
+
+def status_table(rows: list[Row]) -> str:
+    """The rows as an aligned text table."""
+    header = ("KIND", "ID", "NAME", "STATUS", "TOTAL", "DONE", "FAILED", "PROGRESS", "CREATED")
+    cells = [header] + [
+        (
+            r.kind,
+            r.id,
+            r.name or "-",
+            r.status,
+            str(r.total),
+            str(r.completed),
+            str(r.failed),
+            f"{r.progress * 100:.0f}%",
+            _when(r.created_at),
+        )
+        for r in rows
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    right = {4, 5, 6, 7}
+    return "\n".join(
+        "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in cells
+    )
+
+
+@click.group()
+def batches() -> None:
+    """Every batch: the server's OpenAI batches and this machine's local runs."""
+
+
+@batches.command()
+@_connected
+def status(conn: Conn, as_json: bool) -> None:
+    """Every batch with its counts and progress, newest first. Local runs are listed
+    even when the server cannot be reached (then the exit code is 3)."""
+    local = [local_row(r) for r in conn.local_runs()]
+    unreachable: APIConnectionError | None = None
+    try:
+        remote = [server_row(b) for b in conn.server_batches()]
+    except APIConnectionError as exc:
+        remote, unreachable = [], exc
+    rows = sorted(remote + local, key=lambda r: r.created_at, reverse=True)
+    if as_json:
+        _print_json([r.as_json() for r in rows])
+    elif rows:
+        click.echo(status_table(rows))
+    elif unreachable is None:
+        click.echo("no batches", err=True)
+    if unreachable is not None:
+        raise unreachable
+
+
+# -- cancel ------------------------------------------------------------------------------
+
+
+def cancel_row(conn: Conn, row: Row) -> str:
+    """Cancel one batch; what happened, as a line."""
+    if row.final or row.status == "cancelling":
+        return f"{row.id} is already {row.status}"
+    if row.kind == "server":
+        if not row.cancellable:
+            return f"{row.id} is {row.status} and cannot be cancelled now"
+        batch = conn.client().request("POST", f"/v1/batches/{row.id}/cancel")
+        return f"{row.id} {batch['status']}"
+    run = runs.find_run(row.id, conn.state_dir)
+    client = conn.client(run.base_url)
+    cancelled = 0
+    for job_id in runs.outstanding_jobs(run):
+        try:
+            if client.jobs.cancel(job_id).data.get("status") == "cancelled":
+                cancelled += 1
+        except NotFoundError:
+            continue  # gone from the server (retention): nothing left to stop
+    runs.mark_run(run, "cancelled", "openbeepboop-client batches cancel")
+    label = f" ({run.name})" if run.name else ""
+    return f"{run.id}{label} cancelled ({cancelled} job(s) stopped)"
+
+
+def _everything(conn: Conn) -> list[Row]:
+    local = [local_row(r) for r in conn.local_runs()]
+    return [server_row(b) for b in conn.server_batches()] + local
+
+
+def _targets(conn: Conn, ref: str | None, prefix: str | None, every: bool) -> list[Row]:
+    if sum((ref is not None, prefix is not None, every)) != 1:
+        raise Refused("give one of ID, --prefix P or --all")
+    if ref is not None:
+        return [conn.find(ref)]
+    rows = _everything(conn)
+    if prefix is not None:
+        matched = [r for r in rows if (r.name or "").startswith(prefix)]
+        if not matched:
+            raise Refused(f"no server batch or local run has a name starting with {prefix!r}", 5)
+        return matched
+    return [r for r in rows if r.cancellable]
+
+
+@batches.command()
+@click.argument("ref", metavar="[ID]", required=False)
+@click.option("--prefix", help="Every batch and run whose name starts with this.")
+@click.option("--all", "every", is_flag=True, help="Every batch and run not already final.")
+@click.option("--yes", "-y", is_flag=True, help="With --all: do not ask.")
+@_connected
+def cancel(
+    conn: Conn, ref: str | None, prefix: str | None, every: bool, yes: bool, as_json: bool
+) -> None:
+    """Cancel a server batch (its queued lines; running ones finish) or a local run (its
+    outstanding jobs), by ID, by name --prefix, or --all."""
+    rows = _targets(conn, ref, prefix, every)
+    if every:
+        if not rows:
+            click.echo("nothing to cancel: no batch or run is in progress", err=True)
+            return
+        if not yes and not sys.stdin.isatty():
+            raise Refused(
+                f"cancel --all would cancel {len(rows)} batch(es) and asks first: "
+                "add --yes to run it without a terminal"
+            )
+        click.echo(f"{len(rows)} to cancel: " + ", ".join(_label(r) for r in rows), err=True)
+        if not yes:
+            click.confirm("cancel them all?", abort=True, err=True)
+    elif prefix is not None:
+        click.echo(f"{len(rows)} matched: " + ", ".join(_label(r) for r in rows), err=True)
+    if ref is not None:  # one batch: its error is the command's
+        said, failed = cancel_row(conn, rows[0]), False
+        done = [(rows[0], said, failed)]
+    else:  # many: one that cannot be cancelled does not stop the others
+        done = [(r, *_cancel_one_of_many(conn, r)) for r in rows]
+    if as_json:
+        _print_json(
+            [
+                {"kind": r.kind, "id": r.id, "name": r.name, "result": said, "ok": not failed}
+                for r, said, failed in done
+            ]
+        )
+    else:
+        for _, said, failed in done:
+            click.echo(said, err=failed)
+    if any(failed for _, _, failed in done):
+        sys.exit(1)
+
+
+def _cancel_one_of_many(conn: Conn, row: Row) -> tuple[str, bool]:
+    try:
+        return cancel_row(conn, row), False
+    except OpenBeepBoopError as exc:
+        return f"{row.id}: not cancelled: {exc}", True
+
+
+def _label(row: Row) -> str:
+    return f"{row.id} ({row.name})" if row.name else row.id
+
+
+# -- resume ------------------------------------------------------------------------------
+
+
+@batches.command()
+@click.argument("ref", metavar="ID")
+@_connected
+def resume(conn: Conn, ref: str, as_json: bool) -> None:
+    """Continue a local run where it stopped: requests already answered are not sent
+    again, jobs already submitted are collected. Heartbeat lines go to stderr."""
+    row = conn.find(ref)
+    if row.kind == "server":
+        raise Refused(
+            f"{row.id} is a server batch: the server runs it by itself and it cannot be "
+            "resumed (only local runs can)"
+        )
+    run = runs.find_run(row.id, conn.state_dir)
+    if run.status == "finished":
+        raise Refused(f"{run.id} has finished: nothing to resume", 1)
+    asyncio.run(_resume(conn, run))
+    after = runs.find_run(run.id, conn.state_dir)
+    if as_json:
+        _print_json(local_row(after).as_json())
+    else:
+        click.echo(
+            f"{after.id} {after.status}: {after.done}/{after.total} done, {after.failed} failed"
+        )
+    if after.failed or after.status != "finished":
+        sys.exit(1)
+
+
+async def _resume(conn: Conn, run: runs.RunSummary) -> None:
+    async with AsyncClient(conn.base_url or run.base_url, conn.api_key) as client:
+        await runs.resume_run(client, run)
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+@batches.command()
+@click.argument("ref", metavar="ID")
+@click.option(
+    "--output",
+    "-o",
+    default="-",
+    show_default=True,
+    help="Where the results JSONL goes ('-': stdout).",
+)
+@_connected
+def results(conn: Conn, ref: str, output: str, as_json: bool) -> None:
+    """A batch's results as OpenAI batch output lines: a server batch's output file
+    then its error file; a local run's answered requests in input order."""
+    row = conn.find(ref)
+    if row.kind == "server":
+        batch = conn.client().request("GET", f"/v1/batches/{row.id}")
+        files = [f for f in (batch.get("output_file_id"), batch.get("error_file_id")) if f]
+        if not files:
+            raise Refused(f"{row.id} is {batch['status']} and has no results yet", 1)
+        with _opened(output) as out:
+            for file_id in files:
+                conn.download(file_id, out)
+    else:
+        run = runs.find_run(row.id, conn.state_dir)
+        with _opened(output) as out:
+            for line in runs.run_results(run):
+                out.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+    if output != "-":
+        click.echo(f"wrote {row.id}'s results to {output}", err=True)
+
+
+class _opened:
+    """stdout's bytes for '-', else the file (created)."""
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+        self.file: IO[bytes] | None = None
+
+    def __enter__(self) -> IO[bytes]:
+        if self.output == "-":
+            return sys.stdout.buffer
+        self.file = Path(self.output).open("wb")
+        return self.file
+
+    def __exit__(self, *_: object) -> None:
+        if self.file is not None:
+            self.file.close()
+        else:
+            sys.stdout.flush()
