@@ -38,7 +38,7 @@ from tests.nodes import (
 pytestmark = pytest.mark.slow
 
 IDLE = "idle"  # no node serves it
-COLUMNS = ["KIND", "ID", "NAME", "STATUS", "TOTAL", "DONE", "FAILED", "PROGRESS", "CREATED"]
+COLUMNS = ["KIND", "ID", "NAME", "STATUS", "TOTAL", "COMPLETED", "FAILED", "PROGRESS", "CREATED"]
 
 
 @pytest.fixture(scope="module")

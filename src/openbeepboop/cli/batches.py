@@ -282,7 +282,7 @@ def _when(ts: float) -> str:
 
 def status_table(rows: list[Row]) -> str:
     """The rows as an aligned text table."""
-    header = ("KIND", "ID", "NAME", "STATUS", "TOTAL", "DONE", "FAILED", "PROGRESS", "CREATED")
+    header = ("KIND", "ID", "NAME", "STATUS", "TOTAL", "COMPLETED", "FAILED", "PROGRESS", "CREATED")
     cells = [header] + [
         (
             r.kind,
