@@ -20,7 +20,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, free_port
 from tests.nodes import (
     Procs,
     child_env,
@@ -65,12 +65,16 @@ def sdk(server: ServerProcess) -> Iterator[openai.OpenAI]:
 def run(
     server: ServerProcess, state: Path, *args: str, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    base = {"OPENBEEPBOOP_BASE_URL": server.url, "OPENBEEPBOOP_API_KEY": server.keys["client_key"]}
+    base = {
+        "OPENBEEPBOOP_BASE_URL": server.url,
+        "OPENBEEPBOOP_API_KEY": server.keys["client_key"],
+        "OPENBEEPBOOP_STATE_DIR": str(state),
+    }
     return subprocess.run(
         [sys.executable, "-m", "openbeepboop.cli.client", "batches", *args],
         capture_output=True,
         text=True,
-        env=child_env(**base, OPENBEEPBOOP_STATE_DIR=str(state), **env),
+        env=child_env(**(base | env)),
         stdin=subprocess.DEVNULL,
         timeout=60,
         check=False,
@@ -337,7 +341,8 @@ def test_results_to_a_file_and_to_stdout(
     for line in lines:
         n = line["custom_id"].removeprefix("req-")
         assert line["response"]["body"]["choices"][0]["message"]["content"] == f"say {n}"
-    assert ok(run(server, tmp_path, "results", batch, "-o", "-")) == target.read_text()
+    by_name = run(server, tmp_path, "results", "results", "-o", "-")  # by its metadata name
+    assert ok(by_name) == target.read_text()
 
     finished = finished_run(tmp_path, server, "results-local")
     local = [
@@ -369,3 +374,12 @@ def test_errors_are_one_line(server: ServerProcess, sdk: openai.OpenAI, tmp_path
     batch_status(sdk, waiting, {"cancelled"})
     again = ok(run(server, tmp_path, "cancel", waiting))
     assert again.strip() == f"{waiting} is already cancelled"
+
+
+def test_status_without_the_server_still_lists_local_runs(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    run_id = write_run(tmp_path, server, "offline", [])
+    out = run(server, tmp_path, "status", OPENBEEPBOOP_BASE_URL=f"http://127.0.0.1:{free_port()}")
+    assert "cannot reach" in one_line_error(out, 3)
+    assert run_id in out.stdout and "offline" in out.stdout

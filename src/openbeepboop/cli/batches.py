@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -158,7 +159,8 @@ class Conn:
         return runs.list_runs(self.state_dir)
 
     def find(self, ref: str) -> Row:
-        """A server batch by id, else a local run by id, unique id prefix or name."""
+        """A server batch by id, a local run by id, unique id prefix or name, else the
+        newest server batch of that name."""
         if ref.startswith("batch_"):
             try:
                 return server_row(self.client().request("GET", f"/v1/batches/{ref}"))
@@ -167,7 +169,16 @@ class Conn:
         try:
             return local_row(runs.find_run(ref, self.state_dir))
         except LookupError as exc:
-            raise Refused(f"no server batch or local run {ref!r} ({_reason(exc)})", 5) from exc
+            local = _reason(exc)
+        if not ref.startswith(("batch_", "run_")):
+            named = [
+                b for b in self.server_batches() if (b.get("metadata") or {}).get("name") == ref
+            ]
+            if named:
+                return server_row(named[0])
+        if ref.startswith("run_"):
+            raise Refused(local, 5)
+        raise Refused(f"{local}; no server batch has that id or name either", 5)
 
     def download(self, file_id: str, out: IO[bytes]) -> None:
         """A file's bytes from the Files API into `out`, as they arrive."""
@@ -190,8 +201,6 @@ class Conn:
 
 def _client_key() -> str | None:
     """The key `Client()` uses when none is given (the environment, else the local one)."""
-    import os
-
     from openbeepboop.client._async import local_client_key
 
     return os.environ.get("OPENBEEPBOOP_API_KEY") or local_client_key()
