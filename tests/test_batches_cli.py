@@ -7,7 +7,9 @@ in the queue until cancelled."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -17,12 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
+from openbeepboop.client import AsyncClient, JobTimeoutError, runs
 from tests.conftest import ServerProcess, free_port
 from tests.nodes import (
     Procs,
+    auth,
     child_env,
     echo_model,
     get_job,
@@ -38,6 +43,7 @@ from tests.nodes import (
 pytestmark = pytest.mark.slow
 
 IDLE = "idle"  # no node serves it
+SLOW = "slow"  # an echo model that takes 200 ms a job, one job at a time
 COLUMNS = ["KIND", "ID", "NAME", "STATUS", "TOTAL", "COMPLETED", "FAILED", "PROGRESS", "CREATED"]
 
 
@@ -47,7 +53,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = new_server(root / "server")
     procs = Procs()
     try:
-        node_id_of(start_node(procs, write_config(root / "node.toml", server, [echo_model()])))
+        models = [echo_model(), echo_model(delay_ms=200, name=SLOW)]
+        node_id_of(start_node(procs, write_config(root / "node.toml", server, models)))
         yield server
     finally:
         procs.close()
@@ -383,3 +390,57 @@ def test_status_without_the_server_still_lists_local_runs(
     out = run(server, tmp_path, "status", OPENBEEPBOOP_BASE_URL=f"http://127.0.0.1:{free_port()}")
     assert "cannot reach" in one_line_error(out, 3)
     assert run_id in out.stdout and "offline" in out.stdout
+
+
+# -- resume ------------------------------------------------------------------------------
+
+
+def test_resume_finishes_an_interrupted_run_asking_each_request_once(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    prompts = [f"resume {i}" for i in range(8)]
+    requests = [{"prompt": p, "custom_id": f"r-{i}"} for i, p in enumerate(prompts)]
+
+    async def interrupted() -> None:
+        async with AsyncClient(server.url, server.keys["client_key"]) as client:
+            with pytest.raises(JobTimeoutError):  # the run stops waiting; its jobs go on
+                await runs.run_batched(
+                    client,
+                    requests,
+                    name="resume-me",
+                    model=SLOW,
+                    state_dir=tmp_path,
+                    max_outstanding=2,  # the rest is submitted by the resumed session
+                    wait_s=0.3,
+                )
+
+    asyncio.run(interrupted())
+    rows = json.loads(ok(run(server, tmp_path, "status", "--json")))
+    (before,) = [row for row in rows if row["kind"] == "local"]
+    assert (before["name"], before["status"], before["total"]) == ("resume-me", "incomplete", 8)
+    assert before["completed"] < 4
+    earlier = {
+        line["custom_id"]: line["id"]
+        for line in runs.run_results(runs.find_run("resume-me", tmp_path))
+    }
+
+    out = run(server, tmp_path, "resume", "resume-me", "--heartbeat-s", "0.2")
+    assert ok(out).strip() == f"{before['id']} finished: 8 completed, 0 failed of 8"
+    assert re.search(r"\d/8 done, 0 failed, \d+ in flight, [\d.]+/s, ETA", out.stderr), out.stderr
+    assert "finished: 8 completed, 0 failed of 8" in out.stderr
+
+    lines = [
+        json.loads(x) for x in ok(run(server, tmp_path, "results", before["id"][:8])).splitlines()
+    ]
+    assert [x["custom_id"] for x in lines] == [f"r-{i}" for i in range(8)]
+    answers = [x["response"]["body"]["choices"][0]["message"]["content"] for x in lines]
+    assert answers == prompts
+    assert len({x["id"] for x in lines}) == 8  # eight jobs, one per request
+    stats = httpx.get(
+        server.url + "/v1/stats", headers=auth(server.keys["client_key"]), timeout=10
+    ).json()
+    assert sum(stats["models"][SLOW].values()) == 8  # and no other job was made for them
+    assert all(earlier[x["custom_id"]] == x["id"] for x in lines if x["custom_id"] in earlier)
+
+    again = run(server, tmp_path, "resume", "resume-me")
+    assert "nothing to resume" in again.stderr and again.returncode == 0

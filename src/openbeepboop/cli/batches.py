@@ -10,12 +10,13 @@ commands: 1 something failed, 2 usage, 3 server unreachable, 4 key refused, 5 no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
-import os
+import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -180,30 +181,32 @@ class Conn:
             raise Refused(local, 5)
         raise Refused(f"{local}; no server batch has that id or name either", 5)
 
-    def download(self, file_id: str, out: IO[bytes]) -> None:
-        """A file's bytes from the Files API into `out`, as they arrive."""
-        client = self.client()
-        url = f"{client.base_url}/v1/files/{file_id}/content"
-        key = self.api_key or _client_key()
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+    def download(self, file_ids: list[str], out: IO[bytes]) -> None:
+        """Files' bytes from the Files API into `out`, as they arrive."""
+        asyncio.run(_download(self.base_url, self.api_key, file_ids, out))
+
+
+async def _download(
+    base_url: str | None, api_key: str | None, file_ids: list[str], out: IO[bytes]
+) -> None:
+    # the content is JSONL, not the JSON `Client.request` parses; the URL and key are
+    # the ones the client resolves (options, environment, the local key)
+    async with AsyncClient(base_url, api_key) as client:
+        headers = {"Authorization": f"Bearer {client.api_key}"} if client.api_key else {}
         try:
-            with httpx.stream("GET", url, headers=headers, timeout=60) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    raise from_response(r.status_code, _json_or_text(r))
-                for chunk in r.iter_bytes():
-                    out.write(chunk)
+            async with httpx.AsyncClient(base_url=client.base_url, timeout=60) as http:
+                for file_id in file_ids:
+                    path = f"/v1/files/{file_id}/content"
+                    async with http.stream("GET", path, headers=headers) as r:
+                        if r.status_code >= 400:
+                            await r.aread()
+                            raise from_response(r.status_code, _json_or_text(r))
+                        async for chunk in r.aiter_bytes():
+                            out.write(chunk)
         except httpx.HTTPError as exc:
             raise APIConnectionError(
-                f"cannot reach the OpenBeepBoop server at {url}: {exc}"
+                f"cannot reach the OpenBeepBoop server at {client.base_url}: {exc}"
             ) from exc
-
-
-def _client_key() -> str | None:
-    """The key `Client()` uses when none is given (the environment, else the local one)."""
-    from openbeepboop.client._async import local_client_key
-
-    return os.environ.get("OPENBEEPBOOP_API_KEY") or local_client_key()
 
 
 def _json_or_text(r: httpx.Response) -> Any:
@@ -450,8 +453,18 @@ def _label(row: Row) -> str:
 
 @batches.command()
 @click.argument("ref", metavar="ID")
+@click.option("--heartbeat-s", type=float, help="Seconds between progress lines [the run's].")
+@click.option(
+    "--max-failures", type=int, help="Give up after this many failed jobs; 0: never [the run's]."
+)
 @_connected
-def resume(conn: Conn, ref: str, as_json: bool) -> None:
+def resume(
+    conn: Conn,
+    ref: str,
+    heartbeat_s: float | None,
+    max_failures: int | None,
+    as_json: bool,
+) -> None:
     """Continue a local run where it stopped: requests already answered are not sent
     again, jobs already submitted are collected. Heartbeat lines go to stderr."""
     row = conn.find(ref)
@@ -462,22 +475,50 @@ def resume(conn: Conn, ref: str, as_json: bool) -> None:
         )
     run = runs.find_run(row.id, conn.state_dir)
     if run.status == "finished":
-        raise Refused(f"{run.id} has finished: nothing to resume", 1)
-    asyncio.run(_resume(conn, run))
-    after = runs.find_run(run.id, conn.state_dir)
+        click.echo(f"{run.id} has finished: nothing to resume", err=True)
+    else:
+        options = {"heartbeat_s": heartbeat_s, "max_failures": max_failures}
+        try:
+            with _progress_on_stderr():
+                asyncio.run(_resume(conn, run, options))
+        except runs.RunAbortedError:
+            pass  # logged, and said below
+        except ValueError as exc:  # a bad option
+            raise Refused(str(exc)) from exc
+        except KeyboardInterrupt:
+            click.echo(f"\ninterrupted: `batches resume {run.id}` carries on", err=True)
+            sys.exit(130)
+    after = local_row(runs.find_run(run.id, conn.state_dir))
     if as_json:
-        _print_json(local_row(after).as_json())
+        _print_json(after.as_json())
     else:
         click.echo(
-            f"{after.id} {after.status}: {after.done}/{after.total} done, {after.failed} failed"
+            f"{after.id} {after.status}: {after.completed} completed, {after.failed} failed "
+            f"of {after.total}"
         )
     if after.failed or after.status != "finished":
         sys.exit(1)
 
 
-async def _resume(conn: Conn, run: runs.RunSummary) -> None:
+async def _resume(conn: Conn, run: runs.RunSummary, options: dict[str, Any]) -> None:
     async with AsyncClient(conn.base_url or run.base_url, conn.api_key) as client:
-        await runs.resume_run(client, run)
+        await runs.resume_run(client, run, **options)
+
+
+@contextlib.contextmanager
+def _progress_on_stderr() -> Iterator[None]:
+    """The runner's log lines (start, heartbeats, the end) on stderr, as they are."""
+    logger = logging.getLogger(runs.__name__)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 # -- results ---------------------------------------------------------------------------
@@ -503,8 +544,7 @@ def results(conn: Conn, ref: str, output: str, as_json: bool) -> None:
         if not files:
             raise Refused(f"{row.id} is {batch['status']} and has no results yet", 1)
         with _opened(output) as out:
-            for file_id in files:
-                conn.download(file_id, out)
+            conn.download(files, out)
     else:
         run = runs.find_run(row.id, conn.state_dir)
         with _opened(output) as out:
