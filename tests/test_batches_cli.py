@@ -267,6 +267,16 @@ def test_cancel_one_server_batch_and_one_local_run(
     assert {get_job(server, j)["status"] for j in jobs} == {"cancelled"}
     state = (tmp_path / f"{run_id}.jsonl").read_text().splitlines()
     assert json.loads(state[-1])["event"] == "cancelled"
+    (row,) = [
+        r for r in json.loads(ok(run(server, tmp_path, "status", "--json"))) if r["id"] == run_id
+    ]
+    assert (row["status"], row["completed"], row["failed"]) == ("cancelled", 0, 2)
+    errors = [
+        json.loads(x)["error"]
+        for x in ok(run(server, tmp_path, "results", run_id)).split("\n")
+        if x
+    ]
+    assert [e["code"] for e in errors] == ["cancelled", "cancelled"]
 
     again = ok(run(server, tmp_path, "cancel", run_id[:10]))  # a unique prefix of its id
     assert again.strip() == f"{run_id} is already cancelled"

@@ -30,6 +30,7 @@ from openbeepboop.client import (
     Client,
     NotFoundError,
     OpenBeepBoopError,
+    run_state,
     runs,
 )
 from openbeepboop.client.errors import from_response
@@ -38,6 +39,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # server batch states that cancel can still act on
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 CANCELLABLE = ("validating", "in_progress")
+CANCEL_REASON = "cancelled with openbeepboop-client batches cancel"
 PAGE = 100
 
 
@@ -359,18 +361,33 @@ def cancel_row(conn: Conn, row: Row) -> str:
             return f"{row.id} is {row.status} and cannot be cancelled now"
         batch = conn.client().request("POST", f"/v1/batches/{row.id}/cancel")
         return f"{row.id} {batch['status']}"
-    run = runs.find_run(row.id, conn.state_dir)
-    client = conn.client(run.base_url)
-    cancelled = 0
-    for job_id in runs.outstanding_jobs(run):
+    return cancel_run(conn, runs.find_run(row.id, conn.state_dir))
+
+
+def cancel_run(conn: Conn, run: runs.RunSummary) -> str:
+    """Cancel a local run's jobs that have no answer yet, note each one's final state in
+    the state file as the runner would (a job that finished meanwhile keeps its answer),
+    then mark the run cancelled. A later `resume` runs only what was never submitted."""
+    record = run_state.load(run.path)
+    lines = []
+    for i, submitted in sorted(record.submitted.items()):
+        if i in record.done:
+            continue
+        client = conn.client(submitted.get("server") or run.base_url)
         try:
-            if client.jobs.cancel(job_id).data.get("status") == "cancelled":
-                cancelled += 1
+            job = client.jobs.cancel(str(submitted["job"])).data
         except NotFoundError:
-            continue  # gone from the server (retention): nothing left to stop
-    runs.mark_run(run, "cancelled", "openbeepboop-client batches cancel")
+            continue  # gone from the server (retention): a resume notes it
+        stopped = job.get("status") == "cancelled"
+        error = {"code": "cancelled", "message": CANCEL_REASON} if stopped else job.get("error")
+        line = {"done": i, "job": job.get("id"), "status": job.get("status")}
+        lines.append(line | {"result": job.get("result"), "error": error})
+    with run_state.RunWriter(run.path) as writer:
+        writer.write(lines)
+    runs.mark_run(run, "cancelled", CANCEL_REASON)
+    stopped = sum(line["status"] == "cancelled" for line in lines)
     label = f" ({run.name})" if run.name else ""
-    return f"{run.id}{label} cancelled ({cancelled} job(s) stopped)"
+    return f"{run.id}{label} cancelled ({stopped} job(s) stopped)"
 
 
 def _everything(conn: Conn) -> list[Row]:
