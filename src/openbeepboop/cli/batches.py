@@ -128,19 +128,27 @@ class Conn:
     api_key: str | None
     bootstrap: str | None
     state_dir: Path | None
-    clients: dict[str, Client] = field(default_factory=dict)
+    clients: dict[str | None, Client] = field(default_factory=dict)
 
     def client(self, url: str | None = None) -> Client:
-        """The client for the server given (`url`: a run's server, unless --base-url)."""
-        url = self.base_url or url
-        key = url or ""
-        if key not in self.clients:
+        """The client for the server the options and environment name, or for `url` (a
+        run's server) when it is another one and no --base-url was given."""
+        url = self.url_for(url)
+        if url not in self.clients:
             bootstrap = None if url else self.bootstrap
             try:
-                self.clients[key] = Client(url, self.api_key, bootstrap=bootstrap)
+                self.clients[url] = Client(url or self.base_url, self.api_key, bootstrap=bootstrap)
             except ValueError as exc:
                 raise click.BadParameter(str(exc), param_hint="--bootstrap") from exc
-        return self.clients[key]
+        return self.clients[url]
+
+    def url_for(self, url: str | None) -> str | None:
+        """`url` when it is a server other than the usual one, else None: the usual
+        server's key comes from the environment by the library's rules."""
+        if url is None or self.base_url:
+            return None
+        usual = self.client().base_url
+        return None if url.rstrip("/").removesuffix("/v1") == usual else url
 
     def close(self) -> None:
         for client in self.clients.values():
@@ -228,15 +236,16 @@ def _connected(fn: F) -> F:
 
     @click.option(
         "--base-url",
-        envvar="OPENBEEPBOOP_BASE_URL",
+        envvar=["OPENBEEPBOOP_BASE_URL", "OPENAI_BASE_URL"],
         show_envvar=True,
         help="Server URL [http://127.0.0.1:8000; a local run: the server it ran on].",
     )
     @click.option(
         "--api-key",
-        envvar="OPENBEEPBOOP_API_KEY",
+        envvar=["OPENBEEPBOOP_API_KEY", "OPENAI_API_KEY"],
         show_envvar=True,
-        help="A client key [the one `openbeepboop serve` saved locally].",
+        help="A client key [the one `openbeepboop serve` saved locally]. OPENAI_API_KEY "
+        "is used only with a server named by OPENAI_BASE_URL.",
     )
     @click.option(
         "--bootstrap",
@@ -264,8 +273,8 @@ def _connected(fn: F) -> F:
 
         ctx = click.get_current_context()
         conn = Conn(
-            _before_command(ctx, "base_url", base_url),
-            _before_command(ctx, "api_key", api_key),
+            _typed(ctx, "base_url", base_url),
+            _typed(ctx, "api_key", api_key),
             _before_command(ctx, "bootstrap", bootstrap) or None,
             state_dir,
         )
@@ -281,6 +290,17 @@ def _connected(fn: F) -> F:
             conn.close()
 
     return wrapper  # type: ignore[return-value]
+
+
+def _typed(ctx: click.Context, name: str, value: Any) -> Any:
+    """The URL or key as typed on the command line (after the command, else before it),
+    else None: the library reads the environment, with its rule that OPENAI_API_KEY goes
+    only to the server OPENAI_BASE_URL names (as cli/client.py's `_given`)."""
+    typed = click.core.ParameterSource.COMMANDLINE
+    if ctx.get_parameter_source(name) is typed:
+        return value
+    root = ctx.find_root()
+    return root.params.get(name) if root.get_parameter_source(name) is typed else None
 
 
 def _print_json(data: Any) -> None:
@@ -518,7 +538,7 @@ def resume(
 
 
 async def _resume(conn: Conn, run: runs.RunSummary, options: dict[str, Any]) -> None:
-    async with AsyncClient(conn.base_url or run.base_url, conn.api_key) as client:
+    async with AsyncClient(conn.url_for(run.base_url) or conn.base_url, conn.api_key) as client:
         await runs.resume_run(client, run, **options)
 
 
