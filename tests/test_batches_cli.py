@@ -360,6 +360,10 @@ def test_results_to_a_file_and_to_stdout(
         assert line["response"]["body"]["choices"][0]["message"]["content"] == f"say {n}"
     by_name = run(server, tmp_path, "results", "results", "-o", "-")  # by its metadata name
     assert ok(by_name) == target.read_text()
+    nowhere = str(tmp_path / "missing" / "out.jsonl")
+    assert "cannot write" in one_line_error(
+        run(server, tmp_path, "results", batch, "-o", nowhere), 2
+    )
 
     finished = finished_run(tmp_path, server, "results-local")
     local = [
@@ -430,7 +434,7 @@ def test_resume_finishes_an_interrupted_run_asking_each_request_once(
         for line in runs.run_results(runs.find_run("resume-me", tmp_path))
     }
 
-    out = run(server, tmp_path, "resume", "resume-me", "--heartbeat-s", "0.2")
+    out = run(server, tmp_path, "resume", "resume-me", "--heartbeat", "0.2")
     assert ok(out).strip() == f"{before['id']} finished: 8 completed, 0 failed of 8"
     assert re.search(r"\d/8 done, 0 failed, \d+ in flight, [\d.]+/s, ETA", out.stderr), out.stderr
     assert "finished: 8 completed, 0 failed of 8" in out.stderr

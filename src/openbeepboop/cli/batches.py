@@ -17,217 +17,15 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import click
-import httpx
 
-from openbeepboop.client import (
-    APIConnectionError,
-    AsyncClient,
-    Client,
-    NotFoundError,
-    OpenBeepBoopError,
-    run_state,
-    runs,
-)
-from openbeepboop.client.errors import from_response
+from openbeepboop.cli.batch_sources import Conn, Refused, Row, cancel_row, local_row, server_row
+from openbeepboop.client import APIConnectionError, AsyncClient, OpenBeepBoopError, runs
 
 F = TypeVar("F", bound=Callable[..., Any])
-# server batch states that cancel can still act on
-ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
-CANCELLABLE = ("validating", "in_progress")
-CANCEL_REASON = "cancelled with openbeepboop-client batches cancel"
-PAGE = 100
-
-
-class Refused(Exception):
-    """A user mistake the command reports in one line, with its exit code."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True)
-class Row:
-    """One batch as `status` shows it."""
-
-    kind: str  # "server" | "local"
-    id: str
-    name: str | None
-    status: str
-    total: int
-    completed: int
-    failed: int
-    created_at: float
-    detail: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def progress(self) -> float:
-        return (self.completed + self.failed) / self.total if self.total else 0.0
-
-    @property
-    def final(self) -> bool:
-        if self.kind == "server":
-            return self.status not in ACTIVE
-        return self.status != "incomplete"
-
-    @property
-    def cancellable(self) -> bool:
-        return self.status in CANCELLABLE if self.kind == "server" else not self.final
-
-    def as_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["progress"] = round(self.progress, 4)
-        data.update(data.pop("detail"))
-        return data
-
-
-def server_row(batch: dict[str, Any]) -> Row:
-    counts = batch.get("request_counts") or {}
-    metadata = batch.get("metadata") or {}
-    return Row(
-        "server",
-        batch["id"],
-        metadata.get("name"),
-        batch["status"],
-        int(counts.get("total") or 0),
-        int(counts.get("completed") or 0),
-        int(counts.get("failed") or 0),
-        float(batch.get("created_at") or 0),
-        {"endpoint": batch.get("endpoint"), "metadata": metadata},
-    )
-
-
-def local_row(run: runs.RunSummary) -> Row:
-    return Row(
-        "local",
-        run.id,
-        run.name,
-        run.status,
-        run.total,
-        run.done - run.failed,
-        run.failed,
-        run.created_at,
-        {"path": str(run.path), "base_url": run.base_url, "metadata": run.metadata},
-    )
-
-
-# -- the connection ------------------------------------------------------------------------
-
-
-@dataclass
-class Conn:
-    """The common options; clients are made when a command first needs one (a local
-    run's results need no server)."""
-
-    base_url: str | None
-    api_key: str | None
-    bootstrap: str | None
-    state_dir: Path | None
-    clients: dict[str | None, Client] = field(default_factory=dict)
-
-    def client(self, url: str | None = None) -> Client:
-        """The client for the server the options and environment name, or for `url` (a
-        run's server) when it is another one and no --base-url was given."""
-        url = self.url_for(url)
-        if url not in self.clients:
-            bootstrap = None if url else self.bootstrap
-            try:
-                self.clients[url] = Client(url or self.base_url, self.api_key, bootstrap=bootstrap)
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="--bootstrap") from exc
-        return self.clients[url]
-
-    def url_for(self, url: str | None) -> str | None:
-        """`url` when it is a server other than the usual one, else None: the usual
-        server's key comes from the environment by the library's rules."""
-        if url is None or self.base_url:
-            return None
-        usual = self.client().base_url
-        return None if url.rstrip("/").removesuffix("/v1") == usual else url
-
-    def close(self) -> None:
-        for client in self.clients.values():
-            client.close()
-
-    def server_batches(self) -> list[dict[str, Any]]:
-        """Every batch of the key, all pages, newest first."""
-        found: list[dict[str, Any]] = []
-        after: str | None = None
-        while True:
-            query = f"?limit={PAGE}" + (f"&after={after}" if after else "")
-            page = self.client().request("GET", "/v1/batches" + query)
-            found += page["data"]
-            if not page.get("has_more") or not page["data"]:
-                return found
-            after = page["last_id"]
-
-    def local_runs(self) -> list[runs.RunSummary]:
-        return runs.list_runs(self.state_dir)
-
-    def find(self, ref: str) -> Row:
-        """A server batch by id, a local run by id, unique id prefix or name, else the
-        newest server batch of that name."""
-        if ref.startswith("batch_"):
-            try:
-                return server_row(self.client().request("GET", f"/v1/batches/{ref}"))
-            except NotFoundError:
-                pass
-        try:
-            return local_row(runs.find_run(ref, self.state_dir))
-        except LookupError as exc:
-            local = _reason(exc)
-        if not ref.startswith(("batch_", "run_")):
-            named = [
-                b for b in self.server_batches() if (b.get("metadata") or {}).get("name") == ref
-            ]
-            if named:
-                return server_row(named[0])
-        if ref.startswith("run_"):
-            raise Refused(local, 5)
-        raise Refused(f"{local}; no server batch has that id or name either", 5)
-
-    def download(self, file_ids: list[str], out: IO[bytes]) -> None:
-        """Files' bytes from the Files API into `out`, as they arrive."""
-        asyncio.run(_download(self.base_url, self.api_key, file_ids, out))
-
-
-async def _download(
-    base_url: str | None, api_key: str | None, file_ids: list[str], out: IO[bytes]
-) -> None:
-    # the content is JSONL, not the JSON `Client.request` parses; the URL and key are
-    # the ones the client resolves (options, environment, the local key)
-    async with AsyncClient(base_url, api_key) as client:
-        headers = {"Authorization": f"Bearer {client.api_key}"} if client.api_key else {}
-        try:
-            async with httpx.AsyncClient(base_url=client.base_url, timeout=60) as http:
-                for file_id in file_ids:
-                    path = f"/v1/files/{file_id}/content"
-                    async with http.stream("GET", path, headers=headers) as r:
-                        if r.status_code >= 400:
-                            await r.aread()
-                            raise from_response(r.status_code, _json_or_text(r))
-                        async for chunk in r.aiter_bytes():
-                            out.write(chunk)
-        except httpx.HTTPError as exc:
-            raise APIConnectionError(
-                f"cannot reach the OpenBeepBoop server at {client.base_url}: {exc}"
-            ) from exc
-
-
-def _json_or_text(r: httpx.Response) -> Any:
-    try:
-        return r.json()
-    except ValueError:
-        return {"error": {"message": r.text[:500]}}
-
-
-def _reason(exc: LookupError) -> str:
-    return str(exc.args[0]) if exc.args else str(exc)
 
 
 def _connected(fn: F) -> F:
@@ -257,7 +55,10 @@ def _connected(fn: F) -> F:
     @click.option(
         "--state-dir",
         type=click.Path(file_okay=False, path_type=Path),
-        help="Where local runs keep their state files [see docs/client.md].",
+        envvar="OPENBEEPBOOP_STATE_DIR",
+        show_envvar=True,
+        help="Where local runs keep their state files [$CACHE_DIR/runs, else the user "
+        "state directory].",
     )
     @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
     @functools.wraps(fn)
@@ -372,44 +173,6 @@ def status(conn: Conn, as_json: bool) -> None:
 # -- cancel ------------------------------------------------------------------------------
 
 
-def cancel_row(conn: Conn, row: Row) -> str:
-    """Cancel one batch; what happened, as a line."""
-    if row.final or row.status == "cancelling":
-        return f"{row.id} is already {row.status}"
-    if row.kind == "server":
-        if not row.cancellable:
-            return f"{row.id} is {row.status} and cannot be cancelled now"
-        batch = conn.client().request("POST", f"/v1/batches/{row.id}/cancel")
-        return f"{row.id} {batch['status']}"
-    return cancel_run(conn, runs.find_run(row.id, conn.state_dir))
-
-
-def cancel_run(conn: Conn, run: runs.RunSummary) -> str:
-    """Cancel a local run's jobs that have no answer yet, note each one's final state in
-    the state file as the runner would (a job that finished meanwhile keeps its answer),
-    then mark the run cancelled. A later `resume` runs only what was never submitted."""
-    record = run_state.load(run.path)
-    lines = []
-    for i, submitted in sorted(record.submitted.items()):
-        if i in record.done:
-            continue
-        client = conn.client(submitted.get("server") or run.base_url)
-        try:
-            job = client.jobs.cancel(str(submitted["job"])).data
-        except NotFoundError:
-            continue  # gone from the server (retention): a resume notes it
-        stopped = job.get("status") == "cancelled"
-        error = {"code": "cancelled", "message": CANCEL_REASON} if stopped else job.get("error")
-        line = {"done": i, "job": job.get("id"), "status": job.get("status")}
-        lines.append(line | {"result": job.get("result"), "error": error})
-    with run_state.RunWriter(run.path) as writer:
-        writer.write(lines)
-    runs.mark_run(run, "cancelled", CANCEL_REASON)
-    stopped = sum(line["status"] == "cancelled" for line in lines)
-    label = f" ({run.name})" if run.name else ""
-    return f"{run.id}{label} cancelled ({stopped} job(s) stopped)"
-
-
 def _everything(conn: Conn) -> list[Row]:
     local = [local_row(r) for r in conn.local_runs()]
     return [server_row(b) for b in conn.server_batches()] + local
@@ -490,9 +253,16 @@ def _label(row: Row) -> str:
 
 @batches.command()
 @click.argument("ref", metavar="ID")
-@click.option("--heartbeat-s", type=float, help="Seconds between progress lines [the run's].")
 @click.option(
-    "--max-failures", type=int, help="Give up after this many failed jobs; 0: never [the run's]."
+    "--heartbeat",
+    "heartbeat_s",
+    type=click.FloatRange(min=0.01),
+    help="Seconds between progress lines on stderr [the run's].",
+)
+@click.option(
+    "--max-failures",
+    type=click.IntRange(min=0),
+    help="Give up after this many failed jobs (0: never) [the run's].",
 )
 @_connected
 def resume(
@@ -580,32 +350,35 @@ def results(conn: Conn, ref: str, output: str, as_json: bool) -> None:
         files = [f for f in (batch.get("output_file_id"), batch.get("error_file_id")) if f]
         if not files:
             raise Refused(f"{row.id} is {batch['status']} and has no results yet", 1)
-        with _opened(output) as out:
+        with _output(output) as out:
             conn.download(files, out)
     else:
         run = runs.find_run(row.id, conn.state_dir)
-        with _opened(output) as out:
+        with _output(output) as out:
             for line in runs.run_results(run):
                 out.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
     if output != "-":
         click.echo(f"wrote {row.id}'s results to {output}", err=True)
 
 
-class _opened:
-    """stdout's bytes for '-', else the file (created)."""
-
-    def __init__(self, output: str) -> None:
-        self.output = output
-        self.file: IO[bytes] | None = None
-
-    def __enter__(self) -> IO[bytes]:
-        if self.output == "-":
-            return sys.stdout.buffer
-        self.file = Path(self.output).open("wb")
-        return self.file
-
-    def __exit__(self, *_: object) -> None:
-        if self.file is not None:
-            self.file.close()
-        else:
-            sys.stdout.flush()
+@contextlib.contextmanager
+def _output(target: str) -> Iterator[IO[bytes]]:
+    """stdout's bytes for '-'; else a file written beside `target` and moved onto it once
+    complete, so that an interrupted download leaves no half file behind."""
+    if target == "-":
+        yield sys.stdout.buffer
+        sys.stdout.flush()
+        return
+    path = Path(target)
+    part = path.with_name(path.name + ".part")
+    try:
+        file = part.open("wb")
+    except OSError as exc:
+        raise Refused(f"cannot write {target}: {exc.strerror or exc}") from exc
+    try:
+        with file:
+            yield file
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(path)
