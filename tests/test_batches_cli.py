@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
 import re
 import signal
 import subprocess
@@ -70,7 +72,7 @@ def sdk(server: ServerProcess) -> Iterator[openai.OpenAI]:
 
 
 def run(
-    server: ServerProcess, state: Path, *args: str, **env: str
+    server: ServerProcess, state: Path, *args: str, stdin: int = subprocess.DEVNULL, **env: str
 ) -> subprocess.CompletedProcess[str]:
     base = {
         "OPENBEEPBOOP_BASE_URL": server.url,
@@ -82,7 +84,7 @@ def run(
         capture_output=True,
         text=True,
         env=child_env(**(base | env)),
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         timeout=60,
         check=False,
     )
@@ -326,6 +328,17 @@ def test_cancel_all_asks_and_refuses_without_a_terminal(
     assert "--yes" in refused
     assert {sdk.batches.retrieve(b).status for b in batches} == {"in_progress"}
     assert {get_job(server, j)["status"] for j in jobs} == {"queued"}
+
+    typed, terminal = pty.openpty()
+    os.write(typed, b"n\n")  # typed ahead: the answer to the question
+    try:
+        declined = run(server, tmp_path, "cancel", "--all", stdin=terminal)
+    finally:
+        os.close(typed)
+        os.close(terminal)
+    assert declined.returncode == 1 and "cancel them all? [y/N]" in declined.stderr
+    assert "all-local" in declined.stderr and "Aborted" in declined.stderr
+    assert {sdk.batches.retrieve(b).status for b in batches} == {"in_progress"}
 
     out = run(server, tmp_path, "cancel", "--all", "--yes")
     assert {batches[0], batches[1], run_id} <= {line.split()[0] for line in ok(out).splitlines()}
