@@ -725,5 +725,7 @@ def swarm(client: Client, watch: bool, interval: float, as_json: bool) -> None:
         pass
 
 
+main.add_command(__import__("openbeepboop.cli.batches", fromlist=["batches"]).batches)
+
 if __name__ == "__main__":
     main()
