@@ -1,0 +1,381 @@
+"""A DSPy language model whose every call is an OpenBeepBoop job.
+
+DSPy 3.4's extension point for a backend of one's own is an *engine*: an object with
+`complete(Request) -> Response` (and an async twin with `async def complete`), handed to
+`dspy.LM(model, engine=..., async_engine=...)`; subclassing `BaseLM` with
+`forward`/`aforward` is deprecated there and goes away in 3.5. `JobsEngine` and
+`AsyncJobsEngine` are such a pair, and `jobs_lm` builds the `dspy.LM` that holds them.
+
+Each call is submitted as a job (`Prefer: respond-async`) with an `Idempotency-Key`
+derived from the request (model, messages, sampling parameters) and the run's name, then
+waited for. Run the same program again (after a crash, a restart, on another machine
+with the same key) and every call finds its earlier job: a finished one answers at once,
+a queued or running one is waited for, and the whole fleet of nodes works through them
+meanwhile. A job that had failed, been cancelled or expired in an earlier run is
+submitted again (under a key derived from the old job's id, so that too is found again).
+
+Both engines share one connection: an `AsyncClient` on a private event loop in a
+background thread. Calls from DSPy's worker threads (`dspy.Evaluate(num_threads=...)`,
+`dspy.Parallel`) and from any event loop (`await program.acall(...)`, repeated
+`asyncio.run`) all go through it, so they are thread-safe and share one pool of
+connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import dspy
+from dspy import lm15
+
+from openbeepboop.client import (
+    APIConnectionError,
+    AsyncClient,
+    AuthenticationError,
+    BadRequestError,
+    JobTimeoutError,
+    NotFoundError,
+    OpenBeepBoopError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+)
+from openbeepboop.client._sync import _Loop
+
+if TYPE_CHECKING:
+    from openbeepboop.client import AsyncJob
+
+ENDPOINT = "/v1/chat/completions"
+KEY_PREFIX = "obb-dspy-"
+RESUBMITS = 5  # an earlier run's failed job is submitted again at most this many times
+FAILED = frozenset({"failed", "cancelled", "expired"})
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What every job of a `JobsEngine` carries besides the request (all optional).
+
+    - `run`: a name for the run ("eval-gsm8k-v3"); it goes into every idempotency key
+      (another name runs everything again as new jobs) and into the jobs' metadata as
+      `run` (so `openbeepboop-client batches cancel --prefix` and the web interface can
+      find them).
+    - `priority`, `max_attempts`, `ttl_seconds`, `metadata`, `node`, `node_labels`: the
+      job knobs of docs/client.md.
+    - `server_cache`: the server's response cache for these requests, `"use"`, `"skip"`
+      or `"refresh"` (the body field `cache`); None leaves it to the server.
+    - `wait_timeout`: seconds to wait for a job before DSPy sees a timeout (it retries,
+      finding the same job); None waits as long as the queue takes.
+    """
+
+    run: str | None = None
+    priority: int | None = None
+    max_attempts: int | None = None
+    ttl_seconds: float | None = None
+    metadata: Mapping[str, Any] | None = None
+    node: str | None = None
+    node_labels: Mapping[str, str] | None = None
+    server_cache: Literal["use", "skip", "refresh"] | None = None
+    wait_timeout: float | None = None
+
+    def knobs(self) -> dict[str, Any]:
+        """The fields sent beside the OpenAI body (our job fields, and `cache`)."""
+        metadata = dict(self.metadata or {})
+        if self.run is not None:
+            metadata.setdefault("run", self.run)
+        values = {
+            "priority": self.priority,
+            "max_attempts": self.max_attempts,
+            "ttl_seconds": self.ttl_seconds,
+            "metadata": metadata or None,
+            "node": self.node,
+            "node_labels": dict(self.node_labels) if self.node_labels else None,
+            "cache": self.server_cache,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How to reach the server (as `AsyncClient`'s arguments; never saved with a key)."""
+
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    bootstrap: str | None = None
+    timeout: float = 60.0
+    max_retries: int = 3
+
+
+def idempotency_key(body: Mapping[str, Any], knobs: Mapping[str, Any], run: str | None) -> str:
+    """The key of one request: a hash of the run's name, the endpoint, the OpenAI body
+    and the job fields (the server checks all of these on a replay)."""
+    canonical = json.dumps(
+        {"run": run, "url": ENDPOINT, "body": body, "knobs": knobs},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return KEY_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _again(key: str, failed_job: str) -> str:
+    """The key under which a job that failed in an earlier run is submitted again."""
+    return KEY_PREFIX + hashlib.sha256(f"{key}|{failed_job}".encode()).hexdigest()
+
+
+def chat_body(request: lm15.Request) -> dict[str, Any]:
+    """The Chat Completions body of a DSPy request, as DSPy's own OpenAI-compatible
+    wire writes it (messages, tools, response_format, sampling), with `max_tokens`."""
+    wire = lm15.OpenAIChatLM(
+        api_key="unused",  # nothing is sent: only the body is built
+        base_url="http://unused/v1",
+        compat=lm15.OpenAIChatCompat(max_tokens_field="max_tokens"),
+    )
+    body: dict[str, Any] = json.loads(wire.build_request(request, False).body)
+    body.pop("stream", None)
+    return body
+
+
+def _lm_error(exc: OpenBeepBoopError) -> Exception:
+    """Our client's error as the `dspy.lm15` error DSPy expects from an engine (DSPy
+    decides from its class whether to retry)."""
+    if isinstance(exc, APIConnectionError):
+        transport: Exception = lm15.TransportError(exc.message)
+        return transport
+    kind: Any = lm15.ProviderError
+    extra: dict[str, Any] = {}
+    if isinstance(exc, AuthenticationError | PermissionDeniedError):
+        kind = lm15.AuthError
+    elif isinstance(exc, RateLimitError):
+        kind, extra = lm15.RateLimitError, {"retry_after": exc.retry_after}
+    elif isinstance(exc, BadRequestError | NotFoundError):
+        kind = lm15.InvalidRequestError
+    elif isinstance(exc, JobTimeoutError):
+        kind = lm15.TimeoutError
+    elif isinstance(exc, ServerError):
+        kind = lm15.ServerError
+    error: Exception = kind(exc.message, provider="openbeepboop", status=exc.status, **extra)
+    return error
+
+
+class _Connection:
+    """One `AsyncClient` on a private event loop in a background thread, made on first
+    use; shared by a sync and an async engine (and their copies)."""
+
+    def __init__(self, settings: ClientSettings, options: JobOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self._lock = threading.Lock()
+        self._loop: _Loop | None = None
+        self._client: AsyncClient | None = None
+
+    def _open(self) -> tuple[_Loop, AsyncClient]:
+        with self._lock:
+            if self._loop is None or self._client is None:
+                s = self.settings
+                loop = _Loop()
+
+                async def make() -> AsyncClient:
+                    return AsyncClient(
+                        s.base_url,
+                        s.api_key,
+                        timeout=s.timeout,
+                        max_retries=s.max_retries,
+                        bootstrap=s.bootstrap,
+                    )
+
+                self._client = loop.run(make())
+                self._loop = loop
+            return self._loop, self._client
+
+    def run(self, request: lm15.Request) -> lm15.Response:
+        loop, client = self._open()
+        try:
+            return loop.run(self._answer(client, request))
+        except OpenBeepBoopError as exc:
+            raise _lm_error(exc) from exc
+
+    async def arun(self, request: lm15.Request) -> lm15.Response:
+        loop, client = self._open()
+        future = asyncio.run_coroutine_threadsafe(self._answer(client, request), loop.loop)
+        try:
+            return await asyncio.wrap_future(future)
+        except OpenBeepBoopError as exc:
+            raise _lm_error(exc) from exc
+
+    async def _answer(self, client: AsyncClient, request: lm15.Request) -> lm15.Response:
+        job = await self.submit(client, request)
+        await job.wait(self.options.wait_timeout)
+        if job.status != "completed":
+            error = job.error or {}
+            message = error.get("message") or f"the job ended {job.status}"
+            raise lm15.ProviderError(
+                f"job {job.id} {job.status}: {message}",
+                provider="openbeepboop",
+                provider_code=error.get("code"),
+                request_id=job.id,
+            )
+        response = lm15.response_from_openai_chat(job.data["result"], model=request.model)
+        return dataclasses.replace(response, id=job.id)  # the job is the answer's handle
+
+    async def submit(self, client: AsyncClient, request: lm15.Request) -> AsyncJob:
+        """Submit (or find again) the job of `request`. A job an earlier run left
+        failed, cancelled or expired is submitted again under a key of its own."""
+        body = chat_body(request)
+        knobs = self.options.knobs()
+        key = idempotency_key(body, knobs, self.options.run)
+        for _ in range(RESUBMITS):
+            job = await client.chat.completions.create(idempotency_key=key, **body, **knobs)
+            if job.status not in FAILED:  # a new job is queued: only a replay is final
+                return job
+            key = _again(key, job.id)
+        return await client.chat.completions.create(idempotency_key=key, **body, **knobs)
+
+    def close(self) -> None:
+        with self._lock:
+            loop, client = self._loop, self._client
+            self._loop = self._client = None
+        if loop is not None and client is not None:
+            loop.run(client.close())
+            loop.stop()
+
+    def dump_state(self) -> dict[str, Any]:
+        """The engine's state for a saved program: where and how, never the API key."""
+        settings = {k: v for k, v in asdict(self.settings).items() if k != "api_key"}
+        options = asdict(self.options)
+        for name in ("metadata", "node_labels"):
+            if options[name] is not None:
+                options[name] = dict(options[name])
+        return {"client": settings, "options": options}
+
+    @classmethod
+    def load_state(cls, state: Mapping[str, Any]) -> _Connection:
+        return cls(
+            ClientSettings(**state.get("client", {})), JobOptions(**state.get("options", {}))
+        )
+
+
+class JobsEngine:
+    """DSPy's synchronous engine over OpenBeepBoop jobs (`complete(Request)`). Build the
+    LM with `jobs_lm`, or pass `engine=JobsEngine(...)` and `async_engine=engine.async_twin()`
+    to `dspy.LM` yourself."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        options: JobOptions | None = None,
+        bootstrap: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        _connection: _Connection | None = None,
+    ) -> None:
+        settings = ClientSettings(base_url, api_key, bootstrap, timeout, max_retries)
+        self._connection = _connection or _Connection(settings, options or JobOptions())
+
+    @property
+    def options(self) -> JobOptions:
+        return self._connection.options
+
+    def complete(self, request: lm15.Request) -> lm15.Response:
+        """Submit the request as a job (or find its earlier job) and wait for it."""
+        return self._connection.run(request)
+
+    def stream(self, request: lm15.Request) -> Iterator[Any]:
+        """The answer as stream events, all at once when the job is done (a job's
+        answer is collected, not streamed, here)."""
+        return iter(lm15.response_to_events(self.complete(request)))
+
+    def async_twin(self) -> AsyncJobsEngine:
+        """The async engine on the same connection."""
+        return AsyncJobsEngine(self._connection)
+
+    def close(self) -> None:
+        """Close the connection (and its thread); both engines of a pair share it."""
+        self._connection.close()
+
+    def dump_state(self) -> dict[str, Any]:
+        return self._connection.dump_state()
+
+    @classmethod
+    def load_state(cls, state: Mapping[str, Any]) -> JobsEngine:
+        """An engine from `dump_state`; its API key comes from `OPENBEEPBOOP_API_KEY`."""
+        return cls(_connection=_Connection.load_state(state))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> JobsEngine:
+        return self  # a connection, shared as DSPy shares its own clients
+
+    def __repr__(self) -> str:
+        return f"JobsEngine({self._connection.settings!r}, {self.options!r})"
+
+
+class AsyncJobsEngine:
+    """DSPy's async engine over OpenBeepBoop jobs (`async def complete(Request)`), on the
+    connection of a `JobsEngine`; usable from any event loop."""
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+
+    async def complete(self, request: lm15.Request) -> lm15.Response:
+        """Submit the request as a job (or find its earlier job) and wait for it."""
+        return await self._connection.arun(request)
+
+    async def stream(self, request: lm15.Request) -> Any:
+        """The answer as stream events, all at once when the job is done."""
+        for event in lm15.response_to_events(await self.complete(request)):
+            yield event
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._connection.close)
+
+    def dump_state(self) -> dict[str, Any]:
+        return self._connection.dump_state()
+
+    @classmethod
+    def load_state(cls, state: Mapping[str, Any]) -> AsyncJobsEngine:
+        return cls(_Connection.load_state(state))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AsyncJobsEngine:
+        return self
+
+
+def jobs_lm(
+    model: str,
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    run: str | None = None,
+    priority: int | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    server_cache: Literal["use", "skip", "refresh"] | None = None,
+    wait_timeout: float | None = None,
+    options: JobOptions | None = None,
+    cache: bool = False,
+    **lm_kwargs: Any,
+) -> Any:
+    """A `dspy.LM` for the server's model `model` whose calls are jobs.
+
+    `base_url`, `api_key`: the server (defaults as for `Client`: `OPENBEEPBOOP_BASE_URL`,
+    `OPENBEEPBOOP_API_KEY`). `run`, `priority`, `metadata`, `server_cache`,
+    `wait_timeout`: see `JobOptions` (or pass `options=` for all of them). `cache`:
+    DSPy's own local cache, off by default: the server's jobs are the record, and a
+    local hit would hide a new `run` name. Other keyword arguments go to `dspy.LM`
+    (`temperature`, `max_tokens`, `num_retries`, `callbacks`, ...).
+    """
+    if options is None:
+        options = JobOptions(
+            run=run,
+            priority=priority,
+            metadata=metadata,
+            server_cache=server_cache,
+            wait_timeout=wait_timeout,
+        )
+    engine = JobsEngine(base_url, api_key, options=options)
+    return dspy.LM(model, engine=engine, async_engine=engine.async_twin(), cache=cache, **lm_kwargs)

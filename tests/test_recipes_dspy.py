@@ -1,0 +1,213 @@
+"""DSPy through the server, both routes of docs/recipes.md, against a real server whose node
+serves the bundled Gemma 3 270M (llama-cpp-python) and an echo model:
+
+- `dspy.LM("openai/gemma-3-270m", api_base=.../v1, api_key=...)` (plain HTTP) and
+  `jobs_lm("gemma-3-270m", ...)` (every call a job) each run a `dspy.Predict` program
+  with `TolerantChatAdapter`: a string answer comes back, from a job of the right model
+  on the server (the model is tiny: its wisdom is not checked);
+- the jobs LM survives a restart: a new LM (as after a crash) re-running the same program
+  creates no job, and answers the same; another run name makes new jobs;
+- the jobs LM on echo: async calls from two event loops, calls from many threads at
+  once, the job knobs (priority, metadata with the run), and a job that an earlier run
+  left cancelled is submitted again (once).
+
+One server and one node process serve the module; Gemma is asked for few, short answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import dspy
+import httpx
+import pytest
+
+from openbeepboop.integrations.dspy import (
+    JobOptions,
+    TolerantChatAdapter,
+    idempotency_key,
+    jobs_lm,
+)
+from openbeepboop.integrations.dspy.jobs import chat_body
+from tests.conftest import ServerProcess
+from tests.nodes import (
+    SERVER_LOG_WARNING,
+    Procs,
+    echo_model,
+    new_server,
+    start_node,
+    wait_until,
+    write_config,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings(SERVER_LOG_WARNING)]
+
+
+GEMMA = "gemma-3-270m"
+QUESTIONS = ["What is the capital of France?", "What colour is the sky?"]
+
+
+@dataclass
+class Rig:
+    server: ServerProcess
+    http: httpx.Client
+
+    @property
+    def key(self) -> str:
+        return str(self.server.keys["client_key"])
+
+    def jobs(self, model: str) -> list[dict[str, Any]]:
+        r = self.http.get("/v1/jobs", params={"model": model, "limit": 100})
+        assert r.status_code == 200, r.text
+        return list(r.json()["data"])
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    tmp = tmp_path_factory.mktemp("dspy")
+    procs = Procs()
+    server = new_server(tmp / "server")
+    http = httpx.Client(
+        base_url=server.url,
+        headers={"Authorization": f"Bearer {server.keys['client_key']}"},
+        timeout=30,
+    )
+    try:
+        models = [
+            {"name": GEMMA, "backend": "llama_cpp", "n_ctx": 1024},
+            echo_model(),
+            echo_model(name="echo-slow", delay_ms=1500),
+        ]
+        start_node(procs, write_config(tmp / "node" / "node.toml", server, models))
+
+        def served() -> bool:
+            names = {m["id"] for m in http.get("/v1/models").json()["data"]}
+            return {GEMMA, "echo", "echo-slow"} <= names
+
+        wait_until(served, 120, "the Gemma node")
+        yield Rig(server, http)
+    finally:
+        procs.close()
+        http.close()
+        server.kill(signal.SIGTERM)
+
+
+def predict(lm: Any, question: str) -> Any:
+    program = dspy.Predict("question -> answer")
+    with dspy.context(lm=lm, adapter=TolerantChatAdapter()):
+        return program(question=question)
+
+
+def test_dspy_lm_over_http_on_gemma(rig: Rig) -> None:
+    before = len(rig.jobs(GEMMA))
+    lm = dspy.LM(
+        f"openai/{GEMMA}",
+        api_base=rig.server.url + "/v1",
+        api_key=rig.key,
+        max_tokens=24,
+        temperature=0,
+        cache=False,
+        num_retries=0,
+    )
+    answer = predict(lm, QUESTIONS[0]).answer
+    raw = lm.history[-1]["outputs"][0]  # what the model wrote, markers or not
+    assert isinstance(answer, str) and answer.strip() and answer in raw, raw
+    jobs = rig.jobs(GEMMA)
+    assert len(jobs) == before + 1
+    assert jobs[0]["status"] == "completed" and jobs[0]["model"] == GEMMA
+
+
+def test_jobs_lm_on_gemma_survives_a_restart(rig: Rig) -> None:
+    def run(name: str) -> list[str]:
+        lm = jobs_lm(GEMMA, base_url=rig.server.url, api_key=rig.key, run=name, max_tokens=24)
+        try:
+            answers = [predict(lm, q).answer for q in QUESTIONS]
+            raw = [entry["outputs"][0] for entry in lm.history]
+            assert all(a in r for a, r in zip(answers, raw, strict=True)), raw
+            return answers
+        finally:
+            lm.engine.close()
+
+    before = len(rig.jobs(GEMMA))
+    first = run("restart-test")
+    assert all(isinstance(a, str) and a.strip() for a in first), first
+    jobs = rig.jobs(GEMMA)
+    assert len(jobs) == before + 2
+    assert {j["status"] for j in jobs[:2]} == {"completed"}
+    assert {j["metadata"]["run"] for j in jobs[:2]} == {"restart-test"}
+
+    assert run("restart-test") == first  # a new LM, as after a restart: the same jobs
+    assert len(rig.jobs(GEMMA)) == before + 2
+
+
+def test_jobs_lm_async_from_two_loops_and_threads(rig: Rig) -> None:
+    lm = jobs_lm("echo", base_url=rig.server.url, api_key=rig.key, run="async-threads")
+    before = len(rig.jobs("echo"))
+    try:
+        assert asyncio.run(lm.acall("first loop")) == ["first loop"]
+        assert asyncio.run(lm.acall("second loop")) == ["second loop"]
+        prompts = [f"thread call {i}" for i in range(24)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda p: lm(p)[0], prompts))
+        assert answers == prompts
+        assert len(rig.jobs("echo")) == before + 26
+        assert lm("first loop") == ["first loop"]  # found again: no new job
+        assert len(rig.jobs("echo")) == before + 26
+    finally:
+        lm.engine.close()
+    other = jobs_lm("echo", base_url=rig.server.url, api_key=rig.key, run="another-run")
+    try:
+        assert other("first loop") == ["first loop"]  # another run's name: a new job
+    finally:
+        other.engine.close()
+    assert len(rig.jobs("echo")) == before + 27
+
+
+def test_jobs_lm_passes_knobs(rig: Rig) -> None:
+    lm = jobs_lm(
+        "echo",
+        base_url=rig.server.url,
+        api_key=rig.key,
+        run="knobs",
+        priority=3,
+        metadata={"suite": "recipes"},
+        temperature=0,
+        max_tokens=16,
+    )
+    try:
+        response = lm(dspy.lm15.Request(model="echo", messages=(dspy.lm15.Message.user("hi"),)))
+    finally:
+        lm.engine.close()
+    assert response.text == "hi"
+    job = rig.http.get(f"/v1/jobs/{response.id}").json()
+    assert job["priority"] == 3
+    assert job["metadata"] == {"suite": "recipes", "run": "knobs"}
+    assert job["model"] == "echo"
+
+
+def test_jobs_lm_resubmits_a_job_an_earlier_run_left_cancelled(rig: Rig) -> None:
+    request = dspy.lm15.Request(model="echo-slow", messages=(dspy.lm15.Message.user("again"),))
+    options = JobOptions(run="cancelled-before")
+    body = chat_body(request)
+    key = idempotency_key(body, options.knobs(), options.run)
+    r = rig.http.post(
+        "/v1/chat/completions",
+        json={**body, **options.knobs()},
+        headers={"Prefer": "respond-async", "Idempotency-Key": key},
+    )
+    assert r.status_code == 202, r.text
+    old = r.json()["id"]
+    assert rig.http.post(f"/v1/jobs/{old}/cancel").json()["status"] == "cancelled"
+
+    lm = jobs_lm("echo-slow", base_url=rig.server.url, api_key=rig.key, options=options)
+    try:
+        response = lm(request)
+        assert response.text == "again" and response.id != old
+        assert lm(request).id == response.id  # the new job is found again
+    finally:
+        lm.engine.close()
