@@ -97,6 +97,12 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         server.kill(signal.SIGTERM)
 
 
+@pytest.fixture(autouse=True)
+def no_price_list_fetch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DSPy (as LiteLLM) fetches a model price list when an LM is made, unless told."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
 def predict(lm: Any, question: str) -> Any:
     program = dspy.Predict("question -> answer")
     with dspy.context(lm=lm, adapter=TolerantChatAdapter()):
