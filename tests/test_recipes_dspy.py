@@ -9,7 +9,7 @@ serves the bundled Gemma 3 270M (llama-cpp-python) and an echo model:
   creates no job, and answers the same; another run name makes new jobs;
 - the jobs LM on echo: async calls from two event loops, calls from many threads at
   once, the job knobs (priority, metadata with the run), and a job that an earlier run
-  left cancelled is submitted again (once).
+  left cancelled is submitted again (once); a saved LM holds no key and loads.
 
 One server and one node process serve the module; Gemma is asked for few, short answers.
 """
@@ -17,6 +17,7 @@ One server and one node process serve the module; Gemma is asked for few, short 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -217,3 +218,19 @@ def test_jobs_lm_resubmits_a_job_an_earlier_run_left_cancelled(rig: Rig) -> None
         assert lm(request).id == response.id  # the new job is found again
     finally:
         lm.engine.close()
+
+
+def test_jobs_lm_saved_without_its_key_loads_and_answers(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lm = jobs_lm("echo", base_url=rig.server.url, api_key=rig.key, run="saved", priority=2)
+    state = lm.dump_state()
+    lm.engine.close()
+    assert rig.key not in json.dumps(state)
+    assert state["engine"]["state"]["options"]["run"] == "saved"
+    monkeypatch.setenv("OPENBEEPBOOP_API_KEY", rig.key)
+    loaded = dspy.LM.load_state(state, allow_custom_lm_class=True)
+    try:
+        assert loaded("saved and loaded") == ["saved and loaded"]
+    finally:
+        loaded.engine.close()
