@@ -130,25 +130,37 @@ def test_dspy_lm_over_http_on_gemma(rig: Rig) -> None:
 
 
 def test_jobs_lm_on_gemma_survives_a_restart(rig: Rig) -> None:
-    def run(name: str) -> list[str]:
-        lm = jobs_lm(GEMMA, base_url=rig.server.url, api_key=rig.key, run=name, max_tokens=24)
+    """`dspy.Evaluate` (2 threads) over the questions; then a new LM, as after a
+    restart, evaluates again: no new job, the same answers."""
+    devset = [dspy.Example(question=q).with_inputs("question") for q in QUESTIONS]
+
+    def answered(example: Any, prediction: Any, trace: Any = None) -> bool:
+        return isinstance(prediction.answer, str) and bool(prediction.answer.strip())
+
+    def evaluate(name: str) -> list[str]:
+        lm = jobs_lm(
+            GEMMA, base_url=rig.server.url, api_key=rig.key, run=name, max_tokens=24, temperature=0
+        )
+        evaluation = dspy.Evaluate(devset=devset, metric=answered, num_threads=2)
         try:
-            answers = [predict(lm, q).answer for q in QUESTIONS]
-            raw = [entry["outputs"][0] for entry in lm.history]
-            assert all(a in r for a, r in zip(answers, raw, strict=True)), raw
-            return answers
+            with dspy.context(lm=lm, adapter=TolerantChatAdapter()):
+                result = evaluation(dspy.Predict("question -> answer"))
         finally:
             lm.engine.close()
+        raw = [entry["outputs"][0] for entry in lm.history]  # what the model wrote
+        answers = [prediction.answer for _, prediction, _ in result.results]
+        assert result.score == 100.0, raw
+        assert all(any(a in r for r in raw) for a in answers), (answers, raw)
+        return answers
 
     before = len(rig.jobs(GEMMA))
-    first = run("restart-test")
-    assert all(isinstance(a, str) and a.strip() for a in first), first
+    first = evaluate("restart-test")
     jobs = rig.jobs(GEMMA)
     assert len(jobs) == before + 2
     assert {j["status"] for j in jobs[:2]} == {"completed"}
     assert {j["metadata"]["run"] for j in jobs[:2]} == {"restart-test"}
 
-    assert run("restart-test") == first  # a new LM, as after a restart: the same jobs
+    assert evaluate("restart-test") == first  # a new LM, as after a restart: the same jobs
     assert len(rig.jobs(GEMMA)) == before + 2
 
 
