@@ -188,25 +188,31 @@ def test_jobs_lm_async_from_two_loops_and_threads(rig: Rig) -> None:
 
 
 def test_jobs_lm_passes_knobs(rig: Rig) -> None:
-    lm = jobs_lm(
-        "echo",
-        base_url=rig.server.url,
-        api_key=rig.key,
-        run="knobs",
-        priority=3,
-        metadata={"suite": "recipes"},
-        temperature=0,
-        max_tokens=16,
+    """Priority and metadata (with the run's name) reach the job; at temperature 0 the
+    server's response cache answers another run's same request, unless told "skip"."""
+    request = dspy.lm15.Request(  # an explicit Request carries its own settings
+        model="echo",
+        messages=(dspy.lm15.Message.user("knobs"),),
+        config=dspy.lm15.Config(temperature=0),
     )
-    try:
-        response = lm(dspy.lm15.Request(model="echo", messages=(dspy.lm15.Message.user("hi"),)))
-    finally:
-        lm.engine.close()
-    assert response.text == "hi"
-    job = rig.http.get(f"/v1/jobs/{response.id}").json()
-    assert job["priority"] == 3
-    assert job["metadata"] == {"suite": "recipes", "run": "knobs"}
-    assert job["model"] == "echo"
+
+    def ask(run: str, **knobs: Any) -> dict[str, Any]:
+        lm = jobs_lm("echo", base_url=rig.server.url, api_key=rig.key, run=run, **knobs)
+        try:
+            response = lm(request)
+        finally:
+            lm.engine.close()
+        assert response.text == "knobs"
+        return dict(rig.http.get(f"/v1/jobs/{response.id}").json())
+
+    first = ask("knobs", priority=3, metadata={"suite": "recipes"})
+    assert first["model"] == "echo" and first["priority"] == 3
+    assert first["metadata"] == {"suite": "recipes", "run": "knobs"}
+    assert first["cached"] is False
+    again = ask("knobs-again")
+    assert again["id"] != first["id"] and again["cached"] is True
+    skipped = ask("knobs-skip", server_cache="skip")
+    assert skipped["cached"] is False
 
 
 def test_jobs_lm_resubmits_a_job_an_earlier_run_left_cancelled(rig: Rig) -> None:
