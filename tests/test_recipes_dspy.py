@@ -8,8 +8,12 @@ serves the bundled Gemma 3 270M (llama-cpp-python) and an echo model:
 - the jobs LM survives a restart: a new LM (as after a crash) re-running the same program
   creates no job, and answers the same; another run name makes new jobs;
 - the jobs LM on echo: async calls from two event loops, calls from many threads at
-  once, the job knobs (priority, metadata with the run), and a job that an earlier run
-  left cancelled is submitted again (once); a saved LM holds no key and loads.
+  once, rollouts and `n` > 1 (jobs of their own), the job knobs (priority, metadata with
+  the run's name, the server's response cache), a job that an earlier run left cancelled
+  is submitted again (once), and a saved LM holds no key and loads.
+
+DSPy's deprecation warnings are errors here (pyproject's `filterwarnings`): the jobs LM
+uses DSPy 3.4's engine interface, not the deprecated `BaseLM.forward`.
 
 One server and one node process serve the module; Gemma is asked for few, short answers.
 """
@@ -185,6 +189,22 @@ def test_jobs_lm_async_from_two_loops_and_threads(rig: Rig) -> None:
     finally:
         other.engine.close()
     assert len(rig.jobs("echo")) == before + 27
+
+
+def test_jobs_lm_rollouts_and_candidates_are_jobs_of_their_own(rig: Rig) -> None:
+    """An optimizer's `lm.copy(rollout_id=i, temperature=1.0)` and a call with `n=3`
+    each get jobs of their own (the same request otherwise), found again on a re-run."""
+    lm = jobs_lm("echo", base_url=rig.server.url, api_key=rig.key, run="rollouts")
+    before = len(rig.jobs("echo"))
+    try:
+        for _ in range(2):  # the second time round finds every job again
+            assert lm("sampled") == ["sampled"]
+            for rollout in (1, 2):
+                assert lm.copy(rollout_id=rollout, temperature=1.0)("sampled") == ["sampled"]
+            assert lm("sampled", n=3) == ["sampled"] * 3
+            assert len(rig.jobs("echo")) == before + 5  # 1, 2 rollouts, 2 more candidates
+    finally:
+        lm.engine.close()
 
 
 def test_jobs_lm_passes_knobs(rig: Rig) -> None:

@@ -13,6 +13,8 @@ with the same key) and every call finds its earlier job: a finished one answers 
 a queued or running one is waited for, and the whole fleet of nodes works through them
 meanwhile. A job that had failed, been cancelled or expired in an earlier run is
 submitted again (under a key derived from the old job's id, so that too is found again).
+DSPy's `rollout_id` and the candidates of `n` > 1 never reach an engine's Request: a DSPy
+callback (`JobsEngine.call_watch`) passes them on, and they go into the key too.
 
 Both engines share one connection: an `AsyncClient` on a private event loop in a
 background thread. Calls from DSPy's worker threads (`dspy.Evaluate(num_threads=...)`,
@@ -24,6 +26,7 @@ connections.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import dspy
 from dspy import lm15
+from dspy.utils.callback import BaseCallback
 
 from openbeepboop.client import (
     APIConnectionError,
@@ -112,15 +116,22 @@ class ClientSettings:
     max_retries: int = 3
 
 
-def idempotency_key(body: Mapping[str, Any], knobs: Mapping[str, Any], run: str | None) -> str:
+def idempotency_key(
+    body: Mapping[str, Any],
+    knobs: Mapping[str, Any],
+    run: str | None,
+    rollout: Any = None,
+    candidate: int = 0,
+) -> str:
     """The key of one request: a hash of the run's name, the endpoint, the OpenAI body
-    and the job fields (the server checks all of these on a replay)."""
-    canonical = json.dumps(
-        {"run": run, "url": ENDPOINT, "body": body, "knobs": knobs},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    and the job fields (the server checks all of these on a replay); and, when given,
+    DSPy's `rollout_id` and the candidate's index within one call (`n` > 1)."""
+    identity: dict[str, Any] = {"run": run, "url": ENDPOINT, "body": body, "knobs": knobs}
+    if rollout is not None:
+        identity["rollout"] = rollout
+    if candidate:
+        identity["candidate"] = candidate
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return KEY_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -140,6 +151,32 @@ def chat_body(request: lm15.Request) -> dict[str, Any]:
     body: dict[str, Any] = json.loads(wire.build_request(request, False).body)
     body.pop("stream", None)
     return body
+
+
+@dataclass
+class _Call:
+    """One call of the LM, as the engine sees it: its `rollout_id`, and how many
+    answers it has had per request (DSPy asks an engine once per candidate of `n`)."""
+
+    rollout: Any = None
+    answered: dict[str, int] = field(default_factory=dict)
+
+
+class _CallWatch(BaseCallback):  # type: ignore[misc]
+    """A DSPy callback that tells the engine about the LM call it serves: the
+    `rollout_id` never reaches an engine's Request, and without it every rollout of
+    an optimizer would find the same job."""
+
+    def __init__(self, var: contextvars.ContextVar[_Call | None]) -> None:
+        self.var = var
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        kwargs = inputs.get("kwargs") or {}
+        rollout = kwargs.get("rollout_id", getattr(instance, "kwargs", {}).get("rollout_id"))
+        self.var.set(_Call(rollout))
+
+    def on_lm_end(self, call_id: str, outputs: Any, exception: BaseException | None = None) -> None:
+        self.var.set(None)
 
 
 def _lm_error(exc: OpenBeepBoopError) -> Exception:
@@ -174,6 +211,9 @@ class _Connection:
         self._lock = threading.Lock()
         self._loop: _Loop | None = None
         self._client: AsyncClient | None = None
+        self.call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
+            f"openbeepboop_dspy_call_{id(self)}", default=None
+        )
 
     def _open(self) -> tuple[_Loop, AsyncClient]:
         with self._lock:
@@ -196,21 +236,51 @@ class _Connection:
 
     def run(self, request: lm15.Request) -> lm15.Response:
         loop, client = self._open()
+        base, key, body, knobs = self._ask(request)
         try:
-            return loop.run(self._answer(client, request))
+            response = loop.run(self._answer(client, key, body, knobs))
         except OpenBeepBoopError as exc:
             raise _lm_error(exc) from exc
+        self._answered(base)
+        return response
 
     async def arun(self, request: lm15.Request) -> lm15.Response:
         loop, client = self._open()
-        future = asyncio.run_coroutine_threadsafe(self._answer(client, request), loop.loop)
+        base, key, body, knobs = self._ask(request)
+        answer = self._answer(client, key, body, knobs)
         try:
-            return await asyncio.wrap_future(future)
+            response = await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(answer, loop.loop)
+            )
         except OpenBeepBoopError as exc:
             raise _lm_error(exc) from exc
+        self._answered(base)
+        return response
 
-    async def _answer(self, client: AsyncClient, request: lm15.Request) -> lm15.Response:
-        job = await self.submit(client, request)
+    def _ask(self, request: lm15.Request) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+        """(the request's key, its key in this call, the body, the job fields): the
+        call's `rollout_id` and candidate index, when it has them, are in the second."""
+        body = chat_body(request)
+        knobs = self.options.knobs()
+        base = idempotency_key(body, knobs, self.options.run)
+        call = self.call.get()
+        if call is None:
+            return base, base, body, knobs
+        candidate = call.answered.get(base, 0)
+        key = idempotency_key(body, knobs, self.options.run, call.rollout, candidate)
+        return base, key, body, knobs
+
+    def _answered(self, base: str) -> None:
+        """Count an answer to the request keyed `base` in this call; DSPy asks again
+        for the next candidate, and after a failure retries the same one (same key)."""
+        call = self.call.get()
+        if call is not None:
+            call.answered[base] = call.answered.get(base, 0) + 1
+
+    async def _answer(
+        self, client: AsyncClient, key: str, body: dict[str, Any], knobs: dict[str, Any]
+    ) -> lm15.Response:
+        job = await self.submit(client, key, body, knobs)
         await job.wait(self.options.wait_timeout)
         if job.status != "completed":
             error = job.error or {}
@@ -221,15 +291,14 @@ class _Connection:
                 provider_code=error.get("code"),
                 request_id=job.id,
             )
-        response = lm15.response_from_openai_chat(job.data["result"], model=request.model)
+        response = lm15.response_from_openai_chat(job.data["result"], model=body["model"])
         return dataclasses.replace(response, id=job.id)  # the job is the answer's handle
 
-    async def submit(self, client: AsyncClient, request: lm15.Request) -> AsyncJob:
-        """Submit (or find again) the job of `request`. A job an earlier run left
+    async def submit(
+        self, client: AsyncClient, key: str, body: dict[str, Any], knobs: dict[str, Any]
+    ) -> AsyncJob:
+        """Submit (or find again) the job under `key`. A job an earlier run left
         failed, cancelled or expired is submitted again under a key of its own."""
-        body = chat_body(request)
-        knobs = self.options.knobs()
-        key = idempotency_key(body, knobs, self.options.run)
         for _ in range(RESUBMITS):
             job = await client.chat.completions.create(idempotency_key=key, **body, **knobs)
             if job.status not in FAILED:  # a new job is queued: only a replay is final
@@ -292,6 +361,13 @@ class JobsEngine:
         """The answer as stream events, all at once when the job is done (a job's
         answer is collected, not streamed, here)."""
         return iter(lm15.response_to_events(self.complete(request)))
+
+    def call_watch(self) -> Any:
+        """The DSPy callback that tells this engine which `rollout_id` (and which
+        candidate of `n`) it serves; give it to `dspy.LM(callbacks=[...])` with the
+        engine, as `jobs_lm` does. Without it, calls that differ only in those find the
+        same job."""
+        return _CallWatch(self._connection.call)
 
     def async_twin(self) -> AsyncJobsEngine:
         """The async engine on the same connection."""
@@ -378,4 +454,12 @@ def jobs_lm(
             wait_timeout=wait_timeout,
         )
     engine = JobsEngine(base_url, api_key, options=options)
-    return dspy.LM(model, engine=engine, async_engine=engine.async_twin(), cache=cache, **lm_kwargs)
+    callbacks = [engine.call_watch(), *(lm_kwargs.pop("callbacks", None) or [])]
+    return dspy.LM(
+        model,
+        engine=engine,
+        async_engine=engine.async_twin(),
+        cache=cache,
+        callbacks=callbacks,
+        **lm_kwargs,
+    )
