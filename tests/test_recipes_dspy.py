@@ -35,10 +35,10 @@ import pytest
 from openbeepboop.integrations.dspy import (
     JobOptions,
     TolerantChatAdapter,
+    chat_body,
     idempotency_key,
     jobs_lm,
 )
-from openbeepboop.integrations.dspy.jobs import chat_body
 from tests.conftest import ServerProcess
 from tests.nodes import (
     SERVER_LOG_WARNING,

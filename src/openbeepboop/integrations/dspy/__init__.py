@@ -10,20 +10,16 @@ and an adapter that reads small models' sloppy answers.
 Importing this package imports dspy (the `dspy` extra); `import openbeepboop` does not.
 """
 
-from openbeepboop.integrations.dspy.jobs import (
-    AsyncJobsEngine,
-    JobOptions,
-    JobsEngine,
-    idempotency_key,
-    jobs_lm,
-)
+from openbeepboop.integrations.dspy.jobs import AsyncJobsEngine, JobsEngine, jobs_lm
 from openbeepboop.integrations.dspy.tolerant import TolerantChatAdapter, tolerant_parse
+from openbeepboop.integrations.dspy.wire import JobOptions, chat_body, idempotency_key
 
 __all__ = [
     "AsyncJobsEngine",
     "JobOptions",
     "JobsEngine",
     "TolerantChatAdapter",
+    "chat_body",
     "idempotency_key",
     "jobs_lm",
     "tolerant_parse",
