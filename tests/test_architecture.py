@@ -32,6 +32,8 @@ FORBIDDEN = {
     "openbeepboop.server.errors": ["openbeepboop.server.core", "openbeepboop.server.store"],
     "openbeepboop.server.topics": ["openbeepboop.server.core", "openbeepboop.server.store"],
     "openbeepboop.server.settings": ["openbeepboop.server.core", "openbeepboop.server.store"],
+    # other libraries' ways in (DSPy): clients of the client, as a user's script is
+    "openbeepboop.integrations": ["openbeepboop.server", "openbeepboop.node", "openbeepboop.cli"],
 }
 
 
