@@ -146,7 +146,7 @@ def batch_rerun(obb_url: str, key: str, size: int) -> dict[str, Any]:
             out[run] = {
                 "seconds": round(elapsed, 3),
                 "requests_per_s": round(size / elapsed, 1),
-                "cached": sum(bool(j.data.get("cached")) for j in done),
+                "cached": sum(j.cached for j in done),
                 "hits_counted": _hits(httpx, obb_url, key) - hits_before,
             }
     out["speedup"] = round(out["cold"]["seconds"] / out["warm"]["seconds"], 1)

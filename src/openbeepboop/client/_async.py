@@ -411,6 +411,11 @@ class AsyncJob:
         return error if isinstance(error, dict) else None
 
     @property
+    def cached(self) -> bool:
+        """Whether the server's response cache answered it (no node ran it)."""
+        return bool(self.data.get("cached"))
+
+    @property
     def result(self) -> Any:
         """The OpenAI-shaped result (an `openai` type when the package is there), or None."""
         raw = self.data.get("result")

@@ -113,6 +113,11 @@ class Job:
     def error(self) -> dict[str, Any] | None:
         return self._job.error
 
+    @property
+    def cached(self) -> bool:
+        """Whether the server's response cache answered it (no node ran it)."""
+        return self._job.cached
+
     def __repr__(self) -> str:
         return f"<Job {self.id} {self._job.status}>"
 
