@@ -23,7 +23,8 @@ def chat(content: str = "hi", **extra: Any) -> dict[str, Any]:
 
 
 def answer_to(request: dict[str, Any], n: int) -> dict[str, Any]:
-    text = f"answer {n} to {request['messages'][-1]['content']}"
+    asked = request["messages"][-1]["content"] if "messages" in request else request["prompt"]
+    text = f"answer {n} to {asked}"
     return {
         "id": f"chatcmpl-{n}",
         "object": "chat.completion",
@@ -230,3 +231,40 @@ async def test_rerun_runs_on_a_node_and_replaces_the_cached_answer(served: Any) 
         assert done.result != first.json() and node.served == 2
         latest = await post(api, chat(temperature=0))
         assert latest.headers[CACHE] == "hit" and latest.json() == done.result
+
+
+async def test_responses_and_generate_take_the_cache_controls(served: Any) -> None:
+    async with served() as (api, _node):
+        h = api.h(api.client)
+        ask = {"model": "echo", "input": "secret", "temperature": 0}
+        # an answer not to be stored is neither kept nor looked up
+        r = await api.http.post("/v1/responses", json={**ask, "store": False}, headers=h)
+        assert r.status_code == 200 and r.headers[CACHE] == "bypass"
+        r = await api.http.post("/v1/responses", json=ask, headers=api.h(api.other_client))
+        assert r.headers[CACHE] == "miss"
+        stored = r.json()["id"]
+        assert (await api.http.post("/v1/responses", json=ask, headers=h)).headers[CACHE] == "hit"
+        r = await api.http.post("/v1/responses", json={**ask, "cache": "skip"}, headers=h)
+        assert r.headers[CACHE] == "bypass"
+        # its owner deletes the stored response: its answer leaves the cache too
+        gone = await api.http.delete(f"/v1/responses/{stored}", headers=api.h(api.other_client))
+        assert gone.status_code == 200, gone.text
+        assert (await api.http.post("/v1/responses", json=ask, headers=h)).headers[CACHE] == "miss"
+        # LlamaNet's /generate: the same controls, body field or header
+        gen = {"prompt": "go", "temperature": 0, "model": "echo"}
+        assert (await api.http.post("/generate", json=gen, headers=h)).headers[CACHE] == "miss"
+        assert (await api.http.post("/generate", json=gen, headers=h)).headers[CACHE] == "hit"
+        r = await api.http.post("/generate", json=gen, headers=api.h(api.client, **{CACHE: "skip"}))
+        assert r.headers[CACHE] == "bypass"
+        r = await api.http.post("/generate", json={**gen, "cache": "refresh"}, headers=h)
+        assert r.headers[CACHE] == "refresh"
+
+
+async def test_replays_are_not_counted_as_hits(served: Any) -> None:
+    async with served() as (api, _node):
+        for _ in range(3):  # the same idempotency key: one job, one miss
+            r = await post(api, chat(temperature=0), **{"Idempotency-Key": "k1"})
+            assert r.status_code == 200
+        await post(api, chat(temperature=0))
+        stats = (await api.http.get("/v1/stats", headers=api.h(api.client))).json()["cache"]
+        assert (stats["hits"], stats["misses"]) == (1, 1)

@@ -1111,3 +1111,12 @@ async def test_cache_used_trim_and_clear(store: Store) -> None:
     assert await store.cache_clear("other-model") == 0
     assert await store.cache_clear() == 1
     assert await store.cache_summary() == CacheSummary(0, 0, 0)
+
+
+async def test_cache_deleting_a_job_forgets_the_answer_it_made(store: Store) -> None:
+    [kept, other] = await submit(store, new_job(cache_key="a"), new_job(cache_key="b", text="b"))
+    await _complete(store, kept, RESULT, T0 + 1)
+    await _complete(store, other, RESULT, T0 + 1)
+    assert await store.delete_job(kept)
+    assert set(await store.cache_lookup(["a", "b"], 0.0)) == {"b"}
+    assert not await store.delete_job(kept)  # gone already

@@ -33,7 +33,7 @@ from typing import Literal, Protocol
 import orjson
 
 from openbeepboop.server.errors import InvalidRequest
-from openbeepboop.server.models import JSON, ApiKey, CacheSummary, NewJob
+from openbeepboop.server.models import JSON, ApiKey, CacheSummary, NewJob, SubmitOutcome
 from openbeepboop.server.store.base import Store
 
 Mode = Literal["use", "skip", "refresh"]
@@ -194,18 +194,24 @@ class ResponseCache:
         return await self.store.cache_lookup(keys, fresh_after)
 
     def attach(self, job: NewJob, plan: CachePlan, answers: Mapping[str, JSON]) -> NewJob:
-        """The new job as the plan and the answers found make it: answered (a hit,
-        counted), or to keep its answer under the plan's key."""
+        """The new job as the plan and the answers found make it: answered (a hit), or
+        to keep its answer under the plan's key."""
         if plan.key is None:
             return job
         answer = answers.get(plan.key) if plan.look else None
         if answer is not None:
+            return dataclasses.replace(job, cached_result=answer)
+        return dataclasses.replace(job, cache_key=plan.key)
+
+    def count(self, plan: CachePlan, outcome: SubmitOutcome) -> None:
+        """Count a submit's hit or miss (an idempotent replay is neither)."""
+        if plan.key is None or not outcome.created:
+            return
+        if outcome.job.cached:
             self.hits += 1
             self._pending[plan.key] += 1
-            return dataclasses.replace(job, cached_result=answer)
-        if plan.look:
+        elif plan.look:
             self.misses += 1
-        return dataclasses.replace(job, cache_key=plan.key)
 
     # -- housekeeping --------------------------------------------------------------
 

@@ -234,6 +234,8 @@ class Queue:
         if pins:  # a pin no node could ever satisfy is a clear 400, not a wait forever
             check_known(pins, await self.store.list_nodes(0.0))
         outcomes = await self.store.submit_jobs(new, now, durable, positions)
+        for plan, outcome in zip(plans, outcomes, strict=True):
+            self.cache.count(plan, outcome)
         queued = [o.job for o in outcomes if o.created and not o.job.cached]
         self._count_active(owner, len(queued))
         self.notifier.publish({model_topic(j.model) for j in queued})

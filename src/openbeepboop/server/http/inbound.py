@@ -267,5 +267,6 @@ class ResponsesBody(_Open):
     text: dict[str, Any] | None = None
     user: str | None = None
     seed: int | None = None
+    cache: Literal["use", "skip", "refresh"] | None = None  # the response cache (Knobs)
     node: NodeName | None = None  # a pin, as on the other endpoints (Knobs)
     node_labels: Labels | None = Field(None, max_length=32)

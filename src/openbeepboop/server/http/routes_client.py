@@ -11,10 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response, StreamingResponse
 
-from openbeepboop.server.core.cache import MODES
 from openbeepboop.server.core.queue import JobRequest
 from openbeepboop.server.errors import InvalidRequest, NotFound
 from openbeepboop.server.http.bodies import CheckedRoute
+from openbeepboop.server.http.cache_headers import cache_outcome, requested_cache
 from openbeepboop.server.http.guards import client_key
 from openbeepboop.server.http.inbound import (
     ENDPOINT_BODIES,
@@ -30,10 +30,9 @@ from openbeepboop.server.http.inbound import (
 from openbeepboop.server.http.outbound import JSONResponse, job_json, page
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.http.streaming import stream_events, stream_job, while_key_active
-from openbeepboop.server.models import ApiKey, Job, JobFilter, JobStatus
+from openbeepboop.server.models import ApiKey, JobFilter, JobStatus
 
 router = APIRouter(tags=["jobs"], route_class=CheckedRoute)
-CACHE_HEADER = "x-openbeepboop-cache"
 Key = Annotated[ApiKey, Depends(client_key)]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 
@@ -45,30 +44,6 @@ def _wants_async(prefer: str | None) -> bool:
     if prefer == "respond-async":  # what the client library and CLI send
         return True
     return any(p.split("=")[0].strip().lower() == "respond-async" for p in prefer.split(","))
-
-
-def _cache_header(request: Request) -> str | None:
-    """`X-OpenBeepBoop-Cache: use|skip|refresh`, the request's cache mode when its body
-    does not give one (`cache`)."""
-    value = request.headers.get(CACHE_HEADER)
-    if value is None:
-        return None
-    mode = value.strip().lower()
-    if mode not in MODES:
-        raise InvalidRequest(
-            f"{CACHE_HEADER} must be one of {', '.join(MODES)}, not {value!r}",
-            param=CACHE_HEADER,
-        )
-    return mode
-
-
-def _cache_outcome(job: Job, req: JobRequest) -> dict[str, str]:
-    """The `x-openbeepboop-cache` response header: hit, miss, refresh or bypass."""
-    if job.cached:
-        return {CACHE_HEADER: "hit"}
-    if job.cache_key is None:
-        return {CACHE_HEADER: "bypass"}
-    return {CACHE_HEADER: "refresh" if req.cache == "refresh" else "miss"}
 
 
 def _job_request(
@@ -105,12 +80,12 @@ async def _openai_call(
             headers={
                 "Location": f"/v1/jobs/{outcome.job.id}",
                 "Preference-Applied": "respond-async",
-                **_cache_outcome(outcome.job, req),
+                **cache_outcome(outcome.job, req.cache),
             },
         )
     if req.endpoint == "/v1/embeddings":  # never streamed; the body goes as given
         job, result = await queue.complete(key, req)
-        headers = {"x-openbeepboop-job-id": job.id, **_cache_outcome(job, req)}
+        headers = {"x-openbeepboop-job-id": job.id, **cache_outcome(job, req.cache)}
         return JSONResponse(result, headers=headers)
     if req.body.get("stream"):
         job = await queue.submit_when_served(key, req)
@@ -126,7 +101,7 @@ async def _openai_call(
             headers={
                 "x-openbeepboop-job-id": job.id,
                 "Cache-Control": "no-cache",
-                **_cache_outcome(job, req),
+                **cache_outcome(job, req.cache),
             },
         )
     if "stream" not in req.body:
@@ -134,7 +109,7 @@ async def _openai_call(
         # a plain answer instead of a stream (LiteLLM's stream costs ~0.7 ms per chunk)
         req = dataclasses.replace(req, body={**req.body, "stream": False})
     job, result = await queue.complete(key, req)
-    headers = {"x-openbeepboop-job-id": job.id, **_cache_outcome(job, req)}
+    headers = {"x-openbeepboop-job-id": job.id, **cache_outcome(job, req.cache)}
     return JSONResponse(result, headers=headers)
 
 
@@ -146,7 +121,7 @@ async def chat_completions(
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    req = _job_request("/v1/chat/completions", body, idempotency_key, _cache_header(request))
+    req = _job_request("/v1/chat/completions", body, idempotency_key, requested_cache(request))
     return await _openai_call(request, key, req, prefer)
 
 
@@ -158,7 +133,7 @@ async def completions(
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    req = _job_request("/v1/completions", body, idempotency_key, _cache_header(request))
+    req = _job_request("/v1/completions", body, idempotency_key, requested_cache(request))
     return await _openai_call(request, key, req, prefer)
 
 
@@ -170,7 +145,7 @@ async def embeddings(
     prefer: Annotated[str | None, Header()] = None,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    req = _job_request("/v1/embeddings", body, idempotency_key, _cache_header(request))
+    req = _job_request("/v1/embeddings", body, idempotency_key, requested_cache(request))
     # OpenAI's embeddings endpoint ignores `stream`: so does ours (the job never has it)
     kept = {k: v for k, v in req.body.items() if k not in ("stream", "stream_options")}
     return await _openai_call(request, key, dataclasses.replace(req, body=kept), prefer)
@@ -257,20 +232,20 @@ async def create_jobs(
                 param="Idempotency-Key",
             )
         specs = await _render_templates(request, key, body.jobs)
-        cache = _cache_header(request)
+        cache = requested_cache(request)
         reqs = [_spec_request(s, None, ("body", "jobs", i), cache) for i, s in enumerate(specs)]
         outcomes = await queue.submit(key, reqs)
         return JSONResponse(
             {"object": "list", "data": [job_json(o.job) for o in outcomes]}, status_code=202
         )
     [spec] = await _render_templates(request, key, [_validate(JobSpec, raw, ("body",))])
-    req = _spec_request(spec, idempotency_key, ("body",), _cache_header(request))
+    req = _spec_request(spec, idempotency_key, ("body",), requested_cache(request))
     outcome = (await queue.submit(key, [req], positions=True))[0]
     position = await queue.submitted_position(outcome)
     return JSONResponse(
         job_json(outcome.job, position),
         status_code=202 if outcome.created else 200,
-        headers={"Location": f"/v1/jobs/{outcome.job.id}", **_cache_outcome(outcome.job, req)},
+        headers={"Location": f"/v1/jobs/{outcome.job.id}", **cache_outcome(outcome.job, req.cache)},
     )
 
 

@@ -5,7 +5,7 @@ server is). docs/http-api.md, "LlamaNet's native API"."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -15,6 +15,7 @@ from openbeepboop.server.core.generate import ENDPOINT, generated, pick_model
 from openbeepboop.server.core.queue import JobRequest, Queue
 from openbeepboop.server.core.status import ServerStatus, read_status
 from openbeepboop.server.http.bodies import CheckedRoute
+from openbeepboop.server.http.cache_headers import cache_outcome, requested_cache
 from openbeepboop.server.http.guards import any_key, client_key
 from openbeepboop.server.http.llamanet_stream import generate_stream
 from openbeepboop.server.http.outbound import JSONResponse
@@ -52,6 +53,9 @@ class GenerateBody(BaseModel):
     top_p: float | None = Field(None, ge=0, le=1)
     stop: str | list[str] | None = Field(None, description="Up to 4 stop sequences.")
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    cache: Literal["use", "skip", "refresh"] | None = Field(
+        None, description="The response cache: use, skip or refresh (docs/cache.md)."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -61,7 +65,9 @@ class GenerateBody(BaseModel):
         return value
 
 
-async def _job_request(queue: Queue, body: GenerateBody, stream: bool) -> JobRequest:
+async def _job_request(
+    request: Request, queue: Queue, body: GenerateBody, stream: bool
+) -> JobRequest:
     model = body.model
     if model is None:
         model = pick_model(None, await queue.served_models())
@@ -76,13 +82,13 @@ async def _job_request(queue: Queue, body: GenerateBody, stream: bool) -> JobReq
         value = getattr(body, name)
         if value is not None:
             payload[name] = value
-    return JobRequest(endpoint=ENDPOINT, body=payload)
+    return JobRequest(endpoint=ENDPOINT, body=payload, cache=body.cache or requested_cache(request))
 
 
 @router.post("/generate", summary="Generate text from a prompt (LlamaNet)")
 async def generate(request: Request, body: GenerateBody, key: ClientKey) -> Response:
     queue = app_state(request).queue
-    req = await _job_request(queue, body, stream=False)
+    req = await _job_request(request, queue, body, stream=False)
     job, result = await queue.complete(key, req)
     report = generated(job, result)
     return JSONResponse(
@@ -95,7 +101,7 @@ async def generate(request: Request, body: GenerateBody, key: ClientKey) -> Resp
             "id": report.id,
             "finish_reason": report.finish_reason,
         },
-        headers={"x-openbeepboop-job-id": job.id},
+        headers={"x-openbeepboop-job-id": job.id, **cache_outcome(job, req.cache)},
     )
 
 
@@ -103,7 +109,7 @@ async def generate(request: Request, body: GenerateBody, key: ClientKey) -> Resp
 async def generate_streamed(request: Request, body: GenerateBody, key: ClientKey) -> Response:
     state = app_state(request)
     queue = state.queue
-    req = await _job_request(queue, body, stream=True)
+    req = await _job_request(request, queue, body, stream=True)
     job = await queue.submit_when_served(key, req)
     return StreamingResponse(
         generate_stream(
@@ -113,6 +119,7 @@ async def generate_streamed(request: Request, body: GenerateBody, key: ClientKey
         headers={
             "x-openbeepboop-job-id": job.id,
             "Cache-Control": "no-cache",
+            **cache_outcome(job, req.cache),
             "X-Accel-Buffering": "no",
         },
     )

@@ -13,6 +13,7 @@ from openbeepboop.server.core import responses
 from openbeepboop.server.core.queue import JobRequest
 from openbeepboop.server.errors import InvalidRequest, NotFound
 from openbeepboop.server.http.bodies import CheckedRoute
+from openbeepboop.server.http.cache_headers import cache_outcome, requested_cache
 from openbeepboop.server.http.guards import client_key
 from openbeepboop.server.http.inbound import ResponsesBody
 from openbeepboop.server.http.outbound import JSONResponse
@@ -74,12 +75,17 @@ async def create_response(
         idempotency_key=idempotency_key,
         node=body.node,
         node_labels=body.node_labels,
+        # an answer not to be stored is not kept in the cache either (nor looked up)
+        cache=(body.cache or requested_cache(request)) if body.store else "skip",
     )
     if background:
         outcome = (await queue.submit(key, [req]))[0]
         return JSONResponse(
             responses.response_object(outcome.job),
-            headers={"x-openbeepboop-job-id": outcome.job.id},
+            headers={
+                "x-openbeepboop-job-id": outcome.job.id,
+                **cache_outcome(outcome.job, req.cache),
+            },
         )
     if body.stream:
         job = await queue.submit_when_served(key, req)
@@ -97,12 +103,17 @@ async def create_response(
                 ),
             ),
             media_type="text/event-stream",
-            headers={"x-openbeepboop-job-id": job.id, "Cache-Control": "no-cache"},
+            headers={
+                "x-openbeepboop-job-id": job.id,
+                "Cache-Control": "no-cache",
+                **cache_outcome(job, req.cache),
+            },
         )
     job, _ = await queue.complete(key, req)
     if not body.store:
         await queue.store.delete_job(job.id)
-    return JSONResponse(responses.response_object(job), headers={"x-openbeepboop-job-id": job.id})
+    headers = {"x-openbeepboop-job-id": job.id, **cache_outcome(job, req.cache)}
+    return JSONResponse(responses.response_object(job), headers=headers)
 
 
 @router.get("/v1/responses/{response_id}", summary="A stored response")

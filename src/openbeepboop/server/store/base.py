@@ -96,8 +96,9 @@ class Store(Protocol):
         judged on its own."""
 
     async def delete_job(self, job_id: str) -> bool:
-        """Delete one final job (a stored response its owner deletes); False when there
-        is no such job or it is not final."""
+        """Delete one final job (a stored response its owner deletes), and the answer the
+        response cache keeps from it, in one transaction; False when there is no such
+        job or it is not final."""
 
     async def cancel_job(self, job_id: str, now: float) -> Job | None:
         """Move a non-final job to `cancelled` (a final job is returned unchanged)."""

@@ -385,7 +385,9 @@ class SqlStore(ABC):
     # -- retention --------------------------------------------------------------
 
     async def delete_job(self, job_id: str) -> bool:
-        return await self._change(self._q["delete_job"], (job_id,)) > 0
+        steps = [(self._q["delete_job"], (job_id,))]
+        deleted, _ = await self._transaction([*steps, (self._q["forget_cached_answer"], (job_id,))])
+        return len(deleted) > 0
 
     async def prune_jobs(self, status: JobStatus, finished_before: float, limit: int) -> int:
         args = (status.value, float(finished_before), limit)

@@ -392,7 +392,12 @@ RETURNING id;
 -- name: delete_job
 -- One job, when it is final (a running job's lease and result still need its row).
 DELETE FROM jobs WHERE id = $1
-  AND status IN ('completed', 'failed', 'cancelled', 'expired');
+  AND status IN ('completed', 'failed', 'cancelled', 'expired')
+RETURNING id;
+
+-- name: forget_cached_answer
+-- The response cache's answer made by job $1 (its owner deleted it).
+DELETE FROM response_cache WHERE job_id = $1;
 
 -- name: prune_jobs
 -- Up to $3 jobs of the final status $1 that finished before $2, oldest first. Never a
