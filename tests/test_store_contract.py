@@ -485,6 +485,38 @@ async def test_release_lease_requeues_under_its_lease_only(store: Store) -> None
     assert done is not None and done.status is JobStatus.COMPLETED
 
 
+async def test_move_job_requeues_on_another_model_under_its_lease(store: Store) -> None:
+    """An alias's job moves to its next member: from its lease (the member's error kept)
+    or from the queue; the counters and the claims follow the new model."""
+    [job_id] = await submit(store, new_job("a", max_attempts=1))
+    [job] = await fetch(store, ["a"])
+    body = {**job.request, "model": "b"}
+    error = {"code": "upstream_error", "message": "boom"}
+    assert await store.move_job(job_id, "not-the-lease", "b", body, error) is None
+    moved = await store.move_job(job_id, job.lease_id, "b", body, error)
+    assert moved is not None
+    assert (moved.status, moved.model, moved.attempts, moved.lease_id, moved.node_id) == (
+        JobStatus.QUEUED,
+        "b",
+        0,
+        None,
+        None,
+    )
+    assert moved.request["model"] == "b" and moved.error == error
+    assert await store.move_job(job_id, job.lease_id, "c", body, None) is None  # only once
+    assert await store.stats() == {"b": {"queued": 1}}
+    assert await fetch(store, ["a"]) == []
+    [again] = await fetch(store, ["b"])
+    assert (again.id, again.attempts, again.request["model"]) == (job_id, 1, "b")
+    [other] = await submit(store, new_job("a"))  # a queued job moves without a lease
+    queued = await store.move_job(other, None, "b", {"model": "b"}, None)
+    assert queued is not None and (queued.status, queued.model) == (JobStatus.QUEUED, "b")
+    assert await store.move_job(other, None, "c", {"model": "c"}, None) is not None
+    outcomes = await store.submit_jobs([new_job("c")], T0 + 1, positions=True)
+    assert outcomes[0].position == 1  # the moved job is ahead of it
+    assert (await store.stats())["b"] == {"in_progress": 1}
+
+
 # -- cancel ----------------------------------------------------------------------------
 
 

@@ -255,6 +255,20 @@ class ServerSettings(BaseSettings):
         default_factory=dict, description="Per key (by id or name), a cache_scope of its own."
     )
 
+    model_aliases: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Model aliases with fallbacks (docs/aliases.md): a request for the alias "
+        "runs on its first member a live node serves and moves to the next one when that "
+        "member fails with a retryable error or no node serves it in time; members are "
+        "model names, not aliases.",
+    )
+    alias_wait_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="A queued job of an alias whose member no live node serves moves to the "
+        "next member a live node serves after waiting this long.",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -277,6 +291,12 @@ class ServerSettings(BaseSettings):
         if isinstance(value, str):
             parse_addresses(value)  # raises ValueError with the bad entry
             return ",".join(a.strip() for a in value.split(",") if a.strip())
+        return value
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _aliases(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        check_aliases(value)
         return value
 
     @field_validator("swarm_secret")
@@ -341,6 +361,29 @@ class ServerSettings(BaseSettings):
 
 
 SQLITE_SCHEME = "sqlite:///"
+
+
+def check_aliases(aliases: dict[str, list[str]]) -> None:
+    """ValueError naming the first mistake in `model_aliases`: an empty name or member
+    list, a member named twice, an alias among its own members, or a member that is itself
+    an alias (aliases do not nest, so no loop can form)."""
+    for alias, members in aliases.items():
+        if not alias.strip():
+            raise ValueError("an alias needs a name")
+        if not members:
+            raise ValueError(f"alias {alias!r} has no members")
+        if any(not m.strip() for m in members):
+            raise ValueError(f"alias {alias!r} has an empty member name")
+        if len(set(members)) != len(members):
+            raise ValueError(f"alias {alias!r} names a member twice")
+        if alias in members:
+            raise ValueError(f"alias {alias!r} is one of its own members")
+        nested = [m for m in members if m in aliases]
+        if nested:
+            raise ValueError(
+                f"alias {alias!r} has the alias {nested[0]!r} as a member; aliases do not "
+                "nest: list that alias's members instead"
+            )
 
 
 def parse_addresses(text: str) -> list[tuple[str, int]]:

@@ -107,6 +107,14 @@ class Store(Protocol):
         """Queue the job again, its attempt not counted, if `lease_id` is still its lease
         (a claim the node never received); None when it is not (fencing)."""
 
+    async def move_job(
+        self, job_id: str, lease_id: str | None, model: str, request: JSON, error: JSON | None
+    ) -> Job | None:
+        """Move a job to another model with `request` (an alias's next member,
+        core/aliases.py): queued again, its attempts at 0, no cache key. From
+        `in_progress` under `lease_id` (fencing; `error`, the failure that moves it, is
+        kept), or, with `lease_id` None, from `queued`; None when the job is not so."""
+
     async def reap(self, now: float) -> ReapOutcome:
         """Re-queue expired leases (or fail them when attempts are used up) and expire
         queued jobs past `expires_at`."""

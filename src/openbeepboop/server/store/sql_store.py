@@ -188,6 +188,13 @@ class SqlStore(ABC):
         released = await self._returning(self._q["release_job"], (job_id, lease_id), UNSYNCED)
         return rows.job(released[0]) if released else None
 
+    async def move_job(
+        self, job_id: str, lease_id: str | None, model: str, request: JSON, error: JSON | None
+    ) -> Job | None:
+        args = (job_id, lease_id, model, rows.json_text(request), _json_or_none(error))
+        moved = await self._returning(self._q["move_job"], args)
+        return rows.job(moved[0]) if moved else None
+
     async def reap(self, now: float) -> ReapOutcome:
         args = (float(now),)
         steps = [(self._q["reap_leases"], args), (self._q["reap_queued"], args)]
@@ -490,3 +497,7 @@ class SqlStore(ABC):
         args = (self._array(names), self._array([float(windows[n]) for n in names]))
         found = await self._returning(self._q["hit_counters"], args, COUNT)
         return {str(name): (int(hits), float(start)) for name, hits, start in found}
+
+
+def _json_or_none(value: JSON | None) -> str | None:
+    return None if value is None else rows.json_text(value)

@@ -18,7 +18,9 @@ import orjson
 
 from openbeepboop.private_paths import private_sqlite
 from openbeepboop.server.models import (
+    JSON,
     Job,
+    JobStatus,
     NewJob,
     NodeResult,
     ResultOutcome,
@@ -167,6 +169,32 @@ class SqliteStore(SqlStore):
         (model, priority): once per group, not once per row."""
         for (model, priority), n in counts.items():
             conn.execute(self._q["count_queued"], (model, priority, sign * n))
+
+    async def move_job(
+        self, job_id: str, lease_id: str | None, model: str, request: JSON, error: JSON | None
+    ) -> Job | None:
+        error_text = None if error is None else rows.json_text(error)
+        args = (job_id, lease_id, model, rows.json_text(request), error_text)
+
+        def op(conn: sqlite3.Connection) -> Job | None:
+            before = conn.execute(self._q["get_job"], (job_id,)).fetchone()
+            if before is None:
+                return None
+            old = rows.job(before)
+            # the writer's queued counters (track_queued): the new model's row must exist
+            # for its trigger to count a job queued again; a queued job that only changes
+            # model is counted here
+            conn.execute(self._q["count_queued"], (model, old.priority, 0))
+            row = conn.execute(self._q["move_job"], args).fetchone()
+            if row is None:
+                return None
+            if old.status is JobStatus.QUEUED:
+                self._count_queued(conn, Counter({(old.model, old.priority): 1}), -1)
+                self._count_queued(conn, Counter({(model, old.priority): 1}))
+            return rows.job(row)
+
+        moved: Job | None = await self._writer.run(op)
+        return moved
 
     async def submit_results(
         self, results: Sequence[NodeResult], now: float

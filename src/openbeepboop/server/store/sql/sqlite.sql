@@ -129,6 +129,16 @@ UPDATE jobs SET error = ?3,
 WHERE id = ?1 AND lease_id = ?2 AND status = 'in_progress'
 RETURNING {job_columns};
 
+-- name: move_job
+-- An alias's job moves to its next member (Store.move_job): model ?3, request ?4, queued
+-- again with its attempts at 0 and no cache key; from in_progress under the lease ?2 (the
+-- member's error ?5 kept), or, with ?2 NULL, from queued.
+UPDATE jobs SET model = ?3, request = ?4, status = 'queued', attempts = 0, cache_key = NULL,
+    error = coalesce(?5, error), lease_id = NULL, lease_expires_at = NULL, node_id = NULL
+WHERE id = ?1 AND ((?2 IS NULL AND status = 'queued')
+                   OR (lease_id = ?2 AND status = 'in_progress'))
+RETURNING {job_columns};
+
 -- name: job_statuses
 -- Why results were refused: the status of each job (?1, a JSON array of ids).
 SELECT id, status FROM jobs WHERE id IN (SELECT value FROM json_each(?1));
