@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from openbeepboop.server.models import JSON, Job
+from openbeepboop.server.models import JSON, Job, Node
 
 ALIAS_KEY = "openbeepboop.alias"  # in a job's metadata: the alias it was asked of
 MOVE_LIMIT = 100  # stranded jobs moved per alias member and reaper pass
@@ -47,8 +47,8 @@ class Aliases:
 
     def alias_of(self, job: Job) -> str | None:
         """The alias `job` was asked of, if it is still configured."""
-        alias = (job.metadata or {}).get(ALIAS_KEY)
-        return alias if isinstance(alias, str) and alias in self.members else None
+        alias = alias_of(job.metadata)
+        return alias if alias in self.members else None
 
     def next_member(self, job: Job, served: Collection[str]) -> str | None:
         """The member after `job.model` (in its alias) that a live node serves, else
@@ -70,15 +70,19 @@ class Aliases:
                     pairs.append((alias, member))
         return pairs
 
-    def model_json(self, alias: str, created: int) -> dict[str, Any]:
-        """An alias as `/v1/models` lists it."""
+    def model_json(self, alias: str, served: Mapping[str, Sequence[Node]]) -> dict[str, Any]:
+        """An alias as `/v1/models` lists it: its members in order, and the live nodes
+        that serve one of them."""
+        nodes = {n.id: n for m in self.members[alias] for n in served.get(m, ())}
         return {
             "id": alias,
             "object": "model",
-            "created": created,
+            "created": int(min((n.registered_at for n in nodes.values()), default=0)),
             "owned_by": "openbeepboop",
+            "nodes": len(nodes),
             "alias": True,
             "members": list(self.members[alias]),
+            "served_members": [m for m in self.members[alias] if m in served],
         }
 
 
@@ -95,6 +99,12 @@ class Asked:
 def moved_request(job: Job, member: str) -> JSON:
     """The request of `job` as the next member's node gets it."""
     return {**job.request, "model": member}
+
+
+def alias_of(metadata: JSON | None) -> str | None:
+    """The alias a job was asked of, from its metadata (None: not an alias's job)."""
+    alias = (metadata or {}).get(ALIAS_KEY)
+    return alias if isinstance(alias, str) else None
 
 
 def public_metadata(metadata: JSON | None) -> JSON | None:

@@ -14,11 +14,12 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
 
+from openbeepboop.server.core.aliases import MOVE_LIMIT, Aliases, moved_request
 from openbeepboop.server.core.cache import CacheConfig, CachePlan, ResponseCache
 from openbeepboop.server.core.deltas import DeltaHub
 from openbeepboop.server.core.notify import Notifier
@@ -77,6 +78,8 @@ class QueueConfig:
     sync_timeout_seconds: float = 600.0
     model_wait_seconds: float = 10.0
     lease_grace_seconds: float | None = None  # after an outage; None: lease_seconds
+    aliases: Mapping[str, Sequence[str]] = field(default_factory=dict)  # core/aliases.py
+    alias_wait_seconds: float = 30.0
 
     @property
     def lease_grace(self) -> float:
@@ -115,6 +118,7 @@ class JobRequest:
     node: str | None = None  # pinned to the node of this name or id (core/pins.py)
     node_labels: dict[str, str] | None = None  # pinned to nodes carrying these labels
     cache: str | None = None  # "use", "skip" or "refresh" (core/cache.py); None: by policy
+    asked_hash: str | None = None  # set when an alias rewrote it: the hash of what was asked
 
     @property
     def pin(self) -> Pin | None:
@@ -158,6 +162,7 @@ class Queue:
         self.notifier = notifier or Notifier()
         self._clock = clock
         self.cache = cache or ResponseCache(store, CacheConfig(), clock)
+        self.aliases = Aliases(config.aliases, config.alias_wait_seconds)
         self._node_owner: dict[str, str] = {}
         # node id -> (name, labels): what its claims match pinned jobs against
         self._node_ident: dict[str, tuple[str, dict[str, str]]] = {}
@@ -189,6 +194,7 @@ class Queue:
         `Store.submit_jobs`); `positions`: the outcomes say where new jobs stand."""
         if not requests:
             raise InvalidRequest("no jobs to submit", param="jobs")
+        requests = await self._resolve(requests)
         scope = self.cache.scope_of(key)
         plans = [self.cache.plan(key.id, scope, r) for r in requests]
         return await self._submit_planned(key, requests, plans, None, durable, positions)
@@ -211,6 +217,7 @@ class Queue:
     async def enqueue(self, owner: str, requests: Sequence[JobRequest]) -> list[SubmitOutcome]:
         """Queue jobs for `owner` without the active-job check: batch lines, which were
         counted against it when their batch was created (core/batches.py)."""
+        requests = await self._resolve(requests)
         scope = await self.cache.scope_of_owner(owner)
         plans = [self.cache.plan(owner, scope, r) for r in requests]
         answers = await self.cache.lookup(plans)
@@ -250,10 +257,7 @@ class Queue:
             expires_at = now + req.ttl_seconds
         if expires_at is not None and expires_at <= now:
             raise InvalidRequest("expires_at is in the past", param="expires_at")
-        try:
-            digest = request_hash(req)
-        except TypeError as exc:  # orjson: integers beyond 64 bits, nesting too deep
-            raise InvalidRequest(f"the request cannot be stored: {exc}") from exc
+        digest = req.asked_hash or _digest(req)
         return NewJob(
             owner=owner,
             endpoint=req.endpoint,
@@ -463,7 +467,7 @@ class Queue:
         pin = Pin.of(job)
         while True:
             await asyncio.sleep(SERVED_CHECK_SECONDS)
-            if await self._is_served(job.model, pin):
+            if await self._is_served(job.model, pin) or await self._alias_served(job, pin):
                 continue
             current = await self.store.get_job(job.id)
             if current is None or current.status.is_final:
@@ -513,6 +517,10 @@ class Queue:
         Unavailable after the wait."""
         if request.pin is not None:  # the pin's 400 before a wait for its node
             check_known([request.pin], await self.store.list_nodes(0.0))
+        members = self.aliases.members.get(str(request.body.get("model")))
+        if members:  # an alias: once a live node serves one of its members
+            await self._wait_for_member(str(request.body["model"]), members, request.pin)
+            [request] = await self._resolve([request])
         plan = self.cache.plan(key.id, self.cache.scope_of(key), request)
         answers = await self.cache.lookup([plan])
         if not answers:  # the cache answers without any node
@@ -560,6 +568,124 @@ class Queue:
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(remaining, 1.0))
+
+    # -- aliases (core/aliases.py) ------------------------------------------------
+
+    async def _served_names(self) -> set[str]:
+        """The models live nodes serve, as known within the last second."""
+        checked_at, served = self._served
+        if self._clock() - checked_at >= SERVED_CACHE_SECONDS:
+            served = await self.served_models()
+            self._served = (self._clock(), served)
+        return set(served)
+
+    async def _resolve(self, requests: Sequence[JobRequest]) -> Sequence[JobRequest]:
+        """The requests as they run: one for an alias becomes one for its first member a
+        live node serves (hashed as asked, for idempotent replays)."""
+        if not self.aliases:
+            return requests
+        served = await self._served_names()
+        out = []
+        for req in requests:
+            asked = self.aliases.resolve(req.body, req.metadata, served)
+            if asked.alias is None and asked.metadata is req.metadata:
+                out.append(req)
+                continue
+            digest = req.asked_hash or _digest(req)
+            out.append(
+                dataclasses.replace(
+                    req, body=asked.body, metadata=asked.metadata, asked_hash=digest
+                )
+            )
+        return out
+
+    async def _wait_for_member(self, alias: str, members: Sequence[str], pin: Pin | None) -> None:
+        """Return once a live node serves one of the alias's members (where `pin`
+        allows); Unavailable after `model_wait_seconds`."""
+        wait = self.config.model_wait_seconds
+        deadline = self._clock() + wait
+        with self.notifier.listen([NODES_TOPIC]) as event:
+            while True:
+                event.clear()
+                for member in members:
+                    if await self._is_served(member, pin):
+                        return
+                remaining = deadline - self._clock()
+                if remaining <= 0 or self.closing:
+                    raise Unavailable(
+                        f"no live node serves a member of alias {alias!r} "
+                        f"({', '.join(members)}; waited {wait:g} s); start a node for one "
+                        "or submit with 'Prefer: respond-async' to queue",
+                        retry_after=max(1.0, wait),
+                        code="model_not_available",
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(remaining, 1.0))
+
+    async def _alias_served(self, job: Job, pin: Pin | None) -> bool:
+        """Whether `job` is an alias's and a live node serves one of its members (a
+        job stranded on one member moves on: `move_stranded`)."""
+        alias = self.aliases.alias_of(job)
+        if alias is None:
+            return False
+        for member in self.aliases.members[alias]:
+            if await self._is_served(member, pin):
+                return True
+        return False
+
+    async def _fall_back(self, results: Sequence[NodeResult]) -> dict[int, ResultOutcome]:
+        """Retryable failures of aliases' jobs with a later member a live node serves:
+        each job moves there (fenced by its lease) instead of retrying on its member;
+        by the index of the result."""
+        failing = {
+            i: r
+            for i, r in enumerate(results)
+            if r.result is None and not r.released and r.retryable
+        }
+        if not failing:
+            return {}
+        jobs = {j.id: j for j in await self.store.get_jobs([r.job_id for r in failing.values()])}
+        served = await self._served_names()
+        moved = {}
+        for i, r in failing.items():
+            job = jobs.get(r.job_id)
+            member = None if job is None else self.aliases.next_member(job, served)
+            if job is None or member is None or job.lease_id != r.lease_id:
+                continue
+            request = moved_request(job, member)
+            now = await self.store.move_job(job.id, r.lease_id, member, request, r.error)
+            if now is not None:
+                moved[i] = ResultOutcome(job.id, accepted=True, job=now)
+                log.info(
+                    f"alias fallback: job {job.id} failed on {job.model}, moved to {member}",
+                    extra={"job": job.id, "model": job.model, "to": member},
+                )
+        return moved
+
+    async def move_stranded(self) -> int:
+        """One pass: queued jobs of an alias that waited `alias_wait_seconds` on a member
+        no live node serves move to the next member one serves (at most MOVE_LIMIT per
+        member and pass); how many moved."""
+        served = set(await self.served_models())
+        before = self._clock() - self.aliases.wait_seconds
+        moved: list[Job] = []
+        for alias, member in self.aliases.stranded(served):
+            flt = JobFilter(
+                status=JobStatus.QUEUED, model=member, created_before=before, limit=MOVE_LIMIT
+            )
+            for job in await self.store.list_jobs(flt):
+                target = self.aliases.next_member(job, served)
+                if self.aliases.alias_of(job) != alias or target is None:
+                    continue
+                now = await self.store.move_job(
+                    job.id, None, target, moved_request(job, target), None
+                )
+                if now is not None:
+                    moved.append(now)
+        if moved:
+            self.notifier.publish({model_topic(j.model) for j in moved})
+            log.info("alias fallbacks: stranded jobs moved", extra={"moved": len(moved)})
+        return len(moved)
 
     # -- nodes ------------------------------------------------------------------
 
@@ -747,7 +873,10 @@ class Queue:
         """Record results under fencing; each is accepted or refused on its own."""
         if node_id is not None:
             await self._check_node(key, node_id)
-        outcomes = await self.store.submit_results(results, self._clock())
+        moved = await self._fall_back(results) if self.aliases else {}
+        rest = [r for i, r in enumerate(results) if i not in moved]
+        stored = iter(await self.store.submit_results(rest, self._clock()) if rest else [])
+        outcomes = [moved[i] if i in moved else next(stored) for i in range(len(results))]
         finished, requeued = [], set()
         for o in outcomes:
             if o.job is None:
@@ -920,10 +1049,19 @@ class Queue:
         while True:
             await one_pass("reaper", self.reap, log)
             await one_pass("response cache", self.cache.flush, log)
+            if self.aliases:
+                await one_pass("alias fallbacks", self.move_stranded, log)
             if time.monotonic() - forgot_at >= every:
                 forgot_at = time.monotonic()
                 await one_pass("node expiry", self.forget_nodes, log)
             await asyncio.sleep(interval)
+
+
+def _digest(req: JobRequest) -> str:
+    try:
+        return request_hash(req)
+    except TypeError as exc:  # orjson: integers beyond 64 bits, nesting too deep
+        raise InvalidRequest(f"the request cannot be stored: {exc}") from exc
 
 
 def _may_see(key: ApiKey, job: Job) -> bool:

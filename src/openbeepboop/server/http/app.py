@@ -74,6 +74,8 @@ def queue_config(settings: ServerSettings) -> QueueConfig:
         max_poll_wait_seconds=settings.max_poll_wait_seconds,
         sync_timeout_seconds=settings.sync_timeout_seconds,
         model_wait_seconds=settings.model_wait_seconds,
+        aliases=settings.model_aliases,
+        alias_wait_seconds=settings.alias_wait_seconds,
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+from openbeepboop.server.core.aliases import alias_of, public_metadata
 from openbeepboop.server.models import ApiKey, Batch, Job, Node, StoredFile, Template
 
 
@@ -30,7 +31,8 @@ def job_json(job: Job, queue_position: int | None = None) -> dict[str, Any]:
         "id": job.id,
         "object": "job",
         "status": job.status.value,
-        "model": job.model,
+        "model": job.model,  # for an alias's job: the member it runs on (or ran on)
+        "alias": alias_of(job.metadata),
         "endpoint": job.endpoint,
         "created_at": _ts(job.created_at),
         "started_at": _ts(job.started_at),
@@ -41,7 +43,7 @@ def job_json(job: Job, queue_position: int | None = None) -> dict[str, Any]:
         "max_attempts": job.max_attempts,
         "queue_position": queue_position,
         "custom_id": job.custom_id,
-        "metadata": job.metadata,
+        "metadata": public_metadata(job.metadata),
         "node": job.pin_node,
         "node_labels": job.pin_labels,
         "node_id": job.node_id,

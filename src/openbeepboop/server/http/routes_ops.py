@@ -57,16 +57,26 @@ def _model_json(name: str, nodes: list[Node]) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/models", summary="Models served by live nodes", tags=["models"])
+@router.get("/v1/models", summary="Models served by live nodes, and model aliases", tags=["models"])
 async def list_models(request: Request, key: AnyKey) -> Response:
-    served = await app_state(request).queue.served_models()
+    queue = app_state(request).queue
+    served = await queue.served_models()
     data = [_model_json(name, served[name]) for name in sorted(served)]
+    members = queue.aliases.members
+    data += [queue.aliases.model_json(alias, served) for alias in sorted(members)]
     return JSONResponse({"object": "list", "data": data})
 
 
-@router.get("/v1/models/{model:path}", summary="One model served by live nodes", tags=["models"])
+@router.get(
+    "/v1/models/{model:path}",
+    summary="One model served by live nodes, or an alias",
+    tags=["models"],
+)
 async def get_model(request: Request, model: str, key: AnyKey) -> Response:
-    served = await app_state(request).queue.served_models()
+    queue = app_state(request).queue
+    served = await queue.served_models()
+    if model in queue.aliases.members:
+        return JSONResponse(queue.aliases.model_json(model, served))
     if model not in served:
         raise NotFound(
             f"no live node serves model {model!r}", param="model", code="model_not_found"
