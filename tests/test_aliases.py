@@ -120,6 +120,7 @@ def test_sync_and_streamed_requests_fall_back(fleet: tuple[ServerProcess, MockOp
     assert lines[-1] == "[DONE]"
     chunks = [json.loads(ln) for ln in lines[:-1]]
     assert not any("error" in c for c in chunks), chunks
+    assert chunks[-1]["model"] == SECOND  # the last chunk names the member that answered
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == "two words"
 
@@ -187,6 +188,8 @@ async def test_a_queued_job_stranded_on_an_unserved_member_moves_on(tmp_path: Pa
             SECOND,
         )
         assert await queue.move_stranded() == 0  # the last member: it stays
+        again = await queue.rerun(owner, job.id)  # asked of the alias again
+        assert (again.model, again.metadata) == (SECOND, {"openbeepboop.alias": "fast"})
     finally:
         await store.close()
 

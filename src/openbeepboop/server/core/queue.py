@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from openbeepboop.server.core.aliases import MOVE_LIMIT, Aliases, moved_request
+from openbeepboop.server.core.aliases import MOVE_LIMIT, Aliases, alias_of, moved_request
 from openbeepboop.server.core.cache import CacheConfig, CachePlan, ResponseCache
 from openbeepboop.server.core.deltas import DeltaHub
 from openbeepboop.server.core.notify import Notifier
@@ -307,14 +307,16 @@ class Queue:
         """A new job with the request of `job_id` (one `key` may see), owned by `key`: same
         endpoint, body, priority, attempts, pins and metadata; not in a batch, with no
         idempotency key or expiry of its own; run on a node even when the response cache
-        holds its answer (which it then replaces)."""
+        holds its answer (which it then replaces). A job asked of an alias is asked of
+        it again (its first served member runs it)."""
         old = await self.get(key, job_id)
         metadata = old.metadata
         if isinstance(metadata, dict):  # a Response's bookkeeping belongs to the first run
             metadata = {k: v for k, v in metadata.items() if k != RESPONSE_KEY} or None
+        alias = alias_of(metadata)
         again = JobRequest(
             endpoint=old.endpoint,
-            body=old.request,
+            body=old.request if alias is None else {**old.request, "model": alias},
             priority=old.priority,
             max_attempts=old.max_attempts,
             metadata=metadata,

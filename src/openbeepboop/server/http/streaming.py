@@ -115,6 +115,7 @@ async def stream_job(
         )
         yield b"data: [DONE]\n\n"
         return
+    chunks.base["model"] = final.model  # an alias's job may have moved to another member
     for choice in tally.rest(final.result):  # what no piece carried, then finish reasons
         yield _sse(chunks.of(choice))
     usage = (final.result or {}).get("usage")
