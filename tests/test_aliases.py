@@ -213,6 +213,14 @@ def test_alias_mistakes_are_clear_errors(
         load_settings(tmp_path, model_aliases=aliases)
 
 
+def test_aliases_that_are_not_json_are_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENBEEPBOOP_MODEL_ALIASES", "fast = [a, b]")
+    with pytest.raises(ConfigError, match=r'field "model_aliases".*Expecting value'):
+        load_settings(tmp_path)
+
+
 def test_a_bad_alias_stops_the_server_with_a_clear_message(tmp_path: Path) -> None:
     (tmp_path / "server.toml").write_text('model_aliases = { a = ["b"], b = ["c"] }\n')
     argv = [sys.executable, "-m", "openbeepboop.cli.server", "start", "--data-dir", str(tmp_path)]

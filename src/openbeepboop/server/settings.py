@@ -19,6 +19,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -429,6 +430,8 @@ def load_settings(data_dir: Path | None = None, **overrides: Any) -> ServerSetti
         raise ConfigError(f"{CONFIG_NAME} is not valid TOML: {exc}") from exc
     except ValidationError as exc:
         raise ConfigError(_explain(exc)) from exc
+    except SettingsError as exc:  # a variable that should hold JSON does not
+        raise ConfigError(f"invalid server settings: {exc} ({exc.__cause__})") from exc
 
 
 def _explain(exc: ValidationError) -> str:

@@ -493,11 +493,16 @@ class Queue:
     async def _is_served(self, model: str, pin: Pin | None = None) -> bool:
         """Whether a live node serves `model` (where `pin` allows), as known within the
         last second."""
+        served = await self._served_now()
+        return serving(served, model, pin) or await self._on_demand(model, pin)
+
+    async def _served_now(self) -> dict[str, list[Node]]:
+        """`served_models`, as known within the last second."""
         checked_at, served = self._served
         if self._clock() - checked_at >= SERVED_CACHE_SECONDS:
             served = await self.served_models()
             self._served = (self._clock(), served)
-        return serving(served, model, pin) or await self._on_demand(model, pin)
+        return served
 
     async def _on_demand(self, model: str, pin: Pin | None) -> bool:
         """Whether a live node `pin` allows fetches `model` on demand."""
@@ -573,20 +578,12 @@ class Queue:
 
     # -- aliases (core/aliases.py) ------------------------------------------------
 
-    async def _served_names(self) -> set[str]:
-        """The models live nodes serve, as known within the last second."""
-        checked_at, served = self._served
-        if self._clock() - checked_at >= SERVED_CACHE_SECONDS:
-            served = await self.served_models()
-            self._served = (self._clock(), served)
-        return set(served)
-
     async def _resolve(self, requests: Sequence[JobRequest]) -> Sequence[JobRequest]:
         """The requests as they run: one for an alias becomes one for its first member a
         live node serves (hashed as asked, for idempotent replays)."""
         if not self.aliases:
             return requests
-        served = await self._served_names()
+        served = set(await self._served_now())
         out = []
         for req in requests:
             asked = self.aliases.resolve(req.body, req.metadata, served)
@@ -647,7 +644,7 @@ class Queue:
         if not failing:
             return {}
         jobs = {j.id: j for j in await self.store.get_jobs([r.job_id for r in failing.values()])}
-        served = await self._served_names()
+        served = set(await self._served_now())
         moved = {}
         for i, r in failing.items():
             job = jobs.get(r.job_id)
@@ -876,9 +873,12 @@ class Queue:
         if node_id is not None:
             await self._check_node(key, node_id)
         moved = await self._fall_back(results) if self.aliases else {}
-        rest = [r for i, r in enumerate(results) if i not in moved]
-        stored = iter(await self.store.submit_results(rest, self._clock()) if rest else [])
-        outcomes = [moved[i] if i in moved else next(stored) for i in range(len(results))]
+        if moved:  # an alias's jobs moved to their next members; the rest as usual
+            rest = [r for i, r in enumerate(results) if i not in moved]
+            stored = iter(await self.store.submit_results(rest, self._clock()) if rest else [])
+            outcomes = [moved[i] if i in moved else next(stored) for i in range(len(results))]
+        else:
+            outcomes = await self.store.submit_results(results, self._clock())
         finished, requeued = [], set()
         for o in outcomes:
             if o.job is None:
