@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from openbeepboop.server.models import JSON, Job, Node
+from openbeepboop.server.models import JSON, Job
 
 ALIAS_KEY = "openbeepboop.alias"  # in a job's metadata: the alias it was asked of
 MOVE_LIMIT = 100  # stranded jobs moved per alias member and reaper pass
@@ -69,21 +68,6 @@ class Aliases:
                 if member not in served and any(m in served for m in members[i + 1 :]):
                     pairs.append((alias, member))
         return pairs
-
-    def model_json(self, alias: str, served: Mapping[str, Sequence[Node]]) -> dict[str, Any]:
-        """An alias as `/v1/models` lists it: its members in order, and the live nodes
-        that serve one of them."""
-        nodes = {n.id: n for m in self.members[alias] for n in served.get(m, ())}
-        return {
-            "id": alias,
-            "object": "model",
-            "created": int(min((n.registered_at for n in nodes.values()), default=0)),
-            "owned_by": "openbeepboop",
-            "nodes": len(nodes),
-            "alias": True,
-            "members": list(self.members[alias]),
-            "served_members": [m for m in self.members[alias] if m in served],
-        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Annotated, Any
 
 import orjson
@@ -17,7 +17,7 @@ from openbeepboop.server.http.guards import admin_key, any_key
 from openbeepboop.server.http.outbound import JSONResponse, key_json, node_json
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.http.streaming import with_keepalive
-from openbeepboop.server.models import ApiKey, Node, Role
+from openbeepboop.server.models import JSON, ApiKey, Node, Role
 
 router = APIRouter(tags=["operations"], route_class=CheckedRoute)
 AnyKey = Annotated[ApiKey, Depends(any_key)]
@@ -57,13 +57,29 @@ def _model_json(name: str, nodes: list[Node]) -> dict[str, Any]:
     }
 
 
+def _alias_json(alias: str, members: Sequence[str], served: dict[str, list[Node]]) -> JSON:
+    """An alias (core/aliases.py): its members in order, and the live nodes that serve
+    one of them."""
+    nodes = {n.id: n for m in members for n in served.get(m, ())}
+    return {
+        "id": alias,
+        "object": "model",
+        "created": int(min((n.registered_at for n in nodes.values()), default=0)),
+        "owned_by": "openbeepboop",
+        "nodes": len(nodes),
+        "alias": True,
+        "members": list(members),
+        "served_members": [m for m in members if m in served],
+    }
+
+
 @router.get("/v1/models", summary="Models served by live nodes, and model aliases", tags=["models"])
 async def list_models(request: Request, key: AnyKey) -> Response:
     queue = app_state(request).queue
     served = await queue.served_models()
     data = [_model_json(name, served[name]) for name in sorted(served)]
-    members = queue.aliases.members
-    data += [queue.aliases.model_json(alias, served) for alias in sorted(members)]
+    aliases = queue.aliases.members
+    data += [_alias_json(alias, aliases[alias], served) for alias in sorted(aliases)]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -75,8 +91,9 @@ async def list_models(request: Request, key: AnyKey) -> Response:
 async def get_model(request: Request, model: str, key: AnyKey) -> Response:
     queue = app_state(request).queue
     served = await queue.served_models()
-    if model in queue.aliases.members:
-        return JSONResponse(queue.aliases.model_json(model, served))
+    members = queue.aliases.members.get(model)
+    if members:
+        return JSONResponse(_alias_json(model, members, served))
     if model not in served:
         raise NotFound(
             f"no live node serves model {model!r}", param="model", code="model_not_found"
