@@ -74,6 +74,7 @@ def queue_config(settings: ServerSettings) -> QueueConfig:
         max_poll_wait_seconds=settings.max_poll_wait_seconds,
         sync_timeout_seconds=settings.sync_timeout_seconds,
         model_wait_seconds=settings.model_wait_seconds,
+        affinity_max_wait_seconds=settings.affinity_max_wait_seconds,
     )
 
 
