@@ -6,6 +6,7 @@ job. And affinity has a bound: a job of the other model is not kept waiting past
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +32,7 @@ from tests.nodes import (
 
 pytestmark = pytest.mark.filterwarnings(SERVER_LOG_WARNING)
 BOUND = 1.0  # affinity_max_wait_seconds of the server with affinity
-MODELS = [
-    {"name": name, "backend": "echo", "delay_ms": 40, "load_ms": 100} for name in ("a", "b")
-]
+MODELS = [{"name": name, "backend": "echo", "delay_ms": 40, "load_ms": 100} for name in ("a", "b")]
 
 
 class Rig:
@@ -115,8 +114,8 @@ def test_an_alternating_queue_is_served_a_model_at_a_time_with_affinity(
         before = rig.switches()
         ids = rig.submit(["a", "b"] * 10)
         started = sorted(rig.times(ids).values(), key=lambda t: t[2])
-        runs = sum(1 for x, y in zip(started, started[1:], strict=False) if x[0] != y[0])
-        counts[rig] = (rig.switches() - before, runs)
+        changes = sum(1 for x, y in itertools.pairwise(started) if x[0] != y[0])
+        counts[rig] = (rig.switches() - before, changes)
     on, off = rigs
     assert counts[on][0] <= 2 and counts[on][1] == 1, counts[on]  # a ten, then b ten
     assert counts[off][0] >= 15 and counts[off][1] >= 15, counts[off]
