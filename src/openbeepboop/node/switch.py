@@ -74,7 +74,11 @@ class ModelSwitch:
         if previous is not None:
             await previous.executor.unload()
         self.held = None
-        await slot.executor.load()
+        try:
+            await slot.executor.load()
+        except asyncio.CancelledError:  # the job was cancelled as its model loaded
+            await slot.executor.unload()  # "unloaded": its next job loads it again
+            raise
         self.held, self._since = slot, time.monotonic()
         self.switches += 1
         self._changed.set()
