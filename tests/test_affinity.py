@@ -15,7 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
+from openbeepboop.node.config import NodeSection
 from tests.conftest import ServerProcess
 from tests.nodes import (
     SERVER_LOG_WARNING,
@@ -132,3 +134,9 @@ def test_affinity_keeps_no_job_of_the_other_model_past_its_bound(rigs: tuple[Rig
     print(f"b waited {waited:.3f} s; {len(after)} jobs of a ran after it")
     assert BOUND - 0.1 <= waited <= BOUND + 1.0, waited  # held by affinity, up to its bound
     assert len(after) >= 5, "b ran only once a's queue was drained"
+
+
+def test_exclusive_models_do_not_combine_with_on_demand() -> None:
+    with pytest.raises(ValidationError, match="exclusive_models does not combine with on_demand"):
+        NodeSection(exclusive_models=True, on_demand=["hf:"])
+    assert NodeSection(exclusive_models=True).exclusive_models
