@@ -69,7 +69,7 @@ format: install  ## apply ruff's fixes and formatting
 run: install  ## start the all-in-one server (queue + a node on the bundled Gemma) on :8000
 	$(BIN)/openbeepboop serve
 
-bench: install  ## queue throughput and latency, node speed (Gemma) and scaling (echo), cancel latency, dashboard cost, swarm timings, response cache, batch runner
+bench: install  ## queue throughput and latency, node speed (Gemma) and scaling (echo), cancel latency, dashboard cost, swarm timings, response cache, batch runner, model affinity
 	$(BIN)/python bench/bench_queue.py
 	$(BIN)/python bench/bench_nodes.py
 	$(BIN)/python bench/bench_cancel.py
@@ -77,6 +77,7 @@ bench: install  ## queue throughput and latency, node speed (Gemma) and scaling 
 	$(BIN)/python bench/bench_swarm.py
 	$(BIN)/python bench/bench_cache.py
 	$(BIN)/python bench/bench_runs.py
+	$(BIN)/python bench/bench_affinity.py
 
 soak: install  ## 10 minutes at half capacity: RSS, open files, database size, p99 (bench/soak.py)
 	$(BIN)/python bench/soak.py

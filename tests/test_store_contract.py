@@ -330,6 +330,22 @@ async def test_unpinned_work_behind_pinned_jobs_is_claimed_in_order(store: Store
     assert [j.id for j in got] == [low]
 
 
+async def test_queue_heads_give_when_each_models_next_job_was_queued(store: Store) -> None:
+    """Model affinity reads when another model's next job was queued: priority, then
+    age; jobs pinned to a node, expired, or no longer queued do not count."""
+    await submit(store, new_job("a", pin_node="elsewhere"), now=T0 - 50)
+    await submit(store, new_job("a", expires_at=T0 + 1), now=T0 - 40)
+    await submit(store, new_job("a"), now=T0 - 30)
+    await submit(store, new_job("a", priority=1), now=T0 - 10)
+    await submit(store, new_job("b"), now=T0 - 20)
+    await submit(store, new_job("c"), now=T0 - 5)
+    assert await store.queue_heads(["a", "b", "none"], T0 + 2) == {"a": T0 - 10, "b": T0 - 20}
+    await fetch(store, ["a"], 1, now=T0 + 2)  # takes the priority-1 job
+    await fetch(store, ["b"], 1, now=T0 + 2)
+    assert await store.queue_heads(["a", "b", "c"], T0 + 2) == {"a": T0 - 30, "c": T0 - 5}
+    assert await store.queue_heads([], T0) == {}
+
+
 async def test_queue_position_counts_pinned_jobs_ahead_too(store: Store) -> None:
     pinned = new_job(pin_node="mac", priority=2)
     labelled = new_job(pin_labels={"k": "v"}, priority=1)

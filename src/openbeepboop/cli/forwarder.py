@@ -226,6 +226,9 @@ class NotTwice:
     async def close(self) -> None:
         await self._inner.close()
 
+    async def unload(self) -> None:
+        await self._inner.unload()
+
 
 def _failed(task: asyncio.Task[int]) -> bool:
     """Whether a forward node's run ended in an error (rather than stopped)."""

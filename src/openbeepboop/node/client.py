@@ -35,7 +35,12 @@ class ServerClient(Protocol):
     ) -> str: ...
 
     async def fetch(
-        self, node_id: str, models: list[str], max_jobs: int, wait: float
+        self,
+        node_id: str,
+        models: list[str],
+        max_jobs: int,
+        wait: float,
+        loaded: dict[str, float] | None = None,
     ) -> list[JSON]: ...
 
     async def heartbeat(self, node_id: str, lease_ids: list[str], stats: JSON) -> JSON: ...
@@ -131,9 +136,16 @@ class NodeClient:
         return str((await self._post("/internal/nodes/register", body))["node_id"])
 
     async def fetch(
-        self, node_id: str, models: list[str], max_jobs: int, wait: float
+        self,
+        node_id: str,
+        models: list[str],
+        max_jobs: int,
+        wait: float,
+        loaded: dict[str, float] | None = None,
     ) -> list[JSON]:
-        body = {"node_id": node_id, "models": models, "max_jobs": max_jobs, "wait": wait}
+        body: JSON = {"node_id": node_id, "models": models, "max_jobs": max_jobs, "wait": wait}
+        if loaded:
+            body["loaded"] = loaded
         answer = await self._post("/internal/queue/fetch", body, read_timeout=wait + 30)
         return list(answer["jobs"])
 

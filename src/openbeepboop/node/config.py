@@ -66,6 +66,12 @@ class NodeSection(_Strict):
         max_length=32,
         description='Labels jobs can be pinned to (`node_labels`), e.g. {gpu = "a100"}.',
     )
+    exclusive_models: bool = Field(
+        False,
+        description="The models take turns: one is loaded at a time (a GPU that holds one "
+        "model's weights), a job of another waits for the running ones, then the node "
+        "switches; the server keeps the node on its loaded model while that has work.",
+    )
     on_demand: list[str] = Field(
         default_factory=list,
         description="Models the node fetches when a job names them: spec prefixes, each "
@@ -78,6 +84,12 @@ class NodeSection(_Strict):
     on_demand_idle_unload_seconds: float | None = Field(
         600.0, gt=0, description="A model fetched on demand is unloaded after this idle."
     )
+
+    @model_validator(mode="after")
+    def _exclusive_alone(self) -> NodeSection:
+        if self.exclusive_models and self.on_demand:
+            raise ValueError("exclusive_models does not combine with on_demand")
+        return self
 
     @field_validator("on_demand")
     @classmethod

@@ -102,6 +102,9 @@ class Executor(Protocol):
     async def close(self) -> None:
         """Release what `load` took."""
 
+    async def unload(self) -> None:
+        """Release the model (state "unloaded"); the next `load` loads it again."""
+
 
 class BackendExecutor:
     """Runs a model's jobs on its backend, on this event loop: requests paced to the
@@ -127,6 +130,7 @@ class BackendExecutor:
 
     async def load(self) -> None:
         """Build and load the backend."""
+        self.state, self.error = "loading", None
         try:
             self._backend = self._build(self.config, self._models_dir)
             await self._backend.load(self._progress)
@@ -179,6 +183,12 @@ class BackendExecutor:
                 log.warning(
                     "backend close failed", extra={"model": self.config.name, "why": str(exc)}
                 )
+
+    async def unload(self) -> None:
+        """Close the backend (its memory given back); `load` builds it again."""
+        await self.close()
+        self._backend = None
+        self.state, self.progress = "unloaded", 0.0
 
     async def _with_retries(self, job: LeasedJob) -> JSON:
         """Attempts until one answers, one fails for good, or `max_attempts` are spent.

@@ -1,6 +1,7 @@
 """Fetching: one long-poll loop per ready model, each asking for as many jobs as its
 model has free slots, so that a busy model never keeps another model's free slots
-waiting. Jobs are parsed here, once, into `LeasedJob`s."""
+waiting; or, when the models take turns (`exclusive_models`, switch.py), one loop for
+them all that reports the model loaded. Jobs are parsed here, once, into `LeasedJob`s."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from openbeepboop.node.backends.base import JSON
 from openbeepboop.node.backoff import Backoff, pause
@@ -39,6 +41,15 @@ class Slot:
         return self.executor.config.concurrency - self.running
 
 
+class Turns(Protocol):
+    """Models that take turns: the one loaded (`held`), and `loaded()` for the fetch."""
+
+    @property
+    def held(self) -> Slot | None: ...
+
+    def loaded(self) -> dict[str, float]: ...
+
+
 class Fetcher:
     """Leases jobs for free slots and hands each to `start` (or to `reject` when the
     server sent something that is not a job). `stop` ends the loops at once, long-polls
@@ -52,8 +63,10 @@ class Fetcher:
         reject: Callable[[MalformedJob], None],
         poll_seconds: float,
         stopping: asyncio.Event,
+        turns: Turns | None = None,
     ) -> None:
         self._session = session
+        self._turns = turns
         self._slots = slots
         self._start = start
         self._reject = reject
@@ -64,6 +77,9 @@ class Fetcher:
 
     async def run(self, batch: bool = False) -> None:
         """Fetch until `stop`; in `batch` mode, until no model finds anything more."""
+        if self._turns is not None:
+            await self._turns_loop(self._turns, batch)
+            return
         ready = [slot for slot in self._slots if slot.executor.state in SERVING]
         await asyncio.gather(*(self._model_loop(slot, batch) for slot in ready))
         await asyncio.gather(*self._added, return_exceptions=True)
@@ -102,11 +118,42 @@ class Fetcher:
             for raw in jobs:
                 self._take(raw)
 
+    async def _turns_loop(self, turns: Turns, batch: bool) -> None:
+        """One loop for models that take turns (their slots share one `changed` event):
+        asks for every model, as many jobs as the loaded one has free slots, and says
+        which is loaded, so the server prefers its jobs; fetches nothing while a job of
+        another model waits for its switch."""
+        backoff = Backoff()
+        wait = 0.0 if batch else self._poll_seconds
+        anchor = self._slots[0]
+        while not self._stopping.is_set():
+            held = turns.held
+            busy = [slot for slot in self._slots if slot.running]
+            models = [slot.name for slot in self._slots if slot.executor.state in SERVING]
+            free = 1 if held is None else held.free()
+            if any(slot is not held for slot in busy) or free <= 0 or not models:
+                await self._wait_change(anchor)
+                continue
+            jobs = await self._fetch(models, free, wait, backoff, turns.loaded())
+            if jobs is None:
+                continue
+            if not jobs and batch:
+                if not busy:
+                    return
+                await self._wait_change(anchor)
+            for raw in jobs:
+                self._take(raw)
+
     async def _fetch(
-        self, models: list[str], max_jobs: int, wait: float, backoff: Backoff
+        self,
+        models: list[str],
+        max_jobs: int,
+        wait: float,
+        backoff: Backoff,
+        loaded: dict[str, float] | None = None,
     ) -> list[JSON] | None:
         """The jobs leased, or None after a failure (and its pause) or a stop."""
-        task = asyncio.create_task(self._session.fetch(models, max_jobs, wait))
+        task = asyncio.create_task(self._session.fetch(models, max_jobs, wait, loaded))
         self._fetching.add(task)
         try:
             jobs = await task

@@ -5,6 +5,7 @@ them, runs each job's task and owns the lifecycle:
 
 - `Session`: the node_id, registration, the protocol's calls (session.py)
 - `Fetcher`: one long-poll loop per model for its free slots (fetcher.py)
+- `ModelSwitch`: with `exclusive_models`, one model loaded at a time (switch.py)
 - `Executor`: runs a job on its model's backend (executor.py)
 - `DeltaPusher`: the text of streamed jobs, batched (deltas.py)
 - `Heartbeat`: leases renewed, cancelled and lost jobs stopped (heartbeat.py)
@@ -40,6 +41,7 @@ from openbeepboop.node.on_demand import OnDemand
 from openbeepboop.node.outbox import Outbox
 from openbeepboop.node.results import completion_tokens
 from openbeepboop.node.session import Session
+from openbeepboop.node.switch import ModelSwitch
 from openbeepboop.node.uploader import Uploader
 from openbeepboop.node.worker import WorkerBackend, build_isolated
 
@@ -97,10 +99,14 @@ class NodeRunner:
         )
         self.deltas = DeltaPusher(self.session)
         models_dir = config.models_dir()
+        # models that take turns share one `changed` event: their single fetch loop
+        # waits for any job to end (switch.py)
+        changed = asyncio.Event() if config.node.exclusive_models else None
         self.slots = {
-            m.name: Slot(BackendExecutor(m, backends, models_dir, self.deltas))
+            m.name: _slot(BackendExecutor(m, backends, models_dir, self.deltas), changed)
             for m in config.models
         }
+        self.switch = None if changed is None else ModelSwitch(changed)
         self.uploader = Uploader(self.session, self.outbox, self._release_now)
         self.heartbeat = Heartbeat(
             self.session,
@@ -118,6 +124,7 @@ class NodeRunner:
             self._reject,
             config.node.poll_seconds,
             self._stopping,
+            self.switch,
         )
         self.on_demand = OnDemand(
             self.session,
@@ -165,7 +172,9 @@ class NodeRunner:
         """Load the models and register: 0, or the exit code of a node that cannot serve."""
         for slot in self.slots.values():
             await slot.executor.load()
-        if not any(slot.executor.state == "ready" for slot in self.slots.values()):
+        if self.switch is not None:
+            await self.switch.start(list(self.slots.values()))
+        if not any(slot.executor.state in ("ready", "unloaded") for slot in self.slots.values()):
             log.error("no model could be loaded; stopping")
             return 1
         try:
@@ -273,7 +282,11 @@ class NodeRunner:
     async def _run_job(self, slot: Slot, job: LeasedJob) -> None:
         started = time.monotonic()
         try:
-            outcome = await slot.executor.run(job)
+            if self.switch is None:
+                outcome = await slot.executor.run(job)
+            else:
+                async with self.switch.turn(slot):
+                    outcome = await self._run_loaded(slot, job)
         except asyncio.CancelledError:
             reason = self.running.stop_reason(job.id) or "released"
             log.info(f"job {reason}", extra=self._fields(job))
@@ -286,6 +299,14 @@ class NodeRunner:
             slot.changed.set()
         self._count(job, outcome, time.monotonic() - started)
         self.uploader.put(job.id, job.lease_id, outcome)
+
+    @staticmethod
+    async def _run_loaded(slot: Slot, job: LeasedJob) -> Outcome:
+        """Run `job` on its model, just switched to: unless it failed to load."""
+        if slot.executor.state == "error":
+            message = f"model {job.model} failed to load: {slot.executor.error}"
+            return Outcome.failed(message, "model_not_served", True)
+        return await slot.executor.run(job)
 
     def _count(self, job: LeasedJob, outcome: Outcome, elapsed: float) -> None:
         error = outcome.error
@@ -321,6 +342,7 @@ class NodeRunner:
             "outbox": len(self.outbox),
             "models": self._model_states(),
             **({"on_demand": self.config.node.on_demand} if self.config.node.on_demand else {}),
+            **({"switches": self.switch.switches} if self.switch is not None else {}),
         }
 
     def _model_states(self) -> list[JSON]:
@@ -339,6 +361,10 @@ def _model_state(slot: Slot) -> JSON:
         "concurrency": config.concurrency,
         **({"error": executor.error} if executor.error else {}),
     }
+
+
+def _slot(executor: BackendExecutor, changed: asyncio.Event | None) -> Slot:
+    return Slot(executor) if changed is None else Slot(executor, changed=changed)
 
 
 def _lazy_worker(config: ModelConfig, models_dir: Path) -> Backend:

@@ -60,9 +60,20 @@ class Session:
         self.node_id = await until_reachable(call, self._stopping, attempts)
         log.info("registered", extra={"node_id": self.node_id, "node_name": self.name})
 
-    async def fetch(self, models: list[str], max_jobs: int, wait: float) -> list[JSON]:
-        """Lease up to `max_jobs` jobs of `models`; a long-poll of `wait` seconds."""
-        return await self._call(lambda node: self.client.fetch(node, models, max_jobs, wait))
+    async def fetch(
+        self,
+        models: list[str],
+        max_jobs: int,
+        wait: float,
+        loaded: dict[str, float] | None = None,
+    ) -> list[JSON]:
+        """Lease up to `max_jobs` jobs of `models`; a long-poll of `wait` seconds.
+        `loaded`: the models loaded now, each with the seconds it has been (affinity)."""
+        if not loaded:
+            return await self._call(lambda node: self.client.fetch(node, models, max_jobs, wait))
+        return await self._call(
+            lambda node: self.client.fetch(node, models, max_jobs, wait, loaded)
+        )
 
     async def heartbeat(self, lease_ids: list[str], stats: JSON) -> JSON:
         """Extend `lease_ids`; the answer lists the leases lost and the jobs cancelled."""

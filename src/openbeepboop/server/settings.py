@@ -155,6 +155,12 @@ class ServerSettings(BaseSettings):
         10.0, ge=0, description="Sync requests wait this long for a node serving the model."
     )
     max_poll_wait_seconds: float = Field(60.0, gt=0, description="Longest long-poll.")
+    affinity_max_wait_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="Model affinity: how long a job of another model may wait while a node "
+        "keeps serving the model it has loaded (0: no affinity).",
+    )
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="FULL: every acknowledged write survives power loss."
     )

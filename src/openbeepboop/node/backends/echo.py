@@ -23,6 +23,9 @@ class EchoModel(ModelConfig):
 
     delay_ms: float = Field(0, ge=0)
     token_delay_ms: float = Field(0, ge=0, description="Pause between streamed words.")
+    load_ms: float = Field(
+        0, ge=0, description="How long loading takes (again at each switch to the model)."
+    )
     embedding_dimensions: int = Field(
         256, ge=1, le=MAX_DIMENSIONS, description="Length of its embeddings."
     )
@@ -38,8 +41,8 @@ def pseudo_embedding(item: str | list[int], dimensions: int) -> list[float]:
 
 
 class EchoBackend:
-    """Waits `delay_ms`, then streams the last user message back word by word; embeds
-    as a unit vector seeded by a hash of the text."""
+    """Loads in `load_ms`; waits `delay_ms`, then streams the last user message back
+    word by word; embeds as a unit vector seeded by a hash of the text."""
 
     Config = EchoModel
 
@@ -48,6 +51,9 @@ class EchoBackend:
         self.state = "loading"
 
     async def load(self, progress: Progress) -> None:
+        if self.config.load_ms:  # stands in for reading weights (exclusive_models switches)
+            progress("loading", 0.0)
+            await asyncio.sleep(self.config.load_ms / 1000)
         self.state = "ready"
         progress("ready", 1.0)
 

@@ -80,6 +80,7 @@ class QueueConfig:
     lease_grace_seconds: float | None = None  # after an outage; None: lease_seconds
     aliases: Mapping[str, Sequence[str]] = field(default_factory=dict)  # core/aliases.py
     alias_wait_seconds: float = 30.0
+    affinity_max_wait_seconds: float = 30.0  # 0: a node's loaded models get no preference
 
     @property
     def lease_grace(self) -> float:
@@ -755,16 +756,20 @@ class Queue:
         max_jobs: int,
         wait: float,
         caller: Caller | None = None,
+        loaded: Mapping[str, float] | None = None,
     ) -> list[Job]:
         """Lease up to `max_jobs` jobs; with `wait`, long-poll until one arrives. While it
         waits, `caller` is watched: once gone, nothing more is claimed for it, and what a
         claim got as it left is released (`release_unsent`). Delivering the jobs is the
-        transport's: what it cannot deliver, it releases the same way."""
+        transport's: what it cannot deliver, it releases the same way. `loaded`: the
+        models the node has loaded, each with the seconds it has held it (see
+        `_claim_loaded`)."""
         await self._check_node(key, node_id)
         await self._touch(node_id)
         wait = min(max(wait, 0.0), self.config.max_poll_wait_seconds)
         deadline = self._clock() + wait
-        jobs = await self._claim(node_id, models, max_jobs)
+        held = self._held(models, loaded)
+        jobs = await self._claim(node_id, models, max_jobs, held)
         if jobs or wait <= 0 or self.closing:  # the usual case: no need to listen
             return jobs
         with self.notifier.listen(model_topic(m) for m in models) as event:
@@ -774,7 +779,7 @@ class Queue:
                 event.clear()
                 if caller is not None and caller.gone:
                     return []
-                jobs = await self._claim(node_id, models, max_jobs)
+                jobs = await self._claim(node_id, models, max_jobs, held)
                 if jobs and caller is not None and caller.gone:
                     await self.release_unsent(jobs)
                     return []
@@ -786,7 +791,46 @@ class Queue:
                 except TimeoutError:
                     return []
 
-    async def _claim(self, node_id: str, models: Sequence[str], max_jobs: int) -> list[Job]:
+    def _held(
+        self, models: Sequence[str], loaded: Mapping[str, float] | None
+    ) -> dict[str, float] | None:
+        """The asked models the node has loaded, each with when it loaded it; None when
+        affinity has nothing to choose (off, none loaded, or all asked are loaded)."""
+        if not loaded or self.config.affinity_max_wait_seconds <= 0:
+            return None
+        now = self._clock()
+        held = {m: now - max(0.0, loaded[m]) for m in dict.fromkeys(models) if m in loaded}
+        return held if held and len(held) < len(set(models)) else None
+
+    async def _claim(
+        self,
+        node_id: str,
+        models: Sequence[str],
+        max_jobs: int,
+        held: Mapping[str, float] | None = None,
+    ) -> list[Job]:
+        if held:
+            jobs = await self._claim_any(node_id, await self._first(models, held), max_jobs)
+            if jobs:
+                return jobs
+        return await self._claim_any(node_id, models, max_jobs)
+
+    async def _first(self, models: Sequence[str], held: Mapping[str, float]) -> list[str]:
+        """Model affinity: the models to claim from first. Those the node has loaded
+        (`held`: model -> when the node loaded it), so that it does not swap weights back
+        and forth when the queue alternates between models; but first any other asked
+        model whose next job has waited more than `affinity_max_wait_seconds` because of
+        that (counted from when the job was queued or when the node loaded what it holds,
+        whichever is later). Costs one read per asked model not loaded (the head of its
+        queue), flat in queue length."""
+        now, bound = self._clock(), self.config.affinity_max_wait_seconds
+        since = max(held.values())  # the node's latest load
+        others = [m for m in dict.fromkeys(models) if m not in held]
+        heads = await self.store.queue_heads(others, now)
+        overdue = [m for m, queued in heads.items() if now - max(queued, since) > bound]
+        return overdue or list(held)
+
+    async def _claim_any(self, node_id: str, models: Sequence[str], max_jobs: int) -> list[Job]:
         name, labels = self._node_ident.get(node_id, (None, {}))
         jobs = await self.store.fetch_jobs(
             node_id, models, max_jobs, self.config.lease_seconds, self._clock(), name, labels

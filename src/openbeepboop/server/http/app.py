@@ -76,6 +76,7 @@ def queue_config(settings: ServerSettings) -> QueueConfig:
         model_wait_seconds=settings.model_wait_seconds,
         aliases=settings.model_aliases,
         alias_wait_seconds=settings.alias_wait_seconds,
+        affinity_max_wait_seconds=settings.affinity_max_wait_seconds,
     )
 
 

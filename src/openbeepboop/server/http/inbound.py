@@ -185,6 +185,11 @@ class FetchBody(_Open):
     models: list[str] = Field(min_length=1, max_length=1000)
     max_jobs: int = Field(1, ge=1, le=1000)
     wait: float = Field(0, ge=0)
+    loaded: dict[str, float] = Field(
+        default_factory=dict,
+        max_length=1000,
+        description="Models the node has loaded now, each with the seconds it has held it.",
+    )
 
 
 class DemandBody(_Open):

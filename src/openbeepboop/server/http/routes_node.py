@@ -47,7 +47,9 @@ async def fetch(request: Request, body: FetchBody, key: Key) -> Response:
     queue = app_state(request).queue
     caller = ConnectionCaller(request)
     try:
-        jobs = await queue.fetch(key, body.node_id, body.models, body.max_jobs, body.wait, caller)
+        jobs = await queue.fetch(
+            key, body.node_id, body.models, body.max_jobs, body.wait, caller, body.loaded
+        )
     except BaseException:
         caller.close()
         raise

@@ -67,6 +67,11 @@ class Store(Protocol):
     async def queue_position(self, job: Job) -> int:
         """How many queued jobs of the same model run before this queued job."""
 
+    async def queue_heads(self, models: Sequence[str], now: float) -> dict[str, float]:
+        """For each of `models`, when the job its queue serves next (priority, then age;
+        pinned to no node, not expired by `now`) was queued; a model with none is left
+        out. One index seek per model, however long the queue."""
+
     async def fetch_jobs(
         self,
         node_id: str,

@@ -145,6 +145,14 @@ class SqlStore(ABC):
         row = await self._first("queue_position", job.model, job.priority, job.seq)
         return 0 if row is None else int(row[0])
 
+    async def queue_heads(self, models: Sequence[str], now: float) -> dict[str, float]:
+        heads: dict[str, float] = {}
+        for model in dict.fromkeys(models):
+            row = await self._first("queue_head", model, float(now))
+            if row is not None:
+                heads[model] = float(row[0])
+        return heads
+
     async def fetch_jobs(
         self,
         node_id: str,

@@ -58,6 +58,14 @@ SELECT (SELECT count(*) FROM jobs
         WHERE status = 'queued' AND pin_node IS NOT NULL AND model = $1
           AND (priority > $2 OR (priority = $2 AND seq < $3)));
 
+-- name: queue_head
+-- When the job a model's queue serves next was queued (model affinity: how long another
+-- model's next job has waited): one seek of jobs_queued, the model $1, now $2.
+SELECT created_at FROM jobs
+WHERE status = 'queued' AND pin_node IS NULL AND model = $1
+  AND (expires_at IS NULL OR expires_at > $2)
+ORDER BY priority DESC, seq LIMIT 1;
+
 -- name: queued_ahead
 -- queue_position of a job just queued: counted. (SQLite sums counters its writer keeps;
 -- here a counter row, updated by every submit and claim of its model on every replica,
