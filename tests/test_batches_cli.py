@@ -296,7 +296,14 @@ def test_cancel_by_prefix_cancels_exactly_the_matching_ones(
     local_hit, hit_jobs = idle_run(tmp_path, server, "sweep-a-local")
     local_miss, miss_jobs = idle_run(tmp_path, server, "sweep-b-local")
 
-    out = run(server, tmp_path, "cancel", "--prefix", "sweep-a", "--json")
+    for empty in ("", "  "):  # not "everything": that is --all, which asks
+        said_empty = one_line_error(run(server, tmp_path, "cancel", "--prefix", empty), 2)
+        assert "--prefix must not be empty" in said_empty
+    asks = one_line_error(run(server, tmp_path, "cancel", "--prefix", "sweep-a"), 2)
+    assert "matches 3" in asks and "--yes" in asks  # several: asks, and without a terminal refuses
+    assert {sdk.batches.retrieve(b).status for b in hit} == {"in_progress"}
+
+    out = run(server, tmp_path, "cancel", "--prefix", "sweep-a", "--yes", "--json")
     said = {row["id"]: row for row in json.loads(ok(out))}
     assert set(said) == {*hit, local_hit}
     assert "3 matched" in out.stderr and "sweep-a-local" in out.stderr

@@ -72,6 +72,8 @@ def test_batch_variables_and_bad_values_named(monkeypatch: pytest.MonkeyPatch) -
         ("MAX_OUTSTANDING", "lots", "MAX_OUTSTANDING must be an integer, not 'lots'"),
         ("RPM", "-3", "RPM must be at least 0, not '-3'"),
         ("TIMEOUT_S", "soon", "TIMEOUT_S must be a number, not 'soon'"),
+        ("TIMEOUT_S", "nan", "TIMEOUT_S must be a finite number, not 'nan'"),
+        ("TIMEOUT_S", "inf", "TIMEOUT_S must be a finite number, not 'inf'"),
     ]:
         monkeypatch.setenv(name, value)
         with pytest.raises(ValueError, match=says):
@@ -79,6 +81,9 @@ def test_batch_variables_and_bad_values_named(monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.delenv(name)
     with pytest.raises(ValueError, match="max_outstanding must be at least 1"):
         RunOptions.from_env(max_outstanding=0)
+    for name in ("timeout_s", "heartbeat_s", "wait_s"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            RunOptions.from_env(**{name: float("nan")})
 
 
 def test_state_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

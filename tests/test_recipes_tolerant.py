@@ -66,6 +66,9 @@ def test_reads_a_sloppy_single_field(completion: str) -> None:
     assert TolerantChatAdapter().parse(QA, completion) == {"answer": "Paris"}
 
 
+BIG = int("1" * 400)
+
+
 @pytest.mark.parametrize(
     ("completion", "expected"),
     [
@@ -80,6 +83,12 @@ def test_reads_a_sloppy_single_field(completion: str) -> None:
         ),
         ('{"reasoning": "easy", "ANSWER": "4"}', {"reasoning": "easy", "answer": 4}),
         ("Let me see: none\nanswer: 4.0", {"reasoning": "Let me see: none", "answer": 4}),
+        ("Reasoning: count\nAnswer: 1,000 apples", {"reasoning": "count", "answer": 1000}),
+        ("Reasoning: count\nAnswer: 12_345_678", {"reasoning": "count", "answer": 12345678}),
+        ("Reasoning: count\nAnswer: 4,5", {"reasoning": "count", "answer": 4}),
+        ("Reasoning: big\nAnswer: about " + "1" * 400, {"reasoning": "big", "answer": BIG}),
+        ("Reasoning: too big\nAnswer: about 1e400", {"reasoning": "too big", "answer": None}),
+        ("Reasoning: too big\nAnswer: 1e400", {"reasoning": "too big", "answer": None}),
     ],
 )
 def test_reads_several_fields_and_coerces_types(completion: str, expected: dict[str, Any]) -> None:

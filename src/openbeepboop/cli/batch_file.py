@@ -89,10 +89,15 @@ def run_file(
     model: str,
     timeout: float | None,
     fresh: bool = False,
+    cache: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Run the file (what is not in the output yet), write results; returns a summary.
-    `options`: the batch runner's (`max_outstanding`, `rpm`, ...)."""
+    `fresh`: new idempotency keys and (unless `cache` says otherwise) the response
+    cache refreshed, so every line really runs again. `options`: the batch runner's
+    (`max_outstanding`, `rpm`, ...)."""
+    if fresh and cache is None:
+        cache = "refresh"
     output = output or path.with_suffix(".results.jsonl")
     items = _read(path, model)
     _drop_torn_tail(output)
@@ -129,6 +134,7 @@ def run_file(
             input=str(path.resolve()),
             output=str(output.resolve()),
             wait_s=timeout,
+            cache=cache,
             **options,
         )
         for result in results:

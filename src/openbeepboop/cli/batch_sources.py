@@ -117,8 +117,8 @@ class Conn:
     clients: dict[str | None, Client] = field(default_factory=dict)
 
     def client(self, url: str | None = None) -> Client:
-        """The client for the server the options and environment name, or for `url` (a
-        run's server) when it is another one and no --base-url was given."""
+        """The client for the server the options and environment name; `url`, a state
+        file's, only when it is that server (see `url_for`)."""
         url = self.url_for(url)
         if url not in self.clients:
             bootstrap = None if url else self.bootstrap
@@ -129,12 +129,18 @@ class Conn:
         return self.clients[url]
 
     def url_for(self, url: str | None) -> str | None:
-        """`url` when it is a server other than the usual one, else None: the usual
-        server's key comes from the environment by the library's rules."""
+        """None (the usual server) for a state file's `url`: with --base-url given, or
+        when it is the usual server. A state file naming another server is refused: the
+        key is not sent where a file (perhaps planted) says."""
         if url is None or self.base_url:
             return None
         usual = self.client().base_url
-        return None if url.rstrip("/").removesuffix("/v1") == usual else url
+        if url.rstrip("/").removesuffix("/v1") == usual:
+            return None
+        raise Refused(
+            f"a run's state file names the server {url}, not {usual} (the one your "
+            f"settings name); if you trust it, give --base-url {url}"
+        )
 
     def close(self) -> None:
         for client in self.clients.values():
@@ -237,7 +243,7 @@ def cancel_run(conn: Conn, run: runs.RunSummary) -> str:
     for i, submitted in sorted(record.submitted.items()):
         if i in record.done:
             continue
-        client = conn.client(submitted.get("server") or run.base_url)
+        client = conn.client(submitted.get("server") or run.base_url)  # refused if another
         try:
             job = client.jobs.cancel(str(submitted["job"])).data
         except NotFoundError:

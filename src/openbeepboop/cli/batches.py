@@ -181,6 +181,8 @@ def _everything(conn: Conn) -> list[Row]:
 def _targets(conn: Conn, ref: str | None, prefix: str | None, every: bool) -> list[Row]:
     if sum((ref is not None, prefix is not None, every)) != 1:
         raise Refused("give one of ID, --prefix P or --all")
+    if prefix is not None and not prefix.strip():
+        raise Refused("--prefix must not be empty (to cancel everything, use --all)")
     if ref is not None:
         return [conn.find(ref)]
     rows = _everything(conn)
@@ -196,7 +198,7 @@ def _targets(conn: Conn, ref: str | None, prefix: str | None, every: bool) -> li
 @click.argument("ref", metavar="[ID]", required=False)
 @click.option("--prefix", help="Every batch and run whose name starts with this.")
 @click.option("--all", "every", is_flag=True, help="Every batch and run not already final.")
-@click.option("--yes", "-y", is_flag=True, help="With --all: do not ask.")
+@click.option("--yes", "-y", is_flag=True, help="With --all or --prefix: do not ask.")
 @_connected
 def cancel(
     conn: Conn, ref: str | None, prefix: str | None, every: bool, yes: bool, as_json: bool
@@ -217,7 +219,14 @@ def cancel(
         if not yes:
             click.confirm("cancel them all?", abort=True, err=True)
     elif prefix is not None:
+        if len(rows) > 1 and not yes and not sys.stdin.isatty():
+            raise Refused(
+                f"cancel --prefix {prefix} matches {len(rows)} batch(es) and asks first: "
+                "add --yes to run it without a terminal"
+            )
         click.echo(f"{len(rows)} matched: " + ", ".join(_label(r) for r in rows), err=True)
+        if len(rows) > 1 and not yes:
+            click.confirm("cancel them all?", abort=True, err=True)
     if ref is not None:  # one batch: its error is the command's
         said, failed = cancel_row(conn, rows[0]), False
         done = [(rows[0], said, failed)]

@@ -306,6 +306,12 @@ def main(base_url: str | None, api_key: str | None, bootstrap: str | None, as_js
     help="With --file: run lines again that an earlier run of the same content submitted.",
 )
 @click.option(
+    "--cache",
+    type=click.Choice(["use", "skip", "refresh"]),
+    help="The server's response cache: use it, skip it, or run again and store the "
+    "answer [use; with --fresh: refresh].",
+)
+@click.option(
     "--max-attempts",
     type=click.IntRange(min=1),
     envvar="MAX_ATTEMPTS",
@@ -330,6 +336,7 @@ def submit(
     file: Path | None,
     output: Path | None,
     fresh: bool,
+    cache: str | None,
     max_attempts: int | None,
     batch: dict[str, Any],
     as_json: bool,
@@ -347,6 +354,7 @@ def submit(
             model=model,
             timeout=timeout,
             fresh=fresh,
+            cache=cache,
             max_attempts=max_attempts,
             **batch,
         )
@@ -360,7 +368,7 @@ def submit(
     ]
     params: dict[str, Any] = {"model": model, "messages": messages, "priority": priority}
     given = {"max_tokens": max_tokens, "temperature": temperature, "node": node}
-    given["max_attempts"] = max_attempts
+    given |= {"max_attempts": max_attempts, "cache": cache}
     params.update({k: v for k, v in given.items() if v is not None})
     if labels:
         params["node_labels"] = parse_labels(labels)

@@ -11,6 +11,7 @@ queue server it was not meant for).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ def local_client_key() -> str | None:
 
 def env_number(name: str, default: float, *, minimum: float = 0, integer: bool = True) -> float:
     """The number in variable `name` (unset or empty: `default`); a ValueError naming the
-    variable when it is not a number of the right kind or below `minimum`."""
+    variable when it is not a finite number of the right kind or below `minimum`."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -73,6 +74,8 @@ def env_number(name: str, default: float, *, minimum: float = 0, integer: bool =
     except ValueError:
         kind = "an integer" if integer else "a number"
         raise ValueError(f"{name} must be {kind}, not {raw!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, not {raw!r}")
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum:g}, not {raw!r}")
     return value

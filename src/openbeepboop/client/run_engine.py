@@ -94,9 +94,17 @@ class Session:
         queue: asyncio.Queue[RunResult | None] = asyncio.Queue()
         engine = _Engine(self, pending, queue)
         now = time.monotonic()
+        trusted = await self._trusted_servers(outs)
         for n, i in enumerate(outs):
             sub = record.submitted[i]
-            engine.mine[n % len(engine.mine)][sub["job"]] = _Out(i, sub.get("server", ""), now)
+            server = str(sub.get("server") or "")
+            if server and server not in trusted:
+                raise ValueError(
+                    f"{self.label}: its state file says job {sub.get('job')} is on {server}, "
+                    f"not on {self.client.base_url} (this run's server); if you trust "
+                    f"{server}, resume with --base-url {server} (base_url=)"
+                )
+            engine.mine[n % len(engine.mine)][sub["job"]] = _Out(i, server, now)
         work = asyncio.create_task(engine.work())
         beat = asyncio.create_task(self._heartbeat(engine))
         deadline = None if self.options.wait_s is None else now + self.options.wait_s
@@ -120,12 +128,20 @@ class Session:
             if engine.aborting:
                 await _stop(work)
                 await engine.settle()
-                await engine.cancel_outstanding()
-                raise self._abort()
+                raise self._abort(await engine.withdraw_outstanding())
             self._finish()
         finally:
             await _stop(work, beat)
             await engine.settle()
+
+    async def _trusted_servers(self, outs: list[int]) -> set[str]:
+        """The servers a state file may send this run's key to: the client's own, and
+        in a swarm the members it lists (a planted state file names no other)."""
+        trusted = {self.client.base_url}
+        named = {str(self.record.submitted[i].get("server") or "") for i in outs}
+        if named - trusted - {""}:
+            trusted.update(await self.client.candidates(None))
+        return trusted
 
     def _finish(self) -> None:
         if self.record.status != "finished":
@@ -136,12 +152,13 @@ class Session:
             self.label, counts.done - counts.failed, counts.failed, counts.total,
         )  # fmt: skip
 
-    def _abort(self) -> RunAbortedError:
+    def _abort(self, withdrawn: int) -> RunAbortedError:
         reason = f"{self.failures} jobs failed (max_failures={self.options.max_failures})"
         self._event("aborted", reason)
         outcome = self.outcome()
         message = (
-            f"{self.label} aborted: {reason}; the jobs still out were cancelled. "
+            f"{self.label} aborted: {reason}; the {withdrawn} jobs still out were cancelled "
+            "(a resume runs them again). "
             f"{outcome.completed} completed, {outcome.failed} failed of "
             f"{self.summary.total}; see error.outcome"
         )
@@ -193,6 +210,15 @@ class Session:
             self.failures += 1
         return result
 
+    def withdraw(self, outs: list[tuple[_Out, str]]) -> None:
+        """Note jobs cancelled because the run gave up: not done, so a resume submits
+        their requests again (under a new idempotency key, see `key`)."""
+        lines = []
+        for out, job_id in outs:
+            lines.append({"withdrawn": out.index, "job": job_id})
+            self.record.withdraw(lines[-1])
+        self.writer.write(lines)
+
     def _result(self, i: int, done: dict[str, Any], reused: bool) -> RunResult:
         request = self.record.requests[i]
         return RunResult(
@@ -220,8 +246,10 @@ class _Engine:
         self.pending = pending
         self.queue = queue
         options = session.options
-        self.window = min(POLL_CHUNK, max(1, options.max_outstanding // options.num_workers))
-        self.mine: list[dict[str, _Out]] = [{} for _ in range(options.num_workers)]
+        workers = min(options.num_workers, options.max_outstanding)
+        share, extra = divmod(options.max_outstanding, workers)  # the window, shared out
+        self.windows = [min(POLL_CHUNK, share + (n < extra)) for n in range(workers)]
+        self.mine: list[dict[str, _Out]] = [{} for _ in range(workers)]
         self.submits: set[asyncio.Task[None]] = set()
         self.limiter = None
         if options.rpm:
@@ -245,16 +273,19 @@ class _Engine:
     async def work(self) -> None:
         try:
             async with asyncio.TaskGroup() as group:
-                for mine in self.mine:
-                    group.create_task(self._worker(mine))
+                for mine, window in zip(self.mine, self.windows, strict=True):
+                    group.create_task(self._worker(mine, window))
         except ExceptionGroup as failed:  # the first worker's error is the run's
             raise failed.exceptions[0] from None
         finally:
             self.queue.put_nowait(None)
 
-    async def _worker(self, mine: dict[str, _Out]) -> None:
+    async def _worker(self, mine: dict[str, _Out], window: int) -> None:
         while not self.aborting:
-            room = min(self.window - len(mine), BULK_CHUNK, len(self.pending))
+            room = min(window - len(mine), BULK_CHUNK, len(self.pending))
+            if room > 0 and self.limiter is not None:
+                # the tokens first, unshielded: a run stopped while waiting has sent nothing
+                room = min(await self._grant(room), len(self.pending))
             if room > 0:
                 # shielded: a run stopped meanwhile still records the jobs it created
                 batch = [self.pending.popleft() for _ in range(room)]
@@ -266,21 +297,30 @@ class _Engine:
             elif not self.pending:
                 return
 
+    async def _grant(self, most: int) -> int:
+        """Submits the limiter allows: one (waiting for it), then up to `most` if it
+        has them now."""
+        assert self.limiter is not None
+        await self.limiter.acquire()
+        granted = 1
+        while granted < most and self.limiter.has_capacity():
+            await self.limiter.acquire()
+            granted += 1
+        return granted
+
     def _spec(self, i: int) -> dict[str, Any]:
-        request = self.session.record.requests[i]
+        record = self.session.record
+        request = record.requests[i]
         return {
             "url": request["url"],
             "body": request["body"],
-            "idempotency_key": request["key"],
+            "idempotency_key": record.key(i),
             "custom_id": request["custom_id"],
             **request.get("knobs", {}),
         }
 
     async def _submit(self, indices: list[int], mine: dict[str, _Out]) -> None:
         specs = [self._spec(i) for i in indices]
-        if self.limiter is not None:
-            for _ in specs:
-                await self.limiter.acquire()
         models = {s["body"].get("model") for s in specs}
         model = models.pop() if len(models) == 1 else None
         client = self.session.client
@@ -301,7 +341,9 @@ class _Engine:
             lines.append({"submitted": i, "job": job["id"], "server": url})
             created = job.get("created_at")
             earlier = isinstance(created, int | float) and created < began - EARLIER_S
-            mine[job["id"]] = _Out(i, url, now, job.get("status") in FINAL or earlier)
+            # a final job was an earlier run's, unless the response cache answered it now
+            reused = job.get("status") in FINAL and not job.get("cached")
+            mine[job["id"]] = _Out(i, url, now, reused or earlier)
             self.session.record.submitted[i] = lines[-1]
         self.session.writer.write(lines)
 
@@ -355,10 +397,22 @@ class _Engine:
 
         return list(await asyncio.gather(*(cancel(i) for i in ids)))
 
-    async def cancel_outstanding(self) -> None:
+    async def withdraw_outstanding(self) -> int:
+        """Cancel the jobs still out as the run gives up. Those cancelled are withdrawn
+        (not done: a resume runs them again); one that ended meanwhile is recorded as
+        it ended. How many were withdrawn."""
         error = {"code": "run_aborted", "message": "cancelled: the run gave up"}
+        withdrawn = []
         for mine in self.mine:
-            self._record(await self._cancel(mine, list(mine), error))
+            ended = []
+            for out, job, err in await self._cancel(mine, list(mine), error):
+                if err is error:
+                    withdrawn.append((out, str(job.get("id"))))
+                else:
+                    ended.append((out, job, err))
+            self._record(ended)
+        self.session.withdraw(withdrawn)
+        return len(withdrawn)
 
     def _record(self, done: list[_Done]) -> None:
         if not done:

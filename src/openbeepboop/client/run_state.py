@@ -8,6 +8,7 @@ batch"):
     {"request": i, "custom_id", "url", "body", "key", "knobs"}      one per request
     {"submitted": i, "job": id, "server": url}
     {"done": i, "job": id|null, "status", "result", "error"}
+    {"withdrawn": i, "job": id}     cancelled as the run gave up: not done, runs again
     {"event": "cancelled"|"aborted"|"finished", "at": ts, "reason": ...}
 
 A torn last line (the process killed mid-write) is ignored when read, and cut off before
@@ -67,6 +68,23 @@ class RunRecord:
     submitted: dict[int, dict[str, Any]] = field(default_factory=dict)
     done: dict[int, dict[str, Any]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
+    withdrawn: dict[int, int] = field(default_factory=dict)  # how often, by index
+
+    def withdraw(self, line: dict[str, Any]) -> None:
+        """A withdrawn line: its request is neither submitted nor done any more."""
+        i = int(line["withdrawn"])
+        if self.submitted.get(i, {}).get("job") == line.get("job"):
+            del self.submitted[i]
+        if self.done.get(i, {}).get("job") == line.get("job"):
+            del self.done[i]
+        self.withdrawn[i] = self.withdrawn.get(i, 0) + 1
+
+    def key(self, i: int) -> str:
+        """Request `i`'s idempotency key: a new one after each withdrawal (the server
+        would return the cancelled job for the old one)."""
+        key = str(self.requests[i]["key"])
+        n = self.withdrawn.get(i, 0)
+        return f"{key}-r{n}" if n else key
 
     @property
     def status(self) -> str:
@@ -127,6 +145,8 @@ def load(path: Path) -> RunRecord:
             record.submitted[int(line["submitted"])] = line
         elif "done" in line:
             record.done[int(line["done"])] = line
+        elif "withdrawn" in line:
+            record.withdraw(line)
         elif "event" in line:
             record.events.append(line)
     return record

@@ -3,6 +3,7 @@ the error of a run that gave up."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,6 +34,8 @@ class RunClient(Protocol):
         base: str | None = None,
         retry: bool = True,
     ) -> Any: ...
+
+    async def candidates(self, model: str | None) -> list[str]: ...
 
     async def request(
         self,
@@ -80,8 +83,11 @@ class RunOptions:
     def check(self) -> None:
         least = {"max_outstanding": 1, "num_workers": 1, "heartbeat_s": 0.01}
         least |= {"max_failures": 0, "rpm": 0, "timeout_s": 0, "max_attempts": 1}
+        least |= {"wait_s": 0}
         for name, minimum in least.items():
             value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, not {value!r}")
             if value is not None and value < minimum:
                 raise ValueError(f"{name} must be at least {minimum:g}, not {value!r}")
 

@@ -85,11 +85,17 @@ def open_session(
     state_dir: Path | None = None,
     input: str | None = None,
     output: str | None = None,
+    cache: str | None = None,
     options: RunOptions,
 ) -> Session:
     """The run these requests make: the same one continued when its state file is
-    found (by `run_id`, or by name, server and requests with `resume`), else a new one."""
+    found (by `run_id`, or by name, server and requests with `resume`), else a new one.
+    `cache` ("use", "skip" or "refresh") goes into each request's body."""
     items = prepare(requests, model or client.model)
+    if cache is not None:
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+        items = [{**item, "body": {**item["body"], "cache": cache}} for item in items]
     digest = fingerprint(items, client.base_url, output)
     directory = state_dir or run_state.state_dir()
     path = directory / f"{run_id}.jsonl" if run_id else None
@@ -141,7 +147,10 @@ def _matching(directory: Path, name: str | None, digest: str) -> Path | None:
 
 # -- the public entry points -----------------------------------------------------------
 
-RUN_ARGS = ("name", "metadata", "model", "run_id", "resume", "state_dir", "input", "output")
+RUN_ARGS = (
+    "name", "metadata", "model", "run_id", "resume", "state_dir", "input", "output", "cache",
+)  # fmt: skip
+CACHE_MODES = ("use", "skip", "refresh")
 
 
 def _split(options: dict[str, Any]) -> tuple[dict[str, Any], RunOptions]:
@@ -176,7 +185,8 @@ async def run_batched(
     resumable run and return every result. Arguments: `name`, `metadata` (kept in the
     state file), `model` (for requests without one), `run_id` (continue this run),
     `resume` (continue a run with the same name and requests; default on), `state_dir`,
-    and the `RunOptions` (`max_outstanding`, `num_workers`, `heartbeat_s`,
+    `cache` (the server's response cache for every request: "use", "skip" or
+    "refresh"), and the `RunOptions` (`max_outstanding`, `num_workers`, `heartbeat_s`,
     `max_failures`, `rpm`, `timeout_s`, `max_attempts`, `wait_s`)."""
     run, settings = _split(options)
     session = open_session(client, requests, options=settings, **run)

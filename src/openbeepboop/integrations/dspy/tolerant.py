@@ -30,6 +30,7 @@ first; only when that fails does it read the answer leniently (`tolerant_parse`)
 from __future__ import annotations
 
 import enum
+import math
 import re
 import typing
 from typing import Any
@@ -49,7 +50,12 @@ DECORATED = re.compile(
     + r"\s*(?:#*\s*\]{0,2}|\*\*)\s*:?\s*(?:\*\*)?\s*(?P<rest>.*)$"
 )
 PLAIN = re.compile(r"^" + NAME + r"\s*:\s*(?P<rest>.*)$")  # `name: value`
-NUMBER = re.compile(r"[-+]?(?:\d+(?:[.,]\d+)?|\.\d+)(?:[eE][-+]?\d+)?")
+# a number: its whole part (thousands grouped by `,` or `_` allowed), then a fraction
+# (`.` or `,`) and an exponent
+NUMBER = re.compile(
+    r"(?P<sign>[-+]?)(?P<whole>\d{1,3}(?:[,_]\d{3})+(?!\d)|\d+)?"
+    r"(?P<fraction>(?(whole)[.,]|\.)\d+)?(?P<exponent>[eE][-+]?\d+)?"
+)
 YES = frozenset({"yes", "true", "y", "correct", "1"})
 NO = frozenset({"no", "false", "n", "incorrect", "0"})
 
@@ -164,15 +170,35 @@ def _coerce(value: Any, annotation: Any) -> Any:
             if word in YES or word in NO:
                 return word in YES
     elif annotation in (int, float):
-        number = NUMBER.search(text)
-        if number:
-            parsed = float(number.group().replace(",", "."))
-            return int(parsed) if annotation is int else parsed
+        number = _number(text, annotation)
+        if number is not None:
+            return number
     for choice in _choices(annotation):
         label = choice.value if isinstance(choice, enum.Enum) else choice
         if re.search(rf"(?<!\w){re.escape(str(label))}(?!\w)", text, re.IGNORECASE):
             return choice
     raise ValueError(f"cannot read {text[:80]!r} as {getattr(annotation, '__name__', annotation)}")
+
+
+def _number(text: str, annotation: Any) -> int | float | None:
+    """The first number in `text` as an int or a float; None when there is none or it
+    is out of range."""
+    for found in NUMBER.finditer(text):
+        if not (found["whole"] or found["fraction"]):
+            continue
+        whole = found["sign"] + re.sub(r"[,_]", "", found["whole"] or "0")
+        if annotation is int and not found["exponent"]:
+            try:
+                return int(whole)  # from the digits: exact however long (up to Python's limit)
+            except ValueError:
+                return None
+        fraction = (found["fraction"] or "").replace(",", ".")
+        try:
+            parsed = float(whole + fraction + (found["exponent"] or ""))
+            return int(parsed) if annotation is int else parsed if math.isfinite(parsed) else None
+        except (OverflowError, ArithmeticError, ValueError):
+            return None
+    return None
 
 
 def _missing(annotation: Any) -> Any:
