@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.allinone import AllInOne, all_in_one
@@ -133,6 +134,18 @@ def test_json_everywhere_is_clean_on_stdout(serve: AllInOne) -> None:
 
     cancelled = one_json(run(serve, "cancel", submit_id(serve, "x", UNSERVED), "--json"))
     assert cancelled["status"] == "cancelled"
+
+
+def test_submit_cache_option(serve: AllInOne) -> None:
+    body = {"model": "echo", "temperature": 0, "messages": [{"role": "user", "content": "cache"}]}
+    headers = {"Authorization": f"Bearer {serve.key}"}
+    for _ in range(2):  # the second is answered by the cache
+        r = httpx.post(serve.url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 200 and r.headers["x-openbeepboop-cache"] == "hit"
+    args = ["submit", "cache", "--model", "echo", "--temperature", "0", "--json"]
+    refreshed = one_json(run(serve, *args, "--cache", "refresh"))
+    assert refreshed["cached"] is False  # a refresh runs on a node again
+
 
 
 def test_poll_get_cancel_list_models_status_as_text(serve: AllInOne) -> None:

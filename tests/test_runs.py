@@ -296,3 +296,97 @@ def test_leaving_the_loop_early_stops_the_run_and_the_same_call_finishes_it(
     outcome = client.run_batched(requests, name="left")
     assert [r.text for r in outcome] == [str(i) for i in range(16)]
     assert job_count(server) - before == 16
+
+
+def test_an_aborted_run_resumes_and_runs_what_the_abort_cancelled(
+    client: Client, runs_dir: Path
+) -> None:
+    bad = {"url": "/v1/embeddings", "body": {"model": "echo", "input": "x", "dimensions": 10**6}}
+    good = [{"model": "slow", "messages": [{"role": "user", "content": f"g{i}"}]} for i in range(8)]
+    requests = [bad, bad, bad, *good[:4], bad, *good[4:]]
+    with pytest.raises(RunAbortedError) as aborted:
+        client.run_batched(requests, name="mixed", max_failures=3, max_outstanding=8, num_workers=1)
+    outcome = aborted.value.outcome
+    # the reason counts real failures only; what the abort cancelled is not a result
+    assert outcome.failed >= 3 and {r.status for r in outcome} == {"failed"}
+    assert f"{outcome.failed} jobs failed (max_failures=3)" in str(aborted.value)
+    run = find_run("mixed")
+    withdrawn = [line for line in state_lines(run.path) if "withdrawn" in line]
+    assert withdrawn and outstanding_jobs(run) == []
+    assert run.done == outcome.failed  # withdrawn requests are not done
+
+    again = client.run_batched(requests, name="mixed", max_failures=0, max_outstanding=8)
+    assert again.run.id == run.id and again.run.status == "finished"
+    texts = {r.index: r.text for r in again if r.ok}
+    good_at = [i for i, r in enumerate(requests) if r is not bad]
+    assert [texts.get(i) for i in good_at] == [f"g{i}" for i in range(8)]
+    rerun = {r.job_id for r in again if r.index in {w["withdrawn"] for w in withdrawn}}
+    assert rerun.isdisjoint(w["job"] for w in withdrawn)  # new jobs, under new keys
+
+
+def test_rpm_submits_what_the_limiter_grants_and_a_stop_does_not_wait_for_it(
+    client: Client, runs_dir: Path
+) -> None:
+    began = time.monotonic()
+    with pytest.raises(TimeoutError):
+        client.run_batched(
+            [f"r {i}" for i in range(20)], model="echo", name="rpm", rpm=10, wait_s=2
+        )
+    assert time.monotonic() - began < 4  # not the minute 20 tokens take
+    run = find_run("rpm")
+    assert run.submitted == run.done == 10  # the 10 the limiter grants at once
+
+
+def test_windows_are_shared_out_and_never_exceed_max_outstanding(runs_dir: Path) -> None:
+    from collections import deque
+
+    from openbeepboop.client.run_engine import Session, _Engine
+    from openbeepboop.client.run_state import RunRecord, RunWriter
+    from openbeepboop.client.run_types import RunOptions
+
+    path = runs_dir / "run_windows.jsonl"
+    for most, workers, windows in [(2, 4, [1, 1]), (10, 4, [3, 3, 2, 2]), (7, 1, [7])]:
+        options = RunOptions(max_outstanding=most, num_workers=workers)
+        record = RunRecord(path, {"id": "run_windows"})
+        session = Session(
+            AsyncClient("http://127.0.0.1:9", "key"), record, options, RunWriter(path)
+        )
+        engine = _Engine(session, deque(), asyncio.Queue())
+        session.writer.close()
+        assert engine.windows == windows and len(engine.mine) == len(windows)
+
+
+def test_a_state_file_naming_another_server_is_refused(client: Client, runs_dir: Path) -> None:
+    requests = [
+        {"model": "slow", "messages": [{"role": "user", "content": f"{i}"}]} for i in range(8)
+    ]
+    with pytest.raises(TimeoutError):
+        client.run_batched(requests, name="planted", wait_s=0.05)
+    run = find_run("planted")
+    assert outstanding_jobs(run)
+    elsewhere = f"http://127.0.0.1:{free_port()}"
+    lines = state_lines(run.path)
+    for line in lines:
+        if "submitted" in line:
+            line["server"] = elsewhere
+    run.path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(ValueError, match=f"is on {elsewhere}.*--base-url {elsewhere}"):
+        client.run_batched(requests, name="planted")
+
+
+def test_a_cache_hit_is_not_reused_and_cache_refresh_runs_again(
+    client: Client, runs_dir: Path
+) -> None:
+    requests = [
+        {"model": "echo", "temperature": 0, "messages": [{"role": "user", "content": f"c{i}"}]}
+        for i in range(3)
+    ]
+    first = client.run_batched(requests, name="cache-1")
+    assert first.completed == 3 and not any(r.reused for r in first)
+    hits = client.run_batched(requests, name="cache-2")  # a new run: new keys, cache hits
+    assert all(client.jobs.get(str(r.job_id)).cached for r in hits)
+    assert not any(r.reused for r in hits)  # answered by the cache now, not an earlier run
+    fresh = client.run_batched(requests, name="cache-3", cache="refresh")
+    assert fresh.completed == 3 and not any(client.jobs.get(str(r.job_id)).cached for r in fresh)
+    with pytest.raises(ValueError, match="cache must be one of use, skip, refresh"):
+        client.run_batched(requests, name="cache-4", cache="sometimes")
