@@ -147,7 +147,6 @@ def test_submit_cache_option(serve: AllInOne) -> None:
     assert refreshed["cached"] is False  # a refresh runs on a node again
 
 
-
 def test_poll_get_cancel_list_models_status_as_text(serve: AllInOne) -> None:
     job_id = submit_id(serve, "stay queued", UNSERVED)
     assert ok(run(serve, "poll", job_id)) == "queued\n"

@@ -284,8 +284,10 @@ class _Engine:
         while not self.aborting:
             room = min(window - len(mine), BULK_CHUNK, len(self.pending))
             if room > 0 and self.limiter is not None:
-                # the tokens first, unshielded: a run stopped while waiting has sent nothing
-                room = min(await self._grant(room), len(self.pending))
+                if mine and not self.limiter.has_capacity():
+                    room = 0  # collect what is out rather than wait for the limiter
+                else:  # the tokens first, unshielded: a run stopped meanwhile sent nothing
+                    room = min(await self._grant(room), len(self.pending))
             if room > 0:
                 # shielded: a run stopped meanwhile still records the jobs it created
                 batch = [self.pending.popleft() for _ in range(room)]
