@@ -406,6 +406,16 @@ def test_errors_are_one_line(server: ServerProcess, sdk: openai.OpenAI, tmp_path
     ambiguous = one_line_error(run(server, tmp_path, "cancel", "run_"), 5)
     assert "'run_' is the start of 2 run ids" in ambiguous
 
+    # a state file naming another server: the key is not sent there, --base-url is asked
+    planted = write_run(tmp_path, server, "planted", ["job_planted"])
+    path = tmp_path / f"{planted}.jsonl"
+    elsewhere = f"http://127.0.0.1:{free_port()}"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    lines = [{**x, "server": elsewhere} if "submitted" in x else x for x in lines]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    refused = one_line_error(run(server, tmp_path, "cancel", planted), 2)
+    assert f"names the server {elsewhere}" in refused and f"--base-url {elsewhere}" in refused
+
     waiting = make_batch(sdk, 2, name="errors")
     batch_status(sdk, waiting, {"in_progress"})
     assert "no results yet" in one_line_error(run(server, tmp_path, "results", waiting), 1)
