@@ -390,3 +390,32 @@ def test_a_cache_hit_is_not_reused_and_cache_refresh_runs_again(
     assert fresh.completed == 3 and not any(client.jobs.get(str(r.job_id)).cached for r in fresh)
     with pytest.raises(ValueError, match="cache must be one of use, skip, refresh"):
         client.run_batched(requests, name="cache-4", cache="sometimes")
+
+
+def test_an_abort_cancelled_done_line_of_an_older_runner_is_not_done(runs_dir: Path) -> None:
+    from openbeepboop.client.run_state import load
+
+    path = runs_dir / "run_older.jsonl"
+    runs_dir.mkdir()
+    aborted = {"code": "run_aborted", "message": "cancelled: the run gave up"}
+    lines = [
+        {"object": "run", "id": "run_older", "total": 2},
+        *(
+            {
+                "request": i,
+                "custom_id": f"q{i}",
+                "url": "/v1/embeddings",
+                "body": {},
+                "key": f"k{i}",
+            }
+            for i in range(2)
+        ),
+        {"submitted": 0, "job": "job_a", "server": ""},
+        {"submitted": 1, "job": "job_b", "server": ""},
+        {"done": 0, "job": "job_a", "status": "failed", "result": None, "error": {"code": "x"}},
+        {"done": 1, "job": "job_b", "status": "cancelled", "result": None, "error": aborted},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    record = load(path)
+    assert list(record.done) == [0] and list(record.submitted) == [0]
+    assert (record.key(0), record.key(1)) == ("k0", "k1-r1")

@@ -143,6 +143,8 @@ def load(path: Path) -> RunRecord:
             record.requests[int(line["request"])] = line
         elif "submitted" in line:
             record.submitted[int(line["submitted"])] = line
+        elif "done" in line and _aborted(line):  # written so before withdrawn lines
+            record.withdraw({"withdrawn": line["done"], "job": line.get("job")})
         elif "done" in line:
             record.done[int(line["done"])] = line
         elif "withdrawn" in line:
@@ -150,6 +152,16 @@ def load(path: Path) -> RunRecord:
         elif "event" in line:
             record.events.append(line)
     return record
+
+
+def _aborted(done: dict[str, Any]) -> bool:
+    """A done line of a job cancelled because its run gave up: not done."""
+    error = done.get("error")
+    return (
+        done.get("status") == "cancelled"
+        and isinstance(error, dict)
+        and (error.get("code") == "run_aborted")
+    )
 
 
 def _paths(directory: Path | None) -> list[Path]:

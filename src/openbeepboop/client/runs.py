@@ -8,11 +8,12 @@ A run submits its requests as jobs in bulk, at most `max_outstanding` unfinished
 every step in its state file (`run_state.py`), logs a heartbeat line every `heartbeat_s`
 seconds (logger `openbeepboop.client.runs`), and gives up after `max_failures` failed
 jobs in one session (the jobs still out are cancelled and withdrawn, so a resume runs
-them again; `RunAbortedError` carries what was done). Started again with the same name (or run id) and the same requests, a run
-continues from its state file: what is done is not asked again, submitted jobs are
-followed, and a request whose submit was sent but not recorded is sent with the same
-idempotency key (`<run id>-<index>`), so the server returns the job it already has.
-Every request is answered exactly once. `openbeepboop-client submit --file` is a run too.
+them again; `RunAbortedError` carries what was done). Started again with the same name
+(or run id) and the same requests, a run continues from its state file: what is done is
+not asked again, submitted jobs are followed, and a request whose submit was sent but
+not recorded is sent with the same idempotency key (`<run id>-<index>`), so the server
+returns the job it already has. Every request is answered exactly once. `openbeepboop-
+client submit --file` is a run too.
 """
 
 from __future__ import annotations
