@@ -12,8 +12,8 @@ them again; `RunAbortedError` carries what was done). Started again with the sam
 (or run id) and the same requests, a run continues from its state file: what is done is
 not asked again, submitted jobs are followed, and a request whose submit was sent but
 not recorded is sent with the same idempotency key (`<run id>-<index>`), so the server
-returns the job it already has. Every request is answered exactly once. `openbeepboop-
-client submit --file` is a run too.
+returns the job it already has. Every request is answered exactly once.
+`openbeepboop-client submit --file` is a run too.
 """
 
 from __future__ import annotations
