@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from openbeepboop.client import Client
 from openbeepboop.server.core.queue import JobRequest, Queue, QueueConfig
 from openbeepboop.server.models import ApiKey, JobStatus, Role
 from openbeepboop.server.settings import ConfigError, load_settings
@@ -95,6 +96,9 @@ def test_the_aliases_jobs_complete_on_the_second_member(
         assert job["metadata"] is None  # the alias's bookkeeping is not the owner's
     tried = [q["body"]["model"] for q in mock.requests() if q["status"] == 500]
     assert tried.count(FIRST) >= len(ids)  # each was tried on the first member first
+    with Client(base_url=server.url, api_key=server.keys["client_key"]) as client:
+        seen = client.jobs.get(ids[0])
+        assert (seen.alias, seen.data["model"], seen.cached) == ("fast", SECOND, False)
 
 
 def test_sync_and_streamed_requests_fall_back(fleet: tuple[ServerProcess, MockOpenAI]) -> None:

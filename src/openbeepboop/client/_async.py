@@ -416,6 +416,12 @@ class AsyncJob:
         return bool(self.data.get("cached"))
 
     @property
+    def alias(self) -> str | None:
+        """The alias it was submitted for (its `model` is the member that ran it)."""
+        alias = self.data.get("alias")
+        return alias if isinstance(alias, str) else None
+
+    @property
     def result(self) -> Any:
         """The OpenAI-shaped result (an `openai` type when the package is there), or None."""
         raw = self.data.get("result")

@@ -118,6 +118,11 @@ class Job:
         """Whether the server's response cache answered it (no node ran it)."""
         return self._job.cached
 
+    @property
+    def alias(self) -> str | None:
+        """The alias it was submitted for (its `model` is the member that ran it)."""
+        return self._job.alias
+
     def __repr__(self) -> str:
         return f"<Job {self.id} {self._job.status}>"
 
