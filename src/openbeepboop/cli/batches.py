@@ -23,6 +23,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from openbeepboop.cli.batch_sources import Conn, Refused, Row, cancel_row, local_row, server_row
+from openbeepboop.cli.given import given, print_json
 from openbeepboop.client import APIConnectionError, AsyncClient, OpenBeepBoopError, runs
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,8 +75,8 @@ def _connected(fn: F) -> F:
 
         ctx = click.get_current_context()
         conn = Conn(
-            _typed(ctx, "base_url", base_url),
-            _typed(ctx, "api_key", api_key),
+            given(ctx, "base_url", base_url),
+            given(ctx, "api_key", api_key),
             _before_command(ctx, "bootstrap", bootstrap) or None,
             state_dir,
         )
@@ -91,21 +92,6 @@ def _connected(fn: F) -> F:
             conn.close()
 
     return wrapper  # type: ignore[return-value]
-
-
-def _typed(ctx: click.Context, name: str, value: Any) -> Any:
-    """The URL or key as typed on the command line (after the command, else before it),
-    else None: the library reads the environment, with its rule that OPENAI_API_KEY goes
-    only to the server OPENAI_BASE_URL names (as cli/client.py's `_given`)."""
-    typed = click.core.ParameterSource.COMMANDLINE
-    if ctx.get_parameter_source(name) is typed:
-        return value
-    root = ctx.find_root()
-    return root.params.get(name) if root.get_parameter_source(name) is typed else None
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, ensure_ascii=False))
 
 
 # -- status ----------------------------------------------------------------------------
@@ -161,7 +147,7 @@ def status(conn: Conn, as_json: bool) -> None:
         remote, unreachable = [], exc
     rows = sorted(remote + local, key=lambda r: r.created_at, reverse=True)
     if as_json:
-        _print_json([r.as_json() for r in rows])
+        print_json([r.as_json() for r in rows])
     elif rows:
         click.echo(status_table(rows))
     elif unreachable is None:
@@ -233,7 +219,7 @@ def cancel(
     else:  # many: one that cannot be cancelled does not stop the others
         done = [(r, *_cancel_one_of_many(conn, r)) for r in rows]
     if as_json:
-        _print_json(
+        print_json(
             [
                 {"kind": r.kind, "id": r.id, "name": r.name, "result": said, "ok": not failed}
                 for r, said, failed in done
@@ -306,7 +292,7 @@ def resume(
             sys.exit(130)
     after = local_row(runs.find_run(run.id, conn.state_dir))
     if as_json:
-        _print_json(after.as_json())
+        print_json(after.as_json())
     else:
         click.echo(
             f"{after.id} {after.status}: {after.completed} completed, {after.failed} failed "

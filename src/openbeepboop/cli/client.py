@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
+from openbeepboop.cli.given import given, print_json
 from openbeepboop.cli.labels import parse_labels
 from openbeepboop.client import (
     APIConnectionError,
@@ -84,8 +84,8 @@ def _connected(fn: F) -> F:
         base_url: str | None, api_key: str | None, bootstrap: str | None, **kwargs: Any
     ) -> Any:
         ctx = click.get_current_context()
-        base_url = _given(ctx, "base_url", base_url)
-        api_key = _given(ctx, "api_key", api_key)
+        base_url = given(ctx, "base_url", base_url)
+        api_key = given(ctx, "api_key", api_key)
         bootstrap = _before_command(ctx, "bootstrap", bootstrap)
         kwargs["as_json"] = _before_command(ctx, "as_json", kwargs["as_json"])
         try:
@@ -112,21 +112,6 @@ def _before_command(ctx: click.Context, name: str, value: Any) -> Any:
     if root.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
         return given_before
     return given_before if given_before not in (None, False) else value
-
-
-def _given(ctx: click.Context, name: str, value: Any) -> Any:
-    """The URL or key as given on the command line (before or after the command), else
-    None: the library reads the environment itself, with its rule that OPENAI_API_KEY
-    goes only to the server OPENAI_BASE_URL names."""
-    command_line = click.core.ParameterSource.COMMANDLINE
-    if ctx.get_parameter_source(name) is command_line:
-        return value
-    root = ctx.find_root()
-    return root.params.get(name) if root.get_parameter_source(name) is command_line else None
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, ensure_ascii=False))
 
 
 def _answer_text(job: Job) -> str:
@@ -359,7 +344,7 @@ def submit(
             **batch,
         )
         if as_json:
-            _print_json(summary)
+            print_json(summary)
         sys.exit(1 if summary["failed"] else 0)
     if not prompt:
         raise click.UsageError("give a PROMPT or --file FILE")
@@ -380,7 +365,7 @@ def submit(
             _cancel_on_interrupt(job)
         return
     if not wait:
-        _print_json(job.data) if as_json else click.echo(job.id)
+        print_json(job.data) if as_json else click.echo(job.id)
         return
     click.echo(f"queued {job.id}; waiting...", err=True)
     try:
@@ -393,7 +378,7 @@ def submit(
         sys.exit(130)
     finally:
         if as_json:
-            _print_json(job.data)
+            print_json(job.data)
     if not as_json:
         click.echo(_answer_text(job))
 
@@ -479,7 +464,7 @@ def poll(client: Client, job_id: str, wait: bool, timeout: float | None, as_json
         with contextlib.suppress(JobFailedError):  # reported below like any final state
             job.get(wait=True, timeout=timeout)
     if as_json:
-        _print_json(job.data)
+        print_json(job.data)
     elif job.data["status"] == "completed":
         click.echo(_answer_text(job))
     else:
@@ -497,7 +482,7 @@ def get(client: Client, job_id: str, as_json: bool) -> None:
     """Print a job in full."""
     job = client.jobs.get(job_id)
     if as_json:
-        _print_json(job.data)
+        print_json(job.data)
         return
     for key in ("id", "status", "model", "priority", "attempts", "queue_position", "node_id"):
         click.echo(f"{key:<15} {job.data.get(key)}")
@@ -513,7 +498,7 @@ def get(client: Client, job_id: str, as_json: bool) -> None:
 def cancel(client: Client, job_id: str, as_json: bool) -> None:
     """Cancel a job that has not finished."""
     job = client.jobs.cancel(job_id)
-    _print_json(job.data) if as_json else click.echo(f"{job.id} {job.data['status']}")
+    print_json(job.data) if as_json else click.echo(f"{job.id} {job.data['status']}")
 
 
 @main.command("list")
@@ -536,7 +521,7 @@ def list_jobs(
     """Your jobs, newest first."""
     jobs = client.jobs.list(status=status, model=model, limit=limit, after=after)
     if as_json:
-        _print_json([j.data for j in jobs])
+        print_json([j.data for j in jobs])
         return
     for j in jobs:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.data["created_at"]))
@@ -549,7 +534,7 @@ def models(client: Client, as_json: bool) -> None:
     """Models that live nodes serve now."""
     data = client.request("GET", "/v1/models")["data"]
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     for m in data:
         click.echo(f"{m['id']:<30} {m.get('nodes', 0)} node(s)")
@@ -617,7 +602,7 @@ def nodes(client: Client, watch: bool, interval: float, as_json: bool) -> None:
     speed, last heartbeat and hardware."""
     if not watch:
         data = client.request("GET", "/v1/nodes")["data"]
-        _print_json(data) if as_json else click.echo(_nodes_text(data, time.time()))
+        print_json(data) if as_json else click.echo(_nodes_text(data, time.time()))
         return
     from rich.live import Live
     from rich.text import Text
@@ -644,7 +629,7 @@ def status(client: Client, watch: bool, interval: float, as_json: bool) -> None:
 
     if not watch:
         stats, nodes = snapshot()
-        _print_json({"stats": stats, "nodes": nodes}) if as_json else click.echo(
+        print_json({"stats": stats, "nodes": nodes}) if as_json else click.echo(
             _status_text(stats, nodes)
         )
         return
@@ -714,12 +699,12 @@ def swarm(client: Client, watch: bool, interval: float, as_json: bool) -> None:
         raise click.UsageError("give --bootstrap HOST:PORT (or set OPENBEEPBOOP_BOOTSTRAP)")
     if not watch:
         rows = _swarm_rows(client)
-        _print_json(rows) if as_json else click.echo(_swarm_text(rows))
+        print_json(rows) if as_json else click.echo(_swarm_text(rows))
         return
     try:
         if as_json:  # one JSON document a line, for scripts that follow the swarm
             while True:
-                _print_json(_swarm_rows(client))
+                print_json(_swarm_rows(client))
                 sys.stdout.flush()
                 time.sleep(interval)
         from rich.live import Live
