@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +73,13 @@ class Node:
 
 
 @pytest.fixture
-async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+def served(tmp_path: Path) -> Any:
     """`async with served(**settings) as (api, node)`."""
 
     def make(**settings: Any) -> Any:
         return _served(tmp_path / f"s{time.monotonic_ns()}", **settings)
 
-    yield make
+    return make
 
 
 class _served:
