@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from openbeepboop.server.core.auth import KeyRing
-from openbeepboop.server.models import Role
+from openbeepboop.server.models import Role, Share
 from openbeepboop.server.settings import ConfigError, ServerSettings, load_settings, write_settings
 from openbeepboop.server.store.base import DatabaseUnreachable, Store
 
@@ -430,18 +430,26 @@ def keys() -> None:
     "--role", type=click.Choice([r.value for r in Role]), required=True, help="What it may do."
 )
 @click.option("--name", default="", help="A label to recognise it by.")
+@click.option(
+    "--group",
+    default=None,
+    help="The share group its jobs are scheduled in (fair share; docs/scheduling.md).",
+)
 @JSON_OUT
-def keys_create(data_dir: Path | None, role: str, name: str, as_json: bool) -> None:
+def keys_create(
+    data_dir: Path | None, role: str, name: str, group: str | None, as_json: bool
+) -> None:
     """Make a key and print it (once)."""
     settings = _settings(data_dir)
 
     async def create(keyring: KeyRing) -> tuple[str, str]:
-        issued = await keyring.create(Role(role), name)
+        issued = await keyring.create(Role(role), name, group)
         return issued.secret, issued.record.id
 
-    secret, key_id = _with_store(settings, create)
+    secret, key_id = _domain(lambda: _with_store(settings, create))
     if as_json:
-        click.echo(json.dumps({"key": secret, "id": key_id, "role": role, "name": name}))
+        out = {"key": secret, "id": key_id, "role": role, "name": name, "group": group}
+        click.echo(json.dumps(out))
     else:
         click.echo(secret)
         click.echo(f"({role} key {key_id}; shown once)", err=True)
@@ -462,6 +470,7 @@ def keys_list(data_dir: Path | None, as_json: bool) -> None:
             "name": k.name,
             "created_at": k.created_at,
             "revoked": not k.active,
+            "group": k.group,
         }
         for k in found
     ]
@@ -470,7 +479,107 @@ def keys_list(data_dir: Path | None, as_json: bool) -> None:
         return
     for r in rows:
         state = "revoked" if r["revoked"] else "active"
-        click.echo(f"{r['id']}  {r['role']:<6}  {r['prefix']}...  {state:<7}  {r['name']}")
+        group = f"  [group {r['group']}]" if r["group"] else ""
+        click.echo(f"{r['id']}  {r['role']:<6}  {r['prefix']}...  {state:<7}  {r['name']}{group}")
+
+
+@keys.command("group")
+@DATA_DIR
+@click.argument("key_id")
+@click.argument("group", required=False)
+@JSON_OUT
+def keys_group(data_dir: Path | None, key_id: str, group: str | None, as_json: bool) -> None:
+    """Put a key in a share group (no GROUP: the key is its own share again). Its queued
+    jobs move with it; servers apply it within seconds."""
+    settings = _settings(data_dir)
+    key = _domain(lambda: _with_store(settings, lambda keyring: keyring.set_group(key_id, group)))
+    if as_json:
+        click.echo(json.dumps({"id": key.id, "group": key.group}))
+    else:
+        click.echo(f"{key.id}: group {key.group}" if key.group else f"{key.id}: no group")
+
+
+@main.group()
+def shares() -> None:
+    """Fair-share weights and quotas of groups and keys (docs/scheduling.md)."""
+
+
+@shares.command("set")
+@DATA_DIR
+@click.argument("name")
+@click.option("--weight", type=float, default=1.0, show_default=True, help="Its turn's weight.")
+@click.option("--jobs-per-hour", type=click.IntRange(min=0), default=None, help="Quota.")
+@click.option("--tokens-per-hour", type=click.IntRange(min=0), default=None, help="Quota.")
+@JSON_OUT
+def shares_set(
+    data_dir: Path | None,
+    name: str,
+    weight: float,
+    jobs_per_hour: int | None,
+    tokens_per_hour: int | None,
+    as_json: bool,
+) -> None:
+    """Set the weight and quotas of NAME (a group, or a key id); unset quotas: none."""
+    from openbeepboop.server.core.shares import ShareBook
+
+    wanted = Share(name, weight, jobs_per_hour, tokens_per_hour)
+    kept = _domain(lambda: _on_store(_settings(data_dir), lambda s: ShareBook(s).put(wanted)))
+    if as_json:
+        click.echo(json.dumps(_share_json(kept)))
+    else:
+        click.echo(_share_line(kept))
+
+
+@shares.command("list")
+@DATA_DIR
+@JSON_OUT
+def shares_list(data_dir: Path | None, as_json: bool) -> None:
+    """The shares whose weight or quotas were set (every other one: weight 1, no quota)."""
+    from openbeepboop.server.core.shares import ShareBook
+
+    found = _on_store(_settings(data_dir), lambda s: ShareBook(s).list())
+    if as_json:
+        click.echo(json.dumps([_share_json(s) for s in found]))
+        return
+    for s in found:
+        click.echo(_share_line(s))
+
+
+@shares.command("unset")
+@DATA_DIR
+@click.argument("name")
+@JSON_OUT
+def shares_unset(data_dir: Path | None, name: str, as_json: bool) -> None:
+    """Forget NAME's weight and quotas (weight 1, no quota again)."""
+    from openbeepboop.server.core.shares import ShareBook
+
+    _domain(lambda: _on_store(_settings(data_dir), lambda s: ShareBook(s).unset(name)))
+    click.echo(json.dumps({"name": name, "unset": True}) if as_json else f"unset {name}")
+
+
+def _share_json(s: Share) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "weight": s.weight,
+        "jobs_per_hour": s.jobs_per_hour,
+        "tokens_per_hour": s.tokens_per_hour,
+    }
+
+
+def _share_line(s: Share) -> str:
+    jobs = "-" if s.jobs_per_hour is None else str(s.jobs_per_hour)
+    tokens = "-" if s.tokens_per_hour is None else str(s.tokens_per_hour)
+    return f"{s.name}  weight {s.weight:g}  jobs/hour {jobs}  tokens/hour {tokens}"
+
+
+def _domain(fn: Callable[[], T]) -> T:
+    """`fn()`, a domain error (a bad name or value) as the command's one-line error."""
+    from openbeepboop.server.errors import DomainError
+
+    try:
+        return fn()
+    except DomainError as exc:
+        raise click.ClickException(exc.message) from exc
 
 
 @keys.command("revoke")
@@ -479,13 +588,8 @@ def keys_list(data_dir: Path | None, as_json: bool) -> None:
 @JSON_OUT
 def keys_revoke(data_dir: Path | None, key_id: str, as_json: bool) -> None:
     """Revoke a key by id (see `keys list`). Servers stop accepting it within seconds."""
-    from openbeepboop.server.errors import NotFound
-
     settings = _settings(data_dir)
-    try:
-        key = _with_store(settings, lambda keyring: keyring.revoke(key_id))
-    except NotFound as exc:
-        raise click.ClickException(exc.message) from exc
+    key = _domain(lambda: _with_store(settings, lambda keyring: keyring.revoke(key_id)))
     if as_json:
         click.echo(json.dumps({"id": key.id, "revoked": True}))
     else:

@@ -241,10 +241,28 @@ class ApiKey:
     name: str
     created_at: float
     revoked_at: float | None = None
+    group: str | None = None  # the share its jobs count in (fair share); None: the key's own
 
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+    @property
+    def share(self) -> str:
+        """The share its jobs are scheduled and counted in: its group, or itself."""
+        return self.group or self.id
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """What an admin set for a share (a group's name or a key's id): its weight in the
+    fair-share turn, and optional quotas per hour (None: no quota)."""
+
+    name: str
+    weight: float = 1.0
+    jobs_per_hour: int | None = None
+    tokens_per_hour: int | None = None
+    updated_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

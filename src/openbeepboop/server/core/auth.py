@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from openbeepboop.server.core.keys import IssuedKey, hash_key, looks_like_key, new_key
 from openbeepboop.server.core.passes import one_pass
+from openbeepboop.server.core.shares import check_group
 from openbeepboop.server.core.signed_keys import (
     SWARM_ROLES,
     adopted_record,
@@ -60,13 +61,25 @@ class KeyRing:
         """The swarm secret keys are signed with, or None (keys stay on this server)."""
         return self._signer
 
-    async def create(self, role: Role, name: str = "") -> IssuedKey:
+    async def create(self, role: Role, name: str = "", group: str | None = None) -> IssuedKey:
+        """A new key; `group`: the share its jobs are scheduled in (core/shares.py)."""
         if self._signer is not None and role in SWARM_ROLES:
             issued = new_signed_key(role, self._signer, name, now=self._clock())
         else:
             issued = new_key(role, name, now=self._clock())
+        if group is not None:
+            issued = replace(issued, record=replace(issued.record, group=check_group(group)))
         await self._store.create_key(issued.record)
         return issued
+
+    async def set_group(self, key_id: str, group: str | None) -> ApiKey:
+        """Put a key in a share group (None: its own share again); servers apply it
+        within `CACHE_SECONDS`, to the jobs it has queued too."""
+        key = await self._store.set_key_group(key_id, None if group is None else check_group(group))
+        if key is None:
+            raise NotFound(f"no key with id {key_id!r}", param="key_id")
+        self._cache = {h: v for h, v in self._cache.items() if v[0] is None or v[0].id != key_id}
+        return key
 
     async def list_keys(self) -> list[ApiKey]:
         return await self._store.list_keys()

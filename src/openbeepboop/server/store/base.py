@@ -26,6 +26,7 @@ from openbeepboop.server.models import (
     Piece,
     ReapOutcome,
     ResultOutcome,
+    Share,
     StoredFile,
     SubmitOutcome,
     SwarmRevocation,
@@ -178,6 +179,20 @@ class Store(Protocol):
 
     async def revoke_key(self, key_id: str, now: float) -> ApiKey | None:
         """Mark a key revoked; None when unknown."""
+
+    async def set_key_group(self, key_id: str, group: str | None) -> ApiKey | None:
+        """Put a key in a share group (None: its own share); the key, None when unknown."""
+
+    # -- shares (fair share: weights and quotas an admin set) ---------------------------
+
+    async def put_share(self, share: Share) -> None:
+        """Set a share's weight and quotas (made, or replaced whole)."""
+
+    async def list_shares(self) -> list[Share]:
+        """Every share an admin set, by name."""
+
+    async def delete_share(self, name: str) -> bool:
+        """Forget what was set for a share (weight 1, no quota again); False when unset."""
 
     # -- swarm revocations (keys revoked anywhere in a swarm) ------------------------
 

@@ -25,6 +25,7 @@ from openbeepboop.server.models import (
     NewJob,
     Node,
     Role,
+    Share,
     StoredFile,
     SwarmRevocation,
     Template,
@@ -40,7 +41,8 @@ JOB_COLUMNS = (
 NODE_COLUMNS = (
     "id, name, owner, models, capacity, hardware, version, registered_at, last_seen, stats, labels"
 )
-KEY_COLUMNS = "id, role, key_hash, prefix, name, created_at, revoked_at"
+KEY_COLUMNS = "id, role, key_hash, prefix, name, created_at, revoked_at, share_group"
+SHARE_COLUMNS = "name, weight, jobs_per_hour, tokens_per_hour, updated_at"
 SESSION_COLUMNS = "id_hash, key_hash, csrf, created_at, expires_at"
 FILE_COLUMNS = "id, owner, purpose, filename, bytes, created_at, lines, seq, expires_at"
 TEMPLATE_COLUMNS = "owner, name, description, streams, created_at, updated_at"
@@ -55,6 +57,7 @@ COLUMN_LISTS = {
     "jobs_qualified": ", ".join(f"jobs.{c}" for c in JOB_COLUMNS.split(", ")),
     "node_columns": NODE_COLUMNS,
     "key_columns": KEY_COLUMNS,
+    "share_columns": SHARE_COLUMNS,
     "session_columns": SESSION_COLUMNS,
     "file_columns": FILE_COLUMNS,
     "template_columns": TEMPLATE_COLUMNS,
@@ -202,7 +205,24 @@ def api_key(row: Row) -> ApiKey:
         name=row[4],
         created_at=row[5],
         revoked_at=row[6],
+        group=row[7],
     )
+
+
+def share(row: Row) -> Share:
+    """A `shares` row selected as SHARE_COLUMNS."""
+    return Share(
+        name=row[0],
+        weight=float(row[1]),
+        jobs_per_hour=None if row[2] is None else int(row[2]),
+        tokens_per_hour=None if row[3] is None else int(row[3]),
+        updated_at=float(row[4]),
+    )
+
+
+def share_values(s: Share) -> tuple[Any, ...]:
+    """A share as SHARE_COLUMNS values."""
+    return (s.name, float(s.weight), s.jobs_per_hour, s.tokens_per_hour, float(s.updated_at))
 
 
 def web_session(row: Row) -> WebSession:
@@ -234,6 +254,7 @@ def api_key_values(key: ApiKey) -> tuple[Any, ...]:
         key.name,
         float(key.created_at),
         revoked,
+        key.group,
     )
 
 

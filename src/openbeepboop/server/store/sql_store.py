@@ -32,6 +32,7 @@ from openbeepboop.server.models import (
     LeaseResume,
     Node,
     ReapOutcome,
+    Share,
     StoredFile,
     SwarmRevocation,
     Template,
@@ -287,6 +288,21 @@ class SqlStore(ABC):
         steps = [(self._q["revoke_key"], (key_id, float(now))), (self._q["get_key"], (key_id,))]
         _, found = await self._transaction(steps, IDEMPOTENT)
         return rows.api_key(found[0]) if found else None
+
+    async def set_key_group(self, key_id: str, group: str | None) -> ApiKey | None:
+        found = await self._returning(self._q["set_key_group"], (key_id, group), IDEMPOTENT)
+        return rows.api_key(found[0]) if found else None
+
+    # -- shares -------------------------------------------------------------------
+
+    async def put_share(self, share: Share) -> None:
+        await self._change(self._q["put_share"], rows.share_values(share), IDEMPOTENT)
+
+    async def list_shares(self) -> list[Share]:
+        return [rows.share(r) for r in await self._read(self._q["list_shares"], ())]
+
+    async def delete_share(self, name: str) -> bool:
+        return await self._change(self._q["delete_share"], (name,), IDEMPOTENT) > 0
 
     # -- swarm revocations ----------------------------------------------------------
 

@@ -283,7 +283,7 @@ SELECT {node_columns} FROM nodes WHERE last_seen >= ?1 ORDER BY registered_at;
 -- ======================================================================== keys
 
 -- name: insert_key
-INSERT INTO api_keys ({key_columns}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7);
+INSERT INTO api_keys ({key_columns}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8);
 
 -- name: get_key_by_hash
 SELECT {key_columns} FROM api_keys WHERE key_hash = ?1;
@@ -296,6 +296,22 @@ UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL;
 
 -- name: get_key
 SELECT {key_columns} FROM api_keys WHERE id = ?1;
+
+-- name: set_key_group
+-- The share group of key ?1 is now ?2 (NULL: none): its queued jobs count there too.
+UPDATE api_keys SET share_group = ?2 WHERE id = ?1 RETURNING {key_columns};
+
+-- name: put_share
+INSERT INTO shares ({share_columns}) VALUES (?1, ?2, ?3, ?4, ?5)
+ON CONFLICT (name) DO UPDATE SET weight = excluded.weight,
+    jobs_per_hour = excluded.jobs_per_hour, tokens_per_hour = excluded.tokens_per_hour,
+    updated_at = excluded.updated_at;
+
+-- name: list_shares
+SELECT {share_columns} FROM shares ORDER BY name;
+
+-- name: delete_share
+DELETE FROM shares WHERE name = ?1;
 
 -- name: add_revocations
 -- Swarm revocations (key ids ?1, times ?2, origins ?3: JSON arrays of one length) not
