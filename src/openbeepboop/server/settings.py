@@ -155,6 +155,11 @@ class ServerSettings(BaseSettings):
         10.0, ge=0, description="Sync requests wait this long for a node serving the model."
     )
     max_poll_wait_seconds: float = Field(60.0, gt=0, description="Longest long-poll.")
+    fair_share: bool = Field(
+        True,
+        description="Within one priority, serve the shares (key groups, or keys) with "
+        "queued jobs of a model in weighted turn; false: oldest job first.",
+    )
     affinity_max_wait_seconds: float = Field(
         30.0,
         ge=0,

@@ -81,6 +81,7 @@ class QueueConfig:
     aliases: Mapping[str, Sequence[str]] = field(default_factory=dict)  # core/aliases.py
     alias_wait_seconds: float = 30.0
     affinity_max_wait_seconds: float = 30.0  # 0: a node's loaded models get no preference
+    fair_share: bool = True  # within a priority, shares in weighted turn (store/fair.py)
 
     @property
     def lease_grace(self) -> float:
@@ -833,7 +834,14 @@ class Queue:
     async def _claim_any(self, node_id: str, models: Sequence[str], max_jobs: int) -> list[Job]:
         name, labels = self._node_ident.get(node_id, (None, {}))
         jobs = await self.store.fetch_jobs(
-            node_id, models, max_jobs, self.config.lease_seconds, self._clock(), name, labels
+            node_id,
+            models,
+            max_jobs,
+            self.config.lease_seconds,
+            self._clock(),
+            name,
+            labels,
+            fair=self.config.fair_share,
         )
         if jobs:
             self.notifier.publish([job_topic(j.id) for j in jobs])  # started

@@ -77,6 +77,7 @@ def queue_config(settings: ServerSettings) -> QueueConfig:
         aliases=settings.model_aliases,
         alias_wait_seconds=settings.alias_wait_seconds,
         affinity_max_wait_seconds=settings.affinity_max_wait_seconds,
+        fair_share=settings.fair_share,
     )
 
 

@@ -82,10 +82,13 @@ class Store(Protocol):
         now: float,
         node_name: str | None = None,
         node_labels: Mapping[str, str] | None = None,
+        fair: bool = True,
     ) -> list[Job]:
-        """Claim up to `max_jobs` queued jobs of `models` (priority, then age) in one atomic
-        step: each gets a fresh lease, `attempts` + 1, status `in_progress`. A pinned job
-        is claimed only by its node: `pin_node` equal to `node_id` or `node_name`, every
+        """Claim up to `max_jobs` queued jobs of `models` in one atomic step: highest
+        priority first; within a priority, with `fair`, the shares (a key's group, or
+        the key) in weighted turn (store/fair.py), else the oldest first. Each job gets
+        a fresh lease, `attempts` + 1, status `in_progress`. A pinned job is claimed
+        only by its node: `pin_node` equal to `node_id` or `node_name`, every
         label of `pin_labels` among `node_labels`; others skip it. Claims (and
         heartbeats) need not wait for the disk: a lease lost to a power cut only means
         the job runs again, as when a node dies."""

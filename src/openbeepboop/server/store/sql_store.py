@@ -163,6 +163,7 @@ class SqlStore(ABC):
         now: float,
         node_name: str | None = None,
         node_labels: Mapping[str, str] | None = None,
+        fair: bool = True,
     ) -> list[Job]:
         wanted = list(dict.fromkeys(models))
         if not wanted or max_jobs <= 0:
