@@ -30,6 +30,7 @@ from openbeepboop.server.models import (
     Node,
     NodeResult,
     Role,
+    Share,
     StoredFile,
     SwarmRevocation,
     Template,
@@ -278,6 +279,101 @@ async def test_concurrent_claimers_never_share_a_job(store: Store) -> None:
     claimed = [j.id for batch in claims for j in batch]
     assert len(claimed) == len(set(claimed)) == 200
     assert set(claimed) == set(ids)
+
+
+# -- fair share (store/fair.py) ---------------------------------------------------------
+
+
+async def owners_of(store: Store, n: int, models: list[str] | None = None) -> str:
+    """The owners of the next `n` jobs claimed one at a time, as one letter each."""
+    got = [await fetch(store, models, n=1) for _ in range(n)]
+    return "".join(j.owner[0] for batch in got for j in batch)
+
+
+async def test_fair_claim_takes_shares_in_turn_however_many_each_queued(store: Store) -> None:
+    await submit(store, *[new_job(owner="alice") for _ in range(50)])
+    await submit(store, *[new_job(owner="bob") for _ in range(3)])
+    await submit(store, new_job(owner="carol"))
+    assert await owners_of(store, 9) == "abcababaa"
+
+
+async def test_fair_claim_of_several_jobs_interleaves_shares(store: Store) -> None:
+    await submit(store, *[new_job(owner="alice") for _ in range(10)])
+    await submit(store, *[new_job(owner="bob") for _ in range(10)])
+    jobs = await fetch(store, n=6)
+    assert sorted(j.owner for j in jobs) == ["alice"] * 3 + ["bob"] * 3
+    assert await owners_of(store, 4) == "abab"
+
+
+async def test_fair_claim_priority_comes_first(store: Store) -> None:
+    await submit(store, *[new_job(owner="alice", priority=5) for _ in range(3)])
+    await submit(store, new_job(owner="bob"))
+    assert await owners_of(store, 4) == "aaab"
+
+
+async def test_a_share_back_from_idle_gets_its_turn_but_no_credit(store: Store) -> None:
+    await submit(store, *[new_job(owner="alice") for _ in range(20)])
+    assert await owners_of(store, 10) == "a" * 10
+    await submit(store, *[new_job(owner="bob") for _ in range(5)])
+    assert await owners_of(store, 6) == "bababa"  # at once, then in turn: not 5 in a row
+
+
+async def test_weights_set_the_turns(store: Store) -> None:
+    await store.put_share(Share("alice", weight=3.0, updated_at=T0))
+    await submit(store, *[new_job(owner="alice") for _ in range(20)])
+    await submit(store, *[new_job(owner="bob") for _ in range(20)])
+    taken = await owners_of(store, 16)
+    assert (taken.count("a"), taken.count("b")) == (12, 4)
+
+
+async def test_keys_of_one_group_share_one_turn(store: Store) -> None:
+    for name in ("key_0000000000000001", "key_0000000000000002"):
+        issued = new_key(Role.CLIENT, name)
+        await store.create_key(replace(issued.record, id=name, group="team"))
+        await submit(store, *[new_job(owner=name) for _ in range(10)])
+    await submit(store, *[new_job(owner="carol") for _ in range(10)])
+    taken = await owners_of(store, 10)
+    assert taken.count("c") == 5  # carol alone gets as many turns as the whole team
+    assert await store.set_key_group("key_0000000000000002", None) is not None
+    taken = await owners_of(store, 10)
+    assert taken.count("c") == 3  # three shares now (the key's own starts at the clock)
+
+
+async def test_unfair_claim_takes_the_oldest_first(store: Store) -> None:
+    await submit(store, *[new_job(owner="alice") for _ in range(5)])
+    await submit(store, new_job(owner="bob"))
+    got = [await store.fetch_jobs("n", ["m"], 1, LEASE, T0, fair=False) for _ in range(6)]
+    assert "".join(b[0].owner[0] for b in got) == "aaaaab"
+
+
+async def test_fair_claims_across_models_and_concurrent_claimers(store: Store) -> None:
+    ids = await submit(store, *[new_job(owner=f"o{i % 7}", model=f"m{i % 3}") for i in range(210)])
+    claimed: list[str] = []
+    for _ in range(20):  # rounds of 30 at once (a claim skips what another holds)
+        claims = await asyncio.gather(
+            *[store.fetch_jobs(f"node-{i}", ["m0", "m1", "m2"], 4, LEASE, T0) for i in range(30)]
+        )
+        claimed += [j.id for batch in claims for j in batch]
+        if len(claimed) >= 210:
+            break
+    assert len(claimed) == len(set(claimed)) == 210
+    assert set(claimed) == set(ids)
+
+
+async def test_fair_position_counts_the_turns_before_a_job(store: Store) -> None:
+    flood = await submit(store, *[new_job(owner="alice") for _ in range(200)])
+    [b1, b2] = await submit(store, new_job(owner="bob"), new_job(owner="bob"))
+    [hi] = await submit(store, new_job(owner="carol", priority=1))
+    jobs = {j.id: j for j in await store.get_jobs([flood[0], flood[-1], b1, b2, hi])}
+    assert await store.queue_position(jobs[hi]) == 0
+    assert await store.queue_position(jobs[flood[0]]) == 1
+    assert await store.queue_position(jobs[b1]) == 2  # carol's, then alice's first
+    assert await store.queue_position(jobs[b2]) == 4  # ... and one more turn each
+    assert await store.queue_position(jobs[flood[-1]]) == 1 + 199 + 2
+    assert await store.queue_position(jobs[b2], fair=False) == 1 + 200 + 1
+    # the claim agrees: b2 is the fifth job out
+    out = [(await fetch(store, n=1))[0].id for _ in range(5)]
+    assert out[2] == b1 and out[4] == b2
 
 
 async def test_pinned_jobs_go_only_to_their_node_by_name_or_id(store: Store) -> None:

@@ -242,7 +242,8 @@ class Queue:
         pins = [p for p in {repr(r.pin): r.pin for r in requests}.values() if p is not None]
         if pins:  # a pin no node could ever satisfy is a clear 400, not a wait forever
             check_known(pins, await self.store.list_nodes(0.0))
-        outcomes = await self.store.submit_jobs(new, now, durable, positions)
+        counted = positions and not self.config.fair_share  # fair: submitted_position
+        outcomes = await self.store.submit_jobs(new, now, durable, counted)
         for plan, outcome in zip(plans, outcomes, strict=True):
             self.cache.count(plan, outcome)
         queued = [o.job for o in outcomes if o.created and not o.job.cached]
@@ -340,11 +341,12 @@ class Queue:
         """How many queued jobs of its model run before `job` (None unless queued)."""
         if job.status is not JobStatus.QUEUED:
             return None
-        return await self.store.queue_position(job)
+        return await self.store.queue_position(job, self.config.fair_share)
 
     async def submitted_position(self, outcome: SubmitOutcome) -> int | None:
-        """The queue position of a job as submitted (known already for a new job)."""
-        if outcome.position is not None:
+        """The queue position of a job as submitted (known already for a new job, unless
+        under fair share, where it depends on the other shares' turns)."""
+        if outcome.position is not None and not self.config.fair_share:
             return outcome.position
         return await self.queue_position(outcome.job)
 
@@ -845,6 +847,8 @@ class Queue:
         )
         if jobs:
             self.notifier.publish([job_topic(j.id) for j in jobs])  # started
+        if len(jobs) >= max_jobs:  # more may wait: a claim racing this one skipped what
+            self.notifier.publish({model_topic(j.model) for j in jobs})  # it held; retry
         return jobs
 
     async def release_unsent(self, jobs: Sequence[Job]) -> int:

@@ -65,8 +65,10 @@ class Store(Protocol):
     async def list_jobs(self, flt: JobFilter) -> list[Job]:
         """Jobs matching `flt`, newest first, at most `flt.limit`, older than `after_seq`."""
 
-    async def queue_position(self, job: Job) -> int:
-        """How many queued jobs of the same model run before this queued job."""
+    async def queue_position(self, job: Job, fair: bool = True) -> int:
+        """How many queued jobs of the same model run before this queued job: with
+        `fair`, as the fair claim would take them (store/fair.py: a higher priority, then
+        the shares' turns), else by priority, then age."""
 
     async def queue_heads(self, models: Sequence[str], now: float) -> dict[str, float]:
         """For each of `models`, when the job its queue serves next (priority, then age;

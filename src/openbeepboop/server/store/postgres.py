@@ -156,7 +156,8 @@ class PostgresStore(SqlStore):
             claim.node_name,
             claim.node_labels,
         )
-        return [rows.job(r) for r in await self._returning(self._q["claim_jobs"], args, CLAIM)]
+        sql = self._q["claim_fair" if claim.fair else "claim_jobs"]
+        return [rows.job(r) for r in await self._returning(sql, args, CLAIM)]
 
     async def submit_results(
         self, results: Sequence[NodeResult], now: float

@@ -14,7 +14,7 @@ disk before the caller hears of it, sqlite_io.py).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -38,7 +38,7 @@ from openbeepboop.server.models import (
     Template,
     WebSession,
 )
-from openbeepboop.server.store import outcomes, rows
+from openbeepboop.server.store import fair, outcomes, rows
 from openbeepboop.server.store.queries import Queries
 from openbeepboop.server.store.rows import Row
 
@@ -63,6 +63,7 @@ class Claim:
     max_jobs: int
     expires: float
     now: float
+    fair: bool = True  # within a priority, shares in weighted turn (store/fair.py)
 
 
 T = TypeVar("T")
@@ -74,6 +75,7 @@ CLAIM = Write(durable=False)  # applied once; lost to a power cut, the job only 
 COUNT = Write(durable=False)  # a request counter: lost to a power cut, a window starts over
 Steps = Sequence[tuple[str, Sequence[Any]]]
 TRIM_ROWS = 1000  # response cache answers deleted per statement
+ALL = 2**62  # a count's cap that is no cap
 
 
 class SqlStore(ABC):
@@ -142,9 +144,69 @@ class SqlStore(ABC):
             created_before=flt.created_before,
         )
 
-    async def queue_position(self, job: Job) -> int:
-        row = await self._first("queue_position", job.model, job.priority, job.seq)
-        return 0 if row is None else int(row[0])
+    async def queue_position(self, job: Job, fair: bool = True) -> int:
+        if not fair:
+            row = await self._first("queue_position", job.model, job.priority, job.seq)
+            return 0 if row is None else int(row[0])
+        return await self._fair_position(job)
+
+    async def _fair_position(self, job: Job) -> int:
+        """queue_position under fair share (store/fair.py): the jobs of a higher
+        priority, this share's older jobs of its priority, and each other share's jobs
+        of its priority whose turn comes before this one's. Reads: one per owner with
+        queued jobs of the model, each costing what it counts (capped at that share's
+        turns ahead), so a job behind a flood of another share is counted in a few
+        rows, not the flood."""
+        m, p = job.model, job.priority
+        above = await self._first("queued_above", m, p, job.seq)
+        owners = [r[0] for r in await self._read(self._q["queued_owners"], (m,))]
+        if job.owner not in owners:
+            owners.append(job.owner)
+        found = await self._read(self._q["share_groups"], (self._array(owners),))
+        groups: dict[str, str] = {r[0]: r[1] for r in found}
+        share_of = {o: groups.get(o) or o for o in owners}
+        shares = sorted(set(share_of.values()))
+        weights = {
+            r[0]: float(r[1])
+            for r in await self._read(self._q["share_weights"], (self._array(shares),))
+        }
+        turns = {
+            r[0]: float(r[1])
+            for r in await self._read(self._q["turns_of"], (m, self._array(shares)))
+        }
+        clock = turns.get(fair.CLOCK, 0.0)
+
+        async def count(owner: str, before_seq: int, cap: int) -> int:
+            row = await self._first("owner_queued", m, owner, p, before_seq, cap)
+            return 0 if row is None else int(row[0])
+
+        mine = share_of[job.owner]
+        members = [o for o in owners if share_of[o] == mine]
+        own = sum([await count(o, job.seq, ALL) for o in members])
+        start = max(turns.get(mine, 0.0), clock) + own / weights.get(mine, 1.0)
+        ahead = own
+        for share in shares:
+            if share == mine:
+                continue
+            first, weight = max(turns.get(share, 0.0), clock), weights.get(share, 1.0)
+            before, tie = fair.turns_before(first, weight, start)
+            theirs = [o for o in owners if share_of[o] == share]
+            ahead += await self._counted(theirs, count, ALL, before)
+            if tie and await self._counted(theirs, count, job.seq, before + 1) > before:
+                ahead += 1  # their job of the same turn is older: it goes first
+        return (0 if above is None else int(above[0])) + ahead
+
+    @staticmethod
+    async def _counted(
+        owners: Sequence[str], count: Callable[[str, int, int], Awaitable[int]], seq: int, cap: int
+    ) -> int:
+        """The queued jobs of these owners older than row `seq`, counted up to `cap`."""
+        found = 0
+        for owner in owners:
+            if found >= cap:
+                break
+            found += await count(owner, seq, cap - found)
+        return found
 
     async def queue_heads(self, models: Sequence[str], now: float) -> dict[str, float]:
         heads: dict[str, float] = {}
@@ -169,9 +231,8 @@ class SqlStore(ABC):
         if not wanted or max_jobs <= 0:
             return []
         labels = rows.json_text(dict(node_labels or {}))
-        claim = Claim(
-            node_id, node_name, labels, wanted, max_jobs, float(now + lease_seconds), float(now)
-        )
+        expires = float(now + lease_seconds)
+        claim = Claim(node_id, node_name, labels, wanted, max_jobs, expires, float(now), fair)
         jobs = await self._claim(claim)
         jobs.sort(key=lambda j: (-j.priority, j.seq))
         return jobs

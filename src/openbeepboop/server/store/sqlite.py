@@ -26,7 +26,7 @@ from openbeepboop.server.models import (
     ResultOutcome,
     SubmitOutcome,
 )
-from openbeepboop.server.store import outcomes, rows
+from openbeepboop.server.store import fair, outcomes, rows
 from openbeepboop.server.store.migrations import migrate_sqlite
 from openbeepboop.server.store.rows import Row
 from openbeepboop.server.store.sql_store import CLAIM, ONCE, Claim, SqlStore, Steps, Write
@@ -141,6 +141,8 @@ class SqliteStore(SqlStore):
         return out
 
     async def _claim(self, claim: Claim) -> list[Job]:
+        if claim.fair:
+            return await self._writer.run(lambda conn: self._claim_fair(conn, claim), CLAIM.durable)
         models = claim.models
         arm = self._q["claim_candidates"]
         arms = " UNION ALL ".join(arm.replace("{model}", f"?{7 + i}") for i in range(len(models)))
@@ -161,6 +163,42 @@ class SqliteStore(SqlStore):
             return [rows.job(r) for r in leased]  # here: the event loop has enough to do
 
         return await self._writer.run(op, CLAIM.durable)
+
+    def _claim_fair(self, conn: sqlite3.Connection, claim: Claim) -> list[Job]:
+        """The fair claim, in one transaction on the writer (the only connection that
+        changes jobs): each model's owners with queued jobs (a skip scan), the first
+        jobs of each and those pinned to this node, their shares' turns, the pick
+        (store/fair.py), the leases and the turns moved."""
+        q, c = self._q, claim
+        found: list[tuple[int, int, str, str]] = []  # seq, priority, model, owner
+        for model in c.models:
+            owners = [r[0] for r in conn.execute(q["queued_owners"], (model,))]
+            each = min(c.max_jobs, c.max_jobs // max(len(owners), 1) + 1)  # enough in all
+            for owner in owners:
+                mine = (model, owner, each, c.now, c.node_labels)
+                found += [(*r, model) for r in conn.execute(q["owner_candidates"], mine)]
+            pinned = (model, c.node_id, c.node_name, c.max_jobs, c.now, c.node_labels)
+            found += [(*r, model) for r in conn.execute(q["node_candidates"], pinned)]
+        if not found:
+            return []
+        owners = sorted({owner for _, _, owner, _ in found})
+        groups = dict(conn.execute(q["share_groups"], (self._array(owners),)).fetchall())
+        candidates = [
+            fair.Candidate(seq, priority, model, groups.get(owner) or owner)
+            for seq, priority, owner, model in found
+        ]
+        shares = sorted({x.share for x in candidates})
+        weights = dict(conn.execute(q["share_weights"], (self._array(shares),)).fetchall())
+        turns: dict[tuple[str, str], float] = {}
+        for model in {x.model for x in candidates}:
+            for share, finish in conn.execute(q["turns_of"], (model, self._array(shares))):
+                turns[(model, share)] = finish
+        picked = fair.pick(candidates, turns, weights, c.max_jobs)
+        lease = (self._array(picked.seqs), c.now, c.expires, c.node_id)
+        leased = conn.execute(q["lease_seqs"], lease).fetchall()
+        conn.executemany(q["put_turn"], [(m, s, f) for (m, s), f in picked.turns.items()])
+        self._count_queued(conn, Counter(map(rows.queue_of, leased)), -1)
+        return [rows.job(r) for r in leased]
 
     def _count_queued(
         self, conn: sqlite3.Connection, counts: Counter[tuple[str, int]], sign: int = 1

@@ -58,6 +58,54 @@ SELECT (SELECT count(*) FROM jobs
         WHERE status = 'queued' AND pin_node IS NOT NULL AND model = $1
           AND (priority > $2 OR (priority = $2 AND seq < $3)));
 
+-- name: queued_owners
+-- Fair share: the owners with queued jobs of model $1 that are pinned to no node, one
+-- index seek each (a skip scan of jobs_queued_owner), however many jobs each has.
+WITH RECURSIVE o(owner) AS (
+    SELECT (SELECT owner FROM jobs
+            WHERE status = 'queued' AND pin_node IS NULL AND model = $1
+            ORDER BY owner LIMIT 1)
+    UNION ALL
+    SELECT (SELECT owner FROM jobs
+            WHERE status = 'queued' AND pin_node IS NULL AND model = $1 AND owner > o.owner
+            ORDER BY owner LIMIT 1)
+    FROM o WHERE o.owner IS NOT NULL
+)
+SELECT owner FROM o WHERE owner IS NOT NULL;
+
+-- name: share_groups
+-- The groups of the keys among these owners ($1) that have one.
+SELECT id, share_group FROM api_keys WHERE id = ANY($1::text[]) AND share_group IS NOT NULL;
+
+-- name: share_weights
+-- The weights an admin set for these shares ($1).
+SELECT name, weight FROM shares WHERE name = ANY($1::text[]);
+
+-- name: turns_of
+-- The fair turns of model $1: its clock (share '') and these shares' ($2).
+SELECT share, finish FROM fair_turns WHERE model = $1 AND (share = '' OR share = ANY($2::text[]));
+
+-- name: queued_above
+-- Fair share's queue_position: the queued jobs of model $1 that run before a job of
+-- priority $2 (row $3) whatever their share: those of a higher priority, and those
+-- pinned to a node that are ahead by priority and age (they go to their node alone).
+SELECT (SELECT count(*) FROM jobs
+        WHERE status = 'queued' AND pin_node IS NULL AND model = $1 AND priority > $2)
+     + (SELECT count(*) FROM jobs
+        WHERE status = 'queued' AND pin_node IS NOT NULL AND model = $1
+          AND (priority > $2 OR (priority = $2 AND seq < $3)));
+
+-- name: owner_queued
+-- Fair share's queue_position: owner $2's queued jobs of model $1 at priority $3
+-- older than row $4, pinned to no node, counted up to $5 (an index range of
+-- jobs_queued_owner: the count costs what it finds).
+SELECT count(*) FROM (
+    SELECT 1 FROM jobs
+    WHERE status = 'queued' AND pin_node IS NULL AND model = $1 AND owner = $2
+      AND priority = $3 AND seq < $4
+    LIMIT $5
+) AS counted;
+
 -- name: queue_head
 -- When the job a model's queue serves next was queued (model affinity: how long another
 -- model's next job has waited): one seek of jobs_queued, the model $1, now $2.
@@ -116,6 +164,89 @@ UPDATE jobs SET status = 'in_progress', lease_id = replace(gen_random_uuid()::te
     lease_expires_at = $4, attempts = attempts + 1, node_id = $5, started_at = $2
 WHERE seq IN (SELECT seq FROM picked)
 RETURNING {job_columns};
+
+-- name: claim_fair
+-- claim_jobs under fair share (store/fair.py), the same arguments, one statement. Per
+-- model: the owners with queued jobs pinned to no node (owners: a skip scan of
+-- jobs_queued_owner, one index seek each), the first jobs of each (enough for $3 in all:
+-- $3 / owners + 1; locking more would only make concurrent claims skip them) and those
+-- pinned to this node (locked or skipped); each job's share (its key's group, or its owner) and its
+-- start: the share's turn or the model's clock (fair_turns, share ''), whichever is
+-- later, plus one turn (1 / weight) per job of the share before it. The highest priority
+-- first, then the lowest start past the clock, then the oldest; the turns of the shares
+-- served move on (in one order, so that concurrent claims never wait on each other in a
+-- cycle).
+WITH RECURSIVE owners AS (
+    SELECT m.name AS model,
+        (SELECT owner FROM jobs
+         WHERE status = 'queued' AND pin_node IS NULL AND model = m.name
+         ORDER BY owner LIMIT 1) AS owner
+    FROM unnest($1::text[]) AS m(name)
+    UNION ALL
+    SELECT o.model,
+        (SELECT owner FROM jobs
+         WHERE status = 'queued' AND pin_node IS NULL AND model = o.model AND owner > o.owner
+         ORDER BY owner LIMIT 1)
+    FROM owners AS o WHERE o.owner IS NOT NULL
+), free AS (
+    SELECT o.model, c.seq, c.priority, o.owner FROM owners AS o
+    CROSS JOIN LATERAL (
+        SELECT seq, priority FROM jobs
+        WHERE status = 'queued' AND pin_node IS NULL AND model = o.model AND owner = o.owner
+          AND (expires_at IS NULL OR expires_at > $2)
+          AND (pin_labels IS NULL OR pin_labels::jsonb <@ $7::jsonb)
+        ORDER BY priority DESC, seq
+        LIMIT least($3, $3 / (SELECT count(owner) FROM owners AS n WHERE n.model = o.model) + 1)
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    WHERE o.owner IS NOT NULL
+), mine AS (
+    SELECT m.name AS model, c.seq, c.priority, c.owner FROM unnest($1::text[]) AS m(name)
+    CROSS JOIN LATERAL (
+        SELECT seq, priority, owner FROM jobs
+        WHERE status = 'queued' AND pin_node IS NOT NULL AND model = m.name
+          AND pin_node IN ($5, $6::text) AND (expires_at IS NULL OR expires_at > $2)
+          AND (pin_labels IS NULL OR pin_labels::jsonb <@ $7::jsonb)
+        ORDER BY priority DESC, seq
+        LIMIT $3
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+), candidates AS (
+    SELECT u.model, u.seq, u.priority, coalesce(k.share_group, u.owner) AS share
+    FROM (SELECT * FROM free UNION ALL SELECT * FROM mine) AS u
+    LEFT JOIN api_keys AS k ON k.id = u.owner
+), scored AS (
+    SELECT c.model, c.seq, c.priority, c.share, coalesce(w.weight, 1) AS weight,
+        coalesce(clock.finish, 0) AS clock,
+        greatest(coalesce(t.finish, 0), coalesce(clock.finish, 0))
+            + (row_number() OVER (PARTITION BY c.model, c.share
+                                  ORDER BY c.priority DESC, c.seq) - 1)
+              / coalesce(w.weight, 1) AS start
+    FROM candidates AS c
+    LEFT JOIN shares AS w ON w.name = c.share
+    LEFT JOIN fair_turns AS t ON t.model = c.model AND t.share = c.share
+    LEFT JOIN fair_turns AS clock ON clock.model = c.model AND clock.share = ''
+), picked AS (
+    SELECT * FROM scored ORDER BY priority DESC, start - clock, seq LIMIT $3
+), leased AS (
+    UPDATE jobs SET status = 'in_progress',
+        lease_id = replace(gen_random_uuid()::text, '-', ''),
+        lease_expires_at = $4, attempts = attempts + 1, node_id = $5, started_at = $2
+    WHERE seq IN (SELECT seq FROM picked)
+    RETURNING {job_columns}
+), turned AS (
+    INSERT INTO fair_turns (model, share, finish)
+    SELECT model, share, finish FROM (
+        SELECT model, share, max(start + 1 / weight) AS finish FROM picked
+        GROUP BY model, share
+        UNION ALL
+        SELECT model, '', max(start) FROM picked GROUP BY model
+    ) AS moved
+    ORDER BY model, share
+    ON CONFLICT (model, share) DO UPDATE
+    SET finish = greatest(fair_turns.finish, excluded.finish)
+)
+SELECT * FROM leased;
 
 -- name: extend_leases
 -- Heartbeat: the leases ($1) of running jobs now expire at $2.

@@ -46,6 +46,27 @@ SELECT (SELECT count(*) FROM jobs
         WHERE status = 'queued' AND pin_node IS NOT NULL AND model = ?1
           AND (priority > ?2 OR (priority = ?2 AND seq < ?3)));
 
+-- name: queued_above
+-- Fair share's queue_position: the queued jobs of model ?1 that run before a job of
+-- priority ?2 (row ?3) whatever their share: those of a higher priority, and those
+-- pinned to a node that are ahead by priority and age (they go to their node alone).
+SELECT (SELECT count(*) FROM jobs
+        WHERE status = 'queued' AND pin_node IS NULL AND model = ?1 AND priority > ?2)
+     + (SELECT count(*) FROM jobs
+        WHERE status = 'queued' AND pin_node IS NOT NULL AND model = ?1
+          AND (priority > ?2 OR (priority = ?2 AND seq < ?3)));
+
+-- name: owner_queued
+-- Fair share's queue_position: owner ?2's queued jobs of model ?1 at priority ?3
+-- older than row ?4, pinned to no node, counted up to ?5 (an index range of
+-- jobs_queued_owner: the count costs what it finds).
+SELECT count(*) FROM (
+    SELECT 1 FROM jobs
+    WHERE status = 'queued' AND pin_node IS NULL AND model = ?1 AND owner = ?2
+      AND priority = ?3 AND seq < ?4
+    LIMIT ?5
+) AS counted;
+
 -- name: queue_head
 -- When the job a model's queue serves next was queued (model affinity: how long another
 -- model's next job has waited): one seek of jobs_queued, the model ?1, now ?2.
@@ -99,6 +120,72 @@ SELECT * FROM (
                             WHERE have.key = want.key AND have.value = want.value)))
     ORDER BY priority DESC, seq LIMIT ?2
 );
+
+-- name: queued_owners
+-- Fair share: the owners with queued jobs of model ?1 that are pinned to no node, one
+-- index seek each (a skip scan of jobs_queued_owner), however many jobs each has.
+WITH RECURSIVE o(owner) AS (
+    SELECT (SELECT owner FROM jobs
+            WHERE status = 'queued' AND pin_node IS NULL AND model = ?1
+            ORDER BY owner LIMIT 1)
+    UNION ALL
+    SELECT (SELECT owner FROM jobs
+            WHERE status = 'queued' AND pin_node IS NULL AND model = ?1 AND owner > o.owner
+            ORDER BY owner LIMIT 1)
+    FROM o WHERE o.owner IS NOT NULL
+)
+SELECT owner FROM o WHERE owner IS NOT NULL;
+
+-- name: owner_candidates
+-- Fair share: the first ?3 queued jobs of owner ?2 in model ?1 (priority, then age) that
+-- the node may take (not expired at ?4, its labels ?5 carry every label a job asks for).
+SELECT seq, priority, owner FROM jobs
+WHERE status = 'queued' AND pin_node IS NULL AND model = ?1 AND owner = ?2
+  AND (expires_at IS NULL OR expires_at > ?4)
+  AND (pin_labels IS NULL OR NOT EXISTS (
+      SELECT 1 FROM json_each(pin_labels) AS want
+      WHERE NOT EXISTS (SELECT 1 FROM json_each(?5) AS have
+                        WHERE have.key = want.key AND have.value = want.value)))
+ORDER BY priority DESC, seq LIMIT ?3;
+
+-- name: node_candidates
+-- Fair share: the first ?4 queued jobs of model ?1 pinned to this node (by its id ?2 or
+-- name ?3), with their owners; ?5 now, ?6 the node's labels (as owner_candidates).
+SELECT seq, priority, owner FROM jobs
+WHERE status = 'queued' AND pin_node IS NOT NULL AND model = ?1 AND pin_node IN (?2, ?3)
+  AND (expires_at IS NULL OR expires_at > ?5)
+  AND (pin_labels IS NULL OR NOT EXISTS (
+      SELECT 1 FROM json_each(pin_labels) AS want
+      WHERE NOT EXISTS (SELECT 1 FROM json_each(?6) AS have
+                        WHERE have.key = want.key AND have.value = want.value)))
+ORDER BY priority DESC, seq LIMIT ?4;
+
+-- name: share_groups
+-- The groups of the keys among these owners (?1, a JSON array) that have one.
+SELECT id, share_group FROM api_keys
+WHERE id IN (SELECT value FROM json_each(?1)) AND share_group IS NOT NULL;
+
+-- name: share_weights
+-- The weights an admin set for these shares (?1, a JSON array).
+SELECT name, weight FROM shares WHERE name IN (SELECT value FROM json_each(?1));
+
+-- name: turns_of
+-- The fair turns of model ?1: its clock (share '') and these shares' (?2, a JSON array).
+SELECT share, finish FROM fair_turns
+WHERE model = ?1 AND (share = '' OR share IN (SELECT value FROM json_each(?2)));
+
+-- name: put_turn
+-- Model ?1's share ?2 (or its clock, share '') now stands at ?3 (never moved back).
+INSERT INTO fair_turns (model, share, finish) VALUES (?1, ?2, ?3)
+ON CONFLICT (model, share) DO UPDATE SET finish = max(finish, excluded.finish);
+
+-- name: lease_seqs
+-- Lease the jobs of these rows (?1, a JSON array of seq) that are still queued, as
+-- claim_jobs does: ?2 now, ?3 the lease's expiry, ?4 the node's id.
+UPDATE jobs SET status = 'in_progress', lease_id = lower(hex(randomblob(16))),
+    lease_expires_at = ?3, attempts = attempts + 1, node_id = ?4, started_at = ?2
+WHERE seq IN (SELECT value FROM json_each(?1)) AND status = 'queued'
+RETURNING {job_columns};
 
 -- name: extend_leases
 -- Heartbeat: the leases (?1, a JSON array) of running jobs now expire at ?2.
