@@ -150,3 +150,37 @@ def test_groups_and_weights_from_the_cli(rig: tuple[ServerProcess, Path]) -> Non
         (["keys", "group", "key_0123456789abcdef", "lab"], "no key with id"),
     ):
         assert says in run(*bad, "--data-dir", data, code=1)
+
+
+def test_groups_and_weights_over_http(rig: tuple[ServerProcess, Path]) -> None:
+    server, _ = rig
+    admin = auth(server.keys["admin_key"])
+
+    def call(method: str, path: str, **kw: Any) -> httpx.Response:
+        return httpx.request(method, server.url + path, headers=admin, timeout=10, **kw)
+
+    made = call("POST", "/v1/admin/keys", json={"role": "client", "group": "lab2"})
+    assert made.status_code == 201 and made.json()["group"] == "lab2"
+    key_id = made.json()["id"]
+    moved = call("POST", f"/v1/admin/keys/{key_id}/group", json={"group": "lab3"})
+    assert moved.status_code == 200 and moved.json()["group"] == "lab3"
+    put = call("PUT", "/v1/admin/shares/lab3", json={"weight": 4, "tokens_per_hour": 1000})
+    assert put.status_code == 200, put.text
+    assert (put.json()["weight"], put.json()["tokens_per_hour"]) == (4.0, 1000)
+    listed = call("GET", "/v1/admin/shares").json()["data"]
+    assert [s["weight"] for s in listed if s["name"] == "lab3"] == [4.0]
+    assert call("DELETE", "/v1/admin/shares/lab3").status_code == 200
+    for method, path, payload, status, param in (
+        ("PUT", "/v1/admin/shares/lab3", {"weight": 0}, 400, "weight"),
+        ("PUT", "/v1/admin/shares/a%20b", {}, 400, "name"),
+        ("POST", f"/v1/admin/keys/{key_id}/group", {"group": "key_1"}, 400, "group"),
+        ("POST", "/v1/admin/keys/key_0123456789abcdef/group", {"group": "x"}, 404, "key_id"),
+        ("DELETE", "/v1/admin/shares/lab3", None, 404, "name"),
+    ):
+        r = call(method, path, json=payload)
+        assert r.status_code == status, (path, r.text)
+        assert r.json()["error"]["param"] == param, r.text
+    r = httpx.get(
+        server.url + "/v1/admin/shares", headers=auth(server.keys["client_key"]), timeout=10
+    )
+    assert r.status_code == 403

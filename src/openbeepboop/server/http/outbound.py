@@ -9,7 +9,7 @@ import orjson
 from starlette.responses import Response
 
 from openbeepboop.server.core.aliases import alias_of, public_metadata
-from openbeepboop.server.models import ApiKey, Batch, Job, Node, StoredFile, Template
+from openbeepboop.server.models import ApiKey, Batch, Job, Node, Share, StoredFile, Template
 
 
 class JSONResponse(Response):
@@ -93,6 +93,19 @@ def key_json(key: ApiKey) -> dict[str, Any]:
         "name": key.name,
         "created_at": _ts(key.created_at),
         "revoked_at": _ts(key.revoked_at),
+        "group": key.group,
+    }
+
+
+def share_json(share: Share) -> dict[str, Any]:
+    """A share's weight and quotas (docs/scheduling.md)."""
+    return {
+        "object": "share",
+        "name": share.name,
+        "weight": share.weight,
+        "jobs_per_hour": share.jobs_per_hour,
+        "tokens_per_hour": share.tokens_per_hour,
+        "updated_at": _ts(share.updated_at),
     }
 
 

@@ -11,13 +11,14 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response, StreamingResponse
 
 from openbeepboop.server.core.node_events import node_events
+from openbeepboop.server.core.shares import ShareBook
 from openbeepboop.server.errors import NotFound
 from openbeepboop.server.http.bodies import CheckedRoute
 from openbeepboop.server.http.guards import admin_key, any_key
-from openbeepboop.server.http.outbound import JSONResponse, key_json, node_json
+from openbeepboop.server.http.outbound import JSONResponse, key_json, node_json, share_json
 from openbeepboop.server.http.state import app_state
 from openbeepboop.server.http.streaming import with_keepalive
-from openbeepboop.server.models import JSON, ApiKey, Node, Role
+from openbeepboop.server.models import JSON, ApiKey, Node, Role, Share
 
 router = APIRouter(tags=["operations"], route_class=CheckedRoute)
 AnyKey = Annotated[ApiKey, Depends(any_key)]
@@ -157,12 +158,48 @@ async def stats(request: Request, key: AnyKey) -> Response:
 class NewKeyBody(BaseModel):
     role: Role
     name: str = Field("", max_length=256)
+    group: str | None = Field(None, max_length=64)
+
+
+class KeyGroupBody(BaseModel):
+    group: str | None = Field(max_length=64)
+
+
+class ShareBody(BaseModel):
+    weight: float = Field(1.0, gt=0, le=1000, allow_inf_nan=False)
+    jobs_per_hour: int | None = Field(None, ge=0, le=2**53)
+    tokens_per_hour: int | None = Field(None, ge=0, le=2**53)
 
 
 @router.post("/v1/admin/keys", summary="Create an API key (shown once)", tags=["admin"])
 async def create_key(request: Request, body: NewKeyBody, key: AdminKey) -> Response:
-    issued = await app_state(request).keyring.create(body.role, body.name)
+    issued = await app_state(request).keyring.create(body.role, body.name, body.group)
     return JSONResponse({**key_json(issued.record), "key": issued.secret}, status_code=201)
+
+
+@router.post("/v1/admin/keys/{key_id}/group", summary="Put a key in a share group", tags=["admin"])
+async def set_key_group(
+    request: Request, key_id: str, body: KeyGroupBody, key: AdminKey
+) -> Response:
+    return JSONResponse(key_json(await app_state(request).keyring.set_group(key_id, body.group)))
+
+
+@router.get("/v1/admin/shares", summary="Fair-share weights and quotas set", tags=["admin"])
+async def list_shares(request: Request, key: AdminKey) -> Response:
+    found = await ShareBook(app_state(request).queue.store).list()
+    return JSONResponse({"object": "list", "data": [share_json(s) for s in found]})
+
+
+@router.put("/v1/admin/shares/{name}", summary="Set a share's weight and quotas", tags=["admin"])
+async def put_share(request: Request, name: str, body: ShareBody, key: AdminKey) -> Response:
+    wanted = Share(name, body.weight, body.jobs_per_hour, body.tokens_per_hour)
+    return JSONResponse(share_json(await ShareBook(app_state(request).queue.store).put(wanted)))
+
+
+@router.delete("/v1/admin/shares/{name}", summary="Forget a share's settings", tags=["admin"])
+async def delete_share(request: Request, name: str, key: AdminKey) -> Response:
+    await ShareBook(app_state(request).queue.store).unset(name)
+    return JSONResponse({"object": "share", "name": name, "deleted": True})
 
 
 @router.get("/v1/admin/keys", summary="List API keys (never the secrets)", tags=["admin"])
