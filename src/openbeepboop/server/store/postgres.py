@@ -45,6 +45,9 @@ if TYPE_CHECKING:
     Conn = PoolConnectionProxy[asyncpg.Record]
 
 
+STALE_ROWS = 1000  # jobs more or fewer than the planner saw, before an ANALYZE
+
+
 class PostgresStore(SqlStore):
     """The `Store` contract on a PostgreSQL database shared by several servers."""
 
@@ -221,7 +224,18 @@ class PostgresStore(SqlStore):
         (sql/postgres.sql: fold_job_counts), so that reading them stays a short sum."""
         outcome = await super().reap(now)
         await self._change(self._q["fold_job_counts"], (), IDEMPOTENT)
+        await self._analyze_if_stale()
         return outcome
+
+    async def _analyze_if_stale(self) -> None:
+        """ANALYZE jobs when its row count moved far from what the planner last saw: a
+        queue flooded within a minute of an ANALYZE (autovacuum's pace) would otherwise
+        be planned as nearly empty, and the fair claim (claim_fair) might walk an
+        owner's whole backlog through the wrong index. Costs a sample, not a scan."""
+        found = await self._read(self._q["jobs_planned_rows"], ())
+        jobs, planned = (float(found[0][0]), float(found[0][1])) if found else (0.0, 0.0)
+        if abs(jobs - max(planned, 0.0)) > max(STALE_ROWS, planned / 2):
+            await self._change("ANALYZE jobs", (), IDEMPOTENT)
 
     # -- for the bridge's polling fallback ----------------------------------------
 

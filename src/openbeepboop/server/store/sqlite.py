@@ -172,9 +172,11 @@ class SqliteStore(SqlStore):
         q, c = self._q, claim
         found: list[tuple[int, int, str, str]] = []  # seq, priority, model, owner
         for model in c.models:
-            owners = [r[0] for r in conn.execute(q["queued_owners"], (model,))]
-            each = min(c.max_jobs, c.max_jobs // max(len(owners), 1) + 1)  # enough in all
-            for owner in owners:
+            heads = conn.execute(q["queued_heads"], (model, c.now, c.node_labels)).fetchall()
+            each = min(c.max_jobs, c.max_jobs // max(len(heads), 1) + 1)  # enough in all
+            if each <= 1:
+                found += [(*r, model) for r in heads]
+            for _, _, owner in heads if each > 1 else ():  # few owners: more of each
                 mine = (model, owner, each, c.now, c.node_labels)
                 found += [(*r, model) for r in conn.execute(q["owner_candidates"], mine)]
             pinned = (model, c.node_id, c.node_name, c.max_jobs, c.now, c.node_labels)

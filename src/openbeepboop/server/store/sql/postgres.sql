@@ -385,6 +385,12 @@ WITH folded AS (DELETE FROM job_counts RETURNING model, status, n)
 INSERT INTO job_counts (model, status, n)
 SELECT model, status, sum(n) FROM folded GROUP BY model, status HAVING sum(n) <> 0;
 
+-- name: jobs_planned_rows
+-- How many jobs there are (the counters) and how many the planner last saw (reltuples;
+-- -1 before the first ANALYZE): far apart, the claim's plan may read a flood whole.
+SELECT (SELECT coalesce(sum(n), 0) FROM job_counts)::float8,
+       (SELECT reltuples FROM pg_class WHERE oid = 'jobs'::regclass)::float8;
+
 -- name: models_with_queued_jobs
 -- For the bridge's fallback: which of the models $1 have a queued job (an index probe).
 SELECT m FROM unnest($1::text[]) AS t(m)

@@ -122,8 +122,8 @@ SELECT * FROM (
 );
 
 -- name: queued_owners
--- Fair share: the owners with queued jobs of model ?1 that are pinned to no node, one
--- index seek each (a skip scan of jobs_queued_owner), however many jobs each has.
+-- Fair share's queue_position: the owners with queued jobs of model ?1 that are pinned to
+-- no node, one index seek each (a skip scan of jobs_queued_owner), however many each has.
 WITH RECURSIVE o(owner) AS (
     SELECT (SELECT owner FROM jobs
             WHERE status = 'queued' AND pin_node IS NULL AND model = ?1
@@ -136,9 +136,39 @@ WITH RECURSIVE o(owner) AS (
 )
 SELECT owner FROM o WHERE owner IS NOT NULL;
 
+-- name: queued_heads
+-- The fair claim: each owner's first queued job of model ?1 (priority, then age) that the
+-- node may take (not expired at ?2, its labels ?3 carry every label the job asks for),
+-- pinned to no node: one index seek per owner (a skip scan of jobs_queued_owner, each
+-- step the next owner's first job), however many jobs each has queued.
+WITH RECURSIVE h(seq, priority, owner) AS (
+    SELECT * FROM (
+        SELECT seq, priority, owner FROM jobs
+        WHERE status = 'queued' AND pin_node IS NULL AND model = ?1
+          AND (expires_at IS NULL OR expires_at > ?2)
+          AND (pin_labels IS NULL OR NOT EXISTS (
+              SELECT 1 FROM json_each(pin_labels) AS want
+              WHERE NOT EXISTS (SELECT 1 FROM json_each(?3) AS have
+                                WHERE have.key = want.key AND have.value = want.value)))
+        ORDER BY owner, priority DESC, seq LIMIT 1
+    )
+    UNION ALL
+    SELECT j.seq, j.priority, j.owner FROM h JOIN jobs AS j ON j.seq = (
+        SELECT seq FROM jobs
+        WHERE status = 'queued' AND pin_node IS NULL AND model = ?1 AND owner > h.owner
+          AND (expires_at IS NULL OR expires_at > ?2)
+          AND (pin_labels IS NULL OR NOT EXISTS (
+              SELECT 1 FROM json_each(pin_labels) AS want
+              WHERE NOT EXISTS (SELECT 1 FROM json_each(?3) AS have
+                                WHERE have.key = want.key AND have.value = want.value)))
+        ORDER BY owner, priority DESC, seq LIMIT 1
+    )
+)
+SELECT seq, priority, owner FROM h;
+
 -- name: owner_candidates
--- Fair share: the first ?3 queued jobs of owner ?2 in model ?1 (priority, then age) that
--- the node may take (not expired at ?4, its labels ?5 carry every label a job asks for).
+-- The fair claim, when fewer owners than jobs asked for wait: the first ?3 queued jobs
+-- of owner ?2 in model ?1 (priority, then age) that the node may take (not expired at ?4, its labels ?5 carry every label a job asks for).
 SELECT seq, priority, owner FROM jobs
 WHERE status = 'queued' AND pin_node IS NULL AND model = ?1 AND owner = ?2
   AND (expires_at IS NULL OR expires_at > ?4)
