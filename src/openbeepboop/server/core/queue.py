@@ -947,6 +947,9 @@ class Queue:
             outcomes = [moved[i] if i in moved else next(stored) for i in range(len(results))]
         else:
             outcomes = await self.store.submit_results(results, self._clock())
+        # quotas (core/quotas.py): the tokens of completed jobs count for their shares
+        # (before anyone waiting hears of them: a client's next submit sees them)
+        await self.quotas.count_tokens(o.job for o in outcomes if o.accepted and o.job)
         finished, requeued = [], set()
         for o in outcomes:
             if o.job is None:
@@ -961,8 +964,6 @@ class Queue:
             else:
                 requeued.add(model_topic(o.job.model))
         self.notifier.publish([*finished, *requeued])
-        # quotas (core/quotas.py): the tokens of completed jobs count for their shares
-        await self.quotas.count_tokens(o.job for o in outcomes if o.accepted and o.job)
         return outcomes
 
     async def push_deltas(self, events: Sequence[JSON]) -> int:
