@@ -140,6 +140,8 @@ def test_a_bulk_over_the_quota_is_refused_whole(
     ).json()["data"]
     mine = next(u for u in usage if u["share"] == "bulk")
     assert (mine["jobs_used"], mine["jobs_per_hour"], mine["tokens_per_hour"]) == (5, 5, None)
+    listed = cli("shares", "list", "--data-dir", str(server.data_dir), "--json")
+    assert next(s for s in listed if s["name"] == "bulk")["jobs_used"] == 5
 
 
 def test_replays_and_cache_hits_are_not_counted(
