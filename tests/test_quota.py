@@ -13,7 +13,7 @@ import io
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,14 @@ import openai
 import pytest
 
 from openbeepboop.server.core.auth import KeyRing
+from openbeepboop.server.core.quotas import QuotaConfig, Quotas
 from openbeepboop.server.core.shares import ShareBook
-from openbeepboop.server.models import Role, Share
+from openbeepboop.server.errors import QuotaExceeded
+from openbeepboop.server.models import ApiKey, Role, Share
 from openbeepboop.server.settings import load_settings
 from openbeepboop.server.store.base import Store
 from openbeepboop.server.store.factory import open_store
+from openbeepboop.server.store.sqlite import SqliteStore
 from tests.conftest import ServerProcess, cli, free_port
 from tests.nodes import Procs, auth, echo_model, new_server, node_id_of, start_node, write_config
 from tests.pg import temp_database_sync
@@ -205,3 +208,38 @@ def test_replicas_on_postgresql_share_one_count(tmp_path: Path, postgres: str) -
         finally:
             for server in servers:
                 server.kill()
+
+
+class CountedStore(SqliteStore):
+    """A real SQLite store that counts its `add_counters` round trips."""
+
+    trips = 0
+
+    async def add_counters(
+        self, amounts: Mapping[str, tuple[float, int]]
+    ) -> dict[str, tuple[int, float]]:
+        self.trips += 1
+        return await super().add_counters(amounts)
+
+
+async def test_a_window_seen_full_is_refused_without_asking_the_store(tmp_path: Path) -> None:
+    store = CountedStore(tmp_path / "q.db")
+    await store.open()
+    now = [7200.0 * 1000 + 10]
+    quotas = Quotas(store, QuotaConfig(jobs_per_hour=2), clock=lambda: now[0])
+    key = ApiKey("key_00000000000000aa", Role.CLIENT, "hash", "obb_", "k", 0.0, group="g")
+    try:
+        await store.create_key(key)
+        for _ in range(2):
+            assert await quotas.admit(key, 1) is not None
+        trips = store.trips
+        for _ in range(3):
+            with pytest.raises(QuotaExceeded, match="used 2 of its quota of 2 jobs per hour"):
+                await quotas.admit(key, 1)
+        assert store.trips == trips  # the first full sight was the second admit's
+        now[0] += 3600  # the next hour starts over
+        assert await quotas.admit(key, 2) is not None
+        [usage] = await quotas.usage()
+        assert (usage.share, usage.jobs_used, usage.jobs_per_hour) == ("g", 2, 2)
+    finally:
+        await store.close()

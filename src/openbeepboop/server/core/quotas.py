@@ -127,7 +127,8 @@ class Quotas:
         self._clock = clock
         self._shares: tuple[float, dict[str, Share]] = (-SHARES_SECONDS, {})
         self._owners: tuple[float, dict[str, str]] = (-OWNERS_SECONDS, {})
-        self._full: dict[str, tuple[float, int]] = {}  # counter -> (window end, quota)
+        # counter -> (its window's end, the quota, the count) when seen full
+        self._full: dict[str, tuple[float, int, int]] = {}
 
     # -- quotas in effect -------------------------------------------------------
 
@@ -201,7 +202,7 @@ class Quotas:
         if limits.tokens is not None:
             used, start = counted[tokens_counter(share)]
             if used >= limits.tokens:
-                end = self._mark_full(tokens_counter(share), start, limits.tokens)
+                end = self._mark_full(tokens_counter(share), start, limits.tokens, used)
                 raise _tokens_refusal(share, limits.tokens, used, end, now)
         if limits.jobs is not None:
             used, start = counted[jobs_counter(share)]
@@ -209,10 +210,10 @@ class Quotas:
                 before = used - jobs
                 end = start + WINDOW_SECONDS
                 if before >= limits.jobs:
-                    self._mark_full(jobs_counter(share), start, limits.jobs)
+                    self._mark_full(jobs_counter(share), start, limits.jobs, before)
                 raise _jobs_refusal(share, limits.jobs, before, jobs, end, now)
             if used >= limits.jobs:  # the next submit is refused here without asking
-                self._mark_full(jobs_counter(share), start, limits.jobs)
+                self._mark_full(jobs_counter(share), start, limits.jobs, used)
 
     async def refund(self, reservation: Reservation | None, jobs: int) -> None:
         """Take back `jobs` of a reservation (replays, or a submit that failed)."""
@@ -226,25 +227,25 @@ class Quotas:
         limits = await self.limits(reservation.share)
         used, start = counted[name]
         if limits.jobs is not None and used >= limits.jobs:
-            self._mark_full(name, start, limits.jobs)
+            self._mark_full(name, start, limits.jobs, used)
 
     def _refuse_if_full(self, share: str, limits: Limits, jobs: int, now: float) -> None:
         """Refuse without asking the store when this server saw a window full (under the
         quota still in effect)."""
         if limits.tokens is not None:
-            end, quota = self._full.get(tokens_counter(share), (0.0, 0))
+            end, quota, used = self._full.get(tokens_counter(share), (0.0, 0, 0))
             if now < end and quota == limits.tokens:
-                raise _tokens_refusal(share, quota, quota, end, now)
+                raise _tokens_refusal(share, quota, used, end, now)
         if limits.jobs is not None:
-            end, quota = self._full.get(jobs_counter(share), (0.0, 0))
+            end, quota, used = self._full.get(jobs_counter(share), (0.0, 0, 0))
             if now < end and quota == limits.jobs:
-                raise _jobs_refusal(share, quota, quota, jobs, end, now)
+                raise _jobs_refusal(share, quota, used, jobs, end, now)
 
-    def _mark_full(self, name: str, start: float, quota: int) -> float:
+    def _mark_full(self, name: str, start: float, quota: int, used: int) -> float:
         if len(self._full) >= MAX_FULL:
             self._full.clear()
         end = start + WINDOW_SECONDS
-        self._full[name] = (end, quota)
+        self._full[name] = (end, quota, used)
         return end
 
     # -- results ----------------------------------------------------------------
@@ -281,7 +282,7 @@ class Quotas:
             quota = (await self.limits(share)).tokens
             used, window = counted[tokens_counter(share)]
             if quota is not None and used >= quota:
-                self._mark_full(tokens_counter(share), window, quota)
+                self._mark_full(tokens_counter(share), window, quota, used)
 
     async def _shares_of(self, owners: list[str]) -> dict[str, str]:
         """Key id -> its share, for `owners` (read again when one is not known yet, at
