@@ -534,15 +534,30 @@ def shares_set(
 @DATA_DIR
 @JSON_OUT
 def shares_list(data_dir: Path | None, as_json: bool) -> None:
-    """The shares whose weight or quotas were set (every other one: weight 1, no quota)."""
+    """The shares whose weight or quotas were set (every other one: weight 1, the default
+    quotas), with the jobs and tokens a share with a quota used this hour."""
+    from openbeepboop.server.core.quotas import QuotaConfig, Quotas
     from openbeepboop.server.core.shares import ShareBook
 
-    found = _on_store(_settings(data_dir), lambda s: ShareBook(s).list())
+    settings = _settings(data_dir)
+    defaults = QuotaConfig(settings.quota_jobs_per_hour, settings.quota_tokens_per_hour)
+
+    async def listed(store: Store) -> tuple[list[Share], dict[str, tuple[int, int]]]:
+        usage = await Quotas(store, defaults).usage()
+        return await ShareBook(store).list(), {u.share: (u.jobs_used, u.tokens_used) for u in usage}
+
+    found, used = _on_store(settings, listed)
     if as_json:
-        click.echo(json.dumps([_share_json(s) for s in found]))
+        out = [_share_json(s) for s in found]
+        for row in out:
+            if row["name"] in used:
+                row["jobs_used"], row["tokens_used"] = used[row["name"]]
+        click.echo(json.dumps(out))
         return
     for s in found:
-        click.echo(_share_line(s))
+        jobs, tokens = used.get(s.name, (None, None))
+        usage = "" if jobs is None else f"  used this hour: {jobs} jobs, {tokens} tokens"
+        click.echo(_share_line(s) + usage)
 
 
 @shares.command("unset")

@@ -69,6 +69,13 @@ class RateLimited(DomainError):
         self.retry_after = retry_after
 
 
+class QuotaExceeded(RateLimited):
+    """The share of this key used its quota of jobs or tokens for the hour (HTTP 429,
+    OpenAI's `insufficient_quota`)."""
+
+    code = "insufficient_quota"
+
+
 class Unavailable(DomainError):
     """The service cannot answer now, e.g. no node serves the model (HTTP 503)."""
 

@@ -144,6 +144,18 @@ class ServerSettings(BaseSettings):
     max_active_jobs_per_key: int = Field(
         100_000, gt=0, description="Queued plus running jobs one client key may have."
     )
+    quota_jobs_per_hour: int = Field(
+        0,
+        ge=0,
+        description="Jobs per hour a share (a key's group, or the key) may submit unless "
+        "`shares set` gave it its own quota; 0: no quota.",
+    )
+    quota_tokens_per_hour: int = Field(
+        0,
+        ge=0,
+        description="Tokens per hour (prompt plus completion) a share may use unless "
+        "`shares set` gave it its own quota; 0: no quota.",
+    )
     key_recheck_seconds: float = Field(
         2.0,
         gt=0,

@@ -12,7 +12,8 @@ A batch's lines count against its key's active-job limit (`max_active_jobs_per_k
 from its creation: a batch whose lines, with the key's queued and running jobs and the
 lines of its batches still being queued, would pass the limit is refused at create
 (429 `too_many_active_jobs`; 400 `batch_too_large` when the file alone is over it).
-Once accepted, its lines are queued whole.
+Once accepted, its lines are queued whole. Its lines count against its share's jobs
+quota at create too (core/quotas.py), all or none.
 
 Lines of a `/v1/responses` batch run as the chat-completion jobs `POST /v1/responses`
 makes (core/responses.py maps them), and their output lines hold Response objects; one
@@ -143,6 +144,8 @@ class Batches:
                 param="input_file_id",
             )
         await self._check_room(key, source.lines)
+        # quotas (core/quotas.py): every line counts now, refused whole when over
+        reserved = await self.queue.quotas.admit(key, source.lines, param="input_file_id")
         now = self._clock()
         batch = Batch(
             id=new_batch_id(),
@@ -156,7 +159,11 @@ class Batches:
             metadata=metadata,
             request_counts={"total": source.lines, "completed": 0, "failed": 0},
         )
-        created = await self.store.create_batch(batch)
+        try:
+            created = await self.store.create_batch(batch)
+        except Exception:
+            await self.queue.quotas.refund(reserved, source.lines)
+            raise
         self.queue.notifier.publish([BATCHES_TOPIC])
         return created
 

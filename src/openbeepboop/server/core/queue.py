@@ -25,6 +25,7 @@ from openbeepboop.server.core.deltas import DeltaHub
 from openbeepboop.server.core.notify import Notifier
 from openbeepboop.server.core.passes import one_pass
 from openbeepboop.server.core.pins import Pin, check_known, serving
+from openbeepboop.server.core.quotas import QuotaConfig, Quotas
 from openbeepboop.server.core.responses import RESPONSE_KEY
 from openbeepboop.server.errors import (
     InvalidRequest,
@@ -158,12 +159,14 @@ class Queue:
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
         cache: ResponseCache | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.notifier = notifier or Notifier()
         self._clock = clock
         self.cache = cache or ResponseCache(store, CacheConfig(), clock)
+        self.quotas = quotas or Quotas(store, QuotaConfig(), clock)
         self.aliases = Aliases(config.aliases, config.alias_wait_seconds)
         self._node_owner: dict[str, str] = {}
         # node id -> (name, labels): what its claims match pinned jobs against
@@ -214,7 +217,16 @@ class Queue:
             answers = await self.cache.lookup(plans)
         unanswered = sum(p.key not in answers for p in plans)
         await self._check_active_limit(key, unanswered)
-        return await self._queue_jobs(key.id, requests, durable, positions, plans, answers)
+        # quotas (core/quotas.py): count the jobs a node will run; take back replays
+        reserved = await self.quotas.admit(key, unanswered)
+        try:
+            outcomes = await self._queue_jobs(key.id, requests, durable, positions, plans, answers)
+        except Exception:
+            await self.quotas.refund(reserved, unanswered)
+            raise
+        new = sum(o.created and not o.job.cached for o in outcomes)
+        await self.quotas.refund(reserved, unanswered - new)
+        return outcomes
 
     async def enqueue(self, owner: str, requests: Sequence[JobRequest]) -> list[SubmitOutcome]:
         """Queue jobs for `owner` without the active-job check: batch lines, which were
@@ -935,6 +947,9 @@ class Queue:
             outcomes = [moved[i] if i in moved else next(stored) for i in range(len(results))]
         else:
             outcomes = await self.store.submit_results(results, self._clock())
+        # quotas (core/quotas.py): the tokens of completed jobs count for their shares
+        # (before anyone waiting hears of them: a client's next submit sees them)
+        await self.quotas.count_tokens(o.job for o in outcomes if o.accepted and o.job)
         finished, requeued = [], set()
         for o in outcomes:
             if o.job is None:

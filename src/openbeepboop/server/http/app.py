@@ -20,6 +20,7 @@ from openbeepboop.server.core.dashboard import Dashboard
 from openbeepboop.server.core.files import Files
 from openbeepboop.server.core.identity import identity_of
 from openbeepboop.server.core.queue import Queue, QueueConfig
+from openbeepboop.server.core.quotas import QuotaConfig, Quotas
 from openbeepboop.server.core.retention import Retention, RetentionConfig
 from openbeepboop.server.core.sessions import Sessions
 from openbeepboop.server.core.swarm_keys import SwarmKeys, key_signer
@@ -93,6 +94,13 @@ def cache_config(settings: ServerSettings) -> CacheConfig:
     )
 
 
+def quota_config(settings: ServerSettings) -> QuotaConfig:
+    return QuotaConfig(
+        jobs_per_hour=settings.quota_jobs_per_hour,
+        tokens_per_hour=settings.quota_tokens_per_hour,
+    )
+
+
 def retention_config(settings: ServerSettings) -> RetentionConfig:
     return RetentionConfig(
         completed_seconds=settings.keep_completed_jobs_seconds,
@@ -124,7 +132,12 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     """Build the server. The store is opened and closed with the app's lifespan, and the
     lease reaper and the pruner (core/retention.py) run while the app does."""
     store = store or open_store(settings)
-    queue = Queue(store, queue_config(settings), cache=ResponseCache(store, cache_config(settings)))
+    queue = Queue(
+        store,
+        queue_config(settings),
+        cache=ResponseCache(store, cache_config(settings)),
+        quotas=Quotas(store, quota_config(settings)),
+    )
     files = files_of(store, settings)
     retention = Retention(store, retention_config(settings))
     assistants = Assistants(store, queue)

@@ -26,6 +26,7 @@ STATUS: dict[type[e.DomainError], tuple[int, str]] = {
     e.PayloadTooLarge: (413, "invalid_request_error"),
     e.IdempotencyMismatch: (422, "invalid_request_error"),
     e.RateLimited: (429, "rate_limit_error"),
+    e.QuotaExceeded: (429, "insufficient_quota"),
     e.JobFailed: (502, "upstream_error"),
     e.Unavailable: (503, "service_unavailable_error"),
     e.Timeout: (504, "timeout_error"),

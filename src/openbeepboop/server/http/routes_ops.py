@@ -155,6 +155,14 @@ async def stats(request: Request, key: AnyKey) -> Response:
     return JSONResponse({**await queue.stats(), "cache": await queue.cache.summary()})
 
 
+@router.get(
+    "/v1/admin/quotas", summary="Each share's quotas and its usage this hour", tags=["admin"]
+)
+async def quotas(request: Request, key: AdminKey) -> Response:
+    data = [u.as_json() for u in await app_state(request).queue.quotas.usage()]
+    return JSONResponse({"object": "list", "data": data})
+
+
 class NewKeyBody(BaseModel):
     role: Role
     name: str = Field("", max_length=256)

@@ -357,6 +357,18 @@ class Store(Protocol):
         window starts the count over; a hit stamped with an earlier window (another
         server's clock) counts in the current one."""
 
+    # -- quotas (core/quotas.py) ------------------------------------------------
+
+    async def add_counters(
+        self, amounts: Mapping[str, tuple[float, int]]
+    ) -> dict[str, tuple[int, float]]:
+        """Add to each fixed-window counter named in `amounts` its amount (negative: take
+        back; 0: only read), in the window that starts at the time given with it, in one
+        transaction: for each counter, its total in its current window (never below 0)
+        and that window's start. A later window starts the total over at the amount; an
+        amount stamped with an earlier window than the counter's is dropped (that window
+        is over: a refund must not leak into the next one)."""
+
 
 class DatabaseUnreachable(Exception):
     """The database cannot be reached or refused us; the message (one line, no

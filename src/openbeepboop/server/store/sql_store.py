@@ -584,6 +584,20 @@ class SqlStore(ABC):
         found = await self._returning(self._q["hit_counters"], args, COUNT)
         return {str(name): (int(hits), float(start)) for name, hits, start in found}
 
+    async def add_counters(
+        self, amounts: Mapping[str, tuple[float, int]]
+    ) -> dict[str, tuple[int, float]]:
+        if not amounts:
+            return {}
+        names = sorted(amounts)  # one lock order for every server
+        args = (
+            self._array(names),
+            self._array([float(amounts[n][0]) for n in names]),
+            self._array([int(amounts[n][1]) for n in names]),
+        )
+        found = await self._returning(self._q["add_counters"], args, COUNT)
+        return {str(name): (int(total), float(start)) for name, total, start in found}
+
 
 def _json_or_none(value: JSON | None) -> str | None:
     return None if value is None else rows.json_text(value)

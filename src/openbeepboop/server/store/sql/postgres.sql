@@ -679,6 +679,22 @@ ON CONFLICT (name) DO UPDATE SET
     window_start = greatest(rate_counters.window_start, excluded.window_start)
 RETURNING name, hits, window_start;
 
+-- name: add_counters
+-- Add $3 to each counter named in $1, in the window starting at the same place in $2
+-- (quotas: core/quotas.py): each counter's total in its current window (never below 0)
+-- and that window's start. A later window starts over at the amount; an amount stamped
+-- with an earlier window than the counter's is dropped (that window is over).
+WITH t AS (SELECT n, w, a FROM unnest($1::text[], $2::float8[], $3::bigint[]) AS t(n, w, a))
+INSERT INTO rate_counters (name, window_start, hits)
+SELECT n, w, greatest(a, 0) FROM t
+ON CONFLICT (name) DO UPDATE SET
+    hits = CASE WHEN excluded.window_start > rate_counters.window_start THEN excluded.hits
+                WHEN excluded.window_start < rate_counters.window_start THEN rate_counters.hits
+                ELSE greatest(rate_counters.hits + (SELECT a FROM t WHERE t.n = excluded.name), 0)
+           END,
+    window_start = greatest(rate_counters.window_start, excluded.window_start)
+RETURNING name, hits, window_start;
+
 -- ======================================================================== response cache
 
 -- name: cache_lookup

@@ -645,6 +645,27 @@ ON CONFLICT (name) DO UPDATE SET
     window_start = max(rate_counters.window_start, excluded.window_start)
 RETURNING name, hits, window_start;
 
+-- name: add_counters
+-- Add ?3 to each counter named in ?1, in the window starting at the same place in ?2
+-- (JSON arrays; quotas: core/quotas.py): each counter's total in its current window
+-- (never below 0) and that window's start. A later window starts over at the amount; an
+-- amount stamped with an earlier window than the counter's is dropped (that window is
+-- over).
+WITH t AS (
+    SELECT n.value AS n, w.value AS w, a.value AS a
+    FROM json_each(?1) AS n JOIN json_each(?2) AS w ON w.key = n.key
+    JOIN json_each(?3) AS a ON a.key = n.key
+)
+INSERT INTO rate_counters (name, window_start, hits)
+SELECT n, w, max(a, 0) FROM t WHERE true
+ON CONFLICT (name) DO UPDATE SET
+    hits = CASE WHEN excluded.window_start > rate_counters.window_start THEN excluded.hits
+                WHEN excluded.window_start < rate_counters.window_start THEN rate_counters.hits
+                ELSE max(rate_counters.hits + (SELECT a FROM t WHERE t.n = excluded.name), 0)
+           END,
+    window_start = max(rate_counters.window_start, excluded.window_start)
+RETURNING name, hits, window_start;
+
 -- ======================================================================== response cache
 
 -- name: cache_lookup
