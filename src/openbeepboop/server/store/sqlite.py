@@ -166,11 +166,12 @@ class SqliteStore(SqlStore):
 
     def _claim_fair(self, conn: sqlite3.Connection, claim: Claim) -> list[Job]:
         """The fair claim, in one transaction on the writer (the only connection that
-        changes jobs): each model's owners with queued jobs (a skip scan), the first
-        jobs of each and those pinned to this node, their shares' turns, the pick
-        (store/fair.py), the leases and the turns moved."""
+        changes jobs): each model's first queued job of every owner (queued_heads, a
+        skip scan; more of each when fewer owners than jobs asked for wait) and those
+        pinned to this node, their shares' turns, the pick (store/fair.py), the leases
+        and the turns moved."""
         q, c = self._q, claim
-        found: list[tuple[int, int, str, str]] = []  # seq, priority, model, owner
+        found: list[tuple[int, int, str, str]] = []  # seq, priority, owner, model
         for model in c.models:
             heads = conn.execute(q["queued_heads"], (model, c.now, c.node_labels)).fetchall()
             each = min(c.max_jobs, c.max_jobs // max(len(heads), 1) + 1)  # enough in all
