@@ -420,7 +420,8 @@ def _stream_tokens(job: Job) -> None:
             wanted = ", ".join(f"{k} {v}" for k, v in event["waiting_for"].items())
             click.echo(f"waiting for {wanted}: no live node matches yet...", err=True)
         if kind == "queued" and event.get("position"):
-            click.echo(f"position {event['position']} in the queue...", err=True)
+            eta = _starts_in(event.get("estimated_start_at"))
+            click.echo(f"position {event['position']} in the queue{eta}...", err=True)
         elif kind in ("downloading", "loading"):  # the node fetches or loads the model
             _show_progress(event)
         elif kind == "token":
@@ -467,12 +468,37 @@ def poll(client: Client, job_id: str, wait: bool, timeout: float | None, as_json
         print_json(job.data)
     elif job.data["status"] == "completed":
         click.echo(_answer_text(job))
+    elif job.data["status"] == "queued":
+        click.echo("queued" + _queued_detail(job.data))
     else:
         error = job.error or {}
         detail = f": {error.get('code')}: {error.get('message')}" if error else ""
         click.echo(f"{job.data['status']}{detail}")
     if job.data["status"] in ("failed", "cancelled", "expired"):
         sys.exit(1)
+
+
+def _queued_detail(data: dict[str, Any]) -> str:
+    """': position 3, starts in about 12 s' for a queued job (what is known of it)."""
+    position = data.get("queue_position")
+    eta = _starts_in(data.get("estimated_start_at"))
+    if not eta:
+        return f": position {position}" if position else ""
+    return f": position {position}{eta}"
+
+
+def _starts_in(at: Any) -> str:
+    """', starts in about 12 s' for an estimated start (epoch seconds); '' for none."""
+    if not isinstance(at, int | float):
+        return ""
+    return f", starts in about {_wait_text(at - time.time())}"
+
+
+def _wait_text(seconds: float) -> str:
+    """'now', '12 s', '4m05s', '2h03m'."""
+    if seconds < 1:
+        return "now" if seconds < 0.5 else "1 s"
+    return f"{seconds:.0f} s" if seconds < 60 else _duration(seconds)
 
 
 @main.command()
@@ -486,6 +512,9 @@ def get(client: Client, job_id: str, as_json: bool) -> None:
         return
     for key in ("id", "status", "model", "priority", "attempts", "queue_position", "node_id"):
         click.echo(f"{key:<15} {job.data.get(key)}")
+    at = job.data.get("estimated_start_at")
+    if isinstance(at, int | float):
+        click.echo(f"{'starts in':<15} about {_wait_text(at - time.time())}")
     if job.data.get("error"):
         click.echo(f"{'error':<15} {job.data['error']}")
     if job.data["status"] == "completed":
@@ -541,11 +570,16 @@ def models(client: Client, as_json: bool) -> None:
 
 
 def _status_text(stats: dict[str, Any], nodes: list[dict[str, Any]]) -> str:
-    lines = [f"{'model':<24} {'queued':>8} {'running':>8} {'done':>8} {'failed':>8}"]
+    lines = [
+        f"{'model':<24} {'queued':>8} {'running':>8} {'done':>8} {'failed':>8} "
+        f"{'jobs/s':>8} {'wait':>8}"
+    ]
+    etas = stats.get("eta") or {}
     for model, counts in sorted(stats["models"].items()):
         lines.append(
             f"{model:<24} {counts.get('queued', 0):>8} {counts.get('in_progress', 0):>8} "
-            f"{counts.get('completed', 0):>8} {counts.get('failed', 0):>8}"
+            f"{counts.get('completed', 0):>8} {counts.get('failed', 0):>8} "
+            + _pace_columns(etas.get(model) or {})
         )
     lines.append(f"\n{len(nodes)} live node(s)")
     for n in nodes:
@@ -556,6 +590,15 @@ def _status_text(stats: dict[str, Any], nodes: list[dict[str, Any]]) -> str:
             f"{s.get('tokens_per_second', 0)} tok/s  {models_}"
         )
     return "\n".join(lines)
+
+
+def _pace_columns(eta: dict[str, Any]) -> str:
+    """A model's measured jobs per second, and how long a job queued now would wait
+    ('-' where unknown)."""
+    rate, wait = eta.get("jobs_per_second"), eta.get("wait_seconds")
+    rate_text = f"{rate:.2f}" if isinstance(rate, int | float) else "-"
+    wait_text = _wait_text(wait) if isinstance(wait, int | float) else "-"
+    return f"{rate_text:>8} {wait_text:>8}"
 
 
 def _model_line(model: dict[str, Any]) -> str:
@@ -622,7 +665,8 @@ def nodes(client: Client, watch: bool, interval: float, as_json: bool) -> None:
 @click.option("--interval", type=float, default=2.0, show_default=True)
 @_connected
 def status(client: Client, watch: bool, interval: float, as_json: bool) -> None:
-    """Queue depth per model, and the live nodes."""
+    """Queue depth per model (with its measured jobs/s and how long a job queued now
+    would wait), and the live nodes."""
 
     def snapshot() -> tuple[dict[str, Any], list[dict[str, Any]]]:
         return client.request("GET", "/v1/stats"), client.request("GET", "/v1/nodes")["data"]

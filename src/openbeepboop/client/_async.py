@@ -30,6 +30,7 @@ import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
@@ -420,6 +421,23 @@ class AsyncJob:
         """The alias it was submitted for (its `model` is the member that ran it)."""
         alias = self.data.get("alias")
         return alias if isinstance(alias, str) else None
+
+    @property
+    def queue_position(self) -> int | None:
+        """While queued: how many jobs run before it (as last seen); else None."""
+        position = self.data.get("queue_position")
+        return position if isinstance(position, int) else None
+
+    @property
+    def eta(self) -> datetime | None:
+        """While queued: when it should start, an aware UTC `datetime` estimated by the
+        server from its model's measured pace (as last seen: `refresh()` asks again);
+        None when not queued or not known yet (nothing of its model ran lately).
+        Seconds from now: `(job.eta - datetime.now(UTC)).total_seconds()`."""
+        at = self.data.get("estimated_start_at")
+        if not isinstance(at, int | float) or isinstance(at, bool):
+            return None
+        return datetime.fromtimestamp(at, UTC)
 
     @property
     def result(self) -> Any:

@@ -17,6 +17,7 @@ import builtins
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from openbeepboop.client._async import (
@@ -122,6 +123,17 @@ class Job:
     def alias(self) -> str | None:
         """The alias it was submitted for (its `model` is the member that ran it)."""
         return self._job.alias
+
+    @property
+    def queue_position(self) -> int | None:
+        """While queued: how many jobs run before it (as last seen); else None."""
+        return self._job.queue_position
+
+    @property
+    def eta(self) -> datetime | None:
+        """While queued: when it should start (an aware UTC datetime; as last seen, so
+        `job.refresh().eta` for a fresh one); see `AsyncJob.eta`."""
+        return self._job.eta
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self._job.status}>"

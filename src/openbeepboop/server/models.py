@@ -392,3 +392,17 @@ class Template:
     created_at: float
     updated_at: float
     description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RecentRuns:
+    """The jobs of one model that nodes ran to the end (completed or failed, not answered
+    by the response cache) in a recent window: how many, their time in progress summed,
+    the earliest start and the latest finish among them (core/eta.py measures a model's
+    pace from it)."""
+
+    model: str
+    count: int
+    busy_seconds: float
+    first_started: float
+    last_finished: float

@@ -22,6 +22,7 @@ import orjson
 from openbeepboop.server.core.aliases import MOVE_LIMIT, Aliases, alias_of, moved_request
 from openbeepboop.server.core.cache import CacheConfig, CachePlan, ResponseCache
 from openbeepboop.server.core.deltas import DeltaHub
+from openbeepboop.server.core.eta import Eta
 from openbeepboop.server.core.notify import Notifier
 from openbeepboop.server.core.passes import one_pass
 from openbeepboop.server.core.pins import Pin, check_known, serving
@@ -168,6 +169,7 @@ class Queue:
         self.cache = cache or ResponseCache(store, CacheConfig(), clock)
         self.quotas = quotas or Quotas(store, QuotaConfig(), clock)
         self.aliases = Aliases(config.aliases, config.alias_wait_seconds)
+        self.eta = Eta(store, clock)  # estimated start times (core/eta.py)
         self._node_owner: dict[str, str] = {}
         # node id -> (name, labels): what its claims match pinned jobs against
         self._node_ident: dict[str, tuple[str, dict[str, str]]] = {}
@@ -361,6 +363,23 @@ class Queue:
         if outcome.position is not None and not self.config.fair_share:
             return outcome.position
         return await self.queue_position(outcome.job)
+
+    async def estimated_start(self, job: Job, position: int | None) -> float | None:
+        """When `job`, queued with `position` jobs before it, should start (epoch
+        seconds, core/eta.py); None unless queued, or while its model's pace is unknown."""
+        if position is None or job.status is not JobStatus.QUEUED:
+            return None
+        pin = Pin.of(job)
+        nodes = (await self._served_now()).get(job.model, [])
+        nodes = [n for n in nodes if pin is None or pin.admits(n)]
+        return await self.eta.start_at(job.model, position, nodes)
+
+    async def eta_outlook(self) -> dict[str, JSON]:
+        """Per model with a measured pace: its jobs per second, and how long a job queued
+        now would wait (core/eta.py)."""
+        counts = await self.store.stats()
+        queued = {m: c.get(JobStatus.QUEUED.value, 0) for m, c in counts.items()}
+        return await self.eta.outlook(queued, await self._served_now())
 
     async def cancel(self, key: ApiKey, job_id: str) -> Job:
         """Cancel a job that is not final; its node hears of it through its `watch` (else

@@ -25,8 +25,11 @@ def _ts(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def job_json(job: Job, queue_position: int | None = None) -> dict[str, Any]:
-    """The job object clients see (`object: "job"`)."""
+def job_json(
+    job: Job, queue_position: int | None = None, estimated_start_at: float | None = None
+) -> dict[str, Any]:
+    """The job object clients see (`object: "job"`); a queued job's position and
+    estimated start (core/eta.py) when the caller worked them out."""
     return {
         "id": job.id,
         "object": "job",
@@ -42,6 +45,7 @@ def job_json(job: Job, queue_position: int | None = None) -> dict[str, Any]:
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
         "queue_position": queue_position,
+        "estimated_start_at": None if estimated_start_at is None else round(estimated_start_at, 2),
         "custom_id": job.custom_id,
         "metadata": public_metadata(job.metadata),
         "node": job.pin_node,

@@ -74,8 +74,9 @@ async def _openai_call(
     if _wants_async(prefer):
         outcome = (await queue.submit(key, [req], positions=True))[0]
         position = await queue.submitted_position(outcome)
+        eta = await queue.estimated_start(outcome.job, position)
         return JSONResponse(
-            job_json(outcome.job, position),
+            job_json(outcome.job, position, eta),
             status_code=202 if outcome.created else 200,
             headers={
                 "Location": f"/v1/jobs/{outcome.job.id}",
@@ -242,8 +243,9 @@ async def create_jobs(
     req = _spec_request(spec, idempotency_key, ("body",), requested_cache(request))
     outcome = (await queue.submit(key, [req], positions=True))[0]
     position = await queue.submitted_position(outcome)
+    eta = await queue.estimated_start(outcome.job, position)
     return JSONResponse(
-        job_json(outcome.job, position),
+        job_json(outcome.job, position, eta),
         status_code=202 if outcome.created else 200,
         headers={"Location": f"/v1/jobs/{outcome.job.id}", **cache_outcome(outcome.job, req.cache)},
     )
@@ -253,7 +255,8 @@ async def create_jobs(
 async def get_job(request: Request, job_id: str, key: Key) -> Response:
     queue = app_state(request).queue
     job = await queue.get(key, job_id)
-    return JSONResponse(job_json(job, await queue.queue_position(job)))
+    position = await queue.queue_position(job)
+    return JSONResponse(job_json(job, position, await queue.estimated_start(job, position)))
 
 
 @router.get("/v1/jobs/{job_id}/events", summary="The job's events, live (SSE)")

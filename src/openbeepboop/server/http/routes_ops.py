@@ -152,7 +152,13 @@ async def dht_status(request: Request, key: AnyKey) -> Response:
 @router.get("/v1/stats", summary="Queue depth and counts per model")
 async def stats(request: Request, key: AnyKey) -> Response:
     queue = app_state(request).queue
-    return JSONResponse({**await queue.stats(), "cache": await queue.cache.summary()})
+    return JSONResponse(
+        {
+            **await queue.stats(),
+            "eta": await queue.eta_outlook(),
+            "cache": await queue.cache.summary(),
+        }
+    )
 
 
 @router.get(

@@ -25,6 +25,7 @@ from openbeepboop.server.models import (
     NodeResult,
     Piece,
     ReapOutcome,
+    RecentRuns,
     ResultOutcome,
     Share,
     StoredFile,
@@ -152,6 +153,11 @@ class Store(Protocol):
         """Jobs that completed or failed with `finished_at` in [since, until), counted per
         (step index, model, status): the step index is `(finished_at - since) // step`.
         Reads only the jobs of that window (an index on status and finished_at)."""
+
+    async def recent_runs(self, since: float) -> list[RecentRuns]:
+        """Per model, the jobs nodes ran that completed or failed at or after `since`,
+        not answered by the response cache (core/eta.py: a model's measured pace).
+        Reads only the jobs of that window (the index of `finished_counts`)."""
 
     # -- nodes ----------------------------------------------------------------
 

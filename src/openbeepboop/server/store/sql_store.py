@@ -32,6 +32,7 @@ from openbeepboop.server.models import (
     LeaseResume,
     Node,
     ReapOutcome,
+    RecentRuns,
     Share,
     StoredFile,
     SwarmRevocation,
@@ -305,6 +306,13 @@ class SqlStore(ABC):
         return [
             (int(i), str(model), str(status), int(n))
             for i, model, status, n in await self._read(self._q["finished_counts"], args)
+        ]
+
+    async def recent_runs(self, since: float) -> list[RecentRuns]:
+        found = await self._read(self._q["recent_runs"], (float(since),))
+        return [
+            RecentRuns(str(model), int(n), float(busy), float(first), float(last))
+            for model, n, busy, first, last in found
         ]
 
     # -- nodes ------------------------------------------------------------------

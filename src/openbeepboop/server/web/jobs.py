@@ -172,6 +172,8 @@ async def job_page(request: Request, job_id: str, seen: AnyViewer) -> Response:
     if seen.admin:
         owner = next((k for k in await state.keyring.list_keys() if k.id == job.owner), None)
     text, finish, usage = result_text(job) if job.result else ("", "", {})
+    position = await state.queue.queue_position(job)
+    eta = await state.queue.estimated_start(job, position)
     context = {
         "title": f"Job {job.id}",
         "job": job,
@@ -184,7 +186,8 @@ async def job_page(request: Request, job_id: str, seen: AnyViewer) -> Response:
         "request_json": pretty(job.request),
         "result_json": pretty(job.result) if job.result is not None else "",
         "error": job.error or {},
-        "position": await state.queue.queue_position(job),
+        "position": position,
+        "starts_in": None if eta is None else duration(eta - time.time()),
     }
     return render(request, "job.html", context, seen)
 

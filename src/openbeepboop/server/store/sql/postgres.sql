@@ -377,6 +377,17 @@ FROM jobs
 WHERE status IN ('completed', 'failed') AND finished_at >= $1 AND finished_at < $2
 GROUP BY step, model, status;
 
+-- name: recent_runs
+-- Per model, the jobs nodes ran that completed or failed at or after $1 (not answered
+-- by the response cache): how many, their time in progress summed, the earliest start
+-- and the latest finish (core/eta.py: the model's pace). The index jobs_finished
+-- (status, finished_at) reads only the jobs of that window.
+SELECT model, count(*), sum(finished_at - started_at), min(started_at), max(finished_at)
+FROM jobs
+WHERE status IN ('completed', 'failed') AND finished_at >= $1
+  AND started_at IS NOT NULL AND cached = 0
+GROUP BY model;
+
 -- name: fold_job_counts
 -- The deltas in job_counts folded into one row per (model, status), with each reaper
 -- pass. A delta committed meanwhile is not deleted (not in this snapshot) and stays; two

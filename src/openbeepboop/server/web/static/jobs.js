@@ -28,6 +28,14 @@
       var node = document.getElementById("job-node");
       if (node && ev.node_id && node.textContent.trim() === "none yet") node.textContent = ev.node_id;
     }
+    function startsIn(ev) {  // the estimate (docs/scheduling.md "Position and ETA")
+      if (typeof ev.estimated_start_at !== "number") return "";
+      var s = Math.max(0, ev.estimated_start_at - Date.now() / 1000);
+      var shown = s < 1 ? Math.round(s * 1000) + " ms" : s < 60 ? s.toFixed(1) + " s"
+        : s < 3600 ? Math.floor(s / 60) + " min " + String(Math.floor(s % 60)).padStart(2, "0") + " s"
+        : Math.floor(s / 3600) + " h " + String(Math.floor(s % 3600 / 60)).padStart(2, "0") + " min";
+      return ", starts in about " + shown;
+    }
     function finish() {
       if (done) return;
       done = true;
@@ -44,7 +52,7 @@
       if (ev.type === "queued") {
         var ahead = ev.position;
         note.textContent = ahead === null || ahead === undefined ? "queued"
-          : ahead + (ahead === 1 ? " job" : " jobs") + " ahead in the queue";
+          : ahead + (ahead === 1 ? " job" : " jobs") + " ahead in the queue" + startsIn(ev);
       } else if (ev.type === "started") {
         setStatus("in_progress");
         note.textContent = "running";
