@@ -7,11 +7,14 @@ the jobs of it running now (the job counters of `Store.stats`). Two readings, th
 wins:
 
 - the throughput: the jobs finished in the window over the time since the first of
-  them started (the window's start at most), right once the model has been busy for
-  a while;
-- Little's law: the jobs running now over their mean time in progress, right at once
-  when a burst arrives after a quiet spell (when the throughput only measured how
-  little was asked).
+  them started (the window's start at most): right once the model has been busy for a
+  while, short when it sat idle in the window (it then measured how little was asked);
+- Little's law: the jobs running now over their mean time in progress: right at once
+  when a burst arrives after a quiet spell, or after an idle gap, but a snapshot of a
+  count that jitters.
+
+(Tried on bench/bench_eta.py: this beat preferring the start rate unless Little's law
+is much faster, and a smoothed running count, which lags behind an idle gap.)
 
 A job with `position` jobs before it starts at once when the model's free slots (on the
 live nodes that serve it, less the jobs running) outnumber those jobs; otherwise after
@@ -48,8 +51,8 @@ class Pace:
 
 
 def measure(runs: RecentRuns, running: int, now: float, window: float) -> Pace:
-    """The pace of a model from its recent runs and the jobs of it running now (see the
-    module docstring: the larger of its throughput and Little's law)."""
+    """The pace of a model from its recent runs and the jobs of it running now: the
+    larger of its throughput and Little's law (module docstring)."""
     since = max(runs.first_started, now - window)
     throughput = runs.count / max(now - since, MIN_RUN_SECONDS)
     mean_run = max(runs.busy_seconds / runs.count, MIN_RUN_SECONDS)
