@@ -1,13 +1,13 @@
 """The life of one job as a sequence of events, for anyone following it live.
 
-The vocabulary is the rbee quickstart's: `queued` {job_id, position, estimated_start_at}
-(core/eta.py; and `waiting_for` {node, node_labels} when the job is pinned where no live
-node may run it), `started` {job_id, model, node_id, started_at}, `token` {t, i} for
-each piece of choice 0's text, then one of `end` {tokens_out, decode_time_ms,
-stop_reason}, `failed` {job_id, code, message} or `cancelled` {job_id}. What is not
-choice 0's text — other choices (`n`), tool-call fragments, logprobs, refusals, their
-finish reasons — comes as `delta` {i, choice}, the choice an OpenAI chunk would carry
-(choices.py). Every event has a number (`id`) that is
+The vocabulary is the rbee quickstart's: `queued` {job_id, position} (with
+`estimated_start_at` once known, core/eta.py; and `waiting_for` {node, node_labels} when
+the job is pinned where no live node may run it), `started` {job_id, model, node_id,
+started_at}, `token` {t, i} for each piece of choice 0's text, then one of `end`
+{tokens_out, decode_time_ms, stop_reason}, `failed` {job_id, code, message} or
+`cancelled` {job_id}. What is not choice 0's text — other choices (`n`), tool-call
+fragments, logprobs, refusals, their finish reasons — comes as `delta` {i, choice}, the
+choice an OpenAI chunk would carry (choices.py). Every event has a number (`id`) that is
 the same on every connection — `queued` 0, `started` 1, piece `i` is `i + 2`, the last one
 follows the pieces — so a subscriber who reconnects with the last id it saw resumes
 exactly after it. A late subscriber gets the pieces so far first, and what no piece
@@ -63,12 +63,10 @@ async def job_events(queue: Queue, job: Job, after: int = -1) -> AsyncGenerator[
     if job.status is JobStatus.QUEUED:
         if after < QUEUED_ID:
             position = await queue.queue_position(job)
+            queued: JSON = {"job_id": job.id, "position": position}
             eta = await queue.estimated_start(job, position)
-            queued: JSON = {
-                "job_id": job.id,
-                "position": position,
-                "estimated_start_at": None if eta is None else round(eta, 2),
-            }
+            if eta is not None:  # known once its model ran lately (core/eta.py)
+                queued["estimated_start_at"] = round(eta, 2)
             waiting = await queue.waiting_for(job)
             if waiting is not None:  # pinned to a node that is not live (yet)
                 queued["waiting_for"] = waiting
