@@ -16,10 +16,8 @@ async def test_recent_runs_sums_the_runs_that_ended_in_the_window_per_model(
     await submit(store, *[new_job(model="m") for _ in range(4)], new_job(model="x"))
     first = await fetch(store, ["m"], n=2, now=T0)
     second = await fetch(store, ["m", "x"], n=3, now=T0 + 10)
-    m_late, x_job = (
-        [j for j in second if j.model == "m"][0],
-        next(j for j in second if j.model == "x"),
-    )
+    m_late = next(j for j in second if j.model == "m")
+    x_job = next(j for j in second if j.model == "x")
     await store.submit_results([NodeResult(first[0].id, first[0].lease_id, RESULT)], T0 + 2)
     failed = NodeResult(first[1].id, first[1].lease_id, error={"m": "no"}, retryable=False)
     await store.submit_results([failed], T0 + 4)
