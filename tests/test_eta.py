@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -252,3 +253,15 @@ def test_status_watch_shows_the_pace(lab: Lab, measured: dict[str, Any]) -> None
             proc.kill()
     row = next(x for x in out.splitlines() if x.startswith(MODEL))
     assert "jobs/s" in out and float(row.split()[-3]) > 0, (out, err)
+
+
+def test_the_job_page_shows_the_estimate(lab: Lab, measured: dict[str, Any]) -> None:
+    last = measured["submitted"][-1]["id"]
+    with httpx.Client(base_url=lab.server.url, timeout=30) as browser:
+        form = browser.get("/login").text
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form)
+        assert token is not None, form
+        body = {"csrf_token": token.group(1), "api_key": lab.server.keys["client_key"]}
+        assert browser.post("/login", data=body).status_code == 303
+        page = browser.get(f"/jobs/{last}").text
+    assert re.search(r"4 jobs ahead in the queue, starts in about [0-9.]+ (ms|s)", page), page
