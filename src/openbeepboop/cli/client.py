@@ -488,10 +488,16 @@ def _queued_detail(data: dict[str, Any]) -> str:
 
 
 def _starts_in(at: Any) -> str:
-    """', starts in about 12 s' for an estimated start (epoch seconds); '' for none."""
+    """', starts in about 12 s' (or ', starts now') for an estimated start (epoch
+    seconds); '' for none."""
     if not isinstance(at, int | float):
         return ""
-    return f", starts in about {_wait_text(at - time.time())}"
+    return f", {_starts_text(at - time.time())}"
+
+
+def _starts_text(seconds: float) -> str:
+    wait = _wait_text(seconds)
+    return "starts now" if wait == "now" else f"starts in about {wait}"
 
 
 def _wait_text(seconds: float) -> str:
@@ -514,7 +520,7 @@ def get(client: Client, job_id: str, as_json: bool) -> None:
         click.echo(f"{key:<15} {job.data.get(key)}")
     at = job.data.get("estimated_start_at")
     if isinstance(at, int | float):
-        click.echo(f"{'starts in':<15} about {_wait_text(at - time.time())}")
+        click.echo(f"{'estimate':<15} {_starts_text(at - time.time())}")
     if job.data.get("error"):
         click.echo(f"{'error':<15} {job.data['error']}")
     if job.data["status"] == "completed":
