@@ -376,6 +376,18 @@ async def test_fair_position_counts_the_turns_before_a_job(store: Store) -> None
     assert out[2] == b1 and out[4] == b2
 
 
+async def test_fair_position_counts_at_most_its_budget(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openbeepboop.server.store import sql_store
+
+    flood = await submit(store, *[new_job(owner="alice") for _ in range(120)])
+    [last] = await store.get_jobs([flood[-1]])
+    assert await store.queue_position(last) == 119
+    monkeypatch.setattr(sql_store, "POSITION_BUDGET", 50)
+    assert await store.queue_position(last) == 50  # a floor, counted in 50 rows
+
+
 async def test_pinned_jobs_go_only_to_their_node_by_name_or_id(store: Store) -> None:
     by_name, by_id, free = await submit(
         store,

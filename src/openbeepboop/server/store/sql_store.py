@@ -77,6 +77,7 @@ COUNT = Write(durable=False)  # a request counter: lost to a power cut, a window
 Steps = Sequence[tuple[str, Sequence[Any]]]
 TRIM_ROWS = 1000  # response cache answers deleted per statement
 ALL = 2**62  # a count's cap that is no cap
+POSITION_BUDGET = 20_000  # rows a fair queue_position counts at most (store/fair.py)
 
 
 class SqlStore(ABC):
@@ -157,7 +158,9 @@ class SqlStore(ABC):
         of its priority whose turn comes before this one's. Reads: one per owner with
         queued jobs of the model, each costing what it counts (capped at that share's
         turns ahead), so a job behind a flood of another share is counted in a few
-        rows, not the flood."""
+        rows, not the flood. At most POSITION_BUDGET rows are counted: a job deeper in a
+        share's backlog is told a position of at least that many (a floor), so that
+        submitting a flood one job at a time does not count it over and over."""
         m, p = job.model, job.priority
         above = await self._first("queued_above", m, p, job.seq)
         owners = [r[0] for r in await self._read(self._q["queued_owners"], (m,))]
@@ -177,9 +180,16 @@ class SqlStore(ABC):
         }
         clock = turns.get(fair.CLOCK, 0.0)
 
+        budget = [POSITION_BUDGET]  # rows left to count
+
         async def count(owner: str, before_seq: int, cap: int) -> int:
+            cap = min(cap, budget[0])
+            if cap <= 0:
+                return 0
             row = await self._first("owner_queued", m, owner, p, before_seq, cap)
-            return 0 if row is None else int(row[0])
+            found = 0 if row is None else int(row[0])
+            budget[0] -= found
+            return found
 
         mine = share_of[job.owner]
         members = [o for o in owners if share_of[o] == mine]
