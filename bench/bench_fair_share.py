@@ -55,9 +55,6 @@ import httpx
 from bench_nodes import Cluster  # this script's directory is on sys.path
 
 MODEL = "echo"
-BODY = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
-CHUNK = 2000  # jobs per bulk submit of A's flood
-RAMP_STEPS = 20  # A's first `slots` jobs, spread over one delay in this many submits
 JobTimes = tuple[float, float | None, float | None]  # created_at, started_at, finished_at
 
 
@@ -148,6 +145,17 @@ class Jobs:
         sql = "SELECT count(*) FROM jobs WHERE owner = ? AND finished_at >= ? AND finished_at < ?"
         return int(self._query(sql, [owner, since, until])[0][0])
 
+    def ahead(self, owner: str, created: float, started: float) -> int:
+        """How many of `owner`'s jobs were claimed while a job queued at `created` waited."""
+        sql = "SELECT count(*) FROM jobs WHERE owner = ? AND started_at > ? AND started_at < ?"
+        return int(self._query(sql, [owner, created, started])[0][0])
+
+    def next_claim(self, after: float) -> float:
+        """When the fleet's first claim after `after` took its jobs."""
+        return float(
+            self._query("SELECT min(started_at) FROM jobs WHERE started_at >= ?", [after])[0][0]
+        )
+
     def done(self, owner: str) -> int:
         sql = "SELECT count(*) FROM jobs WHERE owner = ? AND status = 'completed'"
         return int(self._query(sql, [owner])[0][0])
@@ -159,13 +167,22 @@ def _opt(value: Any) -> float | None:
 
 @dataclass
 class Key:
+    """A client key, the ids of the jobs it submitted, and how long they take: each job's
+    message has 0 to `jitter` words, each a millisecond of echo's `token_delay_ms`."""
+
     name: str
     secret: str
     id: str
+    jitter: int = 0
+    rng: random.Random = field(default_factory=random.Random)
     ids: list[str] = field(default_factory=list)
 
+    def body(self) -> dict[str, Any]:
+        words = self.rng.randint(0, self.jitter) if self.jitter else 1
+        return {"model": MODEL, "messages": [{"role": "user", "content": " ".join("x" * words)}]}
 
-def make_key(cluster: Cluster, name: str) -> Key:
+
+def make_key(cluster: Cluster, name: str, args: argparse.Namespace) -> Key:
     """A client key made the way an admin makes one (`keys create`)."""
     out = subprocess.run(
         [
@@ -187,13 +204,14 @@ def make_key(cluster: Cluster, name: str) -> Key:
         text=True,
     )
     made = json.loads(out.stdout)
-    return Key(name, made["key"], made["id"])
+    rng = random.Random(f"{args.seed}/{name}")
+    return Key(name, made["key"], made["id"], args.jitter_ms, rng)
 
 
 async def submit(http: httpx.AsyncClient, key: Key, count: int) -> list[str]:
     r = await http.post(
         "/v1/jobs",
-        json={"jobs": [{"body": BODY}] * count},
+        json={"jobs": [{"body": key.body()} for _ in range(count)]},
         headers={"Authorization": f"Bearer {key.secret}"},
     )
     r.raise_for_status()
@@ -213,19 +231,25 @@ async def trickle(
     return ids
 
 
-async def flood(http: httpx.AsyncClient, key: Key, jobs: int, slots: int, delay: float) -> None:
-    """A's jobs: the first `slots` spread over one delay, then the rest in bulk."""
-    step = max(1, slots // RAMP_STEPS)
-    sent = 0
-    while sent < min(slots, jobs):
-        n = min(step, jobs - sent)
-        key.ids += await submit(http, key, n)
-        sent += n
-        await asyncio.sleep(delay * step / slots)
-    while sent < jobs:
-        n = min(CHUNK, jobs - sent)
-        key.ids += await submit(http, key, n)
-        sent += n
+async def ramp(http: httpx.AsyncClient, key: Key, args: argparse.Namespace) -> None:
+    """A's first `nodes x concurrency` jobs, one at a time, evenly over one delay: each
+    is claimed alone, so the slots start, and then free, one by one."""
+    slots, delay = args.nodes * args.concurrency, args.delay_ms / 1000
+    start = time.monotonic()
+    for i in range(min(slots, args.jobs)):
+        await asyncio.sleep(max(0.0, start + i * delay / slots - time.monotonic()))
+        key.ids += await submit(http, key, 1)
+
+
+async def flood(http: httpx.AsyncClient, key: Key, args: argparse.Namespace) -> None:
+    """The rest of A's jobs in bulk requests of `--chunk`, at `--flood-rate` jobs/s (0:
+    back to back)."""
+    start, sent = time.monotonic(), len(key.ids)
+    while len(key.ids) < args.jobs:
+        if args.flood_rate:
+            due = start + (len(key.ids) - sent) / args.flood_rate
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+        key.ids += await submit(http, key, min(args.chunk, args.jobs - len(key.ids)))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -244,9 +268,13 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def waits(jobs: Jobs, ids: Sequence[str], timeout: float) -> dict[str, dict[str, float]]:
+def waits(
+    jobs: Jobs, ids: Sequence[str], timeout: float, flooder: str = ""
+) -> dict[str, dict[str, float]]:
     """Wait and turnaround of `ids` once all finished (or `timeout` passed: the ones left
-    count with what they waited so far, a lower bound)."""
+    count with what they waited so far, a lower bound). With `flooder`: how many of its
+    jobs were claimed while each waited (`ahead`), and how long each waited for the
+    fleet's next claim after it was queued (`next_claim`: what no claim order can save)."""
     deadline = time.monotonic() + timeout
     while True:
         found = jobs.times(ids)
@@ -257,7 +285,13 @@ def waits(jobs: Jobs, ids: Sequence[str], timeout: float) -> dict[str, dict[str,
     wait = [(t[1] if t[1] is not None else now) - t[0] for t in found.values()]
     turn = [(t[2] if t[2] is not None else now) - t[0] for t in found.values()]
     unfinished = sum(1 for t in found.values() if t[2] is None)
-    return {"wait": spread(wait), "turnaround": spread(turn), "unfinished": {"n": unfinished}}
+    out = {"wait": spread(wait), "turnaround": spread(turn), "unfinished": {"n": unfinished}}
+    if flooder:
+        started = [t for t in found.values() if t[1] is not None]
+        ahead = [float(jobs.ahead(flooder, t[0], t[1] or 0.0)) for t in started]
+        out["ahead"] = {"n": len(ahead), "p50": statistics.median(ahead), "max": max(ahead)}
+        out["next_claim"] = spread([jobs.next_claim(t[0]) - t[0] for t in started])
+    return out
 
 
 def add_nodes(cluster: Cluster, args: argparse.Namespace) -> None:
@@ -266,6 +300,7 @@ def add_nodes(cluster: Cluster, args: argparse.Namespace) -> None:
         "backend": "echo",
         "delay_ms": args.delay_ms,
         "concurrency": args.concurrency,
+        "token_delay_ms": 1 if args.jitter_ms else 0,
     }
     for i in range(args.nodes):
         cluster.add_node(f"echo-{i}", [model])
@@ -277,29 +312,32 @@ async def phases(
 ) -> dict[str, Any]:
     rng = random.Random(args.seed)
     a, b, c = keys["A"], keys["B"], keys["C"]
-    slots = args.nodes * args.concurrency
     async with httpx.AsyncClient(base_url=cluster.url, timeout=600) as http:
         empty_b, empty_c = await asyncio.gather(
             trickle(http, b, args.seconds, rng), trickle(http, c, args.seconds, rng)
         )
         await asyncio.sleep(args.delay_ms / 1000 + 1)  # the last of them finish
         flood_start = time.time()
-        await flood(http, a, args.jobs, slots, args.delay_ms / 1000)
-        submitted = time.time()
-        solo_from = submitted + args.delay_ms / 1000  # the ramp's lock step has passed
+        await ramp(http, a, args)
+        flooding = asyncio.create_task(flood(http, a, args))
+        if not args.flood_rate:
+            await flooding
+        solo_from = time.time() + args.delay_ms / 1000  # every slot taken by then
         await asyncio.sleep(max(0.0, solo_from + args.solo - time.time()))
         window_from = time.time()
         flood_b, flood_c = await asyncio.gather(
             trickle(http, b, args.seconds, rng), trickle(http, c, args.seconds, rng)
         )
         window_to = time.time()
+        await flooding
+        submitted = time.time()
     solo = jobs.finished(a.id, solo_from, window_from) / (window_from - solo_from)
     took = jobs.finished(b.id, window_from, window_to) + jobs.finished(c.id, window_from, window_to)
     a_rate = jobs.finished(a.id, window_from, window_to) / (window_to - window_from)
     others = took / (window_to - window_from)
     a_done = jobs.done(a.id)
     result: dict[str, Any] = {
-        "A_flood_submit_seconds": round(submitted - flood_start, 2),
+        "A_submit_seconds": round(submitted - flood_start, 2),
         "fleet_jobs_per_s_solo": round(solo, 1),
         "A_jobs_per_s_window": round(a_rate, 1),
         "BC_jobs_per_s_window": round(others, 2),
@@ -309,7 +347,7 @@ async def phases(
     }
     timeout = args.drain_timeout
     result["empty"] = waits(jobs, empty_b + empty_c, timeout)
-    result["flood"] = waits(jobs, flood_b + flood_c, timeout)
+    result["flood"] = waits(jobs, flood_b + flood_c, timeout, a.id)
     result["flood_B"] = waits(jobs, flood_b, 0)
     result["flood_C"] = waits(jobs, flood_c, 0)
     result["p95_wait_ratio"] = round(
@@ -331,7 +369,7 @@ def run(args: argparse.Namespace, fair: bool) -> dict[str, Any]:
         with environment(env):
             cluster = Cluster(Path(tmp))
             try:
-                keys = {name: make_key(cluster, name) for name in "ABC"}
+                keys = {name: make_key(cluster, name, args) for name in "ABC"}
                 add_nodes(cluster, args)
                 result = asyncio.run(phases(cluster, Jobs(cluster, env), keys, args))
             finally:
@@ -341,8 +379,8 @@ def run(args: argparse.Namespace, fair: bool) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "fair_share | B+C wait p50/p95 ms: empty -> flood (ratio) | turnaround p95 ms: "
-        "empty -> flood | A jobs/s vs fleet-B-C | A done",
+        "fair  | B+C wait p50/p95 ms: empty -> flood (x p95) | A claimed ahead p50 | "
+        "next claim p95 ms | turnaround p95 ms: empty -> flood | A jobs/s vs fleet-B-C | A done",
     ]
     for r in results:
         e, f = r["empty"], r["flood"]
@@ -350,6 +388,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{str(r['fair_share']).lower():5} | "
             f"{e['wait']['p50_ms']}/{e['wait']['p95_ms']} -> "
             f"{f['wait']['p50_ms']}/{f['wait']['p95_ms']} (x{r['p95_wait_ratio']}) | "
+            f"{f['ahead']['p50']:g} | {f['next_claim']['p95_ms']} | "
             f"{e['turnaround']['p95_ms']} -> {f['turnaround']['p95_ms']} | "
             f"{r['A_jobs_per_s_window']} vs {r['fleet_jobs_per_s_solo']}-"
             f"{r['BC_jobs_per_s_window']} ({r['A_share_of_rest']:.1%}) | "
@@ -362,10 +401,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=20_000, help="A's flood")
     parser.add_argument("--seconds", type=float, default=30, help="B's and C's window, per phase")
+    parser.add_argument("--chunk", type=int, default=100, help="A's jobs per bulk submit")
+    parser.add_argument(
+        "--flood-rate", type=float, default=1000, help="A's jobs/s after the ramp (0: at once)"
+    )
     parser.add_argument("--solo", type=float, default=5, help="A alone: the fleet's throughput")
     parser.add_argument("--nodes", type=int, default=2, help="echo node processes")
     parser.add_argument("--concurrency", type=int, default=128, help="slots per node")
     parser.add_argument("--delay-ms", type=float, default=1000, help="each job's echo delay")
+    parser.add_argument(
+        "--jitter-ms", type=int, default=0, help="each job also takes 0 to this many ms"
+    )
     parser.add_argument("--fair", choices=["both", "false", "true"], default="both")
     parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--drain-timeout", type=float, default=120, help="for B's and C's jobs")
@@ -374,10 +420,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = {"both": [False, True], "false": [False], "true": [True]}[args.fair]
     results = [run(args, fair) for fair in settings]
-    setup = {
-        k: getattr(args, k)
-        for k in ("jobs", "seconds", "solo", "nodes", "concurrency", "delay_ms", "store", "seed")
-    }
+    setup = {k: v for k, v in vars(args).items() if k != "json_out"}
     print(table(results))
     if args.json_out:
         args.json_out.write_text(json.dumps({"setup": setup, "results": results}, indent=2))
