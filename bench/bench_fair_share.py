@@ -2,27 +2,35 @@
 """Fair share under a flood: three client keys on one model served by echo nodes with a
 fixed per-job delay.
 
-Key A floods ``--jobs`` jobs (bulk ``POST /v1/jobs``, the same priority as everyone's);
-keys B and C each submit one job a second (one ``POST /v1/jobs`` each, at seeded random
-intervals of 0.5-1.5 s so that they do not beat in step with the fleet's fixed delay).
-Each fair setting (``fair_share`` false: oldest first, the "before"; true: the "after")
-gets a fresh server and fleet, in the same invocation, and three phases:
+Key A floods ``--jobs`` jobs (bulk ``POST /v1/jobs`` of ``--chunk`` jobs at
+``--flood-rate`` jobs/s, four times what the fleet drains; all at the same priority as
+everyone's); keys B and C each submit one job a second (one ``POST /v1/jobs`` each, at
+seeded random intervals of 0.5-1.5 s so that they do not beat in step with the fleet's
+fixed delay). Each setting of ``fair_share`` (false: oldest first, the "before"; true:
+the "after") gets a fresh server and fleet, in the same invocation, and three phases:
 
 1. ``empty``: B and C alone for ``--seconds``: their wait on an idle fleet.
-2. ``solo``: A's flood is queued, B and C quiet, for ``--solo`` seconds: the fleet's
+2. ``solo``: A's flood begins, B and C quiet, for ``--solo`` seconds: the fleet's
    throughput when A has it all.
 3. ``flood``: B and C submit again for ``--seconds`` while A's backlog lasts.
 
-Figures: B's and C's queue wait (``started_at - created_at``) and turnaround
-(``finished_at - created_at``), p50 and p95, empty and under the flood; A's throughput
+Figures: B's and C's queue wait (``started_at - created_at``, read from the database:
+the job object rounds them to seconds) and turnaround (``finished_at - created_at``),
+p50 and p95, empty and under the flood; how many of A's jobs were claimed while a job
+of B or C waited (``ahead``), and how long it waited for the fleet's next claim of
+anything (``next claim``: the part of its wait no claim order can save); A's throughput
 during the flood window against the fleet's (``solo``) minus what B and C took (goal:
->= 90 %), and how many of A's jobs were done by the end.
+>= 90 %), and how many of A's jobs were done by the window's end.
 
-The fleet's slots are filled gradually at first (A's first ``nodes x concurrency`` jobs
-are spread over one delay): with a fixed delay and every slot filled at once, the slots
-would free in lock step, once a delay, and a newcomer would wait for the next wave
-however fair the claim. Spread, a slot frees every ``delay / slots`` seconds on average
-(1 / the fleet's throughput): the least a newcomer can wait behind a full fleet.
+Behind a full fleet a newcomer waits at least until a slot frees: every ``delay /
+slots`` seconds on average (1 / the fleet's throughput) if the slots free evenly. So A's
+first ``nodes x concurrency`` jobs are queued one at a time, evenly over one delay, and
+the rest of the flood is paced: a bulk insert of thousands holds the server for a moment,
+the slots that free meanwhile are filled by one claim together, and with a fixed delay
+they free together again every delay from then on. Such clumps still form from any
+stall of the machine and never split again while every job takes the same time;
+``--jitter-ms`` gives each job 0 to that many milliseconds more (echo's
+``token_delay_ms`` over a random number of words), which lets them dissolve.
 
 Run: ``python3 bench/bench_fair_share.py`` (about four minutes); ``--fair true`` for one
 setting; ``--store postgres`` for PostgreSQL (``OBB_BENCH_POSTGRES_URL``, default
