@@ -181,39 +181,55 @@ class HttpSide:
         await self.node.post("/internal/queue/submit", self.node_headers, body)
 
 
-async def measure(side: Side, model: str, fair: bool, calls: int) -> float:
-    """Seconds spent in `calls` one-job claims (only the claims timed); each claimed job
-    is replaced at once (the queue keeps its length), and all are completed at the end."""
-    spent = 0.0
+async def measure(side: Side, model: str, fair: bool, calls: int) -> tuple[float, float]:
+    """Seconds spent in `calls` one-job claims, and in the submits that replace each
+    claimed job at once (the queue keeps its length); all are completed at the end,
+    untimed."""
+    claiming = replacing = 0.0
     claimed: list[Any] = []
     for _ in range(calls):
         started = time.perf_counter()
         jobs = await side.claim(model, fair)
-        spent += time.perf_counter() - started
+        claiming += time.perf_counter() - started
         if not jobs:
             raise RuntimeError(f"the {model} queue ran dry")
         claimed += jobs
+        started = time.perf_counter()
         await side.replace(model, jobs)
+        replacing += time.perf_counter() - started
     await side.complete(claimed)
-    return spent
+    return claiming, replacing
 
 
-async def interleaved(side: Side, configs: list[Config], calls: int) -> dict[Config, float]:
-    """Claims/s of each config over `calls` claims each, the configs taking turns every
-    `BLOCK` claims, so that a noisy second of the machine hits them all alike."""
+Rates = dict[Config, list[tuple[float, float]]]  # per config: (claims/s, submits/s) per rep
+
+
+async def interleaved(
+    side: Side, configs: list[Config], calls: int
+) -> dict[Config, tuple[float, float]]:
+    """Claims/s (and replacing submits/s) of each config over `calls` claims each, the
+    configs taking turns every `BLOCK` claims, so that a noisy second of the machine hits
+    them all alike."""
     blocks = max(1, calls // BLOCK)
-    spent = dict.fromkeys(configs, 0.0)
+    spent = {c: (0.0, 0.0) for c in configs}
     for _ in range(blocks):
         for fair, model in configs:
-            spent[fair, model] += await measure(side, model, fair, BLOCK)
-    return {c: blocks * BLOCK / spent[c] for c in configs}
+            claiming, replacing = await measure(side, model, fair, BLOCK)
+            before = spent[fair, model]
+            spent[fair, model] = (before[0] + claiming, before[1] + replacing)
+    n = blocks * BLOCK
+    return {c: (n / spent[c][0], n / spent[c][1]) for c in configs}
 
 
-def summary(rates: dict[Config, list[float]]) -> dict[str, Any]:
-    """Per claim kind: median claims/s of the short and the long queue, their ratio."""
+def summary(rates: Rates) -> dict[str, Any]:
+    """Per claim kind: median claims/s of the short and the long queue, their ratio; and
+    the same of the submits that replaced the claimed jobs."""
     out: dict[str, Any] = {}
     for fair in (False, True):
-        short, long = rates[fair, "short"], rates[fair, "long"]
+        short = [r[0] for r in rates[fair, "short"]]
+        long = [r[0] for r in rates[fair, "long"]]
+        submit_short = statistics.median(r[1] for r in rates[fair, "short"])
+        submit_long = statistics.median(r[1] for r in rates[fair, "long"])
         out["fair" if fair else "oldest_first"] = {
             "short_per_s": round(statistics.median(short)),
             "long_per_s": round(statistics.median(long)),
@@ -221,6 +237,9 @@ def summary(rates: dict[Config, list[float]]) -> dict[str, Any]:
             "ratio_per_rep": [round(lo / sh, 3) for sh, lo in zip(short, long, strict=True)],
             "short_all": [round(r) for r in short],
             "long_all": [round(r) for r in long],
+            "submit_short_per_s": round(submit_short),
+            "submit_long_per_s": round(submit_long),
+            "submit_ratio": round(submit_long / submit_short, 3),
         }
     return out
 
@@ -234,7 +253,7 @@ async def bench_store(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             await fill(store, "short", owners, args.short)
             side = StoreSide(store)
             await interleaved(side, CONFIGS, BLOCK)  # warm-up
-            rates: dict[Config, list[float]] = {c: [] for c in CONFIGS}
+            rates: Rates = {c: [] for c in CONFIGS}
             for _ in range(args.reps):
                 for c, rate in (await interleaved(side, CONFIGS, args.calls)).items():
                     rates[c].append(rate)
@@ -252,7 +271,7 @@ async def bench_http(args: argparse.Namespace) -> dict[str, Any]:
             owners = [k.record.id for k in made]
             fill_seconds = await fill(store, "long", owners, args.long)
             await fill(store, "short", owners, args.short)
-        rates: dict[Config, list[float]] = {c: [] for c in CONFIGS}
+        rates: Rates = {c: [] for c in CONFIGS}
         for rep in range(args.reps + 1):  # the first: a warm-up, not counted
             for fair in (False, True):
                 server.env = {"OPENBEEPBOOP_FAIR_SHARE": str(fair).lower()}
@@ -287,14 +306,16 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"claims/s, one job per claim, median of {args.reps} x {args.calls} "
         f"({args.short:,} vs {args.long:,} queued from {args.keys} keys)",
-        "store    | via   | claim        | short | long  | long/short",
+        "store    | via   | claim        | short | long  | long/short | replacing submits/s "
+        "short -> long",
     ]
     for row in rows:
         for name in ("oldest_first", "fair"):
             r = row[name]
             lines.append(
                 f"{row['store']:8} | {row['via']:5} | {name:12} | {r['short_per_s']:5} | "
-                f"{r['long_per_s']:5} | {r['ratio']}"
+                f"{r['long_per_s']:5} | {r['ratio']:10} | {r['submit_short_per_s']} -> "
+                f"{r['submit_long_per_s']} ({r['submit_ratio']})"
             )
     return "\n".join(lines)
 

@@ -278,7 +278,7 @@ def spread(values: Sequence[float]) -> dict[str, float]:
 
 def waits(
     jobs: Jobs, ids: Sequence[str], timeout: float, flooder: str = ""
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Wait and turnaround of `ids` once all finished (or `timeout` passed: the ones left
     count with what they waited so far, a lower bound). With `flooder`: how many of its
     jobs were claimed while each waited (`ahead`), and how long each waited for the
@@ -293,7 +293,11 @@ def waits(
     wait = [(t[1] if t[1] is not None else now) - t[0] for t in found.values()]
     turn = [(t[2] if t[2] is not None else now) - t[0] for t in found.values()]
     unfinished = sum(1 for t in found.values() if t[2] is None)
-    out = {"wait": spread(wait), "turnaround": spread(turn), "unfinished": {"n": unfinished}}
+    out: dict[str, dict[str, Any]] = {
+        "wait": spread(wait),
+        "turnaround": spread(turn),
+        "unfinished": {"n": unfinished},
+    }
     if flooder:
         started = [t for t in found.values() if t[1] is not None]
         ahead = [float(jobs.ahead(flooder, t[0], t[1] or 0.0)) for t in started]
