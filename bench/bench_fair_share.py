@@ -53,6 +53,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,8 @@ class Jobs:
             finally:
                 await conn.close()
 
-        return asyncio.run(run())
+        with ThreadPoolExecutor(1) as thread:  # callers may run in an event loop
+            return thread.submit(asyncio.run, run()).result()
 
     def times(self, ids: Sequence[str]) -> dict[str, JobTimes]:
         found: dict[str, JobTimes] = {}
