@@ -6,21 +6,23 @@ jobs from 50 keys, in the same run, on SQLite and on PostgreSQL, with the fair c
 Through the store (no HTTP): a real SQLite file and a real PostgreSQL database (created
 and dropped here), each holding two models, ``short`` (``--short`` queued jobs) and
 ``long`` (``--long``), spread evenly over ``--keys`` client keys (made as an admin makes
-them). The long queue is written with the store's bulk ``submit_jobs``. A measurement is
-``--calls`` claims of one job each (``fetch_jobs(..., max_jobs=1)``, as a node with one
-free slot asks); only the claims are timed. After each claim one job of the same key is
-queued again, and the claimed jobs are completed every 100 claims (neither timed), so
-that both queues keep their length and no running jobs pile up. Repetitions interleave
-(fair off and on, short and long) so that the machine's noise falls on all alike; the
-figure is the median claims/s of ``--reps`` repetitions, and the ratio long / short
-(goal: >= 0.9).
+them). The long queue is written with the store's bulk ``submit_jobs``. Only the claims
+are timed (``fetch_jobs(..., max_jobs=1)``, as a node with one free slot asks); after
+each, the claimed job is replaced by a new one of the same key (the submits are timed
+apart), and the claimed jobs are completed every ``BLOCK`` claims, untimed, so that both
+queues keep their length and no running jobs pile up. The four kinds (fair or not,
+short or long) take turns every ``BLOCK`` claims, so that the machine's noise falls on
+all alike; a repetition is ``--calls`` claims of each, the figure the median claims/s of
+``--reps`` repetitions, and the ratio long / short (goal: >= 0.9).
 
-``--via http`` also measures through a real server (``POST /internal/queue/fetch`` with
-``max_jobs`` 1 and no wait, as a node with one free slot; SQLite, the setting
-``fair_share`` false then true on the same database).
+``--via http`` (or ``both``) measures through a real server too: ``POST
+/internal/queue/fetch`` with ``max_jobs`` 1 and no wait, as a node with one free slot,
+on SQLite; the queues are written before the server starts, each repetition starts it
+with ``fair_share`` false, then true, on the same database; claimed jobs are replaced
+through ``POST /v1/jobs`` (the keys in turn) and completed through the node protocol.
 
-Run: ``python3 bench/bench_claim_cost.py`` (about three minutes); ``--store sqlite``
-for SQLite alone. PostgreSQL at ``OBB_BENCH_POSTGRES_URL`` (default
+Run: ``python3 bench/bench_claim_cost.py`` (about a minute; ``--via both``: under two);
+``--store sqlite`` for SQLite alone. PostgreSQL at ``OBB_BENCH_POSTGRES_URL`` (default
 postgres@127.0.0.1:5432, trust auth).
 """
 
