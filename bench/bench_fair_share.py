@@ -166,10 +166,6 @@ class Jobs:
             self._query("SELECT min(started_at) FROM jobs WHERE started_at >= ?", [after])[0][0]
         )
 
-    def done(self, owner: str) -> int:
-        sql = "SELECT count(*) FROM jobs WHERE owner = ? AND status = 'completed'"
-        return int(self._query(sql, [owner])[0][0])
-
 
 def _opt(value: Any) -> float | None:
     return None if value is None else float(value)
@@ -349,7 +345,7 @@ async def phases(
     took = jobs.finished(b.id, window_from, window_to) + jobs.finished(c.id, window_from, window_to)
     a_rate = jobs.finished(a.id, window_from, window_to) / (window_to - window_from)
     others = took / (window_to - window_from)
-    a_done = jobs.done(a.id)
+    a_done = jobs.finished(a.id, 0.0, window_to)
     result: dict[str, Any] = {
         "A_submit_seconds": round(submitted - flood_start, 2),
         "fleet_jobs_per_s_solo": round(solo, 1),
