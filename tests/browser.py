@@ -141,9 +141,10 @@ def tab(
 # -- fixtures: a test module takes them with `from tests.browser import chrome, web`
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def chrome() -> Iterator[Any]:
-    """One headless Chromium for the module's tests."""
+    """One headless Chromium for the whole run (every `tab` is a fresh context: no cookies
+    or storage are shared between tests)."""
     with browser() as launched:
         yield launched
 

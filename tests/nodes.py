@@ -185,6 +185,18 @@ def with_node(
         procs.close()
 
 
+@contextmanager
+def served(data_dir: Path, models: list[dict[str, Any]], **env: str) -> Iterator[ServerProcess]:
+    """A new server (`env` as in `new_server`) with one node serving `models`, for fixtures
+    wider than one test; both are stopped after the block."""
+    server = new_server(data_dir / "server", **env)
+    try:
+        with with_node(server, data_dir, models):
+            yield server
+    finally:
+        server.kill(signal.SIGTERM)
+
+
 def node_id_of(node: Proc, timeout: float = 30) -> str:
     """The node_id the node logged when it registered."""
 

@@ -9,8 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
@@ -18,18 +17,18 @@ from openbeepboop.client import AsyncClient, Client, JobFailedError
 from tests.conftest import ServerProcess
 from tests.nodes import (
     echo_model,
-    with_node,
+    served,
 )
 
 WORDS = [f"word{i}" for i in range(20)]
 PROMPT = " ".join(WORDS)
 
 
-@pytest.fixture
-def slow_server(
-    server_process: Callable[..., ServerProcess], tmp_path: Path
-) -> Iterator[ServerProcess]:
-    with with_node(server_process(), tmp_path, [echo_model(token_delay_ms=80)]) as server:
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server and echo node for the module's tests: each reads only its own jobs."""
+    models = [echo_model(token_delay_ms=80)]
+    with served(tmp_path_factory.mktemp("client-stream"), models) as server:
         yield server
 
 

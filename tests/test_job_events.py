@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from tests.conftest import Api, ServerProcess
 from tests.nodes import (
     auth,
     echo_model,
-    with_node,
+    served,
 )
 
 WORDS = [f"w{i}" for i in range(30)]
@@ -152,11 +152,11 @@ async def test_events_bad_requests(api: Api) -> None:
 # -- real processes: many subscribers, a late one, resume --------------------------
 
 
-@pytest.fixture
-def slow_echo(
-    server_process: Callable[..., ServerProcess], tmp_path: Path
-) -> Iterator[ServerProcess]:
-    with with_node(server_process(), tmp_path, [echo_model(token_delay_ms=100)]) as server:
+@pytest.fixture(scope="module")
+def slow_echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server and echo node for the module's tests: each follows only its own jobs."""
+    models = [echo_model(token_delay_ms=100)]
+    with served(tmp_path_factory.mktemp("job-events"), models) as server:
         yield server
 
 

@@ -20,8 +20,8 @@ from tests.nodes import (
     Procs,
     echo_model,
     node_id_of,
+    served,
     start_node,
-    with_node,
     write_config,
 )
 
@@ -42,11 +42,10 @@ def batch_lines(n: int, url: str = "/v1/chat/completions", model: str = "echo") 
     return ("\n".join(out) + "\n").encode()
 
 
-@pytest.fixture
-def batch_server(
-    server_process: Callable[..., ServerProcess], tmp_path: Path
-) -> Iterator[ServerProcess]:
-    with with_node(server_process(), tmp_path, [echo_model(delay_ms=20)]) as server:
+@pytest.fixture(scope="module")
+def batch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server and echo node for the module's tests: each follows only its own batch."""
+    with served(tmp_path_factory.mktemp("batches"), [echo_model(delay_ms=20)]) as server:
         yield server
 
 

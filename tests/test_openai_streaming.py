@@ -5,8 +5,7 @@ out as `chat.completion.chunk` SSE."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import openai
 import pytest
@@ -14,17 +13,17 @@ import pytest
 from tests.conftest import ServerProcess
 from tests.nodes import (
     echo_model,
-    with_node,
+    served,
 )
 
 PROMPT = "one two three four five six seven eight"
 
 
-@pytest.fixture
-def streaming_server(
-    server_process: Callable[..., ServerProcess], tmp_path: Path
-) -> Iterator[ServerProcess]:
-    with with_node(server_process(), tmp_path, [echo_model(token_delay_ms=120)]) as server:
+@pytest.fixture(scope="module")
+def streaming_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server and echo node for the module's tests: each reads only its own answers."""
+    models = [echo_model(token_delay_ms=120)]
+    with served(tmp_path_factory.mktemp("streaming"), models) as server:
         yield server
 
 

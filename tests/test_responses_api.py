@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,13 @@ import pytest
 from openbeepboop.server.core import responses
 from openbeepboop.server.models import Job, JobStatus
 from tests.conftest import ServerProcess, cli, free_port
-from tests.nodes import echo_model, with_node
+from tests.nodes import echo_model, served, with_node
 
 
-@pytest.fixture
-def server(server_process: Callable[..., ServerProcess], tmp_path: Path) -> Iterator[ServerProcess]:
-    with with_node(server_process(), tmp_path, [echo_model(token_delay_ms=20)]) as running:
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server and echo node for the module's tests: each reads only its own responses."""
+    with served(tmp_path_factory.mktemp("responses"), [echo_model(token_delay_ms=20)]) as running:
         yield running
 
 
@@ -302,8 +303,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
 ]
 
 
-def test_bad_input_is_400_naming_the_param(server_process: Callable[..., ServerProcess]) -> None:
-    server = server_process()
+def test_bad_input_is_400_naming_the_param(server: ServerProcess) -> None:
     for body, param in BAD:
         answer = httpx.post(
             server.url + "/v1/responses",

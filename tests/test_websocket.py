@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,7 +17,7 @@ from tests.conftest import ServerProcess
 from tests.nodes import (
     auth,
     echo_model,
-    with_node,
+    served,
 )
 
 # The LLM Worker README's example, as it is written there.
@@ -46,16 +45,30 @@ README_ADD = {
 }
 
 
-@pytest.fixture
-def ws_server(
-    server_process: Callable[..., ServerProcess], tmp_path: Path
-) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module")
+def ws_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server and echo node for the module: every test reads only its own jobs, and
+    the template tests each have a client key of their own (templates belong to a key)."""
+    tmp = tmp_path_factory.mktemp("ws")
     models = [
         echo_model(name="gpt-3.5-turbo", token_delay_ms=60),
         echo_model(token_delay_ms=60),
     ]
-    with with_node(server_process(), tmp_path, models) as server:
+    with served(tmp, models) as server:
         yield server
+
+
+def with_new_client_key(server: ServerProcess) -> ServerProcess:
+    """`server` seen through a client key made for this test alone."""
+    r = httpx.post(
+        server.url + "/v1/admin/keys",
+        json={"role": "client"},
+        headers=auth(server.keys["admin_key"]),
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+    keys = {**server.keys, "client_key": r.json()["key"]}
+    return ServerProcess(server.data_dir, server.port, keys, server.env)
 
 
 def ws_url(server: ServerProcess) -> str:
@@ -223,6 +236,7 @@ def test_without_a_key_the_socket_is_refused(ws_server: ServerProcess) -> None:
 
 
 def test_templates_by_name_from_ws_and_jobs_api_with_fallback(ws_server: ServerProcess) -> None:
+    ws_server = with_new_client_key(ws_server)
     key = auth(ws_server.keys["client_key"])
     template = {
         "name": "eiffel",
@@ -292,6 +306,7 @@ def test_templates_by_name_from_ws_and_jobs_api_with_fallback(ws_server: ServerP
 def test_templates_from_the_client_library_in_bulk_and_in_a_batch(
     ws_server: ServerProcess,
 ) -> None:
+    ws_server = with_new_client_key(ws_server)
     import openai
 
     from openbeepboop.client import Client, NotFoundError
