@@ -162,6 +162,11 @@ def test_an_idle_worker_is_unloaded_and_the_next_job_loads_it_again(
         5,
         "the node's events to show the model ready again after 'unloaded'",
     )
+    # The watcher's event stream is still open, and a SIGTERM would have the server wait
+    # out its 10 s graceful shutdown for it: this server is done with, so it is killed.
+    server.kill(signal.SIGKILL)
+    watcher.join(timeout=10)
+    assert not watcher.is_alive()
 
 
 def test_a_model_that_cannot_load_in_its_worker_is_reported(
