@@ -8,8 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,13 +16,16 @@ import pytest
 import tomli_w
 
 from tests.conftest import ServerProcess
+from tests.nodes import new_server
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def gemma_node(
-    server_process: Callable[..., ServerProcess], tmp_path: Path
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[ServerProcess, httpx.Client]]:
-    server = server_process()
+    """One server and Gemma node for the module's tests: each reads only its own answers."""
+    tmp_path = tmp_path_factory.mktemp("gemma")
+    server = new_server(tmp_path / "server")
     config = {
         "server": {"url": server.url, "api_key": server.keys["node_key"]},
         "node": {"name": "gemma-test", "state_dir": str(tmp_path / "node")},
@@ -54,6 +56,7 @@ def gemma_node(
         node.send_signal(signal.SIGTERM)
         node.wait(timeout=60)
         http.close()
+        server.kill(signal.SIGTERM)
 
 
 def _ask(http: httpx.Client, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
