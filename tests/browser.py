@@ -138,20 +138,21 @@ def tab(
         context.close()
 
 
-# -- fixtures: a test module takes them with `from tests.browser import chrome, web`
+# -- fixtures (conftest imports them): one Chromium per module, one site for the whole run
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chrome() -> Iterator[Any]:
-    """One headless Chromium for the whole run (every `tab` is a fresh context: no cookies
-    or storage are shared between tests)."""
+    """One headless Chromium for the module's tests (not wider: while Playwright's sync API
+    runs, its event loop is the thread's, and later modules' asyncio tests could not run)."""
     with browser() as launched:
         yield launched
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """One server with an echo node (20 ms a piece: streams arrive in several pieces)
-    for the module's tests."""
+    for every module that takes it: tests on it look only at their own jobs, keys and
+    models (a module that needs a server of its own defines its own `web`)."""
     with site(tmp_path_factory.mktemp("web"), delay_ms=20) as started:
         yield started

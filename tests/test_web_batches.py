@@ -13,7 +13,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser import Site, tab
+from tests.browser import Site, site, tab
 from tests.nodes import auth
 from tests.web_jobs_helpers import (
     batch,
@@ -23,6 +23,14 @@ from tests.web_jobs_helpers import (
     slow_node,
     start_batch,
 )
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """A site of this module's own, not the shared one: the jobs it leaves queued and its
+    second node are not for other modules' pages to show."""
+    with site(tmp_path_factory.mktemp("web-batches"), delay_ms=20) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
