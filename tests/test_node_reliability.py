@@ -25,6 +25,7 @@ from tests.nodes import (
     echo_model,
     get_job,
     log_events,
+    new_server,
     node_id_of,
     start_node,
     submit_chat,
@@ -43,6 +44,15 @@ def procs() -> Iterator[Procs]:
     p = Procs()
     yield p
     p.close()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for the tests that leave it running: each gives its node models of
+    its own, so that no test's node takes (or waits on) another test's jobs."""
+    server = new_server(tmp_path_factory.mktemp("reliability") / "server")
+    yield server
+    server.kill(signal.SIGTERM)
 
 
 def completed_count(node: Proc) -> int:
@@ -234,7 +244,7 @@ def test_results_in_the_outbox_survive_a_node_restart(
     ids=["finish", "release", "second-signal"],
 )
 def test_sigterm_drains_or_releases(
-    server_process: ServerFactory,
+    shared_server: ServerProcess,
     procs: Procs,
     tmp_path: Path,
     drain: float,
@@ -242,12 +252,13 @@ def test_sigterm_drains_or_releases(
     signals: int,
     outcome: str,
 ) -> None:
-    server = server_process()
-    model = echo_model(delay_ms, concurrency=2)
+    server = shared_server
+    name = f"drain-{outcome}-{signals}"
+    model = echo_model(delay_ms, concurrency=2, name=name)
     config = write_config(tmp_path / "node.toml", server, [model], drain_seconds=drain)
     node = start_node(procs, config)
     node_id_of(node)
-    ids = [submit_chat(server, f"drain job {i}") for i in range(2)]
+    ids = [submit_chat(server, f"drain job {i}", model=name) for i in range(2)]
     wait_jobs(server, ids, "in_progress", timeout=15)
     wait_until(lambda: len(log_events(node, "job started")) == 2, 5, "the jobs to start")
 
@@ -274,7 +285,9 @@ def test_sigterm_drains_or_releases(
 # -- batch and run -----------------------------------------------------------------------
 
 
-def setup_node(tmp_path: Path, server: ServerProcess, config: Path, delay_ms: int) -> None:
+def setup_node(
+    tmp_path: Path, server: ServerProcess, config: Path, delay_ms: int, model: str = "echo"
+) -> None:
     """`openbeepboop-node setup`, as a user runs it."""
     out = subprocess.run(
         [
@@ -292,7 +305,7 @@ def setup_node(tmp_path: Path, server: ServerProcess, config: Path, delay_ms: in
             "--backend",
             "echo",
             "--model-name",
-            "echo",
+            model,
             "--concurrency",
             "2",
             "--delay-ms",
@@ -306,7 +319,7 @@ def setup_node(tmp_path: Path, server: ServerProcess, config: Path, delay_ms: in
         check=False,
     )
     assert out.returncode == 0, out.stderr
-    assert '"echo"' in out.stdout
+    assert f'"{model}"' in out.stdout
 
 
 def test_setup_writes_an_openai_backend_model_and_requires_its_base_url(tmp_path: Path) -> None:
@@ -347,12 +360,12 @@ def test_setup_writes_an_openai_backend_model_and_requires_its_base_url(tmp_path
 
 
 def test_batch_exits_0_once_the_queue_is_drained(
-    server_process: ServerFactory, procs: Procs, tmp_path: Path
+    shared_server: ServerProcess, procs: Procs, tmp_path: Path
 ) -> None:
-    server = server_process()
+    server = shared_server
     config = tmp_path / "node.toml"
-    setup_node(tmp_path, server, config, delay_ms=200)
-    ids = [submit_chat(server, f"batch job {i}") for i in range(5)]
+    setup_node(tmp_path, server, config, delay_ms=200, model="batch-echo")
+    ids = [submit_chat(server, f"batch job {i}", model="batch-echo") for i in range(5)]
     # the outbox goes to $XDG_STATE_HOME/openbeepboop: keep it in tmp_path
     node = start_node(procs, config, mode="batch", XDG_STATE_HOME=str(tmp_path / "state"))
     assert node.wait(timeout=45) == 0, node.stderr()
@@ -369,16 +382,18 @@ def test_batch_exits_0_once_the_queue_is_drained(
     assert_no_prompt(node, "batch job")
 
 
-def test_run_keeps_serving(server_process: ServerFactory, procs: Procs, tmp_path: Path) -> None:
-    server = server_process()
-    config = write_config(tmp_path / "node.toml", server, [echo_model(100)], poll_seconds=0.5)
+def test_run_keeps_serving(shared_server: ServerProcess, procs: Procs, tmp_path: Path) -> None:
+    server, name = shared_server, "run-echo"
+    config = write_config(
+        tmp_path / "node.toml", server, [echo_model(100, name=name)], poll_seconds=0.5
+    )
     node = start_node(procs, config)
     node_id_of(node)
-    first = submit_chat(server, "the first job")
+    first = submit_chat(server, "the first job", model=name)
     wait_jobs(server, [first], "completed", timeout=15)
     time.sleep(1.5)  # a few empty long-polls
     assert node.alive()
-    later = submit_chat(server, "a job submitted later")
+    later = submit_chat(server, "a job submitted later", model=name)
     (done,) = wait_jobs(server, [later], "completed", timeout=15)
     assert answer(done) == "a job submitted later"
     assert node.alive()
@@ -388,14 +403,14 @@ def test_run_keeps_serving(server_process: ServerFactory, procs: Procs, tmp_path
 
 
 def test_cancel_on_the_server_aborts_the_job_on_the_node(
-    server_process: ServerFactory, procs: Procs, tmp_path: Path
+    shared_server: ServerProcess, procs: Procs, tmp_path: Path
 ) -> None:
-    server = server_process()
-    models = [echo_model(30000), {"name": "fast", "backend": "echo"}]
+    server = shared_server
+    models = [echo_model(30000, name="cancel-slow"), {"name": "cancel-fast", "backend": "echo"}]
     config = write_config(tmp_path / "node.toml", server, models, heartbeat_seconds=0.3)
     node = start_node(procs, config)
     node_id_of(node)
-    job = submit_chat(server, "cancel me")
+    job = submit_chat(server, "cancel me", model="cancel-slow")
     wait_jobs(server, [job], "in_progress", timeout=15)
     wait_until(lambda: log_events(node, "job started", job), 5, "the job to start")
 
@@ -404,7 +419,7 @@ def test_cancel_on_the_server_aborts_the_job_on_the_node(
     assert get_job(server, job)["status"] == "cancelled"
 
     # the node keeps working, and nothing it sends revives the cancelled job
-    other = submit_chat(server, "after the cancel", model="fast")
+    other = submit_chat(server, "after the cancel", model="cancel-fast")
     (done,) = wait_jobs(server, [other], "completed", timeout=15)
     assert answer(done) == "after the cancel"
     cancelled = get_job(server, job)
@@ -417,16 +432,17 @@ def test_cancel_on_the_server_aborts_the_job_on_the_node(
 
 
 def test_logs_carry_no_prompt_text_by_default(
-    server_process: ServerFactory, procs: Procs, tmp_path: Path
+    shared_server: ServerProcess, procs: Procs, tmp_path: Path
 ) -> None:
-    server = server_process()
-    config = write_config(tmp_path / "node.toml", server, [echo_model(0, token_delay_ms=5)])
+    server, name = shared_server, "logs-echo"
+    model = echo_model(0, token_delay_ms=5, name=name)
+    config = write_config(tmp_path / "node.toml", server, [model])
     node = start_node(procs, config)
     node_id_of(node)
     secret = "PROMPT-TEXT-7c1e2a do not log me"
     ids = [
-        submit_chat(server, secret),
-        submit_chat(server, secret, max_tokens=2),
+        submit_chat(server, secret, model=name),
+        submit_chat(server, secret, model=name, max_tokens=2),
     ]
     wait_jobs(server, ids, "completed", timeout=15)
     node.send(signal.SIGTERM)
