@@ -26,7 +26,7 @@ CREATE TABLE fair_turns (
     share  TEXT NOT NULL,
     finish REAL NOT NULL,
     PRIMARY KEY (model, share)
-) WITHOUT ROWID;
+);
 
 CREATE INDEX jobs_queued_owner ON jobs (model, owner, priority DESC, seq)
     WHERE status = 'queued' AND pin_node IS NULL;
