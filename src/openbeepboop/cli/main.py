@@ -183,7 +183,9 @@ def serve(
     node_config = _node_config(settings, node_key_path.read_text().strip(), models)
 
     logs.configure(settings.log_level)
-    url = f"http://{settings.host}:{settings.port}"
+    # listening on every address (as in a container): clients here use the loopback
+    shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = f"http://{shown_host}:{settings.port}"
     click.echo(_banner(url, model_name, settings, keys), err=True)
     code = run_loop(_serve(settings, create_app, make_server, NodeRunner, node_config))
     sys.exit(code)
