@@ -249,6 +249,9 @@ def compose_project(files: list[Path], project: str, env: dict[str, str]) -> Ite
     project_.down()
     try:
         yield project_
+    except BaseException:
+        print(project_.logs())  # pytest shows it with the failure
+        raise
     finally:
         project_.down()
 
