@@ -386,3 +386,25 @@ def test_two_replicas_start_at_once_with_one_key(
         finally:
             for server in servers:
                 server.kill()
+
+
+def test_the_node_reads_its_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node (openbeepboop-node) takes OPENBEEPBOOP_NODE_KEY_FILE as the server does."""
+    from openbeepboop.node.config import NodeConfigError, load_node_config
+
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[server]\nurl = "http://127.0.0.1:1"\napi_key = "obb_node_from_the_file"\n\n'
+        '[[models]]\nname = "echo"\nbackend = "echo"\n'
+    )
+    key = secret(Role.NODE)
+    (tmp_path / "node_key").write_text(key + "\n")
+    monkeypatch.setenv("OPENBEEPBOOP_NODE_KEY_FILE", str(tmp_path / "node_key"))
+    assert load_node_config(config).server.api_key == key
+    monkeypatch.setenv("OPENBEEPBOOP_NODE_KEY", key)
+    with pytest.raises(NodeConfigError, match="both OPENBEEPBOOP_NODE_KEY and"):
+        load_node_config(config)
+    monkeypatch.delenv("OPENBEEPBOOP_NODE_KEY")
+    monkeypatch.setenv("OPENBEEPBOOP_NODE_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises(NodeConfigError, match="missing, which cannot be read"):
+        load_node_config(config)
