@@ -156,6 +156,7 @@ def serve(
     """
     from openbeepboop.node import logs
     from openbeepboop.node.runner import NodeRunner
+    from openbeepboop.server.core.keys import given_keys
     from openbeepboop.server.http.app import create_app
     from openbeepboop.server.http.serving import make_server
 
@@ -163,13 +164,16 @@ def serve(
         settings = load_settings(
             data_dir, host=host, port=port, dht_port=dht_port, bootstrap=bootstrap
         )
+        given_keys(settings)  # a wrong key given: said before anything is made
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     keys = None
     if not settings.config_path.exists():
         keys = asyncio.run(_first_setup(settings))
     node_key_path = settings.data_dir / NODE_KEY_FILE
-    if not node_key_path.exists():
+    # a node key given to the server (OPENBEEPBOOP_NODE_KEY): the embedded node's too
+    given = settings.node_key.get_secret_value().strip() if settings.node_key else ""
+    if not given and not node_key_path.exists():
         raise click.ClickException(
             f"{node_key_path} is missing: create a node key with "
             f"`openbeepboop server keys create --data-dir {settings.data_dir} --role node` "
@@ -180,7 +184,7 @@ def serve(
         models[0]["path"] = model_path
     if echo and model_name != "echo":
         models.append({"name": "echo", "backend": "echo", "concurrency": 16})
-    node_config = _node_config(settings, node_key_path.read_text().strip(), models)
+    node_config = _node_config(settings, given or node_key_path.read_text().strip(), models)
 
     logs.configure(settings.log_level)
     # listening on every address (as in a container): clients here use the loopback

@@ -134,6 +134,11 @@ def main() -> None:
     "server.toml [default: SQLite in the data dir].",
 )
 @click.option("--non-interactive", is_flag=True, help="Never prompt; use flags and defaults.")
+@click.option(
+    "--no-keys",
+    is_flag=True,
+    help="Make no keys (they come from OPENBEEPBOOP_ADMIN_KEY, _NODE_KEY, _CLIENT_KEY).",
+)
 @JSON_OUT
 def setup(
     data_dir: Path | None,
@@ -142,6 +147,7 @@ def setup(
     lease_seconds: float | None,
     database_url: str | None,
     non_interactive: bool,
+    no_keys: bool,
     as_json: bool,
 ) -> None:
     """Create the data directory, config and database, and print new keys (shown once).
@@ -149,6 +155,8 @@ def setup(
     Safe to run again: it keeps the database, applies new migrations, and makes new keys.
     With a PostgreSQL URL (--database-url or OPENBEEPBOOP_DATABASE_URL) it creates the
     database if it is missing and its tables; several servers may then share it.
+    With --no-keys it makes no keys (containers: the operator gives them in
+    OPENBEEPBOOP_ADMIN_KEY and the like, and the server makes sure of them at start).
     """
     interactive = not non_interactive and sys.stdin.isatty()
     if interactive:
@@ -182,7 +190,7 @@ def setup(
             made[f"{role.value}_key"] = (await keyring.create(role, name="setup")).secret
         return made
 
-    keys = _with_store(settings, make_keys)
+    keys = {} if no_keys else _with_store(settings, make_keys)
     out = {
         "data_dir": str(settings.data_dir),
         "config": str(config),
@@ -197,7 +205,14 @@ def setup(
         return
     verb = "Updated" if existed else "Created"
     click.echo(f"{verb} {config}\nDatabase {settings.database_label} is ready.\n")
-    click.echo("New API keys (shown once; only their hashes are stored):")
+    if no_keys:
+        click.echo(
+            "No keys made (--no-keys): the server makes sure of the keys given in "
+            "OPENBEEPBOOP_ADMIN_KEY, OPENBEEPBOOP_NODE_KEY and OPENBEEPBOOP_CLIENT_KEY "
+            "(or their _FILE variants) when it starts."
+        )
+    else:
+        click.echo("New API keys (shown once; only their hashes are stored):")
     for name, value in keys.items():
         click.echo(f"  {name:<11} {value}")
     click.echo(
@@ -421,7 +436,7 @@ def _report_copy(report: BackupReport, verb: str, as_json: bool) -> None:
 
 @main.group()
 def keys() -> None:
-    """Create, list and revoke API keys."""
+    """Create, generate, list and revoke API keys."""
 
 
 @keys.command("create")
@@ -453,6 +468,26 @@ def keys_create(
     else:
         click.echo(secret)
         click.echo(f"({role} key {key_id}; shown once)", err=True)
+
+
+@keys.command("generate")
+@click.option(
+    "--role", type=click.Choice([r.value for r in Role]), required=True, help="What it may do."
+)
+@JSON_OUT
+def keys_generate(role: str, as_json: bool) -> None:
+    """Print a new key without storing it anywhere: for OPENBEEPBOOP_<ROLE>_KEY (an .env
+    file, a Docker secret), which the server makes sure of when it starts. Needs no data
+    directory."""
+    from openbeepboop.server.core.keys import new_key
+
+    secret = new_key(Role(role)).secret
+    variable = f"OPENBEEPBOOP_{role.upper()}_KEY"
+    if as_json:
+        click.echo(json.dumps({"key": secret, "role": role, "variable": variable}))
+    else:
+        click.echo(secret)
+        click.echo(f"({role} key, not stored: give it to the server as {variable})", err=True)
 
 
 @keys.command("list")

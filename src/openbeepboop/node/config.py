@@ -5,7 +5,8 @@ Each `[[models]]` entry belongs to a backend, which owns the model of its keys
 the rest.
 
 Environment variables override the file: `OPENBEEPBOOP_SERVER_URL`,
-`OPENBEEPBOOP_NODE_KEY` (or `OPENBEEPBOOP_API_KEY`), `OPENBEEPBOOP_NODE_NAME`.
+`OPENBEEPBOOP_NODE_KEY` (or the file `OPENBEEPBOOP_NODE_KEY_FILE` names: a Docker secret;
+or `OPENBEEPBOOP_API_KEY`), `OPENBEEPBOOP_NODE_NAME`.
 """
 
 from __future__ import annotations
@@ -182,12 +183,36 @@ def _env_overrides(data: dict[str, Any]) -> dict[str, Any]:
     node = dict(data.get("node") or {})
     if url := os.environ.get("OPENBEEPBOOP_SERVER_URL"):
         server["url"] = url
-    key = os.environ.get("OPENBEEPBOOP_NODE_KEY") or os.environ.get("OPENBEEPBOOP_API_KEY")
+    key = _key_file() or os.environ.get("OPENBEEPBOOP_NODE_KEY")
+    key = key or os.environ.get("OPENBEEPBOOP_API_KEY")
     if key:
         server["api_key"] = key
     if name := os.environ.get("OPENBEEPBOOP_NODE_NAME"):
         node["name"] = name
     return {**data, "server": server, "node": node}
+
+
+def _key_file() -> str:
+    """The node key in the file `OPENBEEPBOOP_NODE_KEY_FILE` names (stripped), or ''
+    without one; NodeConfigError when it cannot be read, is empty, or
+    `OPENBEEPBOOP_NODE_KEY` is set too."""
+    path = os.environ.get("OPENBEEPBOOP_NODE_KEY_FILE")
+    if not path:
+        return ""
+    if os.environ.get("OPENBEEPBOOP_NODE_KEY"):
+        raise NodeConfigError(
+            "both OPENBEEPBOOP_NODE_KEY and OPENBEEPBOOP_NODE_KEY_FILE are set: give only one"
+        )
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise NodeConfigError(
+            f"OPENBEEPBOOP_NODE_KEY_FILE names {path}, which cannot be read: {why}"
+        ) from None
+    if not key:
+        raise NodeConfigError(f"OPENBEEPBOOP_NODE_KEY_FILE names {path}, which is empty")
+    return key
 
 
 def load_node_config(path: Path) -> NodeConfig:

@@ -14,7 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
 import tomli_w
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,6 +35,55 @@ class ConfigError(Exception):
     """A config file or variable is wrong; the message says which and why."""
 
 
+class StartupRefused(ConfigError):
+    """What the server found at start, its store open, forbids serving (a key given in
+    the environment is stored under another role); the message says what."""
+
+
+ENV_PREFIX = "OPENBEEPBOOP_"
+# the keys an operator may give the server (setting -> role), each also from a file that
+# OPENBEEPBOOP_<NAME>_FILE names (Docker secrets)
+GIVEN_KEYS = {"admin_key": "admin", "node_key": "node", "client_key": "client"}
+
+
+def given_key_source(name: str) -> str:
+    """Where the key setting `name` was read from, for messages (never its value)."""
+    var = ENV_PREFIX + name.upper()
+    if os.environ.get(var + "_FILE"):
+        return f"{var}_FILE ({os.environ[var + '_FILE']})"
+    if os.environ.get(var):
+        return var
+    return f"the setting {name}"
+
+
+class KeyFiles(PydanticBaseSettingsSource):
+    """`OPENBEEPBOOP_<NAME>_FILE`: the file it names holds the key setting (stripped),
+    as official images read Docker secrets. Giving the variable and the file is an
+    error, as is a file that cannot be read or is empty."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ reads them all
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for name in GIVEN_KEYS:
+            var = ENV_PREFIX + name.upper()
+            path = os.environ.get(var + "_FILE")
+            if not path:
+                continue
+            if os.environ.get(var):
+                raise ConfigError(f"both {var} and {var}_FILE are set: give only one")
+            try:
+                text = Path(path).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise ConfigError(f"{var}_FILE names {path}, which cannot be read: {why}") from None
+            if not text:
+                raise ConfigError(f"{var}_FILE names {path}, which is empty")
+            found[name] = text
+        return found
+
+
 def default_data_dir() -> Path:
     """Where the server keeps its files when no `--data-dir` is given."""
     return Path(platformdirs.user_data_dir("openbeepboop", appauthor=False))
@@ -44,7 +94,7 @@ class ServerSettings(BaseSettings):
     environment variable is `OPENBEEPBOOP_` + the name in upper case."""
 
     model_config = SettingsConfigDict(
-        env_prefix="OPENBEEPBOOP_", extra="forbid", frozen=True, populate_by_name=True
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, populate_by_name=True
     )
 
     data_dir: Path = Field(default_factory=default_data_dir, description="Where files live.")
@@ -200,6 +250,22 @@ class ServerSettings(BaseSettings):
         7 * DAY, gt=0, description="How long a web interface login lasts."
     )
     log_level: str = Field("info", description="uvicorn log level.")
+    # keys the operator gives (containers): made sure of at every start (docs/security.md)
+    admin_key: SecretStr | None = Field(
+        None,
+        description="An admin key (obb_admin_...) the server makes sure exists at every "
+        "start; better given as OPENBEEPBOOP_ADMIN_KEY or OPENBEEPBOOP_ADMIN_KEY_FILE.",
+    )
+    node_key: SecretStr | None = Field(
+        None,
+        description="A node key (obb_node_...) made sure of at every start; "
+        "OPENBEEPBOOP_NODE_KEY or OPENBEEPBOOP_NODE_KEY_FILE.",
+    )
+    client_key: SecretStr | None = Field(
+        None,
+        description="A client key (obb_client_...) made sure of at every start; "
+        "OPENBEEPBOOP_CLIENT_KEY or OPENBEEPBOOP_CLIENT_KEY_FILE.",
+    )
     # the swarm (docs/swarm.md); LlamaNet's DHT_PORT, BOOTSTRAP_NODES and HEARTBEAT_INTERVAL
     # are read too, below the OPENBEEPBOOP_ names
     dht_port: int | None = Field(
@@ -305,7 +371,8 @@ class ServerSettings(BaseSettings):
         given = getattr(init_settings, "init_kwargs", {}).get("data_dir")
         data_dir = Path(given or os.environ.get("OPENBEEPBOOP_DATA_DIR") or default_data_dir())
         toml = TomlConfigSettingsSource(settings_cls, toml_file=data_dir / CONFIG_NAME)
-        return (init_settings, env_settings, toml)
+        # a key file before the variables: an empty variable (compose's ${X:-}) is no key
+        return (init_settings, KeyFiles(settings_cls), env_settings, toml)
 
     @field_validator("bootstrap", mode="before")
     @classmethod

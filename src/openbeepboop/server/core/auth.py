@@ -15,7 +15,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
-from openbeepboop.server.core.keys import IssuedKey, hash_key, looks_like_key, new_key
+from openbeepboop.server.core.keys import (
+    GIVEN_KEY_NAME,
+    GivenKey,
+    IssuedKey,
+    hash_key,
+    looks_like_key,
+    new_key,
+    with_article,
+)
 from openbeepboop.server.core.passes import one_pass
 from openbeepboop.server.core.shares import check_group
 from openbeepboop.server.core.signed_keys import (
@@ -27,6 +35,7 @@ from openbeepboop.server.core.signed_keys import (
 )
 from openbeepboop.server.errors import AuthenticationFailed, NotFound, PermissionDenied
 from openbeepboop.server.models import ApiKey, Role, SwarmRevocation
+from openbeepboop.server.settings import StartupRefused
 from openbeepboop.server.store.base import Store
 from openbeepboop.swarm.secret import SwarmSecret
 
@@ -71,6 +80,54 @@ class KeyRing:
             issued = replace(issued, record=replace(issued.record, group=check_group(group)))
         await self._store.create_key(issued.record)
         return issued
+
+    async def ensure_given(self, given: GivenKey) -> ApiKey:
+        """Make sure the key the operator gave exists (at every start): stored under an
+        id derived from it when its hash is not (a replica that stored it first wins;
+        theirs is read); left as it is when stored, revoked too (a revocation is never
+        undone by a restart: a warning says so). StartupRefused when its hash is stored
+        under another role."""
+        secret = given.secret.get_secret_value()
+        digest = hash_key(secret)
+        found = await self._store.get_key_by_hash(digest)
+        if found is None:
+            record = await self._given_record(given)
+            try:
+                await self._store.create_key(record)
+            except Exception:  # another replica stored it first: read theirs
+                found = await self._store.get_key_by_hash(digest)
+                if found is None:
+                    raise
+            else:
+                log.info("%s: %s key %s stored", given.source, given.role.value, record.id)
+                return record
+        if found.role is not given.role:
+            stored, wanted = with_article(found.role.value), with_article(given.role.value)
+            raise StartupRefused(
+                f"{given.source} is stored as {stored} key ({found.id}), not {wanted} key: "
+                f"give a key made for the {given.role.value} role"
+            )
+        if not found.active:
+            log.warning(
+                "%s: key %s was revoked and stays revoked (a restart never undoes a "
+                "revocation): give a new key to replace it",
+                given.source,
+                found.id,
+            )
+        return found
+
+    async def _given_record(self, given: GivenKey) -> ApiKey:
+        """The record a given key is stored under: a swarm key signed with our secret
+        keeps its own id (and a revocation the swarm recorded); any other, an id
+        derived from it (core/keys.py)."""
+        now = self._clock()
+        if self._signer is not None:
+            adopted = adopted_record(given.secret.get_secret_value(), self._signer, now)
+            if adopted is not None:
+                revocation = await self._store.get_revocation(adopted.id)
+                revoked_at = None if revocation is None else revocation.revoked_at
+                return replace(adopted, name=GIVEN_KEY_NAME, revoked_at=revoked_at)
+        return given.record(now)
 
     async def set_group(self, key_id: str, group: str | None) -> ApiKey:
         """Put a key in a share group (None: its own share again); servers apply it

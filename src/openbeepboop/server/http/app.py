@@ -19,6 +19,7 @@ from openbeepboop.server.core.cache import CacheConfig, ResponseCache
 from openbeepboop.server.core.dashboard import Dashboard
 from openbeepboop.server.core.files import Files
 from openbeepboop.server.core.identity import identity_of
+from openbeepboop.server.core.keys import GivenKey, given_keys
 from openbeepboop.server.core.queue import Queue, QueueConfig
 from openbeepboop.server.core.quotas import QuotaConfig, Quotas
 from openbeepboop.server.core.retention import Retention, RetentionConfig
@@ -130,7 +131,10 @@ def open_store(settings: ServerSettings) -> Store:
 
 def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     """Build the server. The store is opened and closed with the app's lifespan, and the
-    lease reaper and the pruner (core/retention.py) run while the app does."""
+    lease reaper and the pruner (core/retention.py) run while the app does. The keys the
+    operator gave (`admin_key`, ...) are checked here (ConfigError) and made sure of in
+    the store before the app serves (StartupRefused when one cannot be)."""
+    given = given_keys(settings)  # before anything is opened: a wrong key is one line
     store = store or open_store(settings)
     queue = Queue(
         store,
@@ -157,7 +161,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await store.open()
+        await _open(store, keyring, given)
         if isinstance(store, SharedStore):  # several servers: wake-ups and deltas cross
             await store.bridge(queue.notifier, queue.deltas)
         await queue.resume_leases(settings.reaper_interval_seconds)  # before the reaper
@@ -236,6 +240,18 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     app.add_middleware(StorableUrl)
     _document_job_schemas(app)
     return app
+
+
+async def _open(store: Store, keyring: KeyRing, given: list[GivenKey]) -> None:
+    """Open the store and make sure of the keys the operator gave (closed again when
+    one cannot be: the server does not start)."""
+    await store.open()
+    try:
+        for key in given:
+            await keyring.ensure_given(key)
+    except BaseException:
+        await store.close()
+        raise
 
 
 def _telemetry(enabled: bool) -> dict[str, Any]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import re
 
-_KEY = re.compile(r"\b(obb_(?:admin|client|node)_[A-Za-z0-9_-]{4})[A-Za-z0-9_-]{39,}")
+# a key's secret part has 32 characters or more (core/keys.py MIN_SECRET_CHARS): 4 shown
+_KEY = re.compile(r"\b(obb_(?:admin|client|node)_[A-Za-z0-9_-]{4})[A-Za-z0-9_-]{28,}")
 _QUERY = re.compile(
     r"(?i)([?&;](?:api[_-]?key|key|token|access_token|password|secret)=)([^&\s\"']*)"
 )

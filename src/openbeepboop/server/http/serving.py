@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from openbeepboop.server.http.connections import ConnectionLimits, guarded_protocol
 from openbeepboop.server.http.log_redaction import redact_logs
 from openbeepboop.server.http.state import app_state
-from openbeepboop.server.settings import ServerSettings
+from openbeepboop.server.settings import ServerSettings, StartupRefused
 
 
 class QueueServer(uvicorn.Server):
@@ -45,6 +45,22 @@ class QueueServer(uvicorn.Server):
         if should_exit:
             app_state(self._app).queue.close()
         return should_exit
+
+
+class StartupRefusal(logging.Filter):
+    """uvicorn logs the traceback of a lifespan that failed; when it failed on purpose
+    (`StartupRefused`: a user's mistake, such as a key given under the wrong role),
+    the log shows its one-line message instead."""
+
+    MARK = StartupRefused.__name__ + ": "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Traceback"):
+            last = record.msg.rstrip().rpartition("\n")[2]
+            if self.MARK in last:
+                record.msg = "refusing to start: %s"
+                record.args = (last.partition(self.MARK)[2],)
+        return True
 
 
 log = logging.getLogger("openbeepboop.server")
@@ -85,4 +101,7 @@ def make_server(
         server_header=False,  # `server: uvicorn` tells a client nothing it needs
     )
     redact_logs()  # uvicorn has set up its log handlers by now
+    lifespan_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, StartupRefusal) for f in lifespan_log.filters):
+        lifespan_log.addFilter(StartupRefusal())
     return QueueServer(config, app, on_signal)
