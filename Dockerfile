@@ -93,7 +93,7 @@ VOLUME ["/data"]
 EXPOSE 8000
 STOPSIGNAL SIGTERM
 # The server's /health; a node container has no port: compose files turn it off there
-HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python3", "/usr/local/lib/openbeepboop/healthcheck.py"]
 ENTRYPOINT ["tini", "--", "docker-entrypoint"]
 CMD ["openbeepboop", "serve"]

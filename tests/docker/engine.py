@@ -90,10 +90,10 @@ class Engine:
 def _start_dockerd(log: Path) -> subprocess.Popen[bytes] | None:
     if shutil.which("dockerd") is None or os.geteuid() != 0:
         return None
-    out = log.open("wb")
-    daemon = subprocess.Popen(
-        ["dockerd"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    with log.open("wb") as out:  # the daemon keeps its own copy of the descriptor
+        daemon = subprocess.Popen(
+            ["dockerd"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if engine_problem() is None:

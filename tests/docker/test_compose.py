@@ -170,3 +170,35 @@ def test_postgres_replicas_behind_the_proxy(images: Images, keys: dict[str, str]
         # both replicas work on the one database: each lists the other's jobs
         listed = one.get("/v1/jobs", headers={"Authorization": f"Bearer {keys['client']}"})
         assert job in {j["id"] for j in listed.json()["data"]}
+
+
+def test_swarm_members_join_the_bootstrap(images: Images) -> None:
+    port, dht_port = free_port(), free_port()
+    env = {
+        "OBB_IMAGE": images.app,
+        "OBB_PORT": str(port),
+        "OBB_DHT_PORT": str(dht_port),
+        "OPENBEEPBOOP_SWARM_SECRET": secrets.token_urlsafe(24),
+    }
+    with (
+        compose_project([COMPOSE / "swarm.yaml"], f"obbtest{secrets.token_hex(3)}", env) as p,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http,
+    ):
+        p.run("up", "-d", "--scale", "member=1", timeout=600)
+        bootstrap = p.container("bootstrap")
+        wait_healthy(bootstrap)
+        key = docker("exec", bootstrap, "cat", "/data/client.key").stdout.strip()
+        headers = {"Authorization": f"Bearer {key}"}
+
+        def members() -> int:
+            return len(http.get("/dht/status", headers=headers).json().get("members", []))
+
+        _until("both members in the bootstrap's view", lambda: members() == 2, timeout=90)
+        # a client key the bootstrap made works on the member too (one swarm secret)
+        member = p.container("member")
+        wait_healthy(member)
+        probe = (
+            "import urllib.request as u; r = u.Request('http://127.0.0.1:8000/v1/models', "
+            f"headers={{'Authorization': 'Bearer {key}'}}); print(u.urlopen(r).status)"
+        )
+        assert docker("exec", member, "python3", "-c", probe).stdout.strip() == "200"
