@@ -55,3 +55,23 @@ def private_sqlite(path: Path) -> None:
         side = path.with_name(path.name + suffix)
         if side.exists():
             side.chmod(FILE_MODE)
+
+
+def secret_from_file_variable(var: str) -> str:
+    """The secret in the file that `<var>_FILE` names (stripped), the `_FILE` convention of
+    official images for Docker secrets; '' when that variable is not set. ValueError,
+    with a message naming the variables (never the secret), when `var` is set too, or the
+    file cannot be read or is empty."""
+    path = os.environ.get(var + "_FILE")
+    if not path:
+        return ""
+    if os.environ.get(var):
+        raise ValueError(f"both {var} and {var}_FILE are set: give only one")
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(f"{var}_FILE names {path}, which cannot be read: {why}") from None
+    if not text:
+        raise ValueError(f"{var}_FILE names {path}, which is empty")
+    return text

@@ -34,7 +34,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from openbeepboop.node.backends import PluginError, backend_class
 from openbeepboop.node.backends.base import ModelConfig
 from openbeepboop.node.models.cache import default_models_dir
-from openbeepboop.private_paths import private_dir, write_private
+from openbeepboop.private_paths import private_dir, secret_from_file_variable, write_private
 
 DEFAULT_CONFIG = "node_config.toml"
 ON_DEMAND_SOURCES = ("hf:", "https://", "http://")
@@ -196,23 +196,10 @@ def _key_file() -> str:
     """The node key in the file `OPENBEEPBOOP_NODE_KEY_FILE` names (stripped), or ''
     without one; NodeConfigError when it cannot be read, is empty, or
     `OPENBEEPBOOP_NODE_KEY` is set too."""
-    path = os.environ.get("OPENBEEPBOOP_NODE_KEY_FILE")
-    if not path:
-        return ""
-    if os.environ.get("OPENBEEPBOOP_NODE_KEY"):
-        raise NodeConfigError(
-            "both OPENBEEPBOOP_NODE_KEY and OPENBEEPBOOP_NODE_KEY_FILE are set: give only one"
-        )
     try:
-        key = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise NodeConfigError(
-            f"OPENBEEPBOOP_NODE_KEY_FILE names {path}, which cannot be read: {why}"
-        ) from None
-    if not key:
-        raise NodeConfigError(f"OPENBEEPBOOP_NODE_KEY_FILE names {path}, which is empty")
-    return key
+        return secret_from_file_variable("OPENBEEPBOOP_NODE_KEY")
+    except ValueError as exc:
+        raise NodeConfigError(str(exc)) from None
 
 
 def load_node_config(path: Path) -> NodeConfig:

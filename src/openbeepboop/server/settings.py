@@ -24,7 +24,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from openbeepboop.private_paths import private_dir, write_private
+from openbeepboop.private_paths import private_dir, secret_from_file_variable, write_private
 
 CONFIG_NAME = "server.toml"
 DAY = 86_400.0
@@ -67,20 +67,12 @@ class KeyFiles(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         found: dict[str, Any] = {}
         for name in GIVEN_KEYS:
-            var = ENV_PREFIX + name.upper()
-            path = os.environ.get(var + "_FILE")
-            if not path:
-                continue
-            if os.environ.get(var):
-                raise ConfigError(f"both {var} and {var}_FILE are set: give only one")
             try:
-                text = Path(path).read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                raise ConfigError(f"{var}_FILE names {path}, which cannot be read: {why}") from None
-            if not text:
-                raise ConfigError(f"{var}_FILE names {path}, which is empty")
-            found[name] = text
+                text = secret_from_file_variable(ENV_PREFIX + name.upper())
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if text:
+                found[name] = text
         return found
 
 
