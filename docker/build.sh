@@ -58,6 +58,23 @@ if [ -n "$pin" ] && [ "$reuse_wheel" = 1 ]; then
     fi
 fi
 
+# No base named and the default cannot be had (no registry reachable): make a Debian one
+# with debootstrap instead, when this machine can (root, debootstrap)
+default_base="python:3.11-slim-bookworm"
+if [ -z "$base" ] && ! "$cli" image inspect "$default_base" >/dev/null 2>&1 \
+    && ! "$cli" pull -q "$default_base" >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v debootstrap >/dev/null; then
+        echo "docker/build.sh: cannot pull $default_base (no registry reachable?):" \
+             "building on a Debian base made with docker/base-image.sh" >&2
+        DOCKER="$cli" bash docker/base-image.sh openbeepboop-base:bookworm
+        base=openbeepboop-base:bookworm
+    else
+        echo "docker/build.sh: cannot pull $default_base; make a base with" \
+             "docker/base-image.sh (root, debootstrap) and pass --base" >&2
+        exit 2
+    fi
+fi
+
 args=(--network host -t "$tag")
 [ -n "$base" ] && args+=(--build-arg "BASE_IMAGE=$base")
 pipconf="${PIP_CONFIG_FILE:-/etc/pip.conf}"

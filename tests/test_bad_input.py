@@ -326,7 +326,7 @@ async def test_node_cannot_use_another_node_keys_node_id(api: Api) -> None:
 
 
 async def test_rate_limit_is_429_with_retry_after(make_api: Any) -> None:
-    async with make_api(rate_limit="3/second") as api:
+    async with make_api(rate_limit="3/minute") as api:
         ids = [(await api.submit(str(i)))["id"] for i in range(3)]
         r = await api.http.post(
             "/v1/chat/completions", json=CHAT, headers=api.h(api.client, Prefer="respond-async")
