@@ -87,8 +87,23 @@ class Engine:
             self.daemon.wait()
 
 
+def can_start_dockerd() -> bool:
+    return shutil.which("dockerd") is not None and os.geteuid() == 0
+
+
+def missing() -> str | None:
+    """Why these tests cannot run here at all (no engine and none to start, or no
+    compose), or None; checked before the run, without starting anything."""
+    problem = engine_problem()
+    if problem is not None and not can_start_dockerd():
+        return problem
+    if compose_command() is None and shutil.which("docker") is not None:
+        return "no compose (`docker compose` or `docker-compose`)"
+    return None
+
+
 def _start_dockerd(log: Path) -> subprocess.Popen[bytes] | None:
-    if shutil.which("dockerd") is None or os.geteuid() != 0:
+    if not can_start_dockerd():
         return None
     with log.open("wb") as out:  # the daemon keeps its own copy of the descriptor
         daemon = subprocess.Popen(
