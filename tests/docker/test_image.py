@@ -7,6 +7,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -148,3 +149,30 @@ def test_runs_with_a_read_only_root_filesystem(images: Images) -> None:
         assert answer.choices[0].message.content
     finally:
         docker("rm", "-f", "-v", name, check=False)
+
+
+def test_the_build_secrets_are_not_in_the_image(images: Images) -> None:
+    """docker/build.sh hands the build this machine's CA bundle (and pip config) as
+    secrets: the CAs this machine added (its TLS-inspecting proxy's, in
+    /usr/local/share/ca-certificates) must be nowhere in the image."""
+    listed = docker(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        images.app,
+        "-c",
+        "ls -A /run/secrets 2>/dev/null; true",
+    )
+    assert listed.stdout.strip() == ""
+    local = sorted(Path("/usr/local/share/ca-certificates").glob("*.crt"))
+    for cert in local:
+        body = [ln for ln in cert.read_text().splitlines() if len(ln) == 64]
+        marker = body[len(body) // 2]  # a line of base64 no other certificate has
+        found = docker(
+            "run", "--rm", "--user", "0", "--entrypoint", "grep", images.app,
+            "-rlF", marker, "/etc", "/opt", "/home", "/usr/local", "/root",
+            check=False, timeout=180,
+        )  # fmt: skip
+        assert found.stdout == "", f"{cert.name} is in the image: {found.stdout}"
+        assert found.returncode == 1, found.stderr  # searched everything, found nothing
